@@ -1,0 +1,1 @@
+"""Sub-commands of ``hrtem-transfer`` (see :mod:`napari_hrtem_transfer.cli`)."""
