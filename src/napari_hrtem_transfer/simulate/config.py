@@ -1,0 +1,183 @@
+"""The one validated configuration object of the simulator.
+
+Units: lengths in Å unless the field name says otherwise (``*_nm``), energy in eV, dose in
+e/Å², angles in mrad.  Defocus follows abTEM: ``defocus = -C10``; positive is underfocus.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Lattices available for particles (the study's structure series, plus Au).
+MATERIALS: tuple[str, ...] = ("CdSe", "ZnS", "Au", "Cu", "Ag", "C", "Si", "Fe3O4", "Co3O4", "Fe")
+
+#: Relativistic electron wavelength [Å] for an energy [eV].
+def wavelength_A(energy_eV: float) -> float:
+    """Relativistic electron wavelength [Å] at kinetic energy ``energy_eV`` [eV]."""
+    h, m0, e, c = 6.62607015e-34, 9.1093837015e-31, 1.602176634e-19, 299792458.0
+    E = energy_eV * e
+    return h / math.sqrt(2 * m0 * E * (1 + E / (2 * m0 * c**2))) * 1e10
+
+
+class SimulationConfig(BaseModel):
+    """Everything that defines a simulated HRTEM defocus series.
+
+    One multislice per structure (with frozen phonons) gives an exit wave; it is Fourier-cropped
+    to ``sampling_A`` and every defocus of the series is applied to that stored wave as a CTF,
+    so a whole series costs little more than one image.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    version: Literal["1"] = "1"
+    preset: str = Field("laptop", description="Name of the preset these values started from.")
+    material: str = Field("CdSe", description=f"Particle lattice, one of {', '.join(MATERIALS)}.")
+    n_structures: int = Field(8, ge=1, le=1_000_000, description="Number of structures (images per defocus).")
+    image_size_px: int = Field(256, ge=32, le=4096, description="Image width and height [px].")
+    sampling_A: float = Field(0.2, gt=0, le=5.0, description="Output pixel size [Å/px].")
+    sim_sampling_A: float = Field(0.1, gt=0, le=5.0, description="Multislice sampling [Å] (finer than sampling_A).")
+    slice_thickness_A: float = Field(2.0, gt=0, le=20, description="Multislice slice thickness [Å].")
+    n_phonons: int = Field(2, ge=1, le=64, description="Frozen-phonon configurations averaged per image.")
+    phonon_sigma_A: float = Field(0.08, ge=0, le=0.5, description="RMS thermal displacement [Å].")
+    energy_eV: float = Field(300e3, ge=20e3, le=1.5e6, description="Acceleration voltage [eV].")
+    Cs_A: float = Field(5e4, ge=-1e8, le=1e8, description="Spherical aberration C30 [Å] (5 µm = 5e4 Å).")
+    focal_spread_A: float = Field(10.0, ge=0, le=500, description="Focal spread (partial temporal coherence) [Å].")
+    defocus_nm: list[float] = Field(
+        default_factory=lambda: [-10.0, -5.0, 0.0, 5.0, 10.0],
+        description="Nominal defoci [nm]; abTEM sign, positive = underfocus.",
+    )
+    defocus_jitter_nm: float = Field(1.5, ge=0, le=50, description="Std of each image's defocus around nominal [nm].")
+    semiangle_cutoff_mrad: float | None = Field(
+        None, gt=0, description="Objective aperture semi-angle [mrad]; None = no aperture."
+    )
+    dose_e_per_A2: float | None = Field(
+        400.0, gt=0, description="Electron dose [e/Å²]; None = noise-free intensity."
+    )
+    particles_per_image: tuple[int, int] = Field((1, 3), description="Min and max particles per image (0 0 = carbon film only).")
+    radius_nm: tuple[float, float] = Field((0.8, 1.4), description="Min and max particle radius [nm].")
+    min_separation_nm: float = Field(1.0, ge=0, le=100, description="Minimum surface-to-surface gap [nm].")
+    substrate_thickness_nm: tuple[float, float] = Field(
+        (2.0, 3.0), description="Min and max amorphous-carbon thickness [nm] (0 = no substrate)."
+    )
+    substrate_density_g_cm3: float = Field(2.0, gt=0, le=4.0, description="Carbon density [g/cm³].")
+    substrate_min_distance_A: float = Field(1.4, gt=0, le=3.0, description="Minimum C–C distance [Å].")
+    mask_phase_threshold_rad: float = Field(math.pi / 16, gt=0, description="Exit-wave phase threshold of masks [rad].")
+    mask_smoothing_A: float = Field(1.3, ge=0, le=10, description="Gaussian sigma smoothing the mask [Å].")
+    mask_binarize_level: float = Field(
+        0.02, gt=0, lt=1, description="Level at which the smoothed thresholded phase is binarised."
+    )
+    seed: int = Field(0, ge=0, description="Master seed; the same seed gives identical files.")
+
+    @field_validator("material")
+    @classmethod
+    def _known_material(cls, v: str) -> str:
+        for m in MATERIALS:
+            if v.lower() == m.lower():
+                return m
+        raise ValueError(f"unknown material {v!r}; choose one of {', '.join(MATERIALS)}")
+
+    @field_validator("defocus_nm")
+    @classmethod
+    def _nonempty(cls, v: list[float]) -> list[float]:
+        if len(v) == 0:
+            raise ValueError("the defocus list is empty; give at least one defocus in nm, e.g. --defocus -5 0 5")
+        if len(set(v)) != len(v):
+            raise ValueError(f"the defocus list {v} has repeated values")
+        return [float(x) for x in v]
+
+    @field_validator("particles_per_image", "radius_nm", "substrate_thickness_nm", mode="before")
+    @classmethod
+    def _range(cls, v):
+        if isinstance(v, (int, float)):
+            v = (v, v)
+        v = tuple(v)
+        if len(v) == 1:
+            v = (v[0], v[0])
+        if len(v) != 2 or v[0] > v[1] or v[0] < 0:
+            raise ValueError(f"give a range as 'min max' with 0 <= min <= max (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulationConfig:
+        if self.sim_sampling_A > self.sampling_A:
+            raise ValueError(
+                f"sim_sampling_A={self.sim_sampling_A} Å is coarser than the output sampling "
+                f"sampling_A={self.sampling_A} Å; the multislice must be at least as fine"
+            )
+        if self.semiangle_cutoff_mrad is not None:
+            nyquist_mrad = wavelength_A(self.energy_eV) / (2 * self.sampling_A) * 1e3
+            if self.semiangle_cutoff_mrad > nyquist_mrad:
+                raise ValueError(
+                    f"the objective aperture ({self.semiangle_cutoff_mrad:g} mrad) reaches beyond what "
+                    f"the output sampling {self.sampling_A:g} Å/px can represent ({nyquist_mrad:.1f} mrad): "
+                    f"use a finer --sampling (<= {wavelength_A(self.energy_eV) / (2e-3 * self.semiangle_cutoff_mrad):.3f} Å) "
+                    "or a smaller aperture"
+                )
+        return self
+
+    @property
+    def extent_A(self) -> float:
+        """Field of view [Å]."""
+        return self.image_size_px * self.sampling_A
+
+    @property
+    def sim_gpts(self) -> int:
+        """Multislice grid points per side (rounded up to an even number)."""
+        n = math.ceil(self.extent_A / self.sim_sampling_A - 1e-9)
+        return n + (n % 2)
+
+    def memory_estimate_bytes(self) -> int:
+        """Rough peak memory of one structure's multislice [bytes]."""
+        # complex64 waves per phonon + potential slices (float32) + FFT work space
+        g2 = self.sim_gpts**2
+        return int(g2 * 8 * (self.n_phonons + 6))
+
+    @classmethod
+    def from_preset(cls, name: str = "laptop", **overrides) -> SimulationConfig:
+        """Build a config from a preset, overriding any field.
+
+        Parameters
+        ----------
+        name
+            ``"laptop"`` (seconds per structure on 2 cores) or ``"study"`` (the published
+            study's settings: 300 kV, 0.1 Å multislice, 0.2 Å/px, 8 phonons, 512², 11 defoci
+            -25..+25 nm, 400 e/Å², focal spread 10 Å, jitter 1.5 nm).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["preset"] = name
+        return cls(**values)
+
+
+PRESETS: dict[str, dict] = {
+    "laptop": dict(
+        image_size_px=256,
+        sampling_A=0.2,
+        sim_sampling_A=0.1,
+        n_phonons=2,
+        defocus_nm=[-10.0, -5.0, 0.0, 5.0, 10.0],
+        particles_per_image=(1, 3),
+        radius_nm=(0.8, 1.4),
+        substrate_thickness_nm=(2.0, 3.0),
+        n_structures=8,
+    ),
+    "study": dict(
+        image_size_px=512,
+        sampling_A=0.2,
+        sim_sampling_A=0.1,
+        n_phonons=8,
+        defocus_nm=[-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+        defocus_jitter_nm=1.5,
+        focal_spread_A=10.0,
+        dose_e_per_A2=400.0,
+        particles_per_image=(1, 5),
+        radius_nm=(1.5, 2.5),
+        substrate_thickness_nm=(2.0, 8.0),
+        n_structures=16,
+    ),
+}

@@ -1,0 +1,159 @@
+"""HRTEM image formation with abTEM: exit waves, defocus series, masks and dose noise.
+
+Sign convention (abTEM): ``defocus = -C10``; positive defocus is underfocus.  Lengths [Å].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _abtem():
+    import abtem
+
+    abtem.config.set({"dask.lazy": False})  # eager numpy inside one structure's task
+    return abtem
+
+
+def exit_waves(atoms, config, phonon_seed: int, device: str = "cpu"):
+    """Frozen-phonon exit waves Fourier-cropped to the output sampling.
+
+    Parameters
+    ----------
+    atoms
+        :class:`ase.Atoms` with an orthogonal periodic cell of side ``config.extent_A`` [Å].
+    config
+        :class:`~.config.SimulationConfig`.
+    phonon_seed
+        Seed of the frozen-phonon displacements.
+    device
+        ``"cpu"`` or ``"gpu"`` (abTEM's CuPy backend).
+
+    Returns
+    -------
+    abtem.Waves
+        Ensemble (n_phonons, ny, nx) at ``config.sampling_A`` [Å/px].
+    """
+    abtem = _abtem()
+    if config.n_phonons > 1 and config.phonon_sigma_A > 0:
+        model = abtem.FrozenPhonons(
+            atoms, num_configs=config.n_phonons, sigmas=config.phonon_sigma_A, seed=phonon_seed
+        )
+    else:
+        model = atoms
+    potential = abtem.Potential(
+        model,
+        gpts=config.sim_gpts,
+        slice_thickness=config.slice_thickness_A,
+        projection="infinite",
+        device=device,
+    )
+    waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+    n = config.image_size_px
+    return waves.downsample(gpts=(n, n))
+
+
+def make_ctf(config, defocus_A: np.ndarray):
+    """abTEM CTF with an ensemble axis over ``defocus_A`` [Å] (positive = underfocus)."""
+    abtem = _abtem()
+    return abtem.CTF(
+        energy=config.energy_eV,
+        semiangle_cutoff=config.semiangle_cutoff_mrad if config.semiangle_cutoff_mrad else np.inf,
+        focal_spread=config.focal_spread_A,
+        aberration_coefficients={"C30": config.Cs_A},
+        defocus=np.asarray(defocus_A, dtype=float),
+    )
+
+
+def defocus_series(waves, config, defocus_A: np.ndarray) -> np.ndarray:
+    """Images of one stored exit wave at every defocus: the CTF is applied per defocus.
+
+    Frozen phonons are averaged incoherently (intensities), after the CTF.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 intensities (n_defocus, ny, nx), vacuum = 1.
+    """
+    images = waves.apply_ctf(make_ctf(config, defocus_A)).intensity()
+    if any(type(ax).__name__ == "FrozenPhononsAxis" for ax in images.ensemble_axes_metadata):
+        images = images.reduce_ensemble()
+    arr = np.asarray(images.array)
+    if hasattr(arr, "get"):  # cupy
+        arr = arr.get()
+    arr = arr.reshape(len(np.atleast_1d(defocus_A)), *arr.shape[-2:])
+    # abTEM arrays are indexed (x, y); images are stored (y, x) like every image format
+    return np.ascontiguousarray(arr.transpose(0, 2, 1), dtype=np.float32)
+
+
+def particle_mask(particle_atoms, config, device: str = "cpu") -> np.ndarray:
+    """Ground-truth mask from the particles alone in vacuum.
+
+    The exit-wave phase is computed by multislice without phonons, unwrapped with the
+    phase-object phase (sigma x projected potential), thresholded (together with the
+    phase-object phase, so that no surface atom is lost) at
+    ``config.mask_phase_threshold_rad``, smoothed with a Gaussian of
+    ``config.mask_smoothing_A`` [Å], resampled to the output grid, binarised at
+    ``config.mask_binarize_level``, joined with every output pixel that contains
+    above-threshold phase, and hole-filled.  A low level makes the mask cover every
+    particle atom, including isolated surface atoms, while staying within ~2 sigma of them.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (ny, nx) at ``config.sampling_A``.
+    """
+    from scipy import ndimage
+
+    abtem = _abtem()
+    from abtem.core.energy import energy2sigma
+
+    potential = abtem.Potential(
+        particle_atoms,
+        gpts=config.sim_gpts,
+        slice_thickness=config.slice_thickness_A,
+        projection="infinite",
+        device=device,
+    )
+    wave = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential).array
+    projected = potential.project().array
+    if hasattr(wave, "get"):
+        wave, projected = wave.get(), projected.get()
+    phase_po = energy2sigma(config.energy_eV) * np.asarray(projected, dtype=np.float64)
+    phase = np.angle(np.asarray(wave) * np.exp(-1j * phase_po)) + phase_po
+    sim_sampling = config.extent_A / config.sim_gpts
+    # an atom counts if its phase exceeds the threshold in the exit wave or, for surface atoms
+    # whose exit-wave phase is spread out by propagation, in the phase-object approximation
+    binary = (np.maximum(phase, phase_po) > config.mask_phase_threshold_rad).T  # (x, y) -> (y, x)
+    sigma_px = config.mask_smoothing_A / sim_sampling
+    smooth = binary.astype(np.float32)
+    if sigma_px > 0:
+        smooth = ndimage.gaussian_filter(smooth, sigma_px, mode="wrap")
+    n = config.image_size_px
+    zoomed = ndimage.zoom(smooth, n / smooth.shape[0], order=1, mode="grid-wrap", grid_mode=True)
+    mask = zoomed[:n, :n] > config.mask_binarize_level
+    # keep every pixel that holds above-threshold phase (isolated surface atoms)
+    f = binary.shape[0] // n
+    if f * n == binary.shape[0]:  # output sample j sits at j*sampling: pool sim samples around it
+        centred = np.roll(binary, (f // 2, f // 2), axis=(0, 1))
+        raw = centred.reshape(n, f, n, f).any(axis=(1, 3))
+    else:
+        raw = ndimage.zoom(binary, n / binary.shape[0], order=0, grid_mode=True)[:n, :n]
+    return ndimage.binary_fill_holes(mask | raw)
+
+
+def apply_dose(
+    intensity: np.ndarray, dose_e_per_A2: float | None, sampling_A: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Poisson electron counts for a dose [e/Å²] at pixel size ``sampling_A`` [Å].
+
+    The expected count of a pixel is ``intensity * dose * sampling_A**2`` (vacuum intensity = 1).
+    Returns integer counts (uint16, or uint32 if needed), or the intensity itself (float32)
+    if ``dose_e_per_A2`` is None.
+    """
+    if dose_e_per_A2 is None:
+        return intensity.astype(np.float32)
+    lam = np.clip(intensity, 0, None).astype(np.float64) * (dose_e_per_A2 * sampling_A**2)
+    counts = rng.poisson(lam)
+    dtype = np.uint16 if counts.max(initial=0) < 2**16 else np.uint32
+    return counts.astype(dtype)

@@ -1,0 +1,227 @@
+"""Datasets of many structures: one seeded task per structure, run serially or on dask.
+
+Reproducibility: structure ``i`` draws everything (geometry, orientation, phonons, defocus
+jitter, noise) from ``SeedSequence(config.seed, spawn_key=(i,))``, so the same seed gives
+identical arrays whatever the number of workers or the order tasks finish in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, SimulationError
+from .config import SimulationConfig
+
+
+def _rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator, int]:
+    ss = np.random.SeedSequence(seed, spawn_key=(index,))
+    s_struct, s_noise, s_phonon = ss.spawn(3)
+    phonon_seed = int(s_phonon.generate_state(1)[0] & 0x7FFFFFFF)
+    return np.random.default_rng(s_struct), np.random.default_rng(s_noise), phonon_seed
+
+
+def simulate_structure(config: SimulationConfig | dict, index: int, device: str = "cpu") -> dict:
+    """Simulate structure number ``index`` of ``config`` at every defocus.
+
+    This is the unit of parallel work; it is a pure function of ``(config, index)``.
+
+    Returns
+    -------
+    dict
+        ``images`` (n_defocus, ny, nx) counts or intensity, ``intensity`` (noise-free, float32),
+        ``mask`` (ny, nx) bool, ``actual_defocus_nm`` (n_defocus,), ``n_particles``,
+        ``radii_nm``, ``substrate_thickness_nm``, ``n_atoms``, ``index``.
+    """
+    from .physics import apply_dose, defocus_series, exit_waves, particle_mask
+    from .structures import build_specimen
+
+    if isinstance(config, dict):
+        config = SimulationConfig(**config)
+    rng, rng_noise, phonon_seed = _rngs(config.seed, index)
+    spec = build_specimen(config, rng)
+    nominal = np.asarray(config.defocus_nm, dtype=float)
+    actual_nm = nominal + rng.normal(0.0, config.defocus_jitter_nm, nominal.size)
+    with _single_threaded_dask():
+        waves = exit_waves(spec.atoms, config, phonon_seed, device=device)
+        intensity = defocus_series(waves, config, actual_nm * 10.0)
+        mask = particle_mask(spec.particle_atoms, config, device=device)
+    images = apply_dose(intensity, config.dose_e_per_A2, config.sampling_A, rng_noise)
+    return {
+        "index": index,
+        "images": images,
+        "mask": mask,
+        "actual_defocus_nm": actual_nm,
+        "n_particles": int(len(spec.radii_A)),
+        "radii_nm": (spec.radii_A / 10).tolist(),
+        "substrate_thickness_nm": spec.substrate_thickness_A / 10,
+        "n_atoms": int(len(spec.atoms)),
+    }
+
+
+@contextlib.contextmanager
+def _single_threaded_dask():
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+def _check_resources(config: SimulationConfig) -> None:
+    need = config.memory_estimate_bytes()
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    if need > 0.8 * avail:
+        raise ConfigError(
+            f"a multislice grid of {config.sim_gpts}² points with {config.n_phonons} phonons needs "
+            f"about {need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available: use a "
+            f"coarser --sim-sampling (now {config.sim_sampling_A} Å), fewer --phonons, or a "
+            "smaller --size",
+            "--sim-sampling",
+        )
+
+
+def _iter_results(config: SimulationConfig, workers: int, client, device: str):
+    """Yield per-structure results (in completion order)."""
+    cfg = config.model_dump()
+    n = config.n_structures
+    if client is None and workers <= 1:
+        for i in range(n):
+            yield simulate_structure(cfg, i, device)
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    own = None
+    if client is None:
+        own = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(own)
+    try:
+        futures = client.map(simulate_structure, [cfg] * n, range(n), [device] * n, pure=False)
+        for fut in as_completed(futures):
+            yield fut.result()
+            fut.release()
+    finally:
+        if own is not None:
+            client.close()
+            own.close()
+
+
+def simulate_dataset(
+    config: SimulationConfig,
+    workers: int = 1,
+    client=None,
+    progress: bool | Callable[[int, int], None] = False,
+    device: str = "cpu",
+):
+    """Simulate ``config.n_structures`` structures at every defocus of ``config``.
+
+    Parameters
+    ----------
+    config
+        The validated :class:`SimulationConfig`.
+    workers
+        Processes of a temporary local dask cluster (1 = run in this process).
+    client
+        An existing :class:`dask.distributed.Client`; used instead of ``workers`` if given.
+    progress
+        True for a terminal progress bar, or a callable ``progress(done, total)``.
+    device
+        ``"cpu"``, or ``"gpu"`` to run abTEM on CuPy.
+
+    Returns
+    -------
+    HRTEMDataset
+    """
+    from ..io.dataset import HRTEMDataset, _versions
+
+    _check_resources(config)
+    if device == "gpu":
+        try:
+            import cupy  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("--device gpu needs CuPy and a CUDA GPU; use --device cpu", "--device") from exc
+    n, nd, size = config.n_structures, len(config.defocus_nm), config.image_size_px
+    images = None
+    masks = np.zeros((n, size, size), bool)
+    actual = np.zeros((nd, n))
+    per_structure: list[dict] = [{} for _ in range(n)]
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="simulating structures", unit="structure")
+    t0 = time.perf_counter()
+    try:
+        for done, r in enumerate(_iter_results(config, workers, client, device), start=1):
+            i = r["index"]
+            if images is None:
+                images = np.zeros((nd, n, size, size), r["images"].dtype)
+            if r["images"].dtype.itemsize > images.dtype.itemsize:
+                images = images.astype(r["images"].dtype)
+            images[:, i] = r["images"]
+            masks[i] = r["mask"]
+            actual[:, i] = r["actual_defocus_nm"]
+            per_structure[i] = {k: r[k] for k in ("n_particles", "radii_nm", "substrate_thickness_nm", "n_atoms")}
+            if bar is not None:
+                bar.update(1)
+            elif callable(progress):
+                progress(done, n)
+    except ConfigError:
+        raise
+    except MemoryError as exc:
+        raise SimulationError(f"out of memory while simulating: {exc}; reduce --size or --phonons") from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    ids = np.array([f"{config.material}-seed{config.seed}-{i:05d}" for i in range(n)])
+    return HRTEMDataset(
+        images=images,
+        defocus_nm=np.asarray(config.defocus_nm),
+        sampling_A=config.sampling_A,
+        masks=masks,
+        structure_ids=ids,
+        materials=np.array([config.material] * n),
+        actual_defocus_nm=actual,
+        dose_e_per_A2=config.dose_e_per_A2,
+        energy_eV=config.energy_eV,
+        info={
+            "title": f"Simulated HRTEM defocus series: {config.material}, {n} structures",
+            "kind": "simulated_defocus_series",
+            "config": config.model_dump(mode="json"),
+            "seed": config.seed,
+            "seeding": "structure i uses numpy SeedSequence(seed, spawn_key=(i,))",
+            "structures": per_structure,
+            "elapsed_s": elapsed,
+            "versions": _versions(),
+        },
+    )
+
+
+def simulate_to_file(
+    config: SimulationConfig,
+    path: str | os.PathLike,
+    workers: int = 1,
+    client=None,
+    progress: bool | Callable[[int, int], None] = False,
+    device: str = "cpu",
+) -> Path:
+    """Simulate and write a ``.hspy`` dataset atomically (see :func:`simulate_dataset`)."""
+    from ..io._atomic import check_writable
+    from ..io.dataset import save_dataset
+
+    path = Path(path)
+    if path.suffix != ".hspy":
+        raise ConfigError(f"--out {path}: the dataset is written as HyperSpy .hspy; use a name ending in .hspy", "--out")
+    path = check_writable(path)
+    ds = simulate_dataset(config, workers=workers, client=client, progress=progress, device=device)
+    return save_dataset(ds, path)

@@ -1,0 +1,238 @@
+"""Atomic structures: crystalline nanoparticles on amorphous carbon (numpy + ase).
+
+All lengths in Å.  Every function takes a :class:`numpy.random.Generator` so that the same seed
+gives the same structure on any worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+#: Lattice parameters [Å] (room temperature literature values).
+LATTICES: dict[str, dict] = {
+    "CdSe": dict(kind="wurtzite", symbols="CdSe", a=4.299, c=7.010),
+    "ZnS": dict(kind="wurtzite", symbols="ZnS", a=3.820, c=6.260),
+    "Au": dict(kind="fcc", symbols="Au", a=4.078),
+    "Cu": dict(kind="fcc", symbols="Cu", a=3.615),
+    "Ag": dict(kind="fcc", symbols="Ag", a=4.086),
+    "C": dict(kind="diamond", symbols="C", a=3.567),
+    "Si": dict(kind="diamond", symbols="Si", a=5.431),
+    "Fe": dict(kind="bcc", symbols="Fe", a=2.8665),
+    "Fe3O4": dict(kind="spinel", symbols=("Fe", "Fe", "O"), a=8.396, u=0.2549),
+    "Co3O4": dict(kind="spinel", symbols=("Co", "Co", "O"), a=8.084, u=0.2632),
+}
+
+_AVOGADRO = 6.02214076e23
+_CARBON_MASS_G_MOL = 12.011
+
+
+def unit_cell(material: str):
+    """The conventional unit cell of ``material`` as :class:`ase.Atoms`."""
+    from ase.build import bulk
+    from ase.spacegroup import crystal
+
+    try:
+        p = LATTICES[material]
+    except KeyError:
+        raise ConfigError(
+            f"unknown material {material!r}; choose one of {', '.join(LATTICES)}", "--material"
+        ) from None
+    if p["kind"] == "wurtzite":
+        return bulk(p["symbols"], "wurtzite", a=p["a"], c=p["c"])
+    if p["kind"] == "spinel":
+        a, u = p["a"], p["u"]
+        # Fd-3m, origin choice 2: A on 8a, B on 16d, O on 32e (u, u, u)
+        return crystal(
+            p["symbols"],
+            basis=[(0.125, 0.125, 0.125), (0.5, 0.5, 0.5), (u, u, u)],
+            spacegroup=227,
+            setting=2,
+            cellpar=[a, a, a, 90, 90, 90],
+        )
+    return bulk(p["symbols"], p["kind"], a=p["a"], cubic=True)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation matrix drawn uniformly from SO(3)."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.random(random_state=rng).as_matrix()
+
+
+def particle(material: str, radius_A: float, rng: np.random.Generator):
+    """A sphere of radius ``radius_A`` [Å] cut from ``material`` at a random orientation.
+
+    Returns
+    -------
+    ase.Atoms
+        Atoms centred on the origin (no cell).
+    """
+    cell_atoms = unit_cell(material)
+    cell = np.asarray(cell_atoms.cell)
+    volume = abs(np.linalg.det(cell))
+    heights = [volume / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)]
+    reps = [int(np.ceil((2 * radius_A + 4.0) / h)) + 1 for h in heights]
+    sup = cell_atoms.repeat(reps)
+    centre = 0.5 * np.asarray(sup.cell).sum(axis=0)
+    # random offset of the lattice inside the sphere, then a random orientation
+    shift = rng.uniform(0, 1, 3) @ cell
+    pos = (sup.positions - centre - shift) @ random_rotation(rng).T
+    keep = np.linalg.norm(pos, axis=1) <= radius_A
+    out = sup[keep]
+    out.positions = pos[keep]
+    out.cell = None
+    out.pbc = False
+    return out
+
+
+def amorphous_carbon(
+    extent_A: float,
+    thickness_A: float,
+    rng: np.random.Generator,
+    density_g_cm3: float = 2.0,
+    min_distance_A: float = 1.4,
+    batch: int = 4096,
+) -> np.ndarray:
+    """Random close packing of carbon atoms, periodic in x and y.
+
+    Random sequential addition: candidates closer than ``min_distance_A`` to an accepted atom
+    (across the periodic x/y boundaries too) are rejected until the density is reached.
+
+    Returns
+    -------
+    numpy.ndarray
+        Positions (n, 3) [Å], x and y in [0, extent_A), z in [0, thickness_A).
+    """
+    from scipy.spatial import cKDTree
+
+    if thickness_A <= 0:
+        return np.zeros((0, 3))
+    number_density = density_g_cm3 / _CARBON_MASS_G_MOL * _AVOGADRO * 1e-24  # atoms / Å³
+    n_target = int(round(number_density * extent_A**2 * thickness_A))
+    packing = n_target * (np.pi / 6) * min_distance_A**3 / (extent_A**2 * thickness_A)
+    if packing > 0.3:
+        raise ConfigError(
+            f"a carbon density of {density_g_cm3} g/cm³ with a minimum C–C distance of "
+            f"{min_distance_A} Å cannot be packed at random (packing fraction {packing:.2f} > 0.3); "
+            "lower the density or the minimum distance",
+            "--substrate-density",
+        )
+    box = np.array([extent_A, extent_A, thickness_A + 4 * min_distance_A])
+    accepted = np.zeros((0, 3))
+    for _ in range(10_000):
+        need = n_target - len(accepted)
+        if need <= 0:
+            break
+        cand = rng.uniform(0, 1, (min(batch, 2 * need + 64), 3)) * [extent_A, extent_A, thickness_A]
+        if len(accepted):
+            d, _ = cKDTree(accepted, boxsize=box).query(cand, k=1, distance_upper_bound=min_distance_A)
+            cand = cand[~np.isfinite(d) | (d >= min_distance_A)]
+        if len(cand) > 1:
+            pairs = cKDTree(cand, boxsize=box).query_pairs(min_distance_A, output_type="ndarray")
+            if len(pairs):
+                drop = np.zeros(len(cand), bool)
+                drop[pairs.max(axis=1)] = True
+                cand = cand[~drop]
+        accepted = np.concatenate([accepted, cand[:need]])
+    return accepted[:n_target]
+
+
+@dataclass
+class Specimen:
+    """One structure: particles (optionally) on a carbon film, in a periodic cell.
+
+    Attributes
+    ----------
+    atoms
+        Everything (particles + substrate), :class:`ase.Atoms` with cell (L, L, Lz), pbc.
+    particle_atoms
+        The particles alone, same cell and positions (used for the ground-truth mask).
+    centres_A, radii_A
+        Particle centres (n, 3) and radii (n,) [Å].
+    substrate_thickness_A
+        Carbon thickness [Å].
+    """
+
+    atoms: object
+    particle_atoms: object
+    centres_A: np.ndarray
+    radii_A: np.ndarray
+    substrate_thickness_A: float
+
+
+def place_particles(
+    n: int,
+    radii_A: np.ndarray,
+    extent_A: float,
+    min_gap_A: float,
+    rng: np.random.Generator,
+    tries: int = 2000,
+    edge_A: float = 5.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Place up to ``n`` discs inside the field of view with gaps of at least ``min_gap_A``.
+
+    Particles keep ``edge_A`` [Å] from the borders, so that nothing of them (or of their
+    mask) wraps around the periodic cell.  Particles that do not fit after ``tries`` attempts are dropped (the number placed is
+    recorded with the dataset).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Centres (m, 2) [Å] and radii (m,) [Å] of the placed particles, m <= n.
+    """
+    centres: list[np.ndarray] = []
+    used: list[float] = []
+    for r in radii_A[:n]:
+        lo, hi = r + edge_A, extent_A - r - edge_A
+        if hi <= lo:
+            continue
+        for _ in range(tries):
+            c = rng.uniform(lo, hi, 2)
+            if all(np.linalg.norm(c - c2) >= r + r2 + min_gap_A for c2, r2 in zip(centres, used, strict=True)):
+                centres.append(c)
+                used.append(float(r))
+                break
+    return np.array(centres).reshape(-1, 2), np.array(used)
+
+
+def build_specimen(config, rng: np.random.Generator) -> Specimen:
+    """Build one random structure from a :class:`~.config.SimulationConfig`."""
+    import ase
+
+    L = config.extent_A
+    lo, hi = config.particles_per_image
+    n = int(rng.integers(lo, hi + 1))
+    radii = rng.uniform(config.radius_nm[0] * 10, config.radius_nm[1] * 10, n)
+    radii = np.sort(radii)[::-1]  # place the big ones first
+    if n and 2 * radii.max() + 10.0 > L:
+        raise ConfigError(
+            f"particles of radius up to {radii.max() / 10:.2f} nm do not fit in a field of view of "
+            f"{L / 10:.2f} nm; use a larger --size or a smaller --radius",
+            "--radius",
+        )
+    xy, radii = place_particles(n, radii, L, config.min_separation_nm * 10, rng)
+    zmax = 2 * radii.max() + 2.0 if len(radii) else 0.0
+    t_lo, t_hi = config.substrate_thickness_nm
+    thickness = float(rng.uniform(t_lo, t_hi)) * 10
+    symbols: list[str] = []
+    positions: list[np.ndarray] = []
+    centres = []
+    for (cx, cy), r in zip(xy, radii, strict=True):
+        p = particle(config.material, float(r), rng)
+        cz = 1.0 + zmax / 2
+        positions.append(p.positions + [cx, cy, cz])
+        symbols.extend(p.get_chemical_symbols())
+        centres.append([cx, cy, cz])
+    ppos = np.concatenate(positions) if positions else np.zeros((0, 3))
+    cell = [L, L, zmax + thickness + 2.0]
+    particles = ase.Atoms(symbols=symbols, positions=ppos, cell=cell, pbc=True)
+    carbon = amorphous_carbon(
+        L, thickness, rng, config.substrate_density_g_cm3, config.substrate_min_distance_A
+    )
+    carbon[:, 2] += zmax + 1.0
+    allatoms = particles + ase.Atoms(symbols=["C"] * len(carbon), positions=carbon, cell=cell, pbc=True)
+    return Specimen(allatoms, particles, np.array(centres), radii, thickness)
