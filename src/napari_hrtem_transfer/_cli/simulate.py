@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None,
                    help="Address of an existing dask.distributed scheduler to run on instead.")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="abTEM device (gpu needs CuPy).")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="Also write a PNG of the first structure across the defocus series with its mask.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
 
 
@@ -119,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).suffix != ".hspy":
         raise ConfigError(f"--out {args.out}: use a file name ending in .hspy", "--out")
     check_writable(args.out)
+    if args.figure:
+        check_writable(args.figure, "--figure")
     client = None
     if args.scheduler:
         from distributed import Client
@@ -129,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {cfg.n_structures} structures x {len(cfg.defocus_nm)} defoci "
           f"({', '.join(f'{d:g}' for d in cfg.defocus_nm)} nm; positive = underfocus), "
           f"{cfg.image_size_px}x{cfg.image_size_px} px at {cfg.sampling_A:g} Å/px")
+    if args.figure:
+        from ..io import load_dataset
+        from ..simulate.figures import plot_defocus_series
+
+        fig = plot_defocus_series(load_dataset(path), args.figure)
+        print(f"wrote {fig}")
     return 0
 
 
