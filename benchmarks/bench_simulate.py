@@ -1,0 +1,54 @@
+"""Benchmark the simulator (run by hand; figures go into the issue notes).
+
+    python benchmarks/bench_simulate.py [--study] [--repeats 3]
+
+Measures, in one run on this machine:
+1. the cost of an 11-defocus series relative to a single-defocus image at the same settings
+   (the exit wave is computed once and the CTF applied per defocus; a naive loop would be 11x);
+2. images per second (structures x defoci) for the laptop preset and, with --study, the study
+   preset (512², 0.1 Å multislice, 8 phonons, 11 defoci).
+Each timing is the median of --repeats runs after one warm-up (numba compilation, FFT plans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from napari_hrtem_transfer.simulate import SimulationConfig, simulate_structure
+
+ELEVEN = [float(d) for d in range(-25, 26, 5)]
+
+
+def timed(cfg, index, repeats):
+    simulate_structure(cfg, index)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        simulate_structure(cfg, index)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", action="store_true", help="also time the study preset (minutes)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    presets = ["laptop"] + (["study"] if args.study else [])
+    for name in presets:
+        base = SimulationConfig.from_preset(name, defocus_nm=ELEVEN, n_structures=1)
+        one = base.model_copy(update={"defocus_nm": [ELEVEN[5]]})
+        reps = args.repeats if name == "laptop" else 1
+        t11 = timed(base, 0, reps)
+        t1 = timed(one, 0, reps)
+        print(f"[{name}] {base.image_size_px}² px, {base.sim_gpts}² multislice grid, {base.n_phonons} phonons")
+        print(f"  one defocus:     {t1:7.2f} s per structure")
+        print(f"  11-defocus series: {t11:7.2f} s per structure = {t11 / t1:.2f}x one defocus "
+              f"(naive loop: 11x)")
+        print(f"  throughput: {11 / t11:.2f} images/s (11-defocus series), {1 / t1:.2f} images/s (one defocus)")
+
+
+if __name__ == "__main__":
+    main()

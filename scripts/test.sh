@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with the test dependencies and run the whole test suite.
+# torch is installed first as the CPU build of 2.13.0; the project itself only asks for a range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[testing]"
+.venv/bin/python -m pytest "$@"
