@@ -74,3 +74,15 @@ def test_cli_simulate_writes_a_loadable_file(tmp_path):
     assert ds.images.shape == (2, 1, 128, 128)
     assert ds.energy_eV == 200e3 and ds.info["config"]["Cs_A"] == pytest.approx(1e5)
     assert ds.images.mean() == pytest.approx(100 * 0.2**2, rel=0.03)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(small_config):
+    pytest.importorskip("cupy")
+    cfg = small_config.model_copy(update={"dose_e_per_A2": None, "n_phonons": 1})
+    from napari_hrtem_transfer.simulate import simulate_structure
+
+    cpu = simulate_structure(cfg, 0, device="cpu")
+    gpu = simulate_structure(cfg, 0, device="gpu")
+    assert np.allclose(cpu["images"], gpu["images"], atol=1e-3)
+    assert (cpu["mask"] == gpu["mask"]).mean() > 0.999

@@ -4,5 +4,17 @@ Nothing here imports HyperSpy at module import time; it is imported inside the f
 """
 
 from .dataset import HRTEMDataset, load_dataset, save_dataset
+from .hyperspy_integration import from_signal, to_signal
+from .readers import SUPPORTED_EXTENSIONS, ExperimentalImage, ReaderWarning, read_images
 
-__all__ = ["HRTEMDataset", "load_dataset", "save_dataset"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "ExperimentalImage",
+    "HRTEMDataset",
+    "ReaderWarning",
+    "from_signal",
+    "load_dataset",
+    "read_images",
+    "save_dataset",
+    "to_signal",
+]

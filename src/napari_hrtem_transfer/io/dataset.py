@@ -280,7 +280,7 @@ def load_dataset(path: str | os.PathLike, lazy: bool = True) -> HRTEMDataset:
         raise DatasetError(
             f"{path} is not a napari-hrtem-transfer dataset (no metadata.HRTEM_transfer). "
             "Simulate one with 'hrtem-transfer simulate', or read experimental images with "
-            "napari_hrtem_transfer.io.read_image."
+            "napari_hrtem_transfer.io.read_images."
         )
     info = json.loads(s.metadata.HRTEM_transfer.info_json)
     masks = None

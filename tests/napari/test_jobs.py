@@ -1,0 +1,173 @@
+"""The widgets' jobs as plain functions (no viewer, no Qt)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer._napari._jobs import (
+    build_simulation_config,
+    build_train_config,
+    layer_sampling_A,
+    parse_defoci,
+    parse_domains,
+    segment_job,
+    simulate_job,
+    train_job,
+)
+from napari_hrtem_transfer._napari._workers import JobDone, JobFailed, JobProgress, run_with_updates
+from napari_hrtem_transfer.errors import ConfigError
+
+
+def test_parse_defoci():
+    assert parse_defoci("-10, -5 0,5  10") == [-10.0, -5.0, 0.0, 5.0, 10.0]
+    assert parse_defoci([1, 2]) == [1.0, 2.0]
+    assert parse_domains(" All ") == "all"
+    assert parse_domains("-5; 5") == [-5.0, 5.0]
+    with pytest.raises(ConfigError, match="numbers in nm"):
+        parse_defoci("-10, five")
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_defoci("  ")
+
+
+def test_simulation_config_from_widget_values():
+    cfg = build_simulation_config(preset="laptop", material="au", n_structures=3,
+                                  defocus_nm="-5, 5", dose_e_per_A2=0, seed=7)
+    assert cfg.material == "Au" and cfg.n_structures == 3 and cfg.seed == 7
+    assert cfg.defocus_nm == [-5.0, 5.0]
+    assert cfg.dose_e_per_A2 is None  # 0 = noise-free
+    assert cfg.image_size_px == 256  # the preset's
+    cfg = build_simulation_config(dose_e_per_A2=150.0, image_size_px=128)
+    assert cfg.dose_e_per_A2 == 150.0 and cfg.image_size_px == 128
+    with pytest.raises(ConfigError, match="material"):
+        build_simulation_config(material="unobtainium")
+    with pytest.raises(ConfigError, match="repeated"):
+        build_simulation_config(defocus_nm="5, 5")
+    with pytest.raises(ConfigError, match="preset"):
+        build_simulation_config(preset="nope")
+
+
+def test_train_config_from_widget_values(tmp_path):
+    pre = build_train_config(train_defocus_nm="-10, 10", epochs=3, lr=None, n_train=0)
+    assert pre.stage == "pretrain" and pre.train_defocus_nm == [-10.0, 10.0]
+    assert pre.lr == pytest.approx(1e-3) and pre.n_train is None
+    ft = build_train_config(init_from=tmp_path, train_defocus_nm="5", freeze="encoder",
+                            n_train=64)
+    assert ft.stage == "finetune" and ft.freeze == "encoder" and ft.n_train == 64
+    assert ft.lr == pytest.approx(1e-4)  # the study's fine-tuning rate
+    with pytest.raises(ConfigError, match="freeze"):
+        build_train_config(freeze="encoder")  # freezing needs a checkpoint
+    with pytest.raises(ConfigError, match="patch_size"):
+        build_train_config(patch_size=33)
+
+
+def test_run_with_updates_success_and_failure():
+    def job(report, n):
+        for i in range(n):
+            report(JobProgress(i + 1, n))
+        return "ok"
+
+    updates = list(run_with_updates(job, 3))
+    assert [u.done for u in updates[:-1]] == [1, 2, 3]
+    assert updates[-1] == JobDone("ok")
+    assert updates[1].fraction == pytest.approx(2 / 3)
+
+    def bad(report):
+        report(JobProgress(0, 1))
+        raise ConfigError("broken input")
+
+    updates = list(run_with_updates(bad))
+    assert isinstance(updates[-1], JobFailed)
+    assert updates[-1].message == "broken input"
+    assert "ConfigError" in updates[-1].trace
+
+
+def test_layer_sampling_from_metadata_scale_and_units():
+    assert layer_sampling_A({"metadata": {"sampling_A": 0.3}}) == 0.3
+    assert layer_sampling_A({"scale": (1, 0.05), "units": ("pixel", "nm")}) == pytest.approx(0.5)
+    assert layer_sampling_A({"scale": (1, 50.0), "units": ("pixel", "pm")}) == pytest.approx(0.5)
+    assert layer_sampling_A({"scale": (1, 1), "units": ("pixel", "pixel")}) is None
+    assert layer_sampling_A({"scale": (1, 1)}) is None
+
+
+def test_train_job_reports_typed_updates_and_stops(tmp_path, tiny_dataset_path, tiny_train_kwargs):
+    from napari_hrtem_transfer.training import EpochUpdate, StepUpdate, TrainResult, TrainStart
+
+    stop = threading.Event()
+    seen = []
+
+    def report(update):
+        seen.append(update)
+        if isinstance(update, StepUpdate):
+            stop.set()  # stop after the first step
+
+    config = build_train_config(**{**tiny_train_kwargs, "epochs": 3})
+    result = train_job(report, config, tiny_dataset_path, tmp_path / "m", stop=stop)
+    assert isinstance(seen[0], TrainStart)
+    assert sum(isinstance(u, StepUpdate) for u in seen) == 1
+    assert not any(isinstance(u, EpochUpdate) for u in seen)
+    assert isinstance(seen[-1], TrainResult) and seen[-1] is not None
+    assert result.stopped and result.epochs_completed == 0
+    assert (tmp_path / "m" / "last.json").is_file()
+
+
+def test_segment_job_shapes_resampling_and_ood_note(tiny_model_dir, tiny_dataset):
+    frames = tiny_dataset.images[0, :3]
+    seen = []
+    res = segment_job(seen.append, frames, tiny_model_dir, sampling_A=0.2)
+    assert res.proba.shape == (3, 64, 64) and res.proba.dtype == np.float32
+    assert 0.0 <= res.proba.min() and res.proba.max() <= 1.0
+    np.testing.assert_array_equal(res.labels, (res.proba >= 0.5).astype(np.uint8))
+    assert res.model_sampling_A == pytest.approx(0.2)
+    assert [u.done for u in seen if isinstance(u, JobProgress)][-1] == 3
+    assert not any(n.startswith("resampled") for n in res.notes)
+    # the tiny model has no OOD reference: say so, keep the segmentation
+    assert res.ood_score is None and any("no OOD score" in n for n in res.notes)
+
+    # a stack with leading dims, at twice the pixel size: resampled and mapped back
+    res2 = segment_job(None, tiny_dataset.images[:, :2, :32, :32], tiny_model_dir, sampling_A=0.4)
+    assert res2.proba.shape == (2, 2, 32, 32)
+    assert any(n.startswith("resampled frames from 0.4") for n in res2.notes)
+    with pytest.raises(ConfigError, match="threshold"):
+        segment_job(None, frames, tiny_model_dir, threshold=1.5)
+
+
+def test_segment_job_reports_ood_scores_when_the_model_has_a_reference(
+    tmp_path, tiny_model_dir, tiny_dataset
+):
+    import shutil
+
+    from napari_hrtem_transfer.evaluation import fit_ood_reference
+
+    model = tmp_path / "with_ood"
+    shutil.copytree(tiny_model_dir, model)
+    fit_ood_reference(model, np.asarray(tiny_dataset.images[0]), augment=False)
+    train_like = np.asarray(tiny_dataset.images[0, :2])
+    shifted = np.full((1, 64, 64), 5.0) + np.random.default_rng(0).poisson(5.0, (1, 64, 64))
+    res = segment_job(None, np.concatenate([train_like, shifted]), model, sampling_A=0.2)
+    assert res.ood_score is not None and res.ood_score.shape == (3,)
+    # frames from the training set score far lower than a frame unlike anything seen
+    assert res.ood_score[2] > res.ood_score[:2].max()
+
+
+@pytest.mark.slow
+def test_simulate_job_end_to_end():
+    """A real (tiny) abTEM simulation: images and masks as layers, calibrated in nm."""
+    cfg = build_simulation_config(
+        n_structures=1, defocus_nm="0, 5", image_size_px=64, sampling_A=0.5,
+        sim_sampling_A=0.25, n_phonons=1, radius_nm=(0.5, 0.6),
+        substrate_thickness_nm=(0.0, 0.0), dose_e_per_A2=400,
+    )
+    seen = []
+    layers = simulate_job(seen.append, cfg)
+    assert seen[-1] == JobProgress(1, 1, "simulated 1/1 structures")
+    (images, ik, _), (masks, mk, kind) = layers
+    assert kind == "labels"
+    assert images.shape == (2, 1, 64, 64) == masks.shape
+    assert ik["scale"] == pytest.approx((5.0, 1.0, 0.05, 0.05))
+    assert ik["translate"][0] == 0.0 and ik["units"][0] == "nm"
+    assert masks.any() and not masks.all()
+    np.testing.assert_array_equal(masks[0], masks[1])
+    assert float(np.asarray(images).mean()) > 0

@@ -1,0 +1,195 @@
+"""napari reader contribution: LayerData from real files and simulated datasets (no viewer)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer._napari._reader import (
+    dataset_to_layer_data,
+    napari_get_reader,
+    read_layers,
+)
+from napari_hrtem_transfer.errors import ReaderError
+
+DATA = Path(__file__).parents[2].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test files not found at {DATA}")
+
+
+def _read(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reader = napari_get_reader(str(path))
+        assert callable(reader)
+        return reader(str(path))
+
+
+def _make_layer(layer_data):
+    """Build the napari layer the viewer would build (validates every keyword)."""
+    from napari.layers import Image, Labels
+
+    data, kwargs, layer_type = layer_data
+    return {"image": Image, "labels": Labels}[layer_type](data, **kwargs)
+
+
+def test_get_reader_accepts_supported_and_declines_others(tmp_path):
+    assert napari_get_reader("a.dm4") is read_layers
+    assert napari_get_reader(["a.emd", "b.DM3"]) is read_layers
+    assert napari_get_reader("a.png") is None
+    assert napari_get_reader(["a.emd", "b.png"]) is None
+    assert napari_get_reader([]) is None
+
+
+@needs_data
+def test_tia_image_scale_in_nm():
+    (layer,) = _read(DATA / "tia_ser_emi/128x128-TEM_search.emi")
+    data, kwargs, kind = layer
+    assert kind == "image" and data.shape == (128, 128)
+    assert kwargs["scale"] == pytest.approx((5.26121, 5.26121), rel=1e-5)
+    assert kwargs["units"] == ("nm", "nm")
+    assert kwargs["metadata"]["sampling_A"] == pytest.approx(52.6121, rel=1e-5)
+    layer = _make_layer(layer)
+    assert [str(u) for u in layer.units] == ["nanometer", "nanometer"]
+
+
+@needs_data
+def test_stack_and_uncalibrated_frame_axis():
+    (layer,) = _read(DATA / "tia_ser_emi/64x64x5_TEM_preview.emi")
+    data, kwargs, _ = layer
+    assert data.shape == (5, 64, 64)
+    assert kwargs["scale"] == pytest.approx((1.0, 6.28183, 6.28183), rel=1e-5)
+    assert kwargs["units"] == ("pixel", "nm", "nm")
+    assert kwargs["axis_labels"] == ("frame", "y", "x")
+    _make_layer(layer)
+
+
+@needs_data
+def test_anisotropic_pixels_keep_both_scales():
+    (layer,) = _read(DATA / "dm4/ncem_dmTest_float32_nonSquare_diffPixelSize.dm4")
+    _, kwargs, _ = layer
+    assert kwargs["scale"] == pytest.approx((0.2, 1.0))  # y 2 Å, x 1 nm
+    assert kwargs["metadata"]["sampling_A"] == pytest.approx(10.0)
+
+
+@needs_data
+def test_uncalibrated_image_is_in_pixels():
+    (layer,) = _read(DATA / "dm3/scifi_DMReader_Image_SI-Survey.dm3")
+    _, kwargs, _ = layer
+    assert kwargs["scale"] == (1.0, 1.0)
+    assert kwargs["units"] == ("pixel", "pixel")
+    assert kwargs["metadata"]["sampling_A"] is None
+    _make_layer(layer)
+
+
+@needs_data
+def test_diffraction_pattern_is_shown_in_reciprocal_units():
+    (layer,) = _read(DATA / "dm3/rsciio_test_diffraction_pattern.dm3")
+    _, kwargs, _ = layer
+    assert kwargs["units"] == ("1/nm", "1/nm")
+    assert kwargs["scale"] == pytest.approx((0.174433, 0.174433), rel=1e-5)
+    assert kwargs["metadata"]["sampling_A"] is None
+    img = _make_layer(layer)
+    assert "nanometer" in str(img.units[0])
+
+
+@needs_data
+def test_velox_multi_detector_gives_four_layers_and_no_undefined_units():
+    layers = _read(DATA / "emd_velox/ncem_STEM_HAADF-DF4-DF2-BF_Diffraction_Micro.emd")
+    assert len(layers) == 4
+    for layer in layers:
+        assert "<undefined>" not in layer[1]["units"]
+        assert layer[1]["scale"] == pytest.approx((87.37080, 87.37080), rel=1e-5)
+
+
+@needs_data
+def test_several_paths_at_once():
+    paths = [str(DATA / "mrc/rsciio_DE_HAADFscan.mrc"), str(DATA / "tif/rsciio_TVIPS_bin4.tif")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = napari_get_reader(paths)(paths)
+    assert [layer[0].shape for layer in layers] == [(16, 16), (1024, 1024)]
+    assert layers[1][1]["scale"] == pytest.approx((1.4208, 1.4208), rel=1e-4)
+
+
+def test_reader_error_names_the_file(tmp_path):
+    bad = tmp_path / "broken.emd"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(ReaderError, match="broken.emd"):
+        read_layers(str(bad))
+
+
+def test_simulated_dataset_gives_images_and_broadcast_masks(tmp_path, tiny_dataset):
+    from napari_hrtem_transfer.io import save_dataset
+
+    path = save_dataset(tiny_dataset, tmp_path / "series.hspy")
+    layers = _read(path)
+    assert [kind for _, _, kind in layers] == ["image", "labels"]
+    (images, ik, _), (labels, lk, _) = layers
+    assert images.shape == (2, 8, 64, 64)
+    np.testing.assert_array_equal(np.asarray(images), tiny_dataset.images)
+    # defoci -5, +5 nm: evenly spaced, so the slider is calibrated in nm
+    assert ik["scale"] == pytest.approx((10.0, 1.0, 0.02, 0.02))
+    assert ik["translate"] == pytest.approx((-5.0, 0.0, 0.0, 0.0))
+    assert ik["units"] == ("nm", "pixel", "nm", "nm")
+    assert ik["axis_labels"] == ("defocus", "image", "y", "x")
+    assert ik["metadata"]["defocus_nm"] == [-5.0, 5.0]
+    assert labels.shape == images.shape and labels.dtype == np.uint8
+    for d in range(2):
+        np.testing.assert_array_equal(labels[d], tiny_dataset.masks.astype(np.uint8))
+    assert lk["scale"] == ik["scale"] and lk["translate"] == ik["translate"]
+    _make_layer(layers[0])
+    lab = _make_layer(layers[1])
+    lab.data[0, 0, 0, 0] = 1  # small stacks are editable copies
+
+
+def test_uneven_defoci_use_an_index_axis():
+    from napari_hrtem_transfer.io import HRTEMDataset
+
+    ds = HRTEMDataset(images=np.ones((3, 1, 8, 8)), defocus_nm=[-10.0, 0.0, 3.0], sampling_A=0.5,
+                      masks=np.zeros((1, 8, 8), bool))
+    (_, ik, _), (_, lk, _) = dataset_to_layer_data(ds)
+    assert ik["scale"] == pytest.approx((1.0, 1.0, 0.05, 0.05))
+    assert ik["units"][0] == "pixel" and lk["units"][0] == "pixel"
+    assert ik["metadata"]["defocus_nm"] == [-10.0, 0.0, 3.0]
+
+
+def test_dataset_without_masks_gives_one_layer(tiny_dataset):
+    tiny_dataset.masks = None
+    layers = dataset_to_layer_data(tiny_dataset, name="x")
+    assert len(layers) == 1 and layers[0][1]["name"] == "x"
+
+
+def test_generic_hspy_image(tmp_path):
+    import hyperspy.api as hs
+
+    s = hs.signals.Signal2D(np.arange(64, dtype=np.float32).reshape(8, 8))
+    for ax in s.axes_manager.signal_axes:
+        ax.scale, ax.units = 0.5, "Å"
+    s.save(tmp_path / "plain.hspy")
+    ((data, kwargs, kind),) = _read(tmp_path / "plain.hspy")
+    assert kind == "image" and data.shape == (8, 8)
+    assert kwargs["scale"] == pytest.approx((0.05, 0.05))
+    assert kwargs["contrast_limits"][0] < kwargs["contrast_limits"][1]
+
+
+REAL = sorted(
+    str(p.relative_to(DATA))
+    for p in (DATA.glob("*/*") if DATA.is_dir() else [])
+    if napari_get_reader(str(p)) is not None
+)
+
+
+@needs_data
+@pytest.mark.parametrize("rel", REAL)
+def test_every_real_file_becomes_valid_napari_layers(rel):
+    layers = _read(DATA / rel)
+    assert layers
+    for layer_data in layers:
+        data, kwargs, _ = layer_data
+        assert len(kwargs["scale"]) == len(kwargs["units"]) == data.ndim
+        assert all(u in ("nm", "pixel", "1/nm") for u in kwargs["units"]), kwargs["units"]
+        layer = _make_layer(layer_data)
+        assert layer.data.shape == data.shape
