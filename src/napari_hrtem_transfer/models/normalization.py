@@ -1,0 +1,52 @@
+"""Per-image standardisation: the model's input pipeline (numpy; no torch needed).
+
+Training and inference call the same function with the parameters stored in the checkpoint
+(sidecar key ``"normalization"``), so experimental images are treated exactly like the
+simulated training images.  Standardisation is applied to the *whole* image before any crop
+or tile, so tiled inference sees the same input values as whole-image inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: The normalisation record stored in every checkpoint.
+NORMALIZATION: dict[str, Any] = {"method": "per_image_standardize", "eps": 1e-6}
+
+
+def standardize(images: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Standardise each image to mean 0 and variance 1.
+
+    Parameters
+    ----------
+    images
+        Array (..., H, W) of raw values (electron counts or intensities).
+    eps
+        Added to the standard deviation so that constant images do not divide by zero.
+
+    Returns
+    -------
+    np.ndarray
+        float32 array of the same shape; each (H, W) image has mean 0 and std 1 (std
+        computed with ddof=0, in float64).
+    """
+    x = np.asarray(images, dtype=np.float64)
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    std = x.std(axis=(-2, -1), keepdims=True)
+    return ((x - mean) / (std + eps)).astype(np.float32)
+
+
+def apply_normalization(images: np.ndarray, record: dict[str, Any]) -> np.ndarray:
+    """Apply the normalisation described by a checkpoint's ``record``.
+
+    Raises
+    ------
+    ValueError
+        If the method is unknown (a checkpoint written by a newer version).
+    """
+    method = record.get("method")
+    if method != "per_image_standardize":
+        raise ValueError(f"unknown input normalisation {method!r}")
+    return standardize(images, float(record.get("eps", 1e-6)))

@@ -1,0 +1,57 @@
+"""Training, checkpoints and inference of the U-Net segmentation models.
+
+Public API (torch is imported on first use of a function, not by importing this package)::
+
+    TrainConfig                      validated pydantic config (no torch needed)
+    train(config, data, out_dir, *, callbacks=None, stop=None, resume=False) -> TrainResult
+    load_checkpoint(model_dir, which="best", device="auto") -> LoadedModel
+    update_checkpoint_extra(model_dir, key, value, which="best")
+    read_sidecar(model_dir, which="best") -> dict
+    Callback, TrainCallback, TrainStart, StepUpdate, EpochUpdate, TrainResult
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import TrainConfig
+
+__all__ = [
+    "Callback",
+    "EpochUpdate",
+    "LoadedModel",
+    "StepUpdate",
+    "TrainCallback",
+    "TrainConfig",
+    "TrainResult",
+    "TrainStart",
+    "load_checkpoint",
+    "read_sidecar",
+    "train",
+    "update_checkpoint_extra",
+]
+
+_LAZY = {
+    "train": "loop",
+    "load_checkpoint": "checkpoint",
+    "read_sidecar": "checkpoint",
+    "update_checkpoint_extra": "checkpoint",
+    "LoadedModel": "inference",
+    "Callback": "callbacks",
+    "TrainCallback": "callbacks",
+    "TrainStart": "callbacks",
+    "StepUpdate": "callbacks",
+    "EpochUpdate": "callbacks",
+    "TrainResult": "callbacks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,370 @@
+"""Training data: domain selection, structure-wise split, subsets, crops and D4 augmentation.
+
+Pure numpy (no torch).  The sampling of every epoch (order, crops, dihedral transforms) is a
+function of ``(seed, epoch)`` only, so a run resumed at step ``k`` of an epoch draws exactly
+the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DatasetError
+from ..io.dataset import HRTEMDataset, load_dataset
+from ..models.normalization import standardize
+from .config import TrainConfig
+
+
+def open_dataset(data: HRTEMDataset | str | os.PathLike) -> HRTEMDataset:
+    """Return ``data`` if it is a dataset, else load it lazily from its ``.hspy`` path."""
+    if isinstance(data, HRTEMDataset):
+        return data
+    return load_dataset(Path(data), lazy=True)
+
+
+def _name(ds: HRTEMDataset) -> str:
+    return str(ds.path) if ds.path is not None else "the dataset"
+
+
+def select_domains(ds: HRTEMDataset, defocus_nm: list[float] | str) -> list[int]:
+    """Indices of the domains ``defocus_nm`` [nm] (or ``"all"``) in ``ds``.
+
+    Raises
+    ------
+    DatasetError
+        If a defocus is not in the dataset (the message lists the available defoci).
+    ConfigError
+        If the selection is empty.
+    """
+    if isinstance(defocus_nm, str):
+        if defocus_nm != "all":
+            raise ConfigError(
+                f"domain selection must be a list of defoci or 'all' (got {defocus_nm!r})"
+            )
+        return list(range(ds.n_defocus))
+    if len(defocus_nm) == 0:
+        raise ConfigError("the domain selection is empty; give defoci [nm] or 'all'", "defocus")
+    idx = [ds.defocus_index(float(d)) for d in defocus_nm]
+    return sorted(set(idx))
+
+
+def domain_key(defocus_nm: float) -> str:
+    """The string key of a domain in histories and sidecars: the defocus [nm] as ``%g``."""
+    return f"{float(defocus_nm):g}"
+
+
+def split_structures(
+    structure_ids: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the images by structure id into training and validation image indices.
+
+    Every image of a structure goes to the same side, so no structure appears in both.
+
+    Parameters
+    ----------
+    structure_ids
+        Structure id of each image, shape (n_images,).
+    val_fraction
+        Fraction of the distinct structures held out (at least one on each side).
+    seed
+        Seed of the split.
+
+    Returns
+    -------
+    train_idx, val_idx
+        Sorted image indices.
+
+    Raises
+    ------
+    DatasetError
+        If there are fewer than two distinct structures.
+    """
+    ids = np.asarray(structure_ids).astype(str)
+    uniq = np.unique(ids)
+    if uniq.size < 2:
+        raise DatasetError(
+            f"the dataset has {uniq.size} distinct structure(s); a train/validation split by "
+            "structure needs at least 2."
+        )
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    perm = rng.permutation(uniq.size)
+    n_val = int(np.clip(round(val_fraction * uniq.size), 1, uniq.size - 1))
+    val_ids = set(uniq[perm[:n_val]].tolist())
+    is_val = np.array([s in val_ids for s in ids])
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def dataset_fingerprint(ds: HRTEMDataset) -> str:
+    """A sha256 fingerprint of the dataset's identity (not of every pixel).
+
+    Hashes the shape, dtype, defoci, sampling, structure ids, masks and the provenance record
+    (simulation config and seeds); cheap even for large lazy files.
+    """
+    h = hashlib.sha256()
+    meta = {
+        "shape": list(ds.images.shape),
+        "dtype": str(ds.images.dtype),
+        "defocus_nm": [float(v) for v in ds.defocus_nm],
+        "sampling_A": float(ds.sampling_A),
+        "structure_ids": [str(s) for s in ds.structure_ids],
+        "info": {k: v for k, v in ds.info.items() if k not in ("versions",)},
+    }
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    if ds.masks is not None:
+        h.update(np.ascontiguousarray(ds.masks, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def d4(image: np.ndarray, code: int) -> np.ndarray:
+    """Apply dihedral transform ``code`` (0-7) to the last two axes.
+
+    ``code % 4`` quarter turns, then a left-right flip if ``code >= 4``; code 0 is the
+    identity.
+    """
+    out = np.rot90(image, int(code) % 4, axes=(-2, -1))
+    if code >= 4:
+        out = out[..., ::-1]
+    return out
+
+
+@dataclass
+class TrainingData:
+    """The arrays and the sampling plan of one training stage.
+
+    Attributes
+    ----------
+    dataset
+        The source dataset.
+    train_domains, eval_domains
+        Domain indices used for training and recorded in validation.
+    train_items
+        (n, 2) int array of (domain index, image index) training samples.
+    val_images
+        Validation image indices per evaluated domain (structures not used in training).
+    train_structures, val_structures
+        Distinct structure ids on each side of the split.
+    """
+
+    dataset: HRTEMDataset
+    config: TrainConfig
+    train_domains: list[int]
+    eval_domains: list[int]
+    train_items: np.ndarray
+    val_images: np.ndarray
+    train_structures: list[str]
+    val_structures: list[str]
+    stride: int = 32
+    _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _cached: bool = False
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def prepare(cls, config: TrainConfig, ds: HRTEMDataset, stride: int = 32) -> TrainingData:
+        """Validate the selection against ``ds`` and draw the split and the subset.
+
+        Raises
+        ------
+        DatasetError
+            No masks, a defocus not in the file, too few structures, NaNs in the images.
+        ConfigError
+            Empty selection, ``n_train`` larger than available, a patch larger than the
+            images.
+        """
+        if ds.masks is None:
+            raise DatasetError(
+                f"{_name(ds)} has no ground-truth masks; training needs a labelled dataset "
+                "(simulate one with 'hrtem-transfer simulate')."
+            )
+        train_domains = select_domains(ds, config.train_defocus_nm)
+        eval_domains = sorted(set(select_domains(ds, config.eval_defocus_nm)) | set(train_domains))
+        train_idx, val_idx = split_structures(
+            ds.structure_ids, config.val_fraction, config.split_seed
+        )
+        items = np.array([(d, i) for d in train_domains for i in train_idx], dtype=np.int64)
+        if config.n_train is not None:
+            if config.n_train > len(items):
+                raise ConfigError(
+                    f"n_train={config.n_train} is larger than the {len(items)} training images "
+                    f"available in {_name(ds)} ({len(train_idx)} training structures x "
+                    f"{len(train_domains)} domain(s); {len(val_idx)} structures are held out "
+                    "for validation).",
+                    "n_train",
+                )
+            seed = config.seed if config.subset_seed is None else config.subset_seed
+            rng = np.random.default_rng([int(seed), 0x5B5E7])
+            pick = np.sort(rng.choice(len(items), size=config.n_train, replace=False))
+            items = items[pick]
+        if config.max_val_images is not None:
+            val_idx = val_idx[: config.max_val_images]
+        ny, nx = ds.image_shape
+        p = config.patch_size
+        if p is not None and (p > ny or p > nx):
+            raise ConfigError(
+                f"patch_size {p} is larger than the images ({ny}x{nx} px); choose at most "
+                f"{min(ny, nx) // 32 * 32} or None (whole images).",
+                "patch_size",
+            )
+        if p is None and (ny % stride or nx % stride):
+            raise ConfigError(
+                f"whole-image training needs sizes that are multiples of {stride} "
+                f"(images are {ny}x{nx}); set patch_size.",
+                "patch_size",
+            )
+        sids = np.asarray(ds.structure_ids).astype(str)
+        out = cls(
+            dataset=ds,
+            config=config,
+            train_domains=train_domains,
+            eval_domains=eval_domains,
+            train_items=items,
+            val_images=val_idx,
+            train_structures=sorted(set(sids[np.unique(items[:, 1])].tolist())),
+            val_structures=sorted(set(sids[val_idx].tolist())),
+            stride=stride,
+        )
+        out._maybe_cache()
+        return out
+
+    def _needed(self) -> dict[int, np.ndarray]:
+        need: dict[int, set[int]] = {}
+        for d, i in self.train_items.tolist():
+            need.setdefault(d, set()).add(i)
+        for d in self.eval_domains:
+            need.setdefault(d, set()).update(self.val_images.tolist())
+        return {d: np.array(sorted(v), dtype=np.int64) for d, v in need.items()}
+
+    def _maybe_cache(self) -> None:
+        need = self._needed()
+        ny, nx = self.dataset.image_shape
+        nbytes = sum(len(v) for v in need.values()) * ny * nx * 4
+        if nbytes > self.config.cache_bytes:
+            return
+        for d, idx in need.items():
+            block = self.dataset.images[d][idx]
+            block = np.asarray(block.compute() if hasattr(block, "compute") else block)
+            self._check_finite(block, d, idx)
+            std = standardize(block)
+            for j, i in enumerate(idx.tolist()):
+                self._cache[(d, i)] = std[j]
+        self._cached = True
+
+    def _check_finite(self, block: np.ndarray, d: int, idx: np.ndarray) -> None:
+        if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
+            bad = np.flatnonzero(~np.isfinite(block.reshape(len(idx), -1)).all(axis=1))
+            raise DatasetError(
+                f"{_name(self.dataset)}: image(s) {idx[bad][:10].tolist()} at defocus "
+                f"{self.dataset.defocus_nm[d]:g} nm contain NaN or infinite values."
+            )
+
+    # -------------------------------------------------------------- access
+    def image(self, d: int, i: int) -> np.ndarray:
+        """Standardised float32 image (ny, nx) of domain ``d``, structure index ``i``."""
+        key = (int(d), int(i))
+        if key in self._cache:
+            return self._cache[key]
+        raw = self.dataset.images[key[0], key[1]]
+        raw = np.asarray(raw.compute() if hasattr(raw, "compute") else raw)
+        self._check_finite(raw[None], key[0], np.array([key[1]]))
+        return standardize(raw)
+
+    def mask(self, i: int) -> np.ndarray:
+        """Ground-truth mask (ny, nx) float32 of image ``i``."""
+        return self.dataset.masks[int(i)].astype(np.float32)
+
+    @property
+    def n_train(self) -> int:
+        """Number of training samples (domain, structure pairs)."""
+        return int(len(self.train_items))
+
+    def steps_per_epoch(self) -> int:
+        """Optimisation steps per epoch."""
+        n = self.config.samples_per_epoch or self.n_train
+        return -(-n // self.config.batch_size)
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        """The epoch's samples as an (n, 4) int array: item index, D4 code, crop y, crop x.
+
+        A function of ``(config.seed, epoch)`` only.
+        """
+        cfg = self.config
+        rng = np.random.default_rng([int(cfg.seed), int(epoch), 0xE70C])
+        n = cfg.samples_per_epoch or self.n_train
+        reps = -(-n // self.n_train)
+        order = np.concatenate([rng.permutation(self.n_train) for _ in range(reps)])[:n]
+        ny, nx = self.dataset.image_shape
+        if cfg.augment:
+            codes = rng.integers(0, 8, size=n)
+            if ny != nx and cfg.patch_size is None:  # quarter turns would change the shape
+                codes = codes - codes % 2
+        else:
+            codes = np.zeros(n, dtype=np.int64)
+        p = cfg.patch_size
+        if p is None:
+            ys = np.zeros(n, dtype=np.int64)
+            xs = np.zeros(n, dtype=np.int64)
+        else:
+            ys = rng.integers(0, ny - p + 1, size=n)
+            xs = rng.integers(0, nx - p + 1, size=n)
+        return np.stack([order, codes, ys, xs], axis=1).astype(np.int64)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's plan cut into batches of ``config.batch_size``."""
+        plan = self.epoch_plan(epoch)
+        b = self.config.batch_size
+        return [plan[k : k + b] for k in range(0, len(plan), b)]
+
+    def load_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images and masks of one batch, each float32 (B, 1, p, p)."""
+        p = self.config.patch_size
+        xs, ys = [], []
+        for item, code, y0, x0 in rows.tolist():
+            d, i = self.train_items[item]
+            img = self.image(d, i)
+            msk = self.mask(i)
+            if p is not None:
+                img = img[y0 : y0 + p, x0 : x0 + p]
+                msk = msk[y0 : y0 + p, x0 : x0 + p]
+            xs.append(d4(img, code))
+            ys.append(d4(msk, code))
+        return (
+            np.ascontiguousarray(np.stack(xs)[:, None], dtype=np.float32),
+            np.ascontiguousarray(np.stack(ys)[:, None], dtype=np.float32),
+        )
+
+    def val_batches(self, d: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Validation images of domain ``d`` (whole, cropped to a multiple of the stride)."""
+        ny, nx = self.dataset.image_shape
+        cy, cx = ny // self.stride * self.stride, nx // self.stride * self.stride
+        oy, ox = (ny - cy) // 2, (nx - cx) // 2
+        out = []
+        idx = self.val_images.tolist()
+        for k in range(0, len(idx), batch_size):
+            chunk = idx[k : k + batch_size]
+            x = np.stack([self.image(d, i)[oy : oy + cy, ox : ox + cx] for i in chunk])
+            y = np.stack([self.mask(i)[oy : oy + cy, ox : ox + cx] for i in chunk])
+            out.append((x[:, None], y[:, None]))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON record of the data used (stored in the checkpoint sidecar)."""
+        ds = self.dataset
+        return {
+            "path": str(ds.path) if ds.path is not None else None,
+            "fingerprint": dataset_fingerprint(ds),
+            "image_shape": list(ds.image_shape),
+            "sampling_A": float(ds.sampling_A),
+            "dose_e_per_A2": ds.dose_e_per_A2,
+            "train_defocus_nm": [float(ds.defocus_nm[d]) for d in self.train_domains],
+            "eval_defocus_nm": [float(ds.defocus_nm[d]) for d in self.eval_domains],
+            "n_train_images": self.n_train,
+            "train_items": self.train_items.tolist(),
+            "train_structures": self.train_structures,
+            "val_structures": self.val_structures,
+        }

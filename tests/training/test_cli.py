@@ -1,0 +1,315 @@
+"""The pretrain / finetune / segment commands, end to end, and their errors (exit code 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer.cli import main
+
+SMALL = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--patch-size",
+    "32",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def models(dataset_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    pre, ft = root / "pre", root / "ft"
+    assert (
+        main(
+            ["pretrain", "--data", str(dataset_path), "--defocus", "-5", "--out", str(pre), *SMALL]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(pre),
+                "--data",
+                str(dataset_path),
+                "--defocus",
+                "5",
+                "--freeze",
+                "encoder",
+                "--n-train",
+                "4",
+                "--out",
+                str(ft),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    return pre, ft
+
+
+def test_pretrain_and_finetune_write_checkpoints(models, capsys):
+    from napari_hrtem_transfer.training import read_sidecar
+
+    pre, ft = models
+    s_pre, s_ft = read_sidecar(pre), read_sidecar(ft)
+    assert s_pre["data"]["train_defocus_nm"] == [-5.0] and s_pre["stage"] == "pretrain"
+    assert s_ft["stage"] == "finetune" and s_ft["data"]["n_train_images"] == 4
+    assert s_ft["training"]["config"]["freeze"] == "encoder"
+    assert s_ft["training"]["config"]["lr"] == 1e-4  # fine-tuning default
+
+
+def test_epoch_summary_lines(dataset_path, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(dataset_path),
+                "--defocus=-5,0",
+                "--out",
+                str(tmp_path / "m"),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "epoch 1/1  train" in out
+        and "val by defocus [nm] -5:" in out
+        and "done: best epoch 1" in out
+    )
+
+
+def test_segment_npy_hspy_and_tif(models, dataset_path, tmp_path):
+    import hyperspy.api as hs
+    import tifffile
+
+    from napari_hrtem_transfer.io.dataset import load_dataset
+    from napari_hrtem_transfer.training import load_checkpoint
+
+    _, ft = models
+    ds = load_dataset(dataset_path, lazy=False)
+    stack = ds.images[2, :3].astype(np.float32)
+    np.save(tmp_path / "in.npy", stack)
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(ft),
+                str(tmp_path / "in.npy"),
+                "--out",
+                str(tmp_path / "mask.npy"),
+                "--proba",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    proba = np.load(tmp_path / "mask_proba.npy")
+    mask = np.load(tmp_path / "mask.npy")
+    ref = load_checkpoint(ft, device="cpu").predict_proba(stack, precision="fp32")
+    np.testing.assert_allclose(proba, ref, atol=1e-5)
+    np.testing.assert_array_equal(mask, (proba >= 0.5).astype(np.uint8))
+
+    # a calibrated HyperSpy stack: the mask keeps axes and calibration
+    s = hs.signals.Signal2D(stack)
+    for ax in s.axes_manager.signal_axes:
+        ax.scale, ax.units = 0.02, "nm"
+    s.axes_manager.navigation_axes[0].name = "frame"
+    s.save(tmp_path / "in.hspy")
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(ft),
+                str(tmp_path / "in.hspy"),
+                "--out",
+                str(tmp_path / "mask.hspy"),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    m = hs.load(tmp_path / "mask.hspy")
+    assert m.data.shape == (3, 64, 64) and m.data.dtype == np.uint8
+    np.testing.assert_array_equal(m.data, mask)
+    assert m.axes_manager.signal_axes[0].scale == pytest.approx(0.02)
+    assert m.axes_manager.signal_axes[0].units == "nm"
+    assert m.axes_manager.navigation_axes[0].name == "frame"
+
+    np.save(tmp_path / "one.npy", stack[0])
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(ft),
+                str(tmp_path / "one.npy"),
+                "--out",
+                str(tmp_path / "one.tif"),
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "one.tif"), mask[0])
+
+
+def test_segment_sampling_warning_and_resample(models, tmp_path, capsys):
+    import hyperspy.api as hs
+
+    _, ft = models
+    rng = np.random.default_rng(0)
+    s = hs.signals.Signal2D(rng.poisson(200, size=(64, 64)).astype(np.float32))
+    for ax in s.axes_manager.signal_axes:
+        ax.scale, ax.units = 0.04, "nm"  # 0.4 Å/px, the model was trained at 0.2
+    s.save(tmp_path / "coarse.hspy")
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(ft),
+                str(tmp_path / "coarse.hspy"),
+                "--out",
+                str(tmp_path / "a.npy"),
+            ]
+        )
+        == 0
+    )
+    assert "0.4 Å/px but the model was trained at 0.2" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(ft),
+                str(tmp_path / "coarse.hspy"),
+                "--out",
+                str(tmp_path / "b.npy"),
+                "--resample",
+            ]
+        )
+        == 0
+    )
+    assert "resampling" in capsys.readouterr().err
+    assert np.load(tmp_path / "b.npy").shape == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((64, 64, 3), np.uint8), "RGB"),
+        (np.zeros(100), "1-D"),
+        (np.full((32, 32), np.nan), "NaN"),
+    ],
+)
+def test_segment_bad_input_exits_2_and_writes_nothing(models, tmp_path, capsys, array, message):
+    _, ft = models
+    np.save(tmp_path / "bad.npy", array)
+    rc = main(
+        [
+            "segment",
+            "--model",
+            str(ft),
+            str(tmp_path / "bad.npy"),
+            "--out",
+            str(tmp_path / "o.hspy"),
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.hspy").exists()
+
+
+def test_training_errors_exit_2_and_write_nothing(models, dataset_path, tmp_path, capsys):
+    from napari_hrtem_transfer.io.dataset import save_dataset
+
+    from .conftest import make_dataset
+
+    pre, _ = models
+    out = tmp_path / "x"
+    cases = [
+        [
+            "finetune",
+            "--model",
+            str(pre),
+            "--data",
+            str(dataset_path),
+            "--defocus",
+            "5",
+            "--n-train",
+            "1000",
+            "--out",
+            str(out),
+        ],
+        ["pretrain", "--data", str(dataset_path), "--defocus", "12", "--out", str(out)],
+        ["pretrain", "--data", str(dataset_path), "--defocus", ",", "--out", str(out)],
+        [
+            "finetune",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(dataset_path),
+            "--defocus",
+            "5",
+            "--out",
+            str(out),
+        ],
+    ]
+    nomask = tmp_path / "nomask.hspy"
+    save_dataset(make_dataset(n_images=4, size=32, with_masks=False), nomask)
+    cases.append(["pretrain", "--data", str(nomask), "--out", str(out)])
+    cases.append(["pretrain", "--data", str(dataset_path), "--batch-size", "0", "--out", str(out)])
+    for argv in cases:
+        assert main(argv + ["--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from napari_hrtem_transfer.cli import build_parser; build_parser(); "
+        "import napari_hrtem_transfer.training, napari_hrtem_transfer.models; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_segment_refuses_rgb_tif_and_1d_hspy(models, tmp_path, capsys):
+    import hyperspy.api as hs
+    import tifffile
+
+    _, ft = models
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    hs.signals.Signal1D(np.arange(100.0)).save(tmp_path / "line.hspy")
+    for name in ("rgb.tif", "line.hspy"):
+        rc = main(
+            ["segment", "--model", str(ft), str(tmp_path / name), "--out", str(tmp_path / "o.tif")]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and "error:" in err and "Traceback" not in err, err
+        assert not (tmp_path / "o.tif").exists()

@@ -1,0 +1,110 @@
+"""Domain selection, structure split, subsets, augmentation and data errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer.errors import ConfigError, DatasetError
+from napari_hrtem_transfer.training import TrainConfig
+from napari_hrtem_transfer.training.data import (
+    TrainingData,
+    d4,
+    select_domains,
+    split_structures,
+)
+
+from .conftest import make_dataset
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("per_id", [1, 3])
+def test_no_structure_in_both_splits(seed, per_id):
+    ds = make_dataset(n_images=30, size=32, structures_per_id=per_id)
+    tr, va = split_structures(ds.structure_ids, 0.25, seed)
+    ids = ds.structure_ids
+    assert set(ids[tr]).isdisjoint(ids[va])
+    assert len(tr) + len(va) == 30 and len(va) > 0 and len(tr) > 0
+    assert np.array_equal(np.sort(np.r_[tr, va]), np.arange(30))
+    # and through the full pipeline, with all domains selected
+    cfg = TrainConfig(train_defocus_nm="all", split_seed=seed, val_fraction=0.25, patch_size=32)
+    td = TrainingData.prepare(cfg, ds)
+    assert set(td.train_structures).isdisjoint(td.val_structures)
+    assert set(ids[td.train_items[:, 1]]).isdisjoint(ids[td.val_images])
+    assert sorted(set(td.train_items[:, 0].tolist())) == [0, 1, 2]
+
+
+def test_split_is_independent_of_training_seed():
+    ds = make_dataset(n_images=20, size=32)
+    a = TrainingData.prepare(TrainConfig(seed=0, patch_size=32), ds)
+    b = TrainingData.prepare(TrainConfig(seed=5, patch_size=32), ds)
+    assert a.val_structures == b.val_structures
+
+
+def test_subset_is_seeded_and_within_training_structures():
+    ds = make_dataset(n_images=20, size=32)
+    mk = lambda s: TrainingData.prepare(  # noqa: E731
+        TrainConfig(train_defocus_nm=[5.0], n_train=6, seed=s, patch_size=32), ds
+    )
+    a, b, c = mk(0), mk(0), mk(1)
+    assert a.n_train == 6
+    assert np.array_equal(a.train_items, b.train_items)
+    assert not np.array_equal(a.train_items, c.train_items)
+    assert set(a.train_items[:, 0].tolist()) == {ds.defocus_index(5.0)}
+    assert set(a.train_items[:, 1].tolist()).isdisjoint(a.val_images.tolist())
+
+
+def test_bad_selections_are_clear_errors():
+    ds = make_dataset(n_images=10, size=32)
+    with pytest.raises(ConfigError, match="n_train=50 is larger than the 8 training images"):
+        TrainingData.prepare(TrainConfig(train_defocus_nm=[0.0], n_train=50, patch_size=32), ds)
+    with pytest.raises(DatasetError, match="defocus 7 nm is not in the dataset"):
+        select_domains(ds, [7.0])
+    with pytest.raises(ConfigError, match="empty"):
+        select_domains(ds, [])
+    with pytest.raises(ValueError, match="empty"):
+        TrainConfig(train_defocus_nm=[])
+    with pytest.raises(DatasetError, match="no ground-truth masks"):
+        TrainingData.prepare(TrainConfig(patch_size=32), make_dataset(size=32, with_masks=False))
+    with pytest.raises(ConfigError, match="patch_size 64 is larger"):
+        TrainingData.prepare(TrainConfig(patch_size=64), ds)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TrainConfig(patch_size=48)
+    with pytest.raises(ValueError, match="needs init_from"):
+        TrainConfig(freeze="encoder")
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig(learning_rate=1e-3)
+
+
+def test_nan_images_are_refused():
+    ds = make_dataset(n_images=6, size=32)
+    imgs = ds.images.astype(np.float32)
+    imgs[0, 3, 5, 5] = np.nan
+    ds.images = imgs
+    with pytest.raises(DatasetError, match=r"image\(s\) \[3\] at defocus -5 nm contain NaN"):
+        TrainingData.prepare(TrainConfig(patch_size=32, val_fraction=0.2, split_seed=0), ds)
+
+
+def test_d4_gives_eight_distinct_transforms_applied_alike():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(5, 5))
+    outs = [d4(img, k) for k in range(8)]
+    assert len({o.tobytes() for o in outs}) == 8
+    assert np.array_equal(outs[0], img)
+
+
+def test_batches_standardised_augmented_and_aligned(small_config):
+    ds = make_dataset(n_images=12, size=64)
+    td = TrainingData.prepare(small_config, ds)
+    plan0, plan0b, plan1 = td.epoch_plan(0), td.epoch_plan(0), td.epoch_plan(1)
+    assert np.array_equal(plan0, plan0b) and not np.array_equal(plan0, plan1)
+    assert len(set(plan0[:, 1].tolist())) > 1  # several D4 codes used
+    for rows in td.batches(0):
+        x, y = td.load_batch(rows)
+        assert x.shape == y.shape == (len(rows), 1, 32, 32)
+        for (item, code, y0, x0), xi, yi in zip(rows.tolist(), x, y, strict=True):
+            d, i = td.train_items[item]
+            full = ds.images[d, i].astype(np.float64)
+            std = (full - full.mean()) / (full.std() + 1e-6)
+            np.testing.assert_allclose(xi[0], d4(std[y0 : y0 + 32, x0 : x0 + 32], code), atol=1e-5)
+            np.testing.assert_array_equal(yi[0], d4(ds.masks[i][y0 : y0 + 32, x0 : x0 + 32], code))
