@@ -1,0 +1,324 @@
+"""``hrtem-transfer evaluate`` and ``hrtem-transfer compare-reference``.
+
+Nothing heavy is imported at module level (``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _progress(prefix: str):
+    def cb(done: int, total: int, message: str) -> None:
+        print(
+            f"\r{prefix}: {done}/{total} {message}    ",
+            end="" if done < total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return cb
+
+
+def _check_out(out: Path) -> Path:
+    from ..errors import ConfigError
+
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the report.", "--out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not out.exists() and not parent.exists():
+        raise ConfigError(
+            f"--out {out}: the folder {parent} does not exist. Create it first or choose "
+            "another path.",
+            "--out",
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluate
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """Declare the options of ``evaluate``."""
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="MODEL_DIR",
+        help="checkpoint folder of the model to evaluate (after fine-tuning, if any)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="D",
+        help="labelled defocus series (.hspy, from 'hrtem-transfer simulate'); without "
+        "masks only label-free scores are computed",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluation"),
+        metavar="DIR",
+        help="report folder (report.html, report.md, summary.json, domains.csv, frames.csv, "
+        "figures/)",
+    )
+    p.add_argument(
+        "--before",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="the model before fine-tuning (e.g. the pretrained checkpoint), for the "
+        "before/after comparison and the shift of generalization",
+    )
+    p.add_argument(
+        "--which", choices=("best", "last"), default="best", help="checkpoint to evaluate"
+    )
+    p.add_argument(
+        "--structures",
+        choices=("validation", "all"),
+        default="validation",
+        help="held-out structures recorded in the checkpoint, or all structures",
+    )
+    p.add_argument(
+        "--exclude",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        metavar="NM",
+        help="defoci [nm] left out of the generalization (the study leaves out 0 nm)",
+    )
+    p.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples of the confidence intervals"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument(
+        "--device", default=None, help="torch device (default: CUDA if present, else CPU)"
+    )
+    p.add_argument(
+        "--fit-ood",
+        action="store_true",
+        help="(re)fit the OOD reference of --model (and --before) on its training images "
+        "in --data before evaluating, if it has none",
+    )
+    p.add_argument(
+        "--reference",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CSV",
+        help="also show the study's published table (paper_defocus_sweep.csv; found "
+        "automatically if no path is given)",
+    )
+
+
+def _ensure_reference(model_dir: Path, ds, which: str, device) -> str | None:
+    """Fit the OOD reference on the model's training images if the folder has none."""
+    import numpy as np
+
+    from ..evaluation.ood import fit_ood_reference, load_ood_reference
+    from ..training import load_checkpoint
+
+    lm = load_checkpoint(model_dir, which=which, device=device or "auto")
+    if load_ood_reference(model_dir, lm.info.get("weights_sha256")) is not None:
+        return None
+    data = lm.info.get("data") or {}
+    train_ids = [str(s) for s in data.get("train_structures") or []]
+    doms = data.get("train_defocus_nm") or []
+    sids = np.asarray(ds.structure_ids).astype(str)
+    idx = np.flatnonzero(np.isin(sids, train_ids))
+    if not idx.size or not doms:
+        return (
+            f"{model_dir}: no OOD reference and its training images are not in --data; "
+            "OOD scores skipped."
+        )
+    x = np.concatenate([np.asarray(ds.images[ds.defocus_index(d)][idx]) for d in doms])
+    fit_ood_reference(lm, x, info={"train_defocus_nm": doms, "dataset": str(ds.path)})
+    doms_txt = ", ".join(f"{d:g}" for d in doms)
+    return f"{model_dir}: OOD reference fitted on {len(x)} training images ({doms_txt} nm)."
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate ``--model`` (and ``--before``) on ``--data`` and write the report."""
+    from ..errors import ConfigError
+    from ..evaluation.labelled import evaluate_model
+    from ..evaluation.reference import load_reference_table
+    from ..evaluation.report import write_evaluation_report
+    from ..io import load_dataset
+
+    out = _check_out(args.out)
+    if args.n_boot < 1:
+        raise ConfigError("--n-boot must be at least 1.", "--n-boot")
+    for p in [args.model] + ([args.before] if args.before else []):
+        if not p.exists():
+            raise ConfigError(f"model folder {p} does not exist.", "--model")
+    reference = None
+    if args.reference is not None:
+        reference = load_reference_table(None if args.reference == "auto" else args.reference)
+    ds = load_dataset(args.data, lazy=True)
+    notes = []
+    if args.fit_ood:
+        for m in [args.model] + ([args.before] if args.before else []):
+            msg = _ensure_reference(m, ds, args.which, args.device)
+            if msg:
+                notes.append(msg)
+                print(msg, file=sys.stderr)
+    kw = dict(
+        structures=args.structures,
+        which=args.which,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        device=args.device,
+    )
+    before = None
+    if args.before:
+        before = evaluate_model(args.before, ds, progress=_progress("before"), **kw)
+    after = evaluate_model(args.model, ds, progress=_progress("model"), **kw)
+    if not after.labelled:
+        print(
+            "note: the dataset has no ground-truth masks; only label-free scores were computed.",
+            file=sys.stderr,
+        )
+    page = write_evaluation_report(
+        out, after, before, exclude_nm=tuple(args.exclude), notes=notes, reference=reference
+    )
+    _print_summary(after, before)
+    print(f"report: {page}")
+    print(
+        f"        {out / 'report.md'}, {out / 'domains.csv'}, {out / 'frames.csv'}, "
+        f"{out / 'summary.json'}"
+    )
+    return 0
+
+
+def _print_summary(after, before) -> None:
+    import numpy as np
+
+    def rows(res):
+        t = res.domains.where(material="all")
+        return {float(r["domain_defocus_nm"]): r for r in t.records()}
+
+    a = rows(after)
+    b = rows(before) if before else {}
+    head = f"{'defocus [nm]':>12s} {'loss':>8s} {'Dice':>6s} {'OOD':>6s}"
+    if b:
+        head += f"   {'loss before':>11s}"
+    print(head)
+    for d in sorted(a):
+        r = a[d]
+
+        def f(v, w=8, p=4):
+            return f"{v:{w}.{p}f}" if v is not None and np.isfinite(v) else " " * (w - 1) + "–"
+
+        line = f"{d:>+12g} {f(r['loss'])} {f(r['dice'], 6, 3)} {f(r['ood_score'], 6, 2)}"
+        if b:
+            line += f"   {f(b.get(d, {}).get('loss'), 11)}"
+        print(line)
+
+
+# ----------------------------------------------------------------------------- compare-reference
+def add_reference_arguments(p: argparse.ArgumentParser) -> None:
+    """Declare the options of ``compare-reference``."""
+    p.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="the published table paper_defocus_sweep.csv (default: found next to the "
+        "repository in shared/reference/, or $HRTEM_TRANSFER_REFERENCE_CSV)",
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="CSV",
+        help="your own tidy records (domains.csv written by 'evaluate' or 'demo') to "
+        "aggregate beside the study's",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("reference_report"), metavar="DIR", help="report folder"
+    )
+    p.add_argument(
+        "--reduction",
+        choices=("median", "mean", "min", "max"),
+        default="median",
+        help="reduction over the models of a cell",
+    )
+    p.add_argument(
+        "--freeze",
+        choices=("none", "encoder", "decoder"),
+        default=None,
+        help="only models fine-tuned with this freezing",
+    )
+    p.add_argument(
+        "--n-transfer", type=int, default=None, help="only models fine-tuned on this many images"
+    )
+    p.add_argument(
+        "--exclude",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        metavar="NM",
+        help="defoci [nm] left out of the generalization",
+    )
+    p.add_argument(
+        "--pair",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("PRE_NM", "TARGET_NM"),
+        help="pretraining and target defocus [nm] of the per-domain bar chart",
+    )
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    """Aggregate the published table (and ``--results``) into the study's views."""
+    from ..errors import ConfigError
+    from ..evaluation.aggregate import generalization_by
+    from ..evaluation.reference import load_reference_table
+    from ..evaluation.report import write_reference_report
+    from ..evaluation.table import REQUIRED_COLUMNS, ResultTable
+
+    out = _check_out(args.out)
+    table = load_reference_table(args.csv)
+    table = table.where(freeze=args.freeze, n_transfer=args.n_transfer)
+    if not len(table):
+        raise ConfigError("no models in the table match --freeze/--n-transfer.")
+    own = None
+    if args.results:
+        own = ResultTable.concat(ResultTable.from_csv(p) for p in args.results)
+        own.require(REQUIRED_COLUMNS, "aggregating --results")
+    page = write_reference_report(
+        out,
+        table,
+        args.reduction,
+        tuple(args.exclude),
+        tuple(args.pair) if args.pair else None,
+        own,
+    )
+    g = generalization_by(
+        table, ("pretrain_defocus_nm",), "pretrain", args.reduction, tuple(args.exclude)
+    )
+    print(f"generalization after pretraining ({args.reduction} over models):")
+    for k, v in sorted(g.items()):
+        print(f"  pretrained at {k[0]:+g} nm: {v:.4f}")
+    print(f"report: {page}")
+    return 0
+
+
+COMMANDS = [
+    (
+        "evaluate",
+        "Evaluate a model on every defocus domain of a dataset: loss, Dice, IoU with bootstrap "
+        "CIs, the label-free OOD score, generalization and its shift; writes a report.",
+        add_evaluate_arguments,
+        run_evaluate,
+    ),
+    (
+        "compare-reference",
+        "Aggregate the study's published results table (and your own) into its views: "
+        "pretrain x target matrices, generalization and shift, per-domain bars.",
+        add_reference_arguments,
+        run_reference,
+    ),
+]

@@ -1,0 +1,200 @@
+"""Reports: files written, numbers in summary.json computed correctly, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer.cli import main
+from napari_hrtem_transfer.evaluation.labelled import EvaluationResult
+from napari_hrtem_transfer.evaluation.report import write_evaluation_report, write_reference_report
+from napari_hrtem_transfer.evaluation.table import ResultTable
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE_CSV = REPO.parent / "shared" / "reference" / "paper_defocus_sweep.csv"
+DEFOCI = [-10.0, -5.0, 0.0, 5.0, 10.0]
+
+
+def _result(stage: str, losses: list[float], model_id: str) -> EvaluationResult:
+    rows, frames = [], []
+    for d, loss in zip(DEFOCI, losses, strict=True):
+        base = dict(
+            model_id=model_id,
+            stage=stage,
+            pretrain_defocus_nm=-10.0,
+            transfer_defocus_nm=5.0 if stage == "transfer" else None,
+            domain_defocus_nm=d,
+            structures="validation",
+            source="test",
+        )
+        rows.append(
+            dict(
+                base,
+                material="all",
+                n_images=3,
+                loss=loss,
+                loss_ci_low=loss - 0.01,
+                loss_ci_high=loss + 0.01,
+                dice=0.8,
+                dice_ci_low=0.7,
+                dice_ci_high=0.9,
+                iou=0.7,
+                iou_ci_low=0.6,
+                iou_ci_high=0.8,
+                ood_score=abs(d) / 10,
+                entropy=0.1,
+            )
+        )
+        for k in range(3):
+            frames.append(
+                dict(
+                    base,
+                    image_index=k,
+                    loss=loss + 0.01 * k,
+                    dice=0.8,
+                    iou=0.7,
+                    ood_score=abs(d) / 10 + 0.01 * k,
+                    entropy=0.1,
+                )
+            )
+    rng = np.random.default_rng(0)
+    samples = [
+        dict(
+            defocus_nm=d,
+            image=rng.normal(size=(32, 32)),
+            proba=rng.uniform(size=(32, 32)),
+            mask=rng.uniform(size=(32, 32)) > 0.5,
+            ood_score=0.1,
+            dice=0.5,
+            structure_id="s0",
+        )
+        for d in (-10.0, 10.0)
+    ]
+    return EvaluationResult(
+        ResultTable.from_records(rows),
+        ResultTable.from_records(frames),
+        True,
+        ["a note"],
+        samples,
+        model_id,
+    )
+
+
+def test_evaluation_report_files_and_numbers(tmp_path):
+    before = _result("pretrain", [0.1, 0.2, 0.9, 0.3, 0.4], "pre")
+    after = _result("transfer", [0.2, 0.2, 0.9, 0.2, 0.2], "ft")
+    page = write_evaluation_report(tmp_path / "rep", after, before)
+    out = tmp_path / "rep"
+    assert page == out / "report.html"
+    for name in (
+        "report.md",
+        "summary.json",
+        "domains.csv",
+        "domains.json",
+        "frames.csv",
+        "figures/domain_metrics.png",
+        "figures/domain_bars.png",
+        "figures/generalization.png",
+        "figures/ood_vs_loss.png",
+        "figures/samples.png",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.rglob(".*tmp-*")), "temporary files left behind"
+    s = json.loads((out / "summary.json").read_text())
+    gb = s["models"]["before (pretrained)"]["generalization"]
+    ga = s["models"]["after (fine-tuned)"]["generalization"]
+    # before: std(0.1, 0.2, 0.3, 0.4) (0 nm excluded) = sqrt(0.0125); after: all 0.2 -> 0
+    assert gb == pytest.approx(np.sqrt(0.0125))
+    assert ga == pytest.approx(0.0)
+    assert s["shift"] == pytest.approx(-np.sqrt(0.0125))
+    assert "data:image/png;base64," in page.read_text()
+    md = (out / "report.md").read_text()
+    assert "figures/samples.png" in md and "a note" in md
+    back = ResultTable.from_csv(out / "domains.csv")
+    assert len(back) == 10 and set(back["stage"]) == {"pretrain", "transfer"}
+
+
+def test_unlabelled_report_is_degraded_not_wrong(tmp_path):
+    res = _result("pretrain", [np.nan] * 5, "pre")
+    res.labelled = False
+    write_evaluation_report(tmp_path / "u", res)
+    s = json.loads((tmp_path / "u" / "summary.json").read_text())
+    assert s["labelled"] is False
+    assert s["models"]["model"]["generalization"] is None
+
+
+def test_reference_report_from_own_records(tmp_path):
+    recs = []
+    for stage, losses in (("pretrain", [0.1, 0.2, 0.9, 0.3, 0.4]), ("transfer", [0.2] * 5)):
+        for d, loss in zip(DEFOCI, losses, strict=True):
+            recs.append(
+                dict(
+                    model_id=f"m/{stage}",
+                    stage=stage,
+                    pretrain_defocus_nm=-10.0,
+                    transfer_defocus_nm=5.0,
+                    domain_defocus_nm=d,
+                    loss=loss,
+                    source="mine",
+                )
+            )
+    t = ResultTable.from_records(recs)
+    write_reference_report(tmp_path / "r", t)
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["reference_generalization_after_pretraining"]["-10"] == pytest.approx(np.sqrt(0.0125))
+    cell = [c for c in s["reference_shift"] if c["value"] is not None][0]
+    assert cell["value"] == pytest.approx(-np.sqrt(0.0125))
+    for f in ("reference_target_before.png", "reference_shift.png", "reference_pair_bars.png"):
+        assert (tmp_path / "r" / "figures" / f).is_file()
+
+
+def test_cli_compare_reference_missing_columns_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("pretrain_defocus,transfer_defocus\n0,50\n")
+    assert main(["compare-reference", "--csv", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "freeze_option" in err and "best_pretrain_val" in err
+
+
+def test_cli_evaluate_missing_model_exit_2(tmp_path, capsys):
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(tmp_path / "d.hspy"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_compare_reference_published(tmp_path, capsys):
+    if not REFERENCE_CSV.is_file():
+        pytest.skip("published table not available")
+    code = main(
+        [
+            "compare-reference",
+            "--csv",
+            str(REFERENCE_CSV),
+            "--out",
+            str(tmp_path / "ref"),
+            "--freeze",
+            "encoder",
+            "--pair",
+            "10",
+            "5",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "report:" in out
+    s = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert s["reference_pair"]["pretrain_defocus_nm"] == 10.0
