@@ -113,7 +113,7 @@ def test_train_job_reports_typed_updates_and_stops(tmp_path, tiny_dataset_path, 
     assert (tmp_path / "m" / "last.json").is_file()
 
 
-def test_segment_job_shapes_resampling_and_ood_note(tiny_model_dir, tiny_dataset):
+def test_segment_job_shapes_resampling_and_ood_note(tiny_model_dir, tiny_dataset, tmp_path):
     frames = tiny_dataset.images[0, :3]
     seen = []
     res = segment_job(seen.append, frames, tiny_model_dir, sampling_A=0.2)
@@ -123,8 +123,19 @@ def test_segment_job_shapes_resampling_and_ood_note(tiny_model_dir, tiny_dataset
     assert res.model_sampling_A == pytest.approx(0.2)
     assert [u.done for u in seen if isinstance(u, JobProgress)][-1] == 3
     assert not any(n.startswith("resampled") for n in res.notes)
-    # the tiny model has no OOD reference: say so, keep the segmentation
-    assert res.ood_score is None and any("no OOD score" in n for n in res.notes)
+    # train_job fitted the model's OOD reference: one score per frame
+    assert res.ood_score is not None and np.asarray(res.ood_score).shape == (3,)
+    assert np.all(np.isfinite(res.ood_score))
+    # without a reference: say so, keep the segmentation
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for f in bare.glob("ood_reference*"):
+        f.unlink()
+    res0 = segment_job(None, frames, bare, sampling_A=0.2)
+    assert res0.ood_score is None and any("no OOD score" in n for n in res0.notes)
+    np.testing.assert_array_equal(res0.labels, res.labels)
 
     # a stack with leading dims, at twice the pixel size: resampled and mapped back
     res2 = segment_job(None, tiny_dataset.images[:, :2, :32, :32], tiny_model_dir, sampling_A=0.4)

@@ -169,8 +169,11 @@ def test_segment_widget_adds_labels_aligned_with_the_image(make_napari_viewer, q
     np.testing.assert_allclose(labels.translate, src.translate)
     assert proba.data.max() <= 1.0
     np.testing.assert_array_equal(labels.data, (proba.data >= 0.5).astype(np.uint8))
-    assert labels.metadata["ood_score"] is None
-    assert "no OOD score" in w.ood_label.value
+    # the model was trained by train_job, which fitted its OOD reference: one score per frame
+    scores = labels.metadata["ood_score"]
+    assert scores is not None and len(scores) == int(np.prod(labels.data.shape[:-2]))
+    assert all(np.isfinite(scores))
+    assert "OOD" in w.ood_label.value and "no OOD score" not in w.ood_label.value
 
     # RGB layers are refused with a message
     w.image.value = viewer.layers["photo"]

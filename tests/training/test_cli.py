@@ -127,6 +127,14 @@ def test_segment_npy_hspy_and_tif(models, dataset_path, tmp_path):
     ref = load_checkpoint(ft, device="cpu").predict_proba(stack, precision="fp32")
     np.testing.assert_allclose(proba, ref, atol=1e-5)
     np.testing.assert_array_equal(mask, (proba >= 0.5).astype(np.uint8))
+    # finetune fitted the OOD reference, so segment scores every frame
+    import json
+
+    from napari_hrtem_transfer.evaluation import ood_scores
+
+    ood = json.loads((tmp_path / "mask.ood.json").read_text())
+    assert len(ood["ood_score"]) == 3
+    np.testing.assert_allclose(ood["ood_score"], ood_scores(ft, stack).score, rtol=1e-4, atol=1e-4)
 
     # a calibrated HyperSpy stack: the mask keeps axes and calibration
     s = hs.signals.Signal2D(stack)

@@ -114,28 +114,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _ensure_reference(model_dir: Path, ds, which: str, device) -> str | None:
     """Fit the OOD reference on the model's training images if the folder has none."""
-    import numpy as np
+    from ..evaluation.ood import fit_ood_reference_for_checkpoint
 
-    from ..evaluation.ood import fit_ood_reference, load_ood_reference
-    from ..training import load_checkpoint
-
-    lm = load_checkpoint(model_dir, which=which, device=device or "auto")
-    if load_ood_reference(model_dir, lm.info.get("weights_sha256")) is not None:
-        return None
-    data = lm.info.get("data") or {}
-    train_ids = [str(s) for s in data.get("train_structures") or []]
-    doms = data.get("train_defocus_nm") or []
-    sids = np.asarray(ds.structure_ids).astype(str)
-    idx = np.flatnonzero(np.isin(sids, train_ids))
-    if not idx.size or not doms:
-        return (
-            f"{model_dir}: no OOD reference and its training images are not in --data; "
-            "OOD scores skipped."
-        )
-    x = np.concatenate([np.asarray(ds.images[ds.defocus_index(d)][idx]) for d in doms])
-    fit_ood_reference(lm, x, info={"train_defocus_nm": doms, "dataset": str(ds.path)})
-    doms_txt = ", ".join(f"{d:g}" for d in doms)
-    return f"{model_dir}: OOD reference fitted on {len(x)} training images ({doms_txt} nm)."
+    msg = fit_ood_reference_for_checkpoint(model_dir, ds, which=which, device=device)
+    return None if msg.endswith("already present.") else msg
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

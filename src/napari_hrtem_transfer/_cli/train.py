@@ -282,6 +282,11 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
         f"(val loss {result.best_val_loss:.4f}) in {result.time_s:.0f} s; "
         f"checkpoint {result.out_dir}"
     )
+    # the label-free OOD score needs the training-domain feature distribution of the best model
+    from ..evaluation.ood import fit_ood_reference_for_checkpoint
+    from ..io import load_dataset
+
+    print(fit_ood_reference_for_checkpoint(result.out_dir, load_dataset(args.data), device=args.device))
     return 0
 
 
@@ -480,6 +485,32 @@ def _output_paths(out: Path, n: int, proba: bool) -> list[tuple[Path, Path | Non
     return res
 
 
+def _report_ood(args: argparse.Namespace, lm, ref, frames, mask_path: Path) -> None:
+    """Print each frame's label-free OOD score and write them to ``<mask>.ood.json``."""
+    import json
+
+    from ..evaluation.ood import ood_scores
+    from ..io._atomic import atomic_path
+
+    scores = ood_scores(lm, frames, reference=ref)
+    values = [float(v) for v in scores.score]
+    for i, v in enumerate(values[:20]):
+        flag = "  <- far from the training data" if v > 1.0 else ""
+        print(f"  frame {i}: OOD score {v:.2f}{flag}")
+    if len(values) > 20:
+        print(f"  ... {len(values) - 20} more frames; max OOD score {max(values):.2f}")
+    out = mask_path.with_name(mask_path.stem + ".ood.json")
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({
+            "model": str(args.model),
+            "meaning": "label-free OOD score per frame: about 0 for training-like frames, "
+                       "growing with distance from the training data (> 1: treat with caution)",
+            "ood_score": values,
+            "feature_distance": [float(v) for v in scores.distance],
+        }, indent=2))
+    print(f"wrote {out}")
+
+
 def _run_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -504,6 +535,12 @@ def _run_segment(args: argparse.Namespace) -> int:
             if p is not None and p.exists() and not args.overwrite:
                 raise ConfigError(f"{p} exists; use --overwrite to replace it.", "--out")
     model_s = lm.sampling_A
+    from ..evaluation.ood import load_ood_reference
+
+    ood_ref = load_ood_reference(args.model, lm.info.get("weights_sha256"))
+    if ood_ref is None:
+        print(f"{prog}: note: {args.model} has no OOD reference, so frames get no label-free OOD "
+              "score (fit one with 'hrtem-transfer evaluate --fit-ood').", file=sys.stderr)
     for item, (mask_path, proba_path) in zip(items, paths, strict=True):
         s_in = args.sampling if args.sampling is not None else item.sampling_A
         data = item.data
@@ -551,6 +588,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         mask = (proba >= args.threshold).astype(np.uint8)
         _write_output(mask_path, mask, item, f"Particle mask of {item.name}", args.overwrite)
         print(f"wrote {mask_path} ({mask.shape[0]} image(s), {100 * mask.mean():.1f}% particle)")
+        if ood_ref is not None:
+            _report_ood(args, lm, ood_ref, data, mask_path)
         if proba_path is not None:
             _write_output(
                 proba_path, proba, item, f"Particle probability of {item.name}", args.overwrite

@@ -265,12 +265,20 @@ def train_job(
 
     ``report`` receives ``TrainStart``, one ``StepUpdate`` per step, one ``EpochUpdate``
     per epoch and the final ``TrainResult``; setting ``stop`` ends the run after the
-    current step with a resumable checkpoint. Returns the ``TrainResult``.
+    current step with a resumable checkpoint. A finished run also gets its label-free OOD
+    reference (so the Segment widget can score frames). Returns the ``TrainResult``.
     """
     from ..training import train
 
-    return train(config, data, out_dir, callbacks=[QueueCallback(report)], stop=stop,
-                 resume=resume)
+    result = train(config, data, out_dir, callbacks=[QueueCallback(report)], stop=stop,
+                   resume=resume)
+    if not result.stopped:
+        from ..evaluation.ood import fit_ood_reference_for_checkpoint
+        from ..io import load_dataset
+
+        ds = load_dataset(data) if isinstance(data, str | os.PathLike) else data
+        fit_ood_reference_for_checkpoint(result.out_dir, ds)
+    return result
 
 
 # ------------------------------------------------------------------------- segmentation

@@ -34,6 +34,7 @@ _LAZY = {
     "EvaluationResult": "labelled",
     "OODReference": "ood",
     "fit_ood_reference": "ood",
+    "fit_ood_reference_for_checkpoint": "ood",
     "load_ood_reference": "ood",
     "ood_scores": "ood",
     "write_evaluation_report": "report",

@@ -71,6 +71,7 @@ __all__ = [
     "OODReference",
     "OODScores",
     "fit_ood_reference",
+    "fit_ood_reference_for_checkpoint",
     "load_ood_reference",
     "ood_scores",
 ]
@@ -508,3 +509,52 @@ def ood_scores(
     proba = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
     ent = predictive_entropy(proba)
     return OODScores(reference.score(feats, ent), reference.distance(feats), ent, proba)
+
+
+def fit_ood_reference_for_checkpoint(
+    model_dir, dataset, which: str = "best", device: str | None = None, refit: bool = False
+) -> str:
+    """Fit and store a checkpoint's OOD reference from its own training images.
+
+    The training structures and defocus domains are read from the checkpoint's sidecar, and the
+    matching images are taken from ``dataset``.  Called at the end of ``pretrain``/``finetune``
+    (command line and napari) so that every trained model can score frames without labels.
+
+    Parameters
+    ----------
+    model_dir
+        Checkpoint folder.
+    dataset
+        :class:`~napari_hrtem_transfer.io.HRTEMDataset` the model was trained on.
+    which
+        ``"best"`` or ``"last"``.
+    device
+        Torch device (``None`` = auto).
+    refit
+        Fit again even if a reference for these exact weights exists.
+
+    Returns
+    -------
+    str
+        What was done, in words (also when nothing could be done).
+    """
+    from ..training import load_checkpoint
+
+    lm = load_checkpoint(model_dir, which=which, device=device or "auto")
+    if not refit and load_ood_reference(model_dir, lm.info.get("weights_sha256")) is not None:
+        return f"{model_dir}: OOD reference already present."
+    data = lm.info.get("data") or {}
+    train_ids = [str(s) for s in data.get("train_structures") or []]
+    doms = data.get("train_defocus_nm") or []
+    sids = np.asarray(dataset.structure_ids).astype(str)
+    idx = np.flatnonzero(np.isin(sids, train_ids))
+    if not idx.size or not doms:
+        return (
+            f"{model_dir}: no OOD reference and its training images are not in the dataset; "
+            "label-free OOD scores are not available for this model."
+        )
+    x = np.concatenate([np.asarray(dataset.images[dataset.defocus_index(d)][idx]) for d in doms])
+    path = getattr(dataset, "path", None)
+    fit_ood_reference(lm, x, info={"train_defocus_nm": doms, "dataset": str(path)})
+    doms_txt = ", ".join(f"{d:g}" for d in doms)
+    return f"{model_dir}: OOD reference fitted on {len(x)} training images ({doms_txt} nm)."
