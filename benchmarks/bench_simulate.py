@@ -34,7 +34,9 @@ def timed_pair(cfg_a, cfg_b, index, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--study", action="store_true", help="also time the study preset (minutes)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -44,11 +46,17 @@ def main():
         one = base.model_copy(update={"defocus_nm": [ELEVEN[5]]})
         reps = args.repeats if name == "laptop" else 1
         t11, t1 = timed_pair(base, one, 0, reps)
-        print(f"[{name}] {base.image_size_px}² px, {base.sim_gpts}² multislice grid, {base.n_phonons} phonons")
+        print(
+            f"[{name}] {base.image_size_px}² px, {base.sim_gpts}² multislice grid, {base.n_phonons} phonons"
+        )
         print(f"  one defocus:     {t1:7.2f} s per structure")
-        print(f"  11-defocus series: {t11:7.2f} s per structure = {t11 / t1:.2f}x one defocus "
-              f"(naive loop: 11x)")
-        print(f"  throughput: {11 / t11:.2f} images/s (11-defocus series), {1 / t1:.2f} images/s (one defocus)")
+        print(
+            f"  11-defocus series: {t11:7.2f} s per structure = {t11 / t1:.2f}x one defocus "
+            f"(naive loop: 11x)"
+        )
+        print(
+            f"  throughput: {11 / t11:.2f} images/s (11-defocus series), {1 / t1:.2f} images/s (one defocus)"
+        )
 
 
 if __name__ == "__main__":

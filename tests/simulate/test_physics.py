@@ -29,9 +29,16 @@ def _analytic_zeros(defocus_A, Cs_A, lam, kmax):
 @pytest.mark.slow
 def test_thon_rings_sit_at_analytic_ctf_zeros():
     cfg = SimulationConfig(
-        image_size_px=512, sampling_A=0.2, sim_sampling_A=0.2, n_phonons=1,
-        particles_per_image=(0, 0), substrate_thickness_nm=(3, 3), Cs_A=1e7,
-        focal_spread_A=0, dose_e_per_A2=None, defocus_jitter_nm=0,
+        image_size_px=512,
+        sampling_A=0.2,
+        sim_sampling_A=0.2,
+        n_phonons=1,
+        particles_per_image=(0, 0),
+        substrate_thickness_nm=(3, 3),
+        Cs_A=1e7,
+        focal_spread_A=0,
+        dose_e_per_A2=None,
+        defocus_jitter_nm=0,
     )
     spec = build_specimen(cfg, np.random.default_rng(1))
     assert len(spec.particle_atoms) == 0  # carbon only
@@ -86,8 +93,9 @@ def test_dose_on_simulated_images(small_dataset, small_config):
 
 @pytest.mark.parametrize("material", ["CdSe", "Au"])
 def test_mask_covers_every_atom_and_nothing_far(material):
-    cfg = SimulationConfig(material=material, image_size_px=192, radius_nm=(0.8, 1.0),
-                           particles_per_image=(2, 2))
+    cfg = SimulationConfig(
+        material=material, image_size_px=192, radius_nm=(0.8, 1.0), particles_per_image=(2, 2)
+    )
     spec = build_specimen(cfg, np.random.default_rng(2))
     mask = particle_mask(spec.particle_atoms, cfg)
     assert mask.shape == (192, 192)
@@ -106,6 +114,8 @@ def test_mask_independent_of_defocus_and_dose(small_config):
     from napari_hrtem_transfer.simulate import simulate_structure
 
     a = simulate_structure(small_config, 0)
-    b = simulate_structure(small_config.model_copy(update={"defocus_nm": [25.0], "dose_e_per_A2": 30.0}), 0)
+    b = simulate_structure(
+        small_config.model_copy(update={"defocus_nm": [25.0], "dose_e_per_A2": 30.0}), 0
+    )
     assert np.array_equal(a["mask"], b["mask"])
     assert a["mask"].any()

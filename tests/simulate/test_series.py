@@ -27,7 +27,12 @@ def test_same_seed_same_arrays_any_worker_count(small_config):
 
     cfg = small_config.model_copy(update={"n_structures": 2})
     serial = simulate_dataset(cfg, workers=1)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cl,
+        Client(cl) as client,
+    ):
         parallel = simulate_dataset(cfg, client=client)
     assert np.array_equal(serial.images, parallel.images)
     assert np.array_equal(serial.masks, parallel.masks)
@@ -66,9 +71,34 @@ def test_cli_simulate_writes_a_loadable_file(tmp_path):
     from napari_hrtem_transfer.cli import main
 
     out = tmp_path / "cli.hspy"
-    rc = main(["simulate", "--out", str(out), "--quiet", "--n-structures", "1", "--size", "128",
-               "--radius", "0.5", "0.6", "--particles", "1", "--defocus", "-5", "5",
-               "--substrate-thickness", "1", "--dose", "100", "--voltage", "200", "--cs", "0.01"])
+    rc = main(
+        [
+            "simulate",
+            "--out",
+            str(out),
+            "--quiet",
+            "--n-structures",
+            "1",
+            "--size",
+            "128",
+            "--radius",
+            "0.5",
+            "0.6",
+            "--particles",
+            "1",
+            "--defocus",
+            "-5",
+            "5",
+            "--substrate-thickness",
+            "1",
+            "--dose",
+            "100",
+            "--voltage",
+            "200",
+            "--cs",
+            "0.01",
+        ]
+    )
     assert rc == 0
     ds = load_dataset(out, lazy=False)
     assert ds.images.shape == (2, 1, 128, 128)

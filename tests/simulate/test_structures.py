@@ -18,10 +18,16 @@ from napari_hrtem_transfer.simulate.structures import (
 
 # atoms per conventional cell and formula ratio
 EXPECTED = {
-    "CdSe": (4, {"Cd": 2, "Se": 2}), "ZnS": (4, {"Zn": 2, "S": 2}),
-    "Au": (4, {"Au": 4}), "Cu": (4, {"Cu": 4}), "Ag": (4, {"Ag": 4}),
-    "C": (8, {"C": 8}), "Si": (8, {"Si": 8}), "Fe": (2, {"Fe": 2}),
-    "Fe3O4": (56, {"Fe": 24, "O": 32}), "Co3O4": (56, {"Co": 24, "O": 32}),
+    "CdSe": (4, {"Cd": 2, "Se": 2}),
+    "ZnS": (4, {"Zn": 2, "S": 2}),
+    "Au": (4, {"Au": 4}),
+    "Cu": (4, {"Cu": 4}),
+    "Ag": (4, {"Ag": 4}),
+    "C": (8, {"C": 8}),
+    "Si": (8, {"Si": 8}),
+    "Fe": (2, {"Fe": 2}),
+    "Fe3O4": (56, {"Fe": 24, "O": 32}),
+    "Co3O4": (56, {"Co": 24, "O": 32}),
 }
 
 

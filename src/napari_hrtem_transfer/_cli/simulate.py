@@ -15,40 +15,110 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..simulate.config import MATERIALS, PRESETS
 
     p.add_argument("--out", required=True, help="Output file, ending in .hspy.")
-    p.add_argument("--preset", default="laptop", choices=sorted(PRESETS),
-                   help="Starting values: 'laptop' (256 px, 2 phonons, seconds per structure) or "
-                        "'study' (the published settings: 512 px, 8 phonons, 11 defoci -25..25 nm).")
+    p.add_argument(
+        "--preset",
+        default="laptop",
+        choices=sorted(PRESETS),
+        help="Starting values: 'laptop' (256 px, 2 phonons, seconds per structure) or "
+        "'study' (the published settings: 512 px, 8 phonons, 11 defoci -25..25 nm).",
+    )
     p.add_argument("--material", default=None, help=f"Particle lattice: {', '.join(MATERIALS)}.")
-    p.add_argument("--n-structures", type=int, default=None, help="Number of structures (images per defocus).")
+    p.add_argument(
+        "--n-structures", type=int, default=None, help="Number of structures (images per defocus)."
+    )
     p.add_argument("--size", type=int, default=None, help="Image width and height [px].")
     p.add_argument("--sampling", type=float, default=None, help="Output pixel size [Å/px].")
     p.add_argument("--sim-sampling", type=float, default=None, help="Multislice sampling [Å].")
     p.add_argument("--phonons", type=int, default=None, help="Frozen-phonon configurations.")
-    p.add_argument("--defocus", type=float, nargs="*", default=None, metavar="NM",
-                   help="Nominal defoci [nm]; positive = underfocus (abTEM: defocus = -C10).")
-    p.add_argument("--defocus-jitter", type=float, default=None,
-                   help="Standard deviation of each image's defocus around the nominal value [nm].")
-    p.add_argument("--dose", type=float, default=None,
-                   help="Electron dose [e/Å²] (Poisson noise); stored images are counts per pixel.")
-    p.add_argument("--no-noise", action="store_true", help="Store noise-free intensity instead of counts.")
+    p.add_argument(
+        "--defocus",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="NM",
+        help="Nominal defoci [nm]; positive = underfocus (abTEM: defocus = -C10).",
+    )
+    p.add_argument(
+        "--defocus-jitter",
+        type=float,
+        default=None,
+        help="Standard deviation of each image's defocus around the nominal value [nm].",
+    )
+    p.add_argument(
+        "--dose",
+        type=float,
+        default=None,
+        help="Electron dose [e/Å²] (Poisson noise); stored images are counts per pixel.",
+    )
+    p.add_argument(
+        "--no-noise", action="store_true", help="Store noise-free intensity instead of counts."
+    )
     p.add_argument("--voltage", type=float, default=None, help="Acceleration voltage [kV].")
-    p.add_argument("--cs", type=float, default=None, help="Spherical aberration Cs [mm] (default 0.005 mm = 5 µm).")
-    p.add_argument("--focal-spread", type=float, default=None, help="Focal spread [Å] (partial temporal coherence).")
-    p.add_argument("--aperture", type=float, default=None, help="Objective aperture semi-angle [mrad]; default none.")
-    p.add_argument("--radius", type=float, nargs="+", default=None, metavar="NM",
-                   help="Particle radius range [nm]: MIN MAX (or one value).")
-    p.add_argument("--particles", type=int, nargs="+", default=None, metavar="N",
-                   help="Particles per image: MIN MAX (or one value).")
-    p.add_argument("--substrate-thickness", type=float, nargs="+", default=None, metavar="NM",
-                   help="Amorphous-carbon thickness range [nm]: MIN MAX (or one value; 0 = none).")
-    p.add_argument("--seed", type=int, default=None, help="Master seed; the same seed gives identical files.")
-    p.add_argument("--workers", type=int, default=1,
-                   help="Parallel worker processes (a local dask cluster); results do not depend on it.")
-    p.add_argument("--scheduler", default=None,
-                   help="Address of an existing dask.distributed scheduler to run on instead.")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="abTEM device (gpu needs CuPy).")
-    p.add_argument("--figure", default=None, metavar="PNG",
-                   help="Also write a PNG of the first structure across the defocus series with its mask.")
+    p.add_argument(
+        "--cs",
+        type=float,
+        default=None,
+        help="Spherical aberration Cs [mm] (default 0.005 mm = 5 µm).",
+    )
+    p.add_argument(
+        "--focal-spread",
+        type=float,
+        default=None,
+        help="Focal spread [Å] (partial temporal coherence).",
+    )
+    p.add_argument(
+        "--aperture",
+        type=float,
+        default=None,
+        help="Objective aperture semi-angle [mrad]; default none.",
+    )
+    p.add_argument(
+        "--radius",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="NM",
+        help="Particle radius range [nm]: MIN MAX (or one value).",
+    )
+    p.add_argument(
+        "--particles",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="Particles per image: MIN MAX (or one value).",
+    )
+    p.add_argument(
+        "--substrate-thickness",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="NM",
+        help="Amorphous-carbon thickness range [nm]: MIN MAX (or one value; 0 = none).",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="Master seed; the same seed gives identical files."
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Parallel worker processes (a local dask cluster); results do not depend on it.",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="Address of an existing dask.distributed scheduler to run on instead.",
+    )
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "gpu"], help="abTEM device (gpu needs CuPy)."
+    )
+    p.add_argument(
+        "--figure",
+        default=None,
+        metavar="PNG",
+        help="Also write a PNG of the first structure across the defocus series with its mask.",
+    )
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
 
 
@@ -77,20 +147,36 @@ def config_from_args(args: argparse.Namespace):
         "seed": args.seed,
     }
     flags = {
-        "material": "--material", "n_structures": "--n-structures", "image_size_px": "--size",
-        "sampling_A": "--sampling", "sim_sampling_A": "--sim-sampling", "n_phonons": "--phonons",
-        "defocus_nm": "--defocus", "defocus_jitter_nm": "--defocus-jitter", "dose_e_per_A2": "--dose",
-        "energy_eV": "--voltage", "Cs_A": "--cs", "focal_spread_A": "--focal-spread",
-        "semiangle_cutoff_mrad": "--aperture", "radius_nm": "--radius",
-        "particles_per_image": "--particles", "substrate_thickness_nm": "--substrate-thickness",
+        "material": "--material",
+        "n_structures": "--n-structures",
+        "image_size_px": "--size",
+        "sampling_A": "--sampling",
+        "sim_sampling_A": "--sim-sampling",
+        "n_phonons": "--phonons",
+        "defocus_nm": "--defocus",
+        "defocus_jitter_nm": "--defocus-jitter",
+        "dose_e_per_A2": "--dose",
+        "energy_eV": "--voltage",
+        "Cs_A": "--cs",
+        "focal_spread_A": "--focal-spread",
+        "semiangle_cutoff_mrad": "--aperture",
+        "radius_nm": "--radius",
+        "particles_per_image": "--particles",
+        "substrate_thickness_nm": "--substrate-thickness",
         "seed": "--seed",
     }
     if args.defocus is not None and len(args.defocus) == 0:
-        raise ConfigError("--defocus was given without values; give at least one defocus in nm, "
-                          "e.g. --defocus -5 0 5", "--defocus")
+        raise ConfigError(
+            "--defocus was given without values; give at least one defocus in nm, "
+            "e.g. --defocus -5 0 5",
+            "--defocus",
+        )
     if args.dose is not None and args.dose <= 0:
-        raise ConfigError(f"--dose must be a positive number of electrons per Å² (got {args.dose:g}); "
-                          "the study used 400 e/Å², or use --no-noise for noise-free images", "--dose")
+        raise ConfigError(
+            f"--dose must be a positive number of electrons per Å² (got {args.dose:g}); "
+            "the study used 400 e/Å², or use --no-noise for noise-free images",
+            "--dose",
+        )
     from pydantic import ValidationError
 
     try:
@@ -128,11 +214,19 @@ def run(args: argparse.Namespace) -> int:
         from distributed import Client
 
         client = Client(args.scheduler)
-    path = simulate_to_file(cfg, args.out, workers=args.workers, client=client,
-                            progress=not args.quiet, device=args.device)
-    print(f"wrote {path}: {cfg.n_structures} structures x {len(cfg.defocus_nm)} defoci "
-          f"({', '.join(f'{d:g}' for d in cfg.defocus_nm)} nm; positive = underfocus), "
-          f"{cfg.image_size_px}x{cfg.image_size_px} px at {cfg.sampling_A:g} Å/px")
+    path = simulate_to_file(
+        cfg,
+        args.out,
+        workers=args.workers,
+        client=client,
+        progress=not args.quiet,
+        device=args.device,
+    )
+    print(
+        f"wrote {path}: {cfg.n_structures} structures x {len(cfg.defocus_nm)} defoci "
+        f"({', '.join(f'{d:g}' for d in cfg.defocus_nm)} nm; positive = underfocus), "
+        f"{cfg.image_size_px}x{cfg.image_size_px} px at {cfg.sampling_A:g} Å/px"
+    )
     if args.figure:
         from ..io import load_dataset
         from ..simulate.figures import plot_defocus_series

@@ -286,7 +286,11 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
     from ..evaluation.ood import fit_ood_reference_for_checkpoint
     from ..io import load_dataset
 
-    print(fit_ood_reference_for_checkpoint(result.out_dir, load_dataset(args.data), device=args.device))
+    print(
+        fit_ood_reference_for_checkpoint(
+            result.out_dir, load_dataset(args.data), device=args.device
+        )
+    )
     return 0
 
 
@@ -501,13 +505,18 @@ def _report_ood(args: argparse.Namespace, lm, ref, frames, mask_path: Path) -> N
         print(f"  ... {len(values) - 20} more frames; max OOD score {max(values):.2f}")
     out = mask_path.with_name(mask_path.stem + ".ood.json")
     with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps({
-            "model": str(args.model),
-            "meaning": "label-free OOD score per frame: about 0 for training-like frames, "
-                       "growing with distance from the training data (> 1: treat with caution)",
-            "ood_score": values,
-            "feature_distance": [float(v) for v in scores.distance],
-        }, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "meaning": "label-free OOD score per frame: about 0 for training-like frames, "
+                    "growing with distance from the training data (> 1: treat with caution)",
+                    "ood_score": values,
+                    "feature_distance": [float(v) for v in scores.distance],
+                },
+                indent=2,
+            )
+        )
     print(f"wrote {out}")
 
 
@@ -539,8 +548,11 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     ood_ref = load_ood_reference(args.model, lm.info.get("weights_sha256"))
     if ood_ref is None:
-        print(f"{prog}: note: {args.model} has no OOD reference, so frames get no label-free OOD "
-              "score (fit one with 'hrtem-transfer evaluate --fit-ood').", file=sys.stderr)
+        print(
+            f"{prog}: note: {args.model} has no OOD reference, so frames get no label-free OOD "
+            "score (fit one with 'hrtem-transfer evaluate --fit-ood').",
+            file=sys.stderr,
+        )
     for item, (mask_path, proba_path) in zip(items, paths, strict=True):
         s_in = args.sampling if args.sampling is not None else item.sampling_A
         data = item.data

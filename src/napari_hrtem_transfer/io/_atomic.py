@@ -34,7 +34,9 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
     p = Path(path).expanduser()
     parent = p.parent if str(p.parent) else Path(".")
     if p.exists() and p.is_dir():
-        raise ConfigError(f"{flag} {p} is a folder; give a file name such as {p / 'data.hspy'}.", flag)
+        raise ConfigError(
+            f"{flag} {p} is a folder; give a file name such as {p / 'data.hspy'}.", flag
+        )
     if not parent.exists():
         raise ConfigError(
             f"{flag} {p}: the folder {parent} does not exist. Create it first (mkdir -p {parent}) "
@@ -42,7 +44,9 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
             flag,
         )
     if not os.access(parent, os.W_OK):
-        raise ConfigError(f"{flag} {p}: the folder {parent} is not writable. Choose another path.", flag)
+        raise ConfigError(
+            f"{flag} {p}: the folder {parent} is not writable. Choose another path.", flag
+        )
     return p.resolve()
 
 

@@ -178,7 +178,7 @@ def to_signal(ds: HRTEMDataset):
     """Build the HyperSpy signal that :func:`save_dataset` writes (images + masks in metadata)."""
     import hyperspy.api as hs
 
-    n_def, n_img = ds.n_defocus, ds.n_images
+    n_img = ds.n_images
     ny, nx = ds.image_shape
     s_nm = ds.sampling_A / 10.0
     axes = [
@@ -269,7 +269,9 @@ def load_dataset(path: str | os.PathLike, lazy: bool = True) -> HRTEMDataset:
     """
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"dataset {path} does not exist. Create one with 'hrtem-transfer simulate'.")
+        raise DatasetError(
+            f"dataset {path} does not exist. Create one with 'hrtem-transfer simulate'."
+        )
     import hyperspy.api as hs
 
     try:
@@ -297,7 +299,9 @@ def load_dataset(path: str | os.PathLike, lazy: bool = True) -> HRTEMDataset:
         masks=masks,
         structure_ids=np.asarray(info.get("structure_ids")) if info.get("structure_ids") else None,
         materials=np.asarray(info.get("materials")) if info.get("materials") else None,
-        actual_defocus_nm=np.asarray(info["actual_defocus_nm"]) if info.get("actual_defocus_nm") else None,
+        actual_defocus_nm=np.asarray(info["actual_defocus_nm"])
+        if info.get("actual_defocus_nm")
+        else None,
         dose_e_per_A2=info.get("dose_e_per_A2"),
         energy_eV=float(info.get("energy_eV", 300e3)),
         info=info,

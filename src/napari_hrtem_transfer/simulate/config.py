@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 #: Lattices available for particles (the study's structure series, plus Au).
 MATERIALS: tuple[str, ...] = ("CdSe", "ZnS", "Au", "Cu", "Ag", "C", "Si", "Fe3O4", "Co3O4", "Fe")
 
+
 #: Relativistic electron wavelength [Å] for an energy [eV].
 def wavelength_A(energy_eV: float) -> float:
     """Relativistic electron wavelength [Å] at kinetic energy ``energy_eV`` [eV]."""
@@ -35,37 +36,63 @@ class SimulationConfig(BaseModel):
     version: Literal["1"] = "1"
     preset: str = Field("laptop", description="Name of the preset these values started from.")
     material: str = Field("CdSe", description=f"Particle lattice, one of {', '.join(MATERIALS)}.")
-    n_structures: int = Field(8, ge=1, le=1_000_000, description="Number of structures (images per defocus).")
+    n_structures: int = Field(
+        8, ge=1, le=1_000_000, description="Number of structures (images per defocus)."
+    )
     image_size_px: int = Field(256, ge=32, le=4096, description="Image width and height [px].")
     sampling_A: float = Field(0.2, gt=0, le=5.0, description="Output pixel size [Å/px].")
-    sim_sampling_A: float = Field(0.1, gt=0, le=5.0, description="Multislice sampling [Å] (finer than sampling_A).")
-    slice_thickness_A: float = Field(2.0, gt=0, le=20, description="Multislice slice thickness [Å].")
-    n_phonons: int = Field(2, ge=1, le=64, description="Frozen-phonon configurations averaged per image.")
+    sim_sampling_A: float = Field(
+        0.1, gt=0, le=5.0, description="Multislice sampling [Å] (finer than sampling_A)."
+    )
+    slice_thickness_A: float = Field(
+        2.0, gt=0, le=20, description="Multislice slice thickness [Å]."
+    )
+    n_phonons: int = Field(
+        2, ge=1, le=64, description="Frozen-phonon configurations averaged per image."
+    )
     phonon_sigma_A: float = Field(0.08, ge=0, le=0.5, description="RMS thermal displacement [Å].")
     energy_eV: float = Field(300e3, ge=20e3, le=1.5e6, description="Acceleration voltage [eV].")
-    Cs_A: float = Field(5e4, ge=-1e8, le=1e8, description="Spherical aberration C30 [Å] (5 µm = 5e4 Å).")
-    focal_spread_A: float = Field(10.0, ge=0, le=500, description="Focal spread (partial temporal coherence) [Å].")
+    Cs_A: float = Field(
+        5e4, ge=-1e8, le=1e8, description="Spherical aberration C30 [Å] (5 µm = 5e4 Å)."
+    )
+    focal_spread_A: float = Field(
+        10.0, ge=0, le=500, description="Focal spread (partial temporal coherence) [Å]."
+    )
     defocus_nm: list[float] = Field(
         default_factory=lambda: [-10.0, -5.0, 0.0, 5.0, 10.0],
         description="Nominal defoci [nm]; abTEM sign, positive = underfocus.",
     )
-    defocus_jitter_nm: float = Field(1.5, ge=0, le=50, description="Std of each image's defocus around nominal [nm].")
+    defocus_jitter_nm: float = Field(
+        1.5, ge=0, le=50, description="Std of each image's defocus around nominal [nm]."
+    )
     semiangle_cutoff_mrad: float | None = Field(
         None, gt=0, description="Objective aperture semi-angle [mrad]; None = no aperture."
     )
     dose_e_per_A2: float | None = Field(
         400.0, gt=0, description="Electron dose [e/Å²]; None = noise-free intensity."
     )
-    particles_per_image: tuple[int, int] = Field((1, 3), description="Min and max particles per image (0 0 = carbon film only).")
-    radius_nm: tuple[float, float] = Field((0.8, 1.4), description="Min and max particle radius [nm].")
-    min_separation_nm: float = Field(1.0, ge=0, le=100, description="Minimum surface-to-surface gap [nm].")
+    particles_per_image: tuple[int, int] = Field(
+        (1, 3), description="Min and max particles per image (0 0 = carbon film only)."
+    )
+    radius_nm: tuple[float, float] = Field(
+        (0.8, 1.4), description="Min and max particle radius [nm]."
+    )
+    min_separation_nm: float = Field(
+        1.0, ge=0, le=100, description="Minimum surface-to-surface gap [nm]."
+    )
     substrate_thickness_nm: tuple[float, float] = Field(
         (2.0, 3.0), description="Min and max amorphous-carbon thickness [nm] (0 = no substrate)."
     )
     substrate_density_g_cm3: float = Field(2.0, gt=0, le=4.0, description="Carbon density [g/cm³].")
-    substrate_min_distance_A: float = Field(1.4, gt=0, le=3.0, description="Minimum C–C distance [Å].")
-    mask_phase_threshold_rad: float = Field(math.pi / 16, gt=0, description="Exit-wave phase threshold of masks [rad].")
-    mask_smoothing_A: float = Field(1.3, ge=0, le=10, description="Gaussian sigma smoothing the mask [Å].")
+    substrate_min_distance_A: float = Field(
+        1.4, gt=0, le=3.0, description="Minimum C–C distance [Å]."
+    )
+    mask_phase_threshold_rad: float = Field(
+        math.pi / 16, gt=0, description="Exit-wave phase threshold of masks [rad]."
+    )
+    mask_smoothing_A: float = Field(
+        1.3, ge=0, le=10, description="Gaussian sigma smoothing the mask [Å]."
+    )
     mask_binarize_level: float = Field(
         0.02, gt=0, lt=1, description="Level at which the smoothed thresholded phase is binarised."
     )
@@ -83,7 +110,9 @@ class SimulationConfig(BaseModel):
     @classmethod
     def _nonempty(cls, v: list[float]) -> list[float]:
         if len(v) == 0:
-            raise ValueError("the defocus list is empty; give at least one defocus in nm, e.g. --defocus -5 0 5")
+            raise ValueError(
+                "the defocus list is empty; give at least one defocus in nm, e.g. --defocus -5 0 5"
+            )
         if len(set(v)) != len(v):
             raise ValueError(f"the defocus list {v} has repeated values")
         return [float(x) for x in v]

@@ -41,7 +41,9 @@ def plot_defocus_series(ds, path: str | os.PathLike, image_index: int = 0, dpi: 
         axes[j].tick_params(labelsize=7)
     axes[0].set_ylabel("y [nm]", fontsize=8)
     if ds.masks is not None:
-        axes[-1].imshow(ds.masks[image_index], cmap="magma", extent=extent_nm, interpolation="nearest")
+        axes[-1].imshow(
+            ds.masks[image_index], cmap="magma", extent=extent_nm, interpolation="nearest"
+        )
         axes[-1].set_title("ground-truth mask", fontsize=9)
         axes[-1].set_xlabel("x [nm]", fontsize=8)
         axes[-1].tick_params(labelsize=7)

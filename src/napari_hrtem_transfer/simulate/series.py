@@ -148,7 +148,9 @@ def simulate_dataset(
         try:
             import cupy  # noqa: F401
         except ImportError as exc:
-            raise ConfigError("--device gpu needs CuPy and a CUDA GPU; use --device cpu", "--device") from exc
+            raise ConfigError(
+                "--device gpu needs CuPy and a CUDA GPU; use --device cpu", "--device"
+            ) from exc
     n, nd, size = config.n_structures, len(config.defocus_nm), config.image_size_px
     images = None
     masks = np.zeros((n, size, size), bool)
@@ -170,7 +172,9 @@ def simulate_dataset(
             images[:, i] = r["images"]
             masks[i] = r["mask"]
             actual[:, i] = r["actual_defocus_nm"]
-            per_structure[i] = {k: r[k] for k in ("n_particles", "radii_nm", "substrate_thickness_nm", "n_atoms")}
+            per_structure[i] = {
+                k: r[k] for k in ("n_particles", "radii_nm", "substrate_thickness_nm", "n_atoms")
+            }
             if bar is not None:
                 bar.update(1)
             elif callable(progress):
@@ -178,7 +182,9 @@ def simulate_dataset(
     except ConfigError:
         raise
     except MemoryError as exc:
-        raise SimulationError(f"out of memory while simulating: {exc}; reduce --size or --phonons") from exc
+        raise SimulationError(
+            f"out of memory while simulating: {exc}; reduce --size or --phonons"
+        ) from exc
     finally:
         if bar is not None:
             bar.close()
@@ -221,7 +227,10 @@ def simulate_to_file(
 
     path = Path(path)
     if path.suffix != ".hspy":
-        raise ConfigError(f"--out {path}: the dataset is written as HyperSpy .hspy; use a name ending in .hspy", "--out")
+        raise ConfigError(
+            f"--out {path}: the dataset is written as HyperSpy .hspy; use a name ending in .hspy",
+            "--out",
+        )
     path = check_writable(path)
     ds = simulate_dataset(config, workers=workers, client=client, progress=progress, device=device)
     return save_dataset(ds, path)

@@ -74,7 +74,9 @@ def particle(material: str, radius_A: float, rng: np.random.Generator):
     cell_atoms = unit_cell(material)
     cell = np.asarray(cell_atoms.cell)
     volume = abs(np.linalg.det(cell))
-    heights = [volume / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)]
+    heights = [
+        volume / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)
+    ]
     reps = [int(np.ceil((2 * radius_A + 4.0) / h)) + 1 for h in heights]
     sup = cell_atoms.repeat(reps)
     centre = 0.5 * np.asarray(sup.cell).sum(axis=0)
@@ -129,7 +131,9 @@ def amorphous_carbon(
             break
         cand = rng.uniform(0, 1, (min(batch, 2 * need + 64), 3)) * [extent_A, extent_A, thickness_A]
         if len(accepted):
-            d, _ = cKDTree(accepted, boxsize=box).query(cand, k=1, distance_upper_bound=min_distance_A)
+            d, _ = cKDTree(accepted, boxsize=box).query(
+                cand, k=1, distance_upper_bound=min_distance_A
+            )
             cand = cand[~np.isfinite(d) | (d >= min_distance_A)]
         if len(cand) > 1:
             pairs = cKDTree(cand, boxsize=box).query_pairs(min_distance_A, output_type="ndarray")
@@ -192,7 +196,10 @@ def place_particles(
             continue
         for _ in range(tries):
             c = rng.uniform(lo, hi, 2)
-            if all(np.linalg.norm(c - c2) >= r + r2 + min_gap_A for c2, r2 in zip(centres, used, strict=True)):
+            if all(
+                np.linalg.norm(c - c2) >= r + r2 + min_gap_A
+                for c2, r2 in zip(centres, used, strict=True)
+            ):
                 centres.append(c)
                 used.append(float(r))
                 break
@@ -234,5 +241,7 @@ def build_specimen(config, rng: np.random.Generator) -> Specimen:
         L, thickness, rng, config.substrate_density_g_cm3, config.substrate_min_distance_A
     )
     carbon[:, 2] += zmax + 1.0
-    allatoms = particles + ase.Atoms(symbols=["C"] * len(carbon), positions=carbon, cell=cell, pbc=True)
+    allatoms = particles + ase.Atoms(
+        symbols=["C"] * len(carbon), positions=carbon, cell=cell, pbc=True
+    )
     return Specimen(allatoms, particles, np.array(centres), radii, thickness)
