@@ -101,3 +101,40 @@ def test_same_rng_same_specimen():
     a = build_specimen(cfg, np.random.default_rng(11))
     b = build_specimen(cfg, np.random.default_rng(11))
     assert np.array_equal(a.atoms.positions, b.atoms.positions)
+
+
+@pytest.mark.parametrize("material", ["Au", "CdSe"])
+def test_stacking_faults_shift_lattice_planes(material):
+    from napari_hrtem_transfer.simulate.structures import add_stacking_faults
+
+    cell_atoms = unit_cell(material).repeat((6, 6, 6))
+    cell = np.asarray(unit_cell(material).cell)
+    pos = cell_atoms.positions - cell_atoms.positions.mean(axis=0)
+    faulted, n = add_stacking_faults(pos, material, cell, 2, 10.0, np.random.default_rng(0))
+    assert n == 2
+    # faulted atoms leave the perfect lattice: fractional coordinates no longer match the basis
+    basis = np.linalg.solve(cell.T, unit_cell(material).positions.T).T % 1.0
+    frac = np.linalg.solve(cell.T, (faulted - pos[0]).T).T % 1.0
+    on_site = [np.min(np.linalg.norm(((f - basis + 0.5) % 1.0) - 0.5, axis=1)) < 1e-6 for f in frac]
+    assert 0 < np.sum(~np.asarray(on_site)) < len(pos)
+    # ... but no atoms come closer than in the perfect crystal
+    d0 = cKDTree(pos).query(pos, k=2)[0][:, 1].min()
+    d1 = cKDTree(faulted).query(faulted, k=2)[0][:, 1].min()
+    assert d1 >= 0.99 * d0
+
+
+def test_no_faults_for_lattices_without_a_fault_model():
+    from napari_hrtem_transfer.simulate.structures import add_stacking_faults
+
+    pos = unit_cell("Fe").repeat((4, 4, 4)).positions
+    out, n = add_stacking_faults(pos, "Fe", np.asarray(unit_cell("Fe").cell), 2, 5.0,
+                                 np.random.default_rng(0))
+    assert n == 0 and np.array_equal(out, pos)
+
+
+def test_specimen_records_stacking_faults():
+    cfg = SimulationConfig(material="Au", image_size_px=256, particles_per_image=(2, 2),
+                           radius_nm=(0.9, 1.0), stacking_faults=(1, 2))
+    s = build_specimen(cfg, np.random.default_rng(4))
+    assert len(s.stacking_faults) == len(s.radii_A)
+    assert all(1 <= k <= 2 for k in s.stacking_faults)

@@ -97,6 +97,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Amorphous-carbon thickness range [nm]: MIN MAX (or one value; 0 = none).",
     )
     p.add_argument(
+        "--stacking-faults",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="Stacking faults per particle: MIN MAX (or one value); wurtzite and fcc only.",
+    )
+    p.add_argument(
         "--seed", type=int, default=None, help="Master seed; the same seed gives identical files."
     )
     p.add_argument(
@@ -144,6 +152,7 @@ def config_from_args(args: argparse.Namespace):
         "radius_nm": args.radius,
         "particles_per_image": args.particles,
         "substrate_thickness_nm": args.substrate_thickness,
+        "stacking_faults": args.stacking_faults,
         "seed": args.seed,
     }
     flags = {
@@ -163,6 +172,7 @@ def config_from_args(args: argparse.Namespace):
         "radius_nm": "--radius",
         "particles_per_image": "--particles",
         "substrate_thickness_nm": "--substrate-thickness",
+        "stacking_faults": "--stacking-faults",
         "seed": "--seed",
     }
     if args.defocus is not None and len(args.defocus) == 0:

@@ -77,6 +77,10 @@ class SimulationConfig(BaseModel):
     radius_nm: tuple[float, float] = Field(
         (0.8, 1.4), description="Min and max particle radius [nm]."
     )
+    stacking_faults: tuple[int, int] = Field(
+        (0, 0),
+        description="Min and max stacking faults per particle (wurtzite and fcc lattices only).",
+    )
     min_separation_nm: float = Field(
         1.0, ge=0, le=100, description="Minimum surface-to-surface gap [nm]."
     )
@@ -117,7 +121,9 @@ class SimulationConfig(BaseModel):
             raise ValueError(f"the defocus list {v} has repeated values")
         return [float(x) for x in v]
 
-    @field_validator("particles_per_image", "radius_nm", "substrate_thickness_nm", mode="before")
+    @field_validator(
+        "particles_per_image", "radius_nm", "substrate_thickness_nm", "stacking_faults", mode="before"
+    )
     @classmethod
     def _range(cls, v):
         if isinstance(v, (int, float)):
@@ -206,6 +212,7 @@ PRESETS: dict[str, dict] = {
         dose_e_per_A2=400.0,
         particles_per_image=(1, 5),
         radius_nm=(1.5, 2.5),
+        stacking_faults=(0, 2),
         substrate_thickness_nm=(2.0, 8.0),
         n_structures=16,
     ),

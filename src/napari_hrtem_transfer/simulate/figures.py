@@ -30,7 +30,7 @@ def plot_defocus_series(ds, path: str | os.PathLike, image_index: int = 0, dpi: 
     n_def = ds.n_defocus
     ny, nx = ds.image_shape
     extent_nm = [0, nx * ds.sampling_A / 10, ny * ds.sampling_A / 10, 0]
-    fig = Figure(figsize=(2.3 * (n_def + 1), 2.7), layout="constrained")
+    fig = Figure(figsize=(max(2.3 * (n_def + 1), 5.5), 3.0), layout="constrained")
     axes = fig.subplots(1, n_def + 1)
     for j in range(n_def):
         img = np.asarray(ds.images[j, image_index], dtype=np.float32)
@@ -51,7 +51,7 @@ def plot_defocus_series(ds, path: str | os.PathLike, image_index: int = 0, dpi: 
         axes[-1].set_axis_off()
     dose = f", {ds.dose_e_per_A2:g} e/Å²" if ds.dose_e_per_A2 else ", noise-free"
     fig.suptitle(
-        f"{ds.materials[image_index]} structure {ds.structure_ids[image_index]}: "
+        f"{ds.materials[image_index]} structure {ds.structure_ids[image_index]}:\n"
         f"{ds.energy_eV / 1e3:g} kV, {ds.sampling_A:g} Å/px{dose} (positive defocus = underfocus)",
         fontsize=9,
     )

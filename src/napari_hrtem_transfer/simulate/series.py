@@ -61,6 +61,7 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
         "radii_nm": (spec.radii_A / 10).tolist(),
         "substrate_thickness_nm": spec.substrate_thickness_A / 10,
         "n_atoms": int(len(spec.atoms)),
+        "stacking_faults": list(spec.stacking_faults or []),
     }
 
 
@@ -173,7 +174,10 @@ def simulate_dataset(
             masks[i] = r["mask"]
             actual[:, i] = r["actual_defocus_nm"]
             per_structure[i] = {
-                k: r[k] for k in ("n_particles", "radii_nm", "substrate_thickness_nm", "n_atoms")
+                k: r[k]
+                for k in (
+                    "n_particles", "radii_nm", "substrate_thickness_nm", "n_atoms", "stacking_faults"
+                )
             }
             if bar is not None:
                 bar.update(1)

@@ -63,13 +63,90 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return Rotation.random(random_state=rng).as_matrix()
 
 
-def particle(material: str, radius_A: float, rng: np.random.Generator):
+def _fault_geometry(material: str, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Plane normal, fault (partial) vector [Å] and the largest eligible plane gap [Å].
+
+    Wurtzite: faults on (0001) with the shift (a1 + 2 a2)/3, cut only in the short c/8 gaps
+    between layers of different stacking letter.  fcc: faults on (111) with the Shockley
+    partial a/6 [1 1 -2].  Other lattices: None (no stacking faults).
+    """
+    kind = LATTICES[material]["kind"]
+    if kind == "wurtzite":
+        c = cell[2]
+        return c / np.linalg.norm(c), (cell[0] + 2 * cell[1]) / 3, 0.25 * np.linalg.norm(c)
+    if kind == "fcc":
+        a = LATTICES[material]["a"]
+        return np.ones(3) / np.sqrt(3), a / 6 * np.array([1.0, 1.0, -2.0]), np.inf
+    return None
+
+
+def add_stacking_faults(
+    positions: np.ndarray, material: str, cell: np.ndarray, n_faults: int, radius_A: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """Insert up to ``n_faults`` stacking faults into lattice ``positions`` (centred on 0).
+
+    Every atom above a randomly chosen lattice plane (within 0.6 radius of the centre) is
+    translated by the fault vector, which changes the stacking sequence there and keeps all
+    interatomic distances physical.
+
+    Returns
+    -------
+    tuple
+        New positions [Å] and the number of faults inserted.
+    """
+    geom = _fault_geometry(material, cell)
+    if geom is None or n_faults <= 0:
+        return positions, 0
+    from scipy.spatial import cKDTree
+
+    normal, vector, max_gap = geom
+    pos = positions.copy()
+    d_min = cKDTree(pos).query(pos, k=2)[0][:, 1].min()
+    done = 0
+    for _ in range(n_faults):
+        h = pos @ normal
+        planes = np.unique(np.round(h[np.abs(h) < radius_A + 3.0], 2))
+        mids = 0.5 * (planes[1:] + planes[:-1])
+        gaps = np.diff(planes)
+        ok = (np.abs(mids) < 0.6 * radius_A) & (gaps > 0.3) & (gaps < max_gap)
+        if not ok.any():
+            break
+        d = rng.choice(mids[ok])
+        above = h > d
+        near = np.abs(h - d) < 4.0
+        # of the two opposite partials, take the one that does not put an atom on top of the
+        # plane below (the stacking letter above must differ from the one below)
+        for v in (vector, -vector) if rng.random() < 0.5 else (-vector, vector):
+            moved = pos[above & near] + v
+            if cKDTree(pos[~above & near]).query(moved)[0].min() >= 0.95 * d_min:
+                pos[above] += v
+                done += 1
+                break
+    return pos, done
+
+
+def particle(
+    material: str, radius_A: float, rng: np.random.Generator, n_faults: int = 0
+):
     """A sphere of radius ``radius_A`` [Å] cut from ``material`` at a random orientation.
+
+    Parameters
+    ----------
+    material
+        One of :data:`LATTICES`.
+    radius_A
+        Radius [Å].
+    rng
+        Random generator (orientation, lattice offset, fault planes).
+    n_faults
+        Stacking faults to insert (wurtzite and fcc lattices only; ignored otherwise).
 
     Returns
     -------
     ase.Atoms
-        Atoms centred on the origin (no cell).
+        Atoms centred on the origin (no cell); ``atoms.info["stacking_faults"]`` holds the
+        number of faults inserted.
     """
     cell_atoms = unit_cell(material)
     cell = np.asarray(cell_atoms.cell)
@@ -82,12 +159,15 @@ def particle(material: str, radius_A: float, rng: np.random.Generator):
     centre = 0.5 * np.asarray(sup.cell).sum(axis=0)
     # random offset of the lattice inside the sphere, then a random orientation
     shift = rng.uniform(0, 1, 3) @ cell
-    pos = (sup.positions - centre - shift) @ random_rotation(rng).T
+    pos = sup.positions - centre - shift
+    pos, n_done = add_stacking_faults(pos, material, cell, n_faults, radius_A, rng)
+    pos = pos @ random_rotation(rng).T
     keep = np.linalg.norm(pos, axis=1) <= radius_A
     out = sup[keep]
     out.positions = pos[keep]
     out.cell = None
     out.pbc = False
+    out.info["stacking_faults"] = n_done
     return out
 
 
@@ -159,6 +239,8 @@ class Specimen:
         Particle centres (n, 3) and radii (n,) [Å].
     substrate_thickness_A
         Carbon thickness [Å].
+    stacking_faults
+        Stacking faults inserted in each particle.
     """
 
     atoms: object
@@ -166,6 +248,7 @@ class Specimen:
     centres_A: np.ndarray
     radii_A: np.ndarray
     substrate_thickness_A: float
+    stacking_faults: list | None = None
 
 
 def place_particles(
@@ -228,8 +311,12 @@ def build_specimen(config, rng: np.random.Generator) -> Specimen:
     symbols: list[str] = []
     positions: list[np.ndarray] = []
     centres = []
+    faults: list[int] = []
     for (cx, cy), r in zip(xy, radii, strict=True):
-        p = particle(config.material, float(r), rng)
+        lo_f, hi_f = config.stacking_faults
+        n_faults = int(rng.integers(lo_f, hi_f + 1)) if hi_f > 0 else 0
+        p = particle(config.material, float(r), rng, n_faults)
+        faults.append(int(p.info["stacking_faults"]))
         cz = 1.0 + zmax / 2
         positions.append(p.positions + [cx, cy, cz])
         symbols.extend(p.get_chemical_symbols())
@@ -244,4 +331,4 @@ def build_specimen(config, rng: np.random.Generator) -> Specimen:
     allatoms = particles + ase.Atoms(
         symbols=["C"] * len(carbon), positions=carbon, cell=cell, pbc=True
     )
-    return Specimen(allatoms, particles, np.array(centres), radii, thickness)
+    return Specimen(allatoms, particles, np.array(centres), radii, thickness, faults)
