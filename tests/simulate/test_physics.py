@@ -119,3 +119,27 @@ def test_mask_independent_of_defocus_and_dose(small_config):
     )
     assert np.array_equal(a["mask"], b["mask"])
     assert a["mask"].any()
+
+
+def test_zero_defocus_follows_the_particle_height():
+    """Minimum-contrast focus moves with the particle: 2 nm more below it = +2 nm defocus."""
+    import ase
+
+    from napari_hrtem_transfer.simulate.physics import particle_reference
+    from napari_hrtem_transfer.simulate.structures import particle
+
+    cfg = SimulationConfig(image_size_px=128, focal_spread_A=0, defocus_jitter_nm=0)
+    p = particle("CdSe", 8.0, np.random.default_rng(0))
+    offsets = []
+    for below in (10.0, 30.0):  # vacuum between the particle and the exit plane [Å]
+        L = cfg.extent_A
+        atoms = ase.Atoms(p.get_chemical_symbols(), p.positions + [L / 2, L / 2, 10.0],
+                          cell=[L, L, 10.0 + 8.0 + below], pbc=True)
+        mask, offset_A = particle_reference(atoms, cfg)
+        assert mask.any()
+        offsets.append(offset_A)
+    # positive defocus = underfocus = focus above the exit plane (abTEM sign)
+    assert offsets[0] > 0
+    assert offsets[1] - offsets[0] == pytest.approx(20.0, abs=3.0)
+    no_cal = cfg.model_copy(update={"calibrate_zero_defocus": False})
+    assert particle_reference(atoms, no_cal)[1] == 0.0

@@ -62,6 +62,13 @@ class SimulationConfig(BaseModel):
         default_factory=lambda: [-10.0, -5.0, 0.0, 5.0, 10.0],
         description="Nominal defoci [nm]; abTEM sign, positive = underfocus.",
     )
+    calibrate_zero_defocus: bool = Field(
+        True,
+        description=(
+            "Measure zero defocus per structure as the minimum-contrast focus of the particles "
+            "alone (the study's calibration); False = zero at the exit plane of the cell."
+        ),
+    )
     defocus_jitter_nm: float = Field(
         1.5, ge=0, le=50, description="Std of each image's defocus around nominal [nm]."
     )

@@ -87,7 +87,27 @@ def defocus_series(waves, config, defocus_A: np.ndarray) -> np.ndarray:
 
 
 def particle_mask(particle_atoms, config, device: str = "cpu") -> np.ndarray:
-    """Ground-truth mask from the particles alone in vacuum.
+    """Ground-truth mask from the particles alone in vacuum (see :func:`particle_reference`)."""
+    return particle_reference(particle_atoms, config, device)[0]
+
+
+def min_contrast_defocus(waves, config, half_range_A: float, step_A: float = 0.5) -> float:
+    """Defocus [Å] (abTEM sign) at which the image of ``waves`` has the least contrast.
+
+    Used on the exit wave of the particles alone, it locates their focus relative to the exit
+    plane: the study's calibration of zero defocus per structure.  A coarse scan (5 Å steps)
+    over ``[-half_range_A, half_range_A]`` is refined with ``step_A`` steps.
+    """
+    coarse = np.arange(-half_range_A, half_range_A + 5.0, 5.0)
+    c = defocus_series(waves, config, coarse).std(axis=(1, 2))
+    centre = coarse[int(np.argmin(c))]
+    fine = np.arange(centre - 5.0, centre + 5.0 + step_A, step_A)
+    c = defocus_series(waves, config, fine).std(axis=(1, 2))
+    return float(fine[int(np.argmin(c))])
+
+
+def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.ndarray, float]:
+    """Ground-truth mask and zero-defocus offset from the particles alone in vacuum.
 
     The exit-wave phase is computed by multislice without phonons, unwrapped with the
     phase-object phase (sigma x projected potential), thresholded (together with the
@@ -98,10 +118,14 @@ def particle_mask(particle_atoms, config, device: str = "cpu") -> np.ndarray:
     above-threshold phase, and hole-filled.  A low level makes the mask cover every
     particle atom, including isolated surface atoms, while staying within ~2 sigma of them.
 
+    The zero-defocus offset [Å] is the minimum-contrast focus of the same exit wave relative
+    to the exit plane of the cell (:func:`min_contrast_defocus`), or 0 if there are no
+    particles or ``config.calibrate_zero_defocus`` is False.
+
     Returns
     -------
-    numpy.ndarray
-        bool (ny, nx) at ``config.sampling_A``.
+    tuple
+        bool mask (ny, nx) at ``config.sampling_A``, and the offset [Å].
     """
     from scipy import ndimage
 
@@ -115,7 +139,13 @@ def particle_mask(particle_atoms, config, device: str = "cpu") -> np.ndarray:
         projection="infinite",
         device=device,
     )
-    wave = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential).array
+    waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+    offset_A = 0.0
+    if config.calibrate_zero_defocus and len(particle_atoms):
+        n = config.image_size_px
+        cell_z = float(particle_atoms.cell.lengths()[2])
+        offset_A = min_contrast_defocus(waves.downsample(gpts=(n, n)), config, cell_z + 50.0)
+    wave = waves.array
     projected = potential.project().array
     if hasattr(wave, "get"):
         wave, projected = wave.get(), projected.get()
@@ -139,7 +169,7 @@ def particle_mask(particle_atoms, config, device: str = "cpu") -> np.ndarray:
         raw = centred.reshape(n, f, n, f).any(axis=(1, 3))
     else:
         raw = ndimage.zoom(binary, n / binary.shape[0], order=0, grid_mode=True)[:n, :n]
-    return ndimage.binary_fill_holes(mask | raw)
+    return ndimage.binary_fill_holes(mask | raw), offset_A
 
 
 def apply_dose(

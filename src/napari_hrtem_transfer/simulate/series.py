@@ -34,11 +34,12 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
     Returns
     -------
     dict
-        ``images`` (n_defocus, ny, nx) counts or intensity, ``intensity`` (noise-free, float32),
-        ``mask`` (ny, nx) bool, ``actual_defocus_nm`` (n_defocus,), ``n_particles``,
+        ``images`` (n_defocus, ny, nx) counts or intensity, ``mask`` (ny, nx) bool,
+        ``actual_defocus_nm`` (n_defocus,) relative to the calibrated zero,
+        ``zero_defocus_offset_nm`` (that zero relative to the exit plane), ``n_particles``,
         ``radii_nm``, ``substrate_thickness_nm``, ``n_atoms``, ``index``.
     """
-    from .physics import apply_dose, defocus_series, exit_waves, particle_mask
+    from .physics import apply_dose, defocus_series, exit_waves, particle_reference
     from .structures import build_specimen
 
     if isinstance(config, dict):
@@ -48,15 +49,18 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
     nominal = np.asarray(config.defocus_nm, dtype=float)
     actual_nm = nominal + rng.normal(0.0, config.defocus_jitter_nm, nominal.size)
     with _single_threaded_dask():
+        mask, zero_A = particle_reference(spec.particle_atoms, config, device=device)
         waves = exit_waves(spec.atoms, config, phonon_seed, device=device)
-        intensity = defocus_series(waves, config, actual_nm * 10.0)
-        mask = particle_mask(spec.particle_atoms, config, device=device)
+        # defoci are relative to the particles' minimum-contrast focus; the CTF needs them
+        # relative to the exit plane of the cell
+        intensity = defocus_series(waves, config, actual_nm * 10.0 + zero_A)
     images = apply_dose(intensity, config.dose_e_per_A2, config.sampling_A, rng_noise)
     return {
         "index": index,
         "images": images,
         "mask": mask,
         "actual_defocus_nm": actual_nm,
+        "zero_defocus_offset_nm": zero_A / 10.0,
         "n_particles": int(len(spec.radii_A)),
         "radii_nm": (spec.radii_A / 10).tolist(),
         "substrate_thickness_nm": spec.substrate_thickness_A / 10,
@@ -176,7 +180,12 @@ def simulate_dataset(
             per_structure[i] = {
                 k: r[k]
                 for k in (
-                    "n_particles", "radii_nm", "substrate_thickness_nm", "n_atoms", "stacking_faults"
+                    "n_particles",
+                    "radii_nm",
+                    "substrate_thickness_nm",
+                    "n_atoms",
+                    "stacking_faults",
+                    "zero_defocus_offset_nm",
                 )
             }
             if bar is not None:
