@@ -130,51 +130,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
 
 
+#: config field -> (command-line flag, argparse dest, factor from the flag's unit to the field's)
+FLAGS: dict[str, tuple[str, str, float]] = {
+    "material": ("--material", "material", 1),
+    "n_structures": ("--n-structures", "n_structures", 1),
+    "image_size_px": ("--size", "size", 1),
+    "sampling_A": ("--sampling", "sampling", 1),
+    "sim_sampling_A": ("--sim-sampling", "sim_sampling", 1),
+    "n_phonons": ("--phonons", "phonons", 1),
+    "defocus_nm": ("--defocus", "defocus", 1),
+    "defocus_jitter_nm": ("--defocus-jitter", "defocus_jitter", 1),
+    "dose_e_per_A2": ("--dose", "dose", 1),
+    "energy_eV": ("--voltage", "voltage", 1e3),  # kV -> eV
+    "Cs_A": ("--cs", "cs", 1e7),  # mm -> Å
+    "focal_spread_A": ("--focal-spread", "focal_spread", 1),
+    "semiangle_cutoff_mrad": ("--aperture", "aperture", 1),
+    "radius_nm": ("--radius", "radius", 1),
+    "particles_per_image": ("--particles", "particles", 1),
+    "substrate_thickness_nm": ("--substrate-thickness", "substrate_thickness", 1),
+    "stacking_faults": ("--stacking-faults", "stacking_faults", 1),
+    "seed": ("--seed", "seed", 1),
+}
+
+
 def config_from_args(args: argparse.Namespace):
     """Turn parsed options into a validated :class:`SimulationConfig` (flags -> fields)."""
     from ..errors import ConfigError
     from ..simulate.config import SimulationConfig
 
-    overrides = {
-        "material": args.material,
-        "n_structures": args.n_structures,
-        "image_size_px": args.size,
-        "sampling_A": args.sampling,
-        "sim_sampling_A": args.sim_sampling,
-        "n_phonons": args.phonons,
-        "defocus_nm": args.defocus,
-        "defocus_jitter_nm": args.defocus_jitter,
-        "dose_e_per_A2": args.dose,
-        "energy_eV": args.voltage * 1e3 if args.voltage is not None else None,
-        "Cs_A": args.cs * 1e7 if args.cs is not None else None,
-        "focal_spread_A": args.focal_spread,
-        "semiangle_cutoff_mrad": args.aperture,
-        "radius_nm": args.radius,
-        "particles_per_image": args.particles,
-        "substrate_thickness_nm": args.substrate_thickness,
-        "stacking_faults": args.stacking_faults,
-        "seed": args.seed,
-    }
-    flags = {
-        "material": "--material",
-        "n_structures": "--n-structures",
-        "image_size_px": "--size",
-        "sampling_A": "--sampling",
-        "sim_sampling_A": "--sim-sampling",
-        "n_phonons": "--phonons",
-        "defocus_nm": "--defocus",
-        "defocus_jitter_nm": "--defocus-jitter",
-        "dose_e_per_A2": "--dose",
-        "energy_eV": "--voltage",
-        "Cs_A": "--cs",
-        "focal_spread_A": "--focal-spread",
-        "semiangle_cutoff_mrad": "--aperture",
-        "radius_nm": "--radius",
-        "particles_per_image": "--particles",
-        "substrate_thickness_nm": "--substrate-thickness",
-        "stacking_faults": "--stacking-faults",
-        "seed": "--seed",
-    }
+    overrides = {}
+    for field, (_, dest, scale) in FLAGS.items():
+        value = getattr(args, dest)
+        overrides[field] = value * scale if value is not None and scale != 1 else value
+    flags = {field: flag for field, (flag, _, _) in FLAGS.items()}
     if args.defocus is not None and len(args.defocus) == 0:
         raise ConfigError(
             "--defocus was given without values; give at least one defocus in nm, "

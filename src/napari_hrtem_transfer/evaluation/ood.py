@@ -544,16 +544,29 @@ def fit_ood_reference_for_checkpoint(
     if not refit and load_ood_reference(model_dir, lm.info.get("weights_sha256")) is not None:
         return f"{model_dir}: OOD reference already present."
     data = lm.info.get("data") or {}
-    train_ids = [str(s) for s in data.get("train_structures") or []]
     doms = data.get("train_defocus_nm") or []
+    # the exact (defocus index, image index) pairs trained on, else all training structures
+    items = np.asarray(data.get("train_items") or [], dtype=int).reshape(-1, 2)
+    train_ids = [str(s) for s in data.get("train_structures") or []]
     sids = np.asarray(dataset.structure_ids).astype(str)
-    idx = np.flatnonzero(np.isin(sids, train_ids))
-    if not idx.size or not doms:
-        return (
-            f"{model_dir}: no OOD reference and its training images are not in the dataset; "
-            "label-free OOD scores are not available for this model."
+    same_file = (
+        items.size
+        and items[:, 0].max() < dataset.n_defocus
+        and items[:, 1].max() < dataset.n_images
+        and set(sids[items[:, 1]]) <= set(train_ids)
+    )
+    if same_file:
+        x = np.stack([np.asarray(dataset.images[d, i]) for d, i in items])
+    else:
+        idx = np.flatnonzero(np.isin(sids, train_ids))
+        if not idx.size or not doms:
+            return (
+                f"{model_dir}: no OOD reference and its training images are not in the dataset; "
+                "label-free OOD scores are not available for this model."
+            )
+        x = np.concatenate(
+            [np.asarray(dataset.images[dataset.defocus_index(d)][idx]) for d in doms]
         )
-    x = np.concatenate([np.asarray(dataset.images[dataset.defocus_index(d)][idx]) for d in doms])
     path = getattr(dataset, "path", None)
     fit_ood_reference(lm, x, info={"train_defocus_nm": doms, "dataset": str(path)})
     doms_txt = ", ".join(f"{d:g}" for d in doms)

@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ConfigError
 
 __all__ = ["DEMO_PRESETS", "DemoResult", "DemoSettings", "run_protocol"]
@@ -211,9 +209,9 @@ def run_protocol(
     """
     from ..io import load_dataset, save_dataset
     from ..simulate import SimulationConfig, simulate_dataset
-    from ..training import TrainConfig, load_checkpoint, train
+    from ..training import TrainConfig, train
     from .labelled import evaluate_model
-    from .ood import fit_ood_reference
+    from .ood import fit_ood_reference_for_checkpoint
     from .report import write_evaluation_report
 
     if isinstance(settings, str):
@@ -291,7 +289,7 @@ def run_protocol(
     )
     pre_dir = out / "pretrained"
     train(pre_cfg, ds, pre_dir, callbacks=[_TrainProgress(log, "pretrain")])
-    _fit_reference(load_checkpoint(pre_dir, device=device), ds, fit_ood_reference)
+    fit_ood_reference_for_checkpoint(pre_dir, ds, device=device)
     timings["pretrain"] = time.perf_counter() - t
 
     # 3. fine-tune --------------------------------------------------------------------
@@ -316,7 +314,7 @@ def run_protocol(
     )
     ft_dir = out / "finetuned"
     train(ft_cfg, ds, ft_dir, callbacks=[_TrainProgress(log, "fine-tune")])
-    _fit_reference(load_checkpoint(ft_dir, device=device), ds, fit_ood_reference)
+    fit_ood_reference_for_checkpoint(ft_dir, ds, device=device)
     timings["finetune"] = time.perf_counter() - t
 
     # 4. evaluate ---------------------------------------------------------------------
@@ -347,14 +345,3 @@ def run_protocol(
     return DemoResult(out, page, data_path, pre_dir, ft_dir, timings, summary)
 
 
-def _fit_reference(loaded, ds, fit) -> None:
-    data = loaded.info.get("data") or {}
-    sids = np.asarray(ds.structure_ids).astype(str)
-    items = np.asarray(data.get("train_items") or [], dtype=int).reshape(-1, 2)
-    if items.size:
-        x = np.stack([np.asarray(ds.images[d, i]) for d, i in items])
-    else:
-        idx = np.flatnonzero(np.isin(sids, data.get("train_structures") or []))
-        doms = [ds.defocus_index(d) for d in data.get("train_defocus_nm") or []]
-        x = np.concatenate([np.asarray(ds.images[d][idx]) for d in doms])
-    fit(loaded, x, info={"train_defocus_nm": data.get("train_defocus_nm"), "dataset": str(ds.path)})

@@ -3,12 +3,11 @@
 Scripts that already work in HyperSpy can hand a signal to the models with
 :func:`from_signal`, and put predictions back on calibrated axes with :func:`to_signal`::
 
-    import hyperspy.api as hs
-    from napari_hrtem_transfer.io.hyperspy_integration import from_signal, to_signal
-
-    image = from_signal(hs.load("frame.dm4"))        # ExperimentalImage, sampling_A [Å]
-    proba = model.predict_proba(image.data)          # (n, ny, nx)
-    s = to_signal(proba, sampling_A=image.sampling_A, title="particle probability")
+    >>> import hyperspy.api as hs
+    >>> from napari_hrtem_transfer.io.hyperspy_integration import from_signal, to_signal
+    >>> image = from_signal(hs.load("frame.dm4"))  # ExperimentalImage, sampling_A [Å]
+    >>> proba = model.predict_proba(image.data)  # (n, ny, nx)
+    >>> s = to_signal(proba, sampling_A=image.sampling_A, title="particle probability")
 
 HyperSpy is imported inside the functions.
 """
