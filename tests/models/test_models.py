@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from napari_hrtem_transfer.errors import ConfigError  # noqa: E402
 from napari_hrtem_transfer.models import (  # noqa: E402

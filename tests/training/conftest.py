@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from napari_hrtem_transfer.io.dataset import HRTEMDataset, save_dataset  # noqa: E402
 

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from napari_hrtem_transfer.errors import CheckpointError  # noqa: E402
 from napari_hrtem_transfer.models import NORMALIZATION, build_model  # noqa: E402

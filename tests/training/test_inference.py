@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from napari_hrtem_transfer.errors import ConfigError  # noqa: E402
 from napari_hrtem_transfer.models import NORMALIZATION, build_model, standardize  # noqa: E402

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from napari_hrtem_transfer.errors import CheckpointError, ConfigError  # noqa: E402
 from napari_hrtem_transfer.training import (  # noqa: E402
