@@ -10,6 +10,7 @@ from napari_hrtem_transfer.training import TrainConfig
 from napari_hrtem_transfer.training.data import (
     TrainingData,
     d4,
+    d4_transform,
     select_domains,
     split_structures,
 )
@@ -91,6 +92,42 @@ def test_d4_gives_eight_distinct_transforms_applied_alike():
     outs = [d4(img, k) for k in range(8)]
     assert len({o.tobytes() for o in outs}) == 8
     assert np.array_equal(outs[0], img)
+
+
+def test_d4_transform_is_the_square_symmetry_group_on_the_last_two_axes():
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(4, 6))  # non-square: quarter turns swap the sizes
+    # codes 0-3: k counter-clockwise quarter turns; code 4: a left-right flip
+    assert np.array_equal(d4_transform(img, 1), img.T[::-1])
+    assert np.array_equal(d4_transform(img, 2), img[::-1, ::-1])
+    assert np.array_equal(d4_transform(img, 4), img[:, ::-1])
+    assert d4_transform(img, 1).shape == (6, 4)
+    # a group: each transform is undone by one of the eight, and flips are involutions
+    sq = rng.normal(size=(5, 5))
+    outs = {d4_transform(sq, k).tobytes(): k for k in range(8)}
+    assert len(outs) == 8
+    for k in range(8):
+        inverses = [j for j in range(8) if np.array_equal(d4_transform(d4_transform(sq, k), j), sq)]
+        assert len(inverses) == 1
+        assert (inverses[0] == k) == (k in (0, 2) or k >= 4)
+        for j in range(8):  # closed under composition
+            assert d4_transform(d4_transform(sq, k), j).tobytes() in outs
+    # leading axes are carried along: a batch transforms like each of its images
+    batch = rng.normal(size=(3, 2, 5, 7))
+    for k in range(8):
+        got = d4_transform(batch, k)
+        for i in range(3):
+            for c in range(2):
+                assert np.array_equal(got[i, c], d4_transform(batch[i, c], k))
+    assert np.array_equal(d4(sq, 5), d4_transform(sq, 5))  # the old name stays
+
+
+@pytest.mark.parametrize("k", [-1, 8])
+def test_d4_transform_rejects_bad_codes_and_1d_input(k):
+    with pytest.raises(ValueError, match="0..7"):
+        d4_transform(np.zeros((3, 3)), k)
+    with pytest.raises(ValueError, match="last two axes"):
+        d4_transform(np.zeros(3), 0)
 
 
 def test_batches_standardised_augmented_and_aligned(small_config):

@@ -122,16 +122,46 @@ def dataset_fingerprint(ds: HRTEMDataset) -> str:
     return h.hexdigest()
 
 
-def d4(image: np.ndarray, code: int) -> np.ndarray:
-    """Apply dihedral transform ``code`` (0-7) to the last two axes.
+def d4_transform(x: np.ndarray, k: int) -> np.ndarray:
+    """Apply the dihedral (D4) transform ``k`` (0-7) to the last two axes of ``x``.
 
-    ``code % 4`` quarter turns, then a left-right flip if ``code >= 4``; code 0 is the
-    identity.
+    ``k % 4`` counter-clockwise quarter turns (``np.rot90``), then a left-right flip of the
+    last axis if ``k >= 4``; ``k = 0`` is the identity.  The eight codes are the eight
+    symmetries of the square, so a set of images augmented with all eight is closed under
+    rotation and reflection.  Leading axes (batch, channel) are carried along unchanged.
+
+    Parameters
+    ----------
+    x
+        Array of at least two dimensions, e.g. (ny, nx) or (n, ny, nx).
+    k
+        Transform code, 0 <= k < 8.
+
+    Returns
+    -------
+    np.ndarray
+        A view of ``x`` (not a copy); wrap it in ``np.ascontiguousarray`` where a contiguous
+        array is needed.  Quarter turns swap the last two sizes.
+
+    Raises
+    ------
+    ValueError
+        If ``k`` is not in 0..7 or ``x`` has fewer than two dimensions.
     """
-    out = np.rot90(image, int(code) % 4, axes=(-2, -1))
-    if code >= 4:
+    k = int(k)
+    if not 0 <= k < 8:
+        raise ValueError(f"D4 transform code must be in 0..7 (got {k})")
+    if np.ndim(x) < 2:
+        raise ValueError(f"D4 transforms act on the last two axes; got a {np.ndim(x)}-d array")
+    out = np.rot90(x, k % 4, axes=(-2, -1))
+    if k >= 4:
         out = out[..., ::-1]
     return out
+
+
+def d4(image: np.ndarray, code: int) -> np.ndarray:
+    """Alias of :func:`d4_transform` (kept for existing callers)."""
+    return d4_transform(image, code)
 
 
 @dataclass
@@ -331,8 +361,8 @@ class TrainingData:
             if p is not None:
                 img = img[y0 : y0 + p, x0 : x0 + p]
                 msk = msk[y0 : y0 + p, x0 : x0 + p]
-            xs.append(d4(img, code))
-            ys.append(d4(msk, code))
+            xs.append(d4_transform(img, code))
+            ys.append(d4_transform(msk, code))
         return (
             np.ascontiguousarray(np.stack(xs)[:, None], dtype=np.float32),
             np.ascontiguousarray(np.stack(ys)[:, None], dtype=np.float32),
