@@ -283,9 +283,25 @@ def test_npy_image_and_stack(tmp_path):
     np.save(tmp_path / "stack.npy", stack)
     (st,) = read_images(tmp_path / "stack.npy")
     assert st.data.shape == (3, 16, 16)
-    np.save(tmp_path / "bad.npy", np.zeros((2, 2, 2, 2)))
+    assert st.nav_shape == (3,) and st.frames().shape == (3, 16, 16)
+    # a 4-D array is a (defocus x image) stack: its navigation shape is kept
+    four = rng.random((2, 3, 16, 16))
+    np.save(tmp_path / "four.npy", four)
+    (fd,) = read_images(tmp_path / "four.npy")
+    assert fd.nav_shape == (2, 3)
+    np.testing.assert_array_equal(fd.frames(), four.astype(np.float32))
+    np.save(tmp_path / "bad.npy", np.zeros(5))
     with pytest.raises(ReaderError, match="shape"):
         read_images(tmp_path / "bad.npy")
+
+
+def test_units_with_underscores_from_ncempy():
+    from napari_hrtem_transfer.io.readers import length_unit_to_A, normalise_units
+
+    assert normalise_units("n_m") == "nm"
+    assert length_unit_to_A("n_m") == 10.0
+    assert normalise_units("1/n_m") == "1/nm"
+    assert length_unit_to_A("1/n_m") is None
 
 
 def test_hspy_image_in_pm_and_undefined_units(tmp_path):

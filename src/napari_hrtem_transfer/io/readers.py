@@ -140,6 +140,12 @@ class ExperimentalImage:
         Human-readable name (file stem plus signal title or index).
     path
         File the image was read from, or None.
+    nav_axes
+        The file's navigation axes as axis dicts, in array order (outermost first), exactly
+        as stored (names, units, scales, offsets; ``axis`` values for non-uniform axes such
+        as a defocus series): ``[]`` for a single image, one entry for a stack, two for a
+        defocus x image series.  ``data`` holds the frames flattened in C order;
+        :attr:`nav_shape` and :meth:`frames` restore the navigation shape.
     """
 
     data: np.ndarray
@@ -149,6 +155,7 @@ class ExperimentalImage:
     original_metadata: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     path: Path | None = None
+    nav_axes: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         data = np.asarray(self.data)
@@ -170,6 +177,29 @@ class ExperimentalImage:
             self.sampling_A = s
         if len(self.axes) != 3:
             self.axes = _default_axes(self.data.shape, self.sampling_A)
+        if self.nav_axes is None:
+            n = self.data.shape[0]
+            self.nav_axes = [] if n == 1 else [dict(self.axes[0])]
+        self.nav_axes = [dict(a) for a in self.nav_axes]
+        if int(np.prod(self.nav_shape, dtype=np.int64)) != self.data.shape[0]:
+            raise ReaderError(
+                f"{self.name or 'image'}: navigation axes of shape {self.nav_shape} do not "
+                f"match {self.data.shape[0]} frames."
+            )
+
+    @property
+    def nav_shape(self) -> tuple[int, ...]:
+        """Navigation shape in array order (``()`` for a single image)."""
+        return tuple(int(a["size"]) for a in self.nav_axes or [])
+
+    @property
+    def full_axes(self) -> list[dict[str, Any]]:
+        """Navigation axes then the y and x signal axes, in array order."""
+        return [dict(a) for a in self.nav_axes or []] + [dict(self.axes[1]), dict(self.axes[2])]
+
+    def frames(self) -> np.ndarray:
+        """``data`` with its navigation shape restored: ``nav_shape + (ny, nx)``."""
+        return self.data.reshape(*self.nav_shape, *self.image_shape)
 
     @property
     def n_frames(self) -> int:
@@ -207,6 +237,8 @@ def normalise_units(units: Any) -> str | None:
     text = str(units).strip()
     if text.lower() in _UNDEFINED_UNITS:
         return None
+    # Berkeley EMD files written by ncempy spell units with an underscore: "n_m", "1/n_m"
+    text = re.sub(r"\b([pnuµμ])_m\b", r"\1m", text)
     return text.replace("\u03bc", "\u00b5").replace("\u212b", "\u00c5")
 
 
@@ -553,6 +585,7 @@ def _signal_to_image(
         original_metadata=original,
         name=name,
         path=path,
+        nav_axes=nav_axes,
     )
 
 
@@ -649,20 +682,33 @@ def _read_npy(path: Path) -> ExperimentalImage:
         warnings.warn(note, ReaderWarning, stacklevel=3)
         w = np.array([_LUMA["R"], _LUMA["G"], _LUMA["B"]], dtype=np.float32)
         data = data[..., :3].astype(np.float32) @ w
-    if data.ndim not in (2, 3) or data.dtype.kind not in "biuf":
+    if data.ndim < 2 or data.dtype.kind not in "biuf":
         raise ReaderError(
-            f"{path}: expected a real 2-D image or a 3-D stack (n, ny, nx); got an array of "
-            f"shape {data.shape} and dtype {data.dtype}."
+            f"{path}: expected a real 2-D image or a stack (..., ny, nx) of them; got an "
+            f"array of shape {data.shape} and dtype {data.dtype}."
         )
     notes.append(f"{path.name}: .npy files carry no calibration; sampling_A is None.")
+    lead = data.shape[:-2]
+    nav_axes = [
+        {
+            "name": "frame" if len(lead) == 1 else f"axis{i}",
+            "size": int(n),
+            "scale": 1.0,
+            "offset": 0.0,
+            "units": None,
+            "navigate": True,
+        }
+        for i, n in enumerate(lead)
+    ]
     return ExperimentalImage(
-        data=data,
+        data=data.reshape(-1, *data.shape[-2:]),
         sampling_A=None,
         axes=[],
         metadata={"format": "npy", "title": "", "reader_notes": notes, "hyperspy": {}},
         original_metadata={},
         name=path.stem,
         path=path,
+        nav_axes=nav_axes,
     )
 
 
@@ -716,4 +762,5 @@ def _read_simulated_dataset(path: Path) -> list[ExperimentalImage] | None:
             )
         )
         images[-1].axes[0]["name"] = "image"
+        images[-1].nav_axes = [dict(images[-1].axes[0])] if ds.n_images > 1 else []
     return images
