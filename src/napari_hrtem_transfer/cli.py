@@ -48,12 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for modname in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"napari_hrtem_transfer._cli.{modname}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"napari_hrtem_transfer._cli.{modname}":
-                continue  # that part of the tool is not built yet
-            raise
+        # every listed module must exist: a typo here must fail loudly, never hide a command
+        mod = importlib.import_module(f"napari_hrtem_transfer._cli.{modname}")
         for name, help_, add_arguments, run in mod.COMMANDS:
             p = sub.add_parser(
                 name,

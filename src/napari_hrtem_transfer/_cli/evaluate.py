@@ -218,6 +218,21 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
         "aggregate beside the study's",
     )
     p.add_argument(
+        "--db",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="SQLITE",
+        help="results database(s) of 'hrtem-transfer sweep' to aggregate beside the study's; "
+        "also reports the rank correlation of the label-free OOD score with the true loss "
+        "over all models of the sweep (per domain and per frame)",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="aggregate only --results/--db (without the published table)",
+    )
+    p.add_argument(
         "--out", type=Path, default=Path("reference_report"), metavar="DIR", help="report folder"
     )
     p.add_argument(
@@ -262,14 +277,38 @@ def run_reference(args: argparse.Namespace) -> int:
     from ..evaluation.table import REQUIRED_COLUMNS, ResultTable
 
     out = _check_out(args.out)
-    table = load_reference_table(args.csv)
-    table = table.where(freeze=args.freeze, n_transfer=args.n_transfer)
-    if not len(table):
-        raise ConfigError("no models in the table match --freeze/--n-transfer.")
+    if args.no_reference and not (args.results or args.db):
+        raise ConfigError("--no-reference needs --results or --db to aggregate.", "--no-reference")
+    table = None
+    if not args.no_reference:
+        table = load_reference_table(args.csv)
+        table = table.where(freeze=args.freeze, n_transfer=args.n_transfer)
+        if not len(table):
+            raise ConfigError("no models in the table match --freeze/--n-transfer.")
     own = None
+    parts = []
     if args.results:
-        own = ResultTable.concat(ResultTable.from_csv(p) for p in args.results)
-        own.require(REQUIRED_COLUMNS, "aggregating --results")
+        parts += [ResultTable.from_csv(p) for p in args.results]
+    db_domains = db_frames = None
+    if args.db:
+        db_domains = ResultTable.concat(ResultTable.from_sqlite(p) for p in args.db)
+        db_frames = ResultTable.concat(ResultTable.from_sqlite(p, "frames") for p in args.db)
+        if not len(db_domains):
+            raise ConfigError(
+                f"no finished runs in {', '.join(map(str, args.db))}; run 'hrtem-transfer "
+                "sweep' first.",
+                "--db",
+            )
+        db_domains = db_domains.where(freeze=args.freeze, n_transfer=args.n_transfer)
+        db_frames = db_frames.where(freeze=args.freeze, n_transfer=args.n_transfer)
+        if not len(db_domains):
+            raise ConfigError("no runs in --db match --freeze/--n-transfer.")
+        parts.append(db_domains)
+    if parts:
+        own = ResultTable.concat(parts)
+        own.require(REQUIRED_COLUMNS, "aggregating --results/--db")
+    if table is None:
+        table, own = own, None
     page = write_reference_report(
         out,
         table,
@@ -284,8 +323,83 @@ def run_reference(args: argparse.Namespace) -> int:
     print(f"generalization after pretraining ({args.reduction} over models):")
     for k, v in sorted(g.items()):
         print(f"  pretrained at {k[0]:+g} nm: {v:.4f}")
+    if db_domains is not None:
+        _report_sweep(out, db_domains, db_frames, args.reduction, tuple(args.exclude))
     print(f"report: {page}")
     return 0
+
+
+def _finite(obj):
+    """NaN -> None, so the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def _report_sweep(out: Path, domains, frames, reduction: str, exclude) -> None:
+    """Print the sweep's generalization and OOD rank correlations; write sweep_summary.json."""
+    import json
+
+    from ..evaluation._files import write_text_atomic
+    from ..evaluation.aggregate import (
+        generalization_by,
+        ood_domain_ranking,
+        ood_rank_correlation,
+    )
+
+    if "material" in domains:
+        domains = domains.where(material=lambda c: (c == "all") | (c == ""))
+
+    def keyed(d):
+        return {
+            "/".join(f"{x:g}" if isinstance(x, float) else str(x) for x in k) or "all": v
+            for k, v in d.items()
+        }
+
+    summary = {
+        "reduction": reduction,
+        "exclude_nm": list(exclude),
+        "n_runs": len({m.rsplit(":", 1)[0] for m in domains["model_id"]}),
+        "generalization_after_pretraining": keyed(
+            generalization_by(domains, ("pretrain_defocus_nm",), "pretrain", reduction, exclude)
+        ),
+        "generalization_after_transfer": keyed(
+            generalization_by(
+                domains,
+                ("pretrain_defocus_nm", "transfer_defocus_nm"),
+                "transfer",
+                reduction,
+                exclude,
+            )
+        ),
+        "ood_spearman_domains": keyed(ood_rank_correlation(domains)),
+        "ood_spearman_domains_by_stage": keyed(ood_rank_correlation(domains, ("stage",))),
+        "ood_spearman_frames": keyed(ood_rank_correlation(frames)),
+        "ood_spearman_frames_by_stage": keyed(ood_rank_correlation(frames, ("stage",))),
+        "ood_spearman_frames_by_domain": keyed(
+            ood_rank_correlation(frames, ("domain_defocus_nm",))
+        ),
+        "ood_domain_ranking": {
+            st: ood_domain_ranking(domains, st, reduction) for st in ("pretrain", "transfer")
+        },
+    }
+    write_text_atomic(out / "sweep_summary.json", json.dumps(_finite(summary), indent=1))
+    print(f"sweep: {summary['n_runs']} runs")
+    print("label-free OOD score vs true loss, Spearman rank correlation over all models:")
+    d, f = summary["ood_spearman_domains"]["all"], summary["ood_spearman_frames"]["all"]
+    print(f"  per domain: {d['spearman']:+.3f} ({d['n']} model x domain pairs)")
+    print(f"  per frame:  {f['spearman']:+.3f} ({f['n']} frames)")
+    for st, v in summary["ood_spearman_domains_by_stage"].items():
+        w = summary["ood_spearman_frames_by_stage"].get(st, {})
+        print(
+            f"  {st:>8s}: per domain {v['spearman']:+.3f}, per frame "
+            f"{w.get('spearman', float('nan')):+.3f}"
+        )
+    print(f"sweep summary: {out / 'sweep_summary.json'}")
 
 
 COMMANDS = [

@@ -32,6 +32,8 @@ __all__ = [
     "domain_profile",
     "generalization_by",
     "generalization_matrix",
+    "ood_domain_ranking",
+    "ood_rank_correlation",
     "reduce",
     "shift_matrix",
     "target_matrix",
@@ -316,3 +318,100 @@ def domain_profile(
         reduction,
         len(set(sel["model_id"])) if "model_id" in sel else 0,
     )
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for < 3 pairs or no spread."""
+    from scipy.stats import rankdata
+
+    if x.size < 3:
+        return float("nan")
+    rx, ry = rankdata(x), rankdata(y)
+    if np.std(rx) == 0 or np.std(ry) == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def ood_rank_correlation(
+    table: ResultTable,
+    by: Sequence[str] = (),
+    score: str = "ood_score",
+    value: str = "loss",
+) -> dict[tuple, dict[str, float]]:
+    """Spearman rank correlation of the label-free OOD score with the true loss.
+
+    Over every row of ``table`` (e.g. all models x domains of a sweep, or all frames with
+    ``ResultTable.from_sqlite(db, "frames")``), optionally within groups.
+
+    Parameters
+    ----------
+    table
+        Tidy records with ``score`` and ``value`` columns; rows where either is NaN are left
+        out (models without an OOD reference, unlabelled data).
+    by
+        Columns defining groups (e.g. ``("stage",)`` or ``("domain_defocus_nm",)``); ``()``
+        gives one group ``()`` with every row.
+    score, value
+        The label-free score and the loss it should rank.
+
+    Returns
+    -------
+    dict
+        ``{group key tuple: {"spearman": rho, "n": number of pairs}}``; rho is NaN with fewer
+        than 3 pairs or without spread.  A high positive rho means the score ranks frames or
+        domains the way their (unknown at use time) loss would.
+    """
+    table.require([*by, score, value], "the OOD rank correlation")
+    groups = table.groups(list(by)) if by else {(): np.arange(len(table))}
+    out: dict[tuple, dict[str, float]] = {}
+    for key, idx in sorted(groups.items(), key=_sort_key):
+        x = np.asarray(table[score][idx], float)
+        y = np.asarray(table[value][idx], float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        out[key] = {"spearman": _spearman(x[ok], y[ok]), "n": int(ok.sum())}
+    return out
+
+
+def ood_domain_ranking(
+    table: ResultTable,
+    stage: str | None = None,
+    reduction: str = "median",
+    score: str = "ood_score",
+    value: str = "loss",
+) -> list[dict[str, float]]:
+    """How the OOD score ranks the domains, beside how their loss ranks them.
+
+    The score and the loss of each domain are reduced over all models (rows) of ``table``
+    (one ``stage`` or all), then ranked (1 = highest = most out of distribution / worst).
+
+    Returns
+    -------
+    list of dict
+        One per domain, sorted by defocus: ``domain_defocus_nm``, ``ood_score``, ``loss``,
+        ``ood_rank``, ``loss_rank``, ``n_rows``.
+    """
+    from scipy.stats import rankdata
+
+    table.require(["domain_defocus_nm", score, value], "the OOD domain ranking")
+    t = table.where(stage=stage) if stage else table
+    if "material" in t:
+        t = t.where(material=lambda c: (c == "all") | (c == ""))
+    rows = []
+    for key, idx in sorted(t.groups(["domain_defocus_nm"]).items(), key=_sort_key):
+        s = np.asarray(t[score][idx], float)
+        v = np.asarray(t[value][idx], float)
+        rows.append(
+            {
+                "domain_defocus_nm": float(key[0]),
+                "ood_score": reduce(s[np.isfinite(s)], reduction),
+                "loss": reduce(v[np.isfinite(v)], reduction),
+                "n_rows": int(idx.size),
+            }
+        )
+    if rows:
+        for name in ("ood_score", "loss"):
+            vals = np.array([r[name] for r in rows], float)
+            ranks = rankdata(-np.nan_to_num(vals, nan=-np.inf), method="min")
+            for r, k in zip(rows, ranks, strict=True):
+                r[f"{name.split('_')[0]}_rank"] = int(k)
+    return rows

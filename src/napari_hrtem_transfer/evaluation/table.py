@@ -19,6 +19,9 @@ Optional columns: ``freeze``, ``n_transfer``, ``pretrain_lr``, ``transfer_lr``, 
 ``dose_e_per_A2``, ``material``, ``n_images``, ``dice``, ``iou``, ``loss_ci_low``,
 ``loss_ci_high``, ``dice_ci_low``, ``dice_ci_high``, ``iou_ci_low``, ``iou_ci_high``,
 ``ood_score``, ``ood_score_median``, ``structures``.
+
+A sweep's SQLite store (``hrtem-transfer sweep``) is read with :meth:`ResultTable.from_sqlite`:
+its views ``domain_records`` and ``frame_records`` have these column names.
 Defocus sign: abTEM's (``defocus = -C10``, positive = underfocus).
 """
 
@@ -37,7 +40,14 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["REQUIRED_COLUMNS", "ResultTable"]
+__all__ = ["REQUIRED_COLUMNS", "SQLITE_VIEWS", "ResultTable"]
+
+#: Views of a sweep database (``napari_hrtem_transfer.sweep.store``) holding tidy records:
+#: ``"domains"`` one row per run x stage x domain (x material), ``"frames"`` one per frame.
+SQLITE_VIEWS = {"domains": "domain_records", "frames": "frame_records"}
+
+#: Highest version of the sweep database schema this module reads.
+SQLITE_SCHEMA_VERSION = 1
 
 #: Columns every result table needs for the study's views.
 REQUIRED_COLUMNS = (
@@ -51,7 +61,20 @@ REQUIRED_COLUMNS = (
 
 #: Columns holding text; every other column is read back from CSV as float.
 TEXT_COLUMNS = frozenset(
-    {"model_id", "stage", "source", "freeze", "material", "structures", "checkpoint", "split"}
+    {
+        "model_id",
+        "stage",
+        "source",
+        "freeze",
+        "material",
+        "structures",
+        "checkpoint",
+        "split",
+        "run_key",
+        "pretrain_key",
+        "architecture",
+        "structure_id",
+    }
 )
 
 
@@ -148,6 +171,68 @@ class ResultTable:
             h: _column([r[i] if i < len(r) else "" for r in rows], h) for i, h in enumerate(header)
         }
         return cls(cols)
+
+    @classmethod
+    def from_sqlite(
+        cls,
+        path: str | os.PathLike,
+        level: str = "domains",
+        where: str | None = None,
+        params: Sequence[Any] = (),
+    ) -> ResultTable:
+        """Read the tidy records of a sweep's SQLite store (opened read-only).
+
+        Parameters
+        ----------
+        path
+            The database written by ``hrtem-transfer sweep`` / ``run_sweep``.
+        level
+            ``"domains"`` (one row per run, stage and domain) or ``"frames"`` (one per frame).
+        where
+            Optional SQL condition on the view's columns, e.g. ``"freeze = ?"``.
+        params
+            Parameters of ``where``.
+
+        Only runs recorded as ``done`` are included (failed runs have no records).
+
+        Raises
+        ------
+        DatasetError
+            The file is missing, not a sweep database, or of a newer schema.
+        """
+        import sqlite3
+
+        if level not in SQLITE_VIEWS:
+            raise DatasetError(f"level must be one of {', '.join(SQLITE_VIEWS)}; got {level!r}.")
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DatasetError(f"results database {p} does not exist.")
+        try:
+            conn = sqlite3.connect(f"file:{p.resolve()}?mode=ro", uri=True, timeout=10.0)
+        except sqlite3.Error as exc:  # pragma: no cover
+            raise DatasetError(f"cannot open {p}: {exc}.") from None
+        try:
+            try:
+                version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise DatasetError(
+                    f"{p} is not a sweep results database ({exc}); write one with "
+                    "'hrtem-transfer sweep'."
+                ) from None
+            if version is None or int(version) > SQLITE_SCHEMA_VERSION:
+                raise DatasetError(
+                    f"{p} has schema version {version}; this version of napari-hrtem-transfer "
+                    f"reads version {SQLITE_SCHEMA_VERSION}. Update the package."
+                )
+            sql = f"SELECT * FROM {SQLITE_VIEWS[level]}"
+            if where:
+                sql += f" WHERE {where}"
+            cur = conn.execute(sql, tuple(params))
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        finally:
+            conn.close()
+        return cls({n: _column([r[i] for r in rows], n) for i, n in enumerate(names)})
 
     # access ------------------------------------------------------------------------------
     def __len__(self) -> int:
