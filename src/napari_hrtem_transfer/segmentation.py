@@ -1,0 +1,625 @@
+"""Segment nanoparticles in any HRTEM frame or stack: the one segmentation job.
+
+:func:`segment` is the only place where frames are checked, resampled, padded, tiled,
+segmented and scored out of distribution.  The CLI (``hrtem-transfer segment``), the napari
+Segment widget and the HyperSpy ``HRTEM.segment`` / ``HRTEM.ood_score`` methods are thin
+callers of it.
+
+Policy (defaults live once, in :class:`SegmentConfig`)
+------------------------------------------------------
+* **Any frame size.**  Frames are reflect-padded to the model's stride (and up to
+  ``min_frame_px``) and cropped back; large frames are processed in overlapping tiles, so
+  memory is bounded by the tile, not the frame.  The label-free OOD pass is padded and tiled
+  the same way and reuses the segmentation's probabilities (no second prediction).
+* **One resampling rule.**  When the image's pixel size differs from the model's by more than
+  ``resample_tolerance`` (relative), frames are resampled to the model's pixel size, segmented,
+  and the probabilities resampled back: the output is always on the input's own pixel grid.
+  Zoom factors beyond ``max_zoom`` are refused with a message that says what to do.
+* **Axes kept.**  The output has exactly the input's shape; the input's axes (navigation and
+  signal: names, units, scales, offsets, non-uniform values such as a defocus series in nm)
+  are returned unchanged in :attr:`SegmentationResult.axes`.
+* **Honest about its domain.**  The models are trained on HRTEM phase-contrast images: STEM
+  (HAADF/ADF/BF detector) images give a :class:`SegmentationWarning`, reciprocal-space data
+  (diffraction) a :class:`~napari_hrtem_transfer.errors.ConfigError`.  The OOD reference is
+  used only when it was fitted on exactly these weights (sha256).
+
+Defocus sign convention: abTEM's, ``defocus = -C10`` (positive = underfocus), in nm.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError, HrtemTransferError
+
+__all__ = [
+    "PRETRAINED",
+    "SegmentConfig",
+    "SegmentationResult",
+    "SegmentationStopped",
+    "SegmentationWarning",
+    "pretrained_model_dir",
+    "resolve_model",
+    "segment",
+]
+
+#: Name of the model shipped inside the package (``--model pretrained``).
+PRETRAINED = "pretrained"
+
+Progress = Callable[[int, int, str], None]
+StopRequest = threading.Event | Callable[[], bool] | None
+
+_STEM_WORDS = re.compile(r"\b(HAADF|ADF|DF\d?|BF|ABF|STEM|DPC|iDPC|SE)\b", re.IGNORECASE)
+
+
+class SegmentationWarning(UserWarning):
+    """The frames are outside what the model was made for (STEM, no pixel size, ...)."""
+
+
+class SegmentationStopped(HrtemTransferError):
+    """A stop was requested; nothing was returned or written."""
+
+
+class SegmentConfig(BaseModel):
+    """Every choice of a segmentation run, with its default (one source for CLI and GUIs)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Probability above which a pixel is labelled particle."""
+
+    which: Literal["best", "last"] = "best"
+    """Which checkpoint of the model folder to use."""
+
+    device: str = "auto"
+    """Torch device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+
+    resample: bool = True
+    """Resample frames to the model's pixel size when they differ by more than
+    ``resample_tolerance``; False segments at the image's own pixel size (with a warning)."""
+
+    resample_tolerance: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Relative pixel-size difference above which frames are resampled."""
+
+    max_zoom: float = Field(default=8.0, ge=1.0, le=64.0)
+    """Largest resampling factor, up or down; beyond it the run is refused."""
+
+    max_resampled_px: int = Field(default=16384, ge=64)
+    """Largest side of a resampled frame [px]."""
+
+    tile_size: int = Field(default=1024, ge=64, le=16384)
+    """Largest tile side for prediction and the OOD pass [px]."""
+
+    batch_size: int = Field(default=4, ge=1, le=256)
+    """Tiles per forward pass."""
+
+    min_frame_px: int = Field(default=32, ge=8, le=4096)
+    """Smaller frames are reflect-padded up to this side (and cropped back)."""
+
+    ood: bool = True
+    """Compute each frame's label-free OOD score when the model has an OOD reference."""
+
+    probabilities: bool = True
+    """Also return the probability map."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Inference precision (``auto``: bf16 where the hardware has it natively)."""
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment` returns.
+
+    Attributes
+    ----------
+    labels
+        uint8 array with exactly the input's shape (..., ny, nx); 1 = particle.
+    proba
+        float32 particle probability, same shape, or None when not requested.
+    ood_score
+        float64 array of the navigation shape (``()`` for a single image): 0 for
+        training-like frames, growing with the distance from the training data; None when
+        the model has no OOD reference (see ``notes``).
+    ood_caution
+        The model's "treat with caution" level of the OOD score.
+    axes
+        The input's axes, navigation then y, x (rosettasciio-style dicts), unchanged.
+    sampling_A, model_sampling_A
+        Pixel size of the input and of the model's training images [Å/px].
+    resampled
+        The zoom factor applied to the frames (image px / model px), or None.
+    notes
+        What was done and why (resampling, missing OOD reference, STEM warning, ...).
+    provenance
+        Model, weights sha256, threshold, package version, date: for the output's metadata.
+    """
+
+    labels: np.ndarray
+    proba: np.ndarray | None
+    ood_score: np.ndarray | None
+    ood_caution: float | None
+    axes: list[dict[str, Any]]
+    sampling_A: float | None
+    model_sampling_A: float | None
+    resampled: float | None = None
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nav_shape(self) -> tuple[int, ...]:
+        """Navigation shape (``()`` for a single image)."""
+        return tuple(self.labels.shape[:-2])
+
+    def frame_table(self) -> list[dict[str, Any]]:
+        """One row per frame: navigation indices and coordinates, OOD score, caution flag.
+
+        Coordinates are named ``<axis>_<units>`` (e.g. ``defocus_nm``, ``time_s``) or the
+        axis name when it has no units; non-uniform axes give their stored values.
+        """
+        nav_axes = self.axes[: len(self.nav_shape)]
+        rows = []
+        n = int(np.prod(self.nav_shape, dtype=np.int64)) if self.nav_shape else 1
+        scores = None if self.ood_score is None else np.asarray(self.ood_score).reshape(-1)
+        for flat in range(n):
+            idx = np.unravel_index(flat, self.nav_shape) if self.nav_shape else ()
+            row: dict[str, Any] = {"frame": flat}
+            for k, (i, ax) in enumerate(zip(idx, nav_axes, strict=True)):
+                name = str(ax.get("name") or f"axis{k}")
+                row[f"{name}_index"] = int(i)
+                row[_coordinate_key(ax, k)] = _coordinate(ax, int(i))
+            if scores is not None:
+                row["ood_score"] = float(scores[flat])
+                level = 1.0 if self.ood_caution is None else float(self.ood_caution)
+                row["caution"] = bool(scores[flat] > level)
+            rows.append(row)
+        return rows
+
+
+def _coordinate_key(ax: dict[str, Any], k: int) -> str:
+    name = re.sub(r"\W+", "_", str(ax.get("name") or f"axis{k}")).strip("_") or f"axis{k}"
+    units = ax.get("units")
+    if not units:
+        return name
+    units = re.sub(r"\W+", "", str(units).replace("µ", "u").replace("Å", "A")) or "units"
+    return f"{name}_{units}"
+
+
+def _coordinate(ax: dict[str, Any], i: int) -> float:
+    values = ax.get("axis")
+    if values is not None and len(values) > i:
+        return float(np.asarray(values)[i])
+    return float(ax.get("offset", 0.0)) + i * float(ax.get("scale", 1.0))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def pretrained_model_dir() -> Path:
+    """Folder of the model shipped in the package (see ``docs/pretrained_model.md``).
+
+    Raises
+    ------
+    CheckpointError
+        If this installation has no shipped model.
+    """
+    from .errors import CheckpointError
+
+    root = resources.files("napari_hrtem_transfer") / "models" / "pretrained"
+    path = Path(str(root))
+    if not (path / "best.json").is_file():
+        raise CheckpointError(
+            f"the pretrained model is missing from this installation ({path}); reinstall "
+            "napari-hrtem-transfer, or pass a checkpoint folder you trained yourself."
+        )
+    return path
+
+
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def resolve_model(model: Any = PRETRAINED, which: str = "best", device: str = "auto") -> Any:
+    """A :class:`~napari_hrtem_transfer.training.LoadedModel` for ``model``.
+
+    ``model`` is ``"pretrained"`` (the shipped model), a checkpoint folder, or an already
+    loaded model (returned as is).  Loaded folders are cached by path, file time and device,
+    so repeated calls from a GUI do not reload the weights.
+    """
+    if hasattr(model, "predict_proba") and hasattr(model, "info"):
+        return model
+    from .training import load_checkpoint
+
+    path = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
+    sidecar = path / f"{which}.json"
+    key = (str(path.resolve()), which, device, sidecar.stat().st_mtime_ns if sidecar.exists() else 0)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    loaded = load_checkpoint(path, which, device=device)
+    with _CACHE_LOCK:
+        if len(_CACHE) > 4:
+            _CACHE.clear()
+        _CACHE[key] = loaded
+    return loaded
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Frames:
+    frames: Any  # (n, ny, nx) numpy or dask
+    nav_shape: tuple[int, ...]
+    axes: list[dict[str, Any]]
+    sampling_A: float | None
+    metadata: dict[str, Any]
+    name: str
+
+
+def _stop_fn(stop: StopRequest) -> Callable[[], bool]:
+    if stop is None:
+        return lambda: False
+    if isinstance(stop, threading.Event):
+        return stop.is_set
+    if callable(stop):
+        return lambda: bool(stop())
+    raise ConfigError(f"stop must be a threading.Event or a callable (got {stop!r})", "stop")
+
+
+def _default_axes(shape: tuple[int, ...], sampling_A: float | None) -> list[dict[str, Any]]:
+    nav = [
+        {"name": "frame" if len(shape) == 3 else f"axis{k}", "size": int(n), "scale": 1.0,
+         "offset": 0.0, "units": None, "navigate": True}
+        for k, n in enumerate(shape[:-2])
+    ]
+    scale, units = (1.0, None) if sampling_A is None else (sampling_A / 10.0, "nm")
+    sig = [
+        {"name": n, "size": int(s), "scale": scale, "offset": 0.0, "units": units,
+         "navigate": False}
+        for n, s in zip(("y", "x"), shape[-2:], strict=True)
+    ]
+    return nav + sig
+
+
+def _sampling_from_axes(axes: list[dict[str, Any]]) -> float | None:
+    from .io.readers import length_unit_to_A
+
+    factor = length_unit_to_A(axes[-1].get("units"))
+    if factor is None:
+        return None
+    return float(axes[-1].get("scale", 1.0)) * factor
+
+
+def _check_units(axes: list[dict[str, Any]], name: str) -> None:
+    from .io.readers import _unit_kind, normalise_units
+
+    for ax in axes[-2:]:
+        kind = _unit_kind(normalise_units(ax.get("units")))
+        if kind in ("reciprocal", "angle"):
+            raise ConfigError(
+                f"{name}: the image axes are in '{ax.get('units')}', i.e. a diffraction pattern "
+                "or another reciprocal-space signal. The models segment real-space HRTEM "
+                "images; open a real-space image instead.",
+                "data",
+            )
+
+
+def _as_frames(data: Any, sampling_A: float | None, axes: list[dict] | None) -> _Frames:
+    from .io.readers import ExperimentalImage
+
+    if hasattr(data, "axes_manager") and hasattr(data, "data"):  # a HyperSpy signal
+        from .io.readers import images_from_signals
+
+        (image,) = images_from_signals(data, allow_reciprocal=True)[:1]
+        if not axes:
+            axes = image.full_axes
+        data = image
+    if isinstance(data, ExperimentalImage):
+        meta = dict(data.metadata)
+        name = data.name or "image"
+        full = axes or data.full_axes
+        s = sampling_A if sampling_A is not None else data.sampling_A
+        if s is None and meta.get("reciprocal_sampling"):
+            _check_units(full, name)
+        return _Frames(data.data, data.nav_shape, full, s, meta, name)
+    arr = data
+    if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+        arr = np.asarray(arr)
+    shape = tuple(int(v) for v in arr.shape)
+    if getattr(arr.dtype, "names", None) or (
+        len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4
+    ):
+        raise ConfigError(
+            f"an array of shape {shape} looks like an RGB(A) colour image; convert it to grey "
+            "first (or read the file with napari_hrtem_transfer.io.read_images, which does).",
+            "data",
+        )
+    if len(shape) < 2:
+        raise ConfigError(
+            f"need an image (ny, nx) or a stack (..., ny, nx); got shape {shape}.", "data"
+        )
+    if np.dtype(arr.dtype).kind not in "biuf":
+        raise ConfigError(f"images must be real numbers; got dtype {arr.dtype}.", "data")
+    if axes is not None:
+        axes = [dict(a) for a in axes]
+        if len(axes) != len(shape):
+            raise ConfigError(
+                f"{len(axes)} axes given for data of shape {shape}; give one axis dict per "
+                "dimension (navigation axes first, then y and x).",
+                "axes",
+            )
+        _check_units(axes, "data")
+        if sampling_A is None:
+            sampling_A = _sampling_from_axes(axes)
+    else:
+        axes = _default_axes(shape, sampling_A)
+    ny, nx = shape[-2:]
+    frames = arr.reshape(-1, ny, nx)
+    return _Frames(frames, shape[:-2], axes, sampling_A, {}, "data")
+
+
+def _acquisition_warning(meta: dict[str, Any], name: str) -> str | None:
+    mode = str(meta.get("acquisition_mode") or "").upper()
+    title = str(meta.get("title") or "")
+    if mode == "STEM" or _STEM_WORDS.search(title):
+        what = f"acquisition mode {mode}" if mode == "STEM" else f"detector '{title}'"
+        return (
+            f"{name}: {what}: this looks like a STEM image. The models are trained on HRTEM "
+            "(phase-contrast) images; STEM contrast differs, so the segmentation is likely "
+            "wrong and the OOD score will say so."
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def _zoom(frame: np.ndarray, factor: float, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Resample one frame by ``factor`` (linear); with ``shape``, to exactly that shape."""
+    from scipy import ndimage
+
+    if shape is None:
+        shape = (max(1, round(frame.shape[0] * factor)), max(1, round(frame.shape[1] * factor)))
+    zy, zx = shape[0] / frame.shape[0], shape[1] / frame.shape[1]
+    return ndimage.zoom(
+        frame.astype(np.float32, copy=False), (zy, zx), order=1, mode="nearest", grid_mode=True
+    ).astype(np.float32, copy=False)
+
+
+def _pad_to(frame: np.ndarray, min_px: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflect-pad a frame to at least ``min_px`` per side (repeated reflection if needed)."""
+    ny, nx = frame.shape
+    py, px = max(0, min_px - ny), max(0, min_px - nx)
+    if py == 0 and px == 0:
+        return frame, (ny, nx)
+    mode = "reflect" if min(ny, nx) > 1 else "edge"
+    return np.pad(frame, ((0, py), (0, px)), mode=mode), (ny, nx)
+
+
+def _ood_reference(lm: Any, notes: list[str]) -> Any:
+    from .evaluation.ood import load_ood_reference
+
+    sha = lm.info.get("weights_sha256")
+    ref = load_ood_reference(lm.path, sha)
+    if ref is None:
+        from .evaluation.ood import OOD_ARRAYS
+
+        if (Path(lm.path) / OOD_ARRAYS).is_file():
+            notes.append(
+                "no OOD score: the model folder's OOD reference belongs to other weights "
+                "(the checkpoint was replaced); refit it with 'hrtem-transfer evaluate "
+                f"--model {lm.path} --data DATASET --fit-ood'."
+            )
+        else:
+            notes.append(
+                "no OOD score: the model folder has no OOD reference; fit one with "
+                f"'hrtem-transfer evaluate --model {lm.path} --data DATASET --fit-ood'."
+            )
+    return ref
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def segment(
+    data: Any,
+    model: Any = PRETRAINED,
+    *,
+    sampling_A: float | None = None,
+    axes: list[dict[str, Any]] | None = None,
+    config: SegmentConfig | None = None,
+    progress: Progress | None = None,
+    stop: StopRequest = None,
+    **options: Any,
+) -> SegmentationResult:
+    """Segment nanoparticles in an image or a stack, and score each frame out of distribution.
+
+    Parameters
+    ----------
+    data
+        Raw intensities: an array (ny, nx) or (..., ny, nx) (numpy or dask; a lazy stack is
+        read one frame at a time), an :class:`~napari_hrtem_transfer.io.ExperimentalImage`,
+        or a HyperSpy ``Signal2D`` (its axes and pixel size are used).
+    model
+        ``"pretrained"`` (shipped with the package), a checkpoint folder, or a loaded model.
+    sampling_A
+        Pixel size of ``data`` [Å/px]; by default taken from the image/signal/axes.  Unknown:
+        the model's pixel size is assumed (with a warning).
+    axes
+        Axis dicts of ``data`` (navigation axes, then y and x): ``name``, ``size``,
+        ``scale``, ``offset``, ``units`` (and ``axis`` for non-uniform axes).  Returned
+        unchanged in the result.
+    config
+        A :class:`SegmentConfig`; ``**options`` override its fields (``threshold=0.3``).
+    progress
+        Called as ``progress(done, total, message)`` after each frame.
+    stop
+        ``threading.Event`` or callable; checked between frames.  When set,
+        :class:`SegmentationStopped` is raised.
+
+    Returns
+    -------
+    SegmentationResult
+
+    Raises
+    ------
+    ConfigError
+        Bad input (RGB array, reciprocal-space axes, zoom beyond ``max_zoom``, bad option).
+    CheckpointError
+        The model cannot be loaded.
+    SegmentationStopped
+        A stop was requested.
+
+    Warns
+    -----
+    SegmentationWarning
+        STEM images, frames without a pixel size, pixel size far from the model's with
+        ``resample=False``.
+    """
+    base = config if config is not None else SegmentConfig()
+    try:
+        cfg = SegmentConfig(**{**base.model_dump(), **options}) if options else base
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fld = ".".join(str(p) for p in err.get("loc", ())) or "options"
+        raise ConfigError(f"{fld}: {err.get('msg')} (got {err.get('input')!r})", fld) from None
+    stopped = _stop_fn(stop)
+    inp = _as_frames(data, sampling_A, axes)
+    notes: list[str] = []
+    warn = _acquisition_warning(inp.metadata, inp.name)
+    if warn:
+        notes.append(warn)
+        warnings.warn(warn, SegmentationWarning, stacklevel=2)
+
+    lm = resolve_model(model, cfg.which, cfg.device)
+    model_s = lm.sampling_A
+    factor: float | None = None
+    ny, nx = (int(v) for v in inp.frames.shape[-2:])
+    if inp.sampling_A is None:
+        msg = (
+            f"{inp.name}: the pixel size is unknown; assumed the model's "
+            f"{model_s:g} Å/px. Give the pixel size (sampling_A / --sampling) to check."
+            if model_s
+            else f"{inp.name}: neither the image nor the model has a pixel size."
+        )
+        notes.append(msg)
+        warnings.warn(msg, SegmentationWarning, stacklevel=2)
+    elif model_s and abs(inp.sampling_A / model_s - 1.0) > cfg.resample_tolerance:
+        ratio = inp.sampling_A / model_s
+        if not cfg.resample:
+            msg = (
+                f"{inp.name}: pixel size {inp.sampling_A:.4g} Å differs from the model's "
+                f"{model_s:.4g} Å (x{ratio:.3g}) and resampling is off; results may be poor."
+            )
+            notes.append(msg)
+            warnings.warn(msg, SegmentationWarning, stacklevel=2)
+        else:
+            big = max(ny, nx) * ratio
+            if ratio > cfg.max_zoom or ratio < 1.0 / cfg.max_zoom or big > cfg.max_resampled_px:
+                raise ConfigError(
+                    f"{inp.name}: pixel size {inp.sampling_A:.4g} Å/px is {ratio:.3g} times the "
+                    f"model's {model_s:.4g} Å/px; resampling by more than x{cfg.max_zoom:g} "
+                    f"(or to frames over {cfg.max_resampled_px} px) is refused. This model is "
+                    f"for images near {model_s:.4g} Å/px: use a model trained at this pixel "
+                    "size (simulate with sampling_A / --sampling), or segment without "
+                    "resampling (resample=False / --no-resample) if you know better.",
+                    "resample",
+                )
+            factor = ratio
+            notes.append(
+                f"resampled frames from {inp.sampling_A:.4g} to the model's {model_s:.4g} Å/px "
+                f"(zoom x{ratio:.3g}) and the probabilities back to the input grid"
+            )
+
+    ref = _ood_reference(lm, notes) if cfg.ood else None
+    if ref is not None:
+        from .evaluation.ood import ood_scores
+
+    n = int(inp.frames.shape[0])
+    labels = np.empty((n, ny, nx), dtype=np.uint8)
+    proba_out = np.empty((n, ny, nx), dtype=np.float32) if cfg.probabilities else None
+    scores = np.full(n, np.nan) if ref is not None else None
+    stride = max(1, int(lm.output_stride))
+    min_px = max(cfg.min_frame_px, stride)
+    tile = max(cfg.tile_size // stride * stride, stride)
+    small_warned = False
+    for i in range(n):
+        if stopped():
+            raise SegmentationStopped(f"stopped after {i} of {n} frames; nothing was written")
+        frame = inp.frames[i]
+        frame = np.asarray(frame.compute() if hasattr(frame, "compute") else frame, np.float32)
+        work = _zoom(frame, factor) if factor is not None else frame
+        work, (wy, wx) = _pad_to(work, min_px)
+        if (wy, wx) != work.shape and not small_warned:
+            small_warned = True
+            notes.append(
+                f"frames of {wy}x{wx} px (at the model's pixel size) are smaller than "
+                f"{min_px} px and were reflect-padded; the model sees little context, so "
+                "treat the result with caution"
+            )
+        p = lm.predict_proba(
+            work[None], tile_size=tile, batch_size=cfg.batch_size, precision=cfg.precision
+        )[0]
+        if ref is not None:
+            try:
+                sc = ood_scores(lm, work[None], reference=ref, proba=p[None], tile_px=tile)
+                scores[i] = float(np.asarray(sc.score)[0])
+            except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
+                notes.append(f"no OOD score for frame {i}: {type(exc).__name__}: {exc}")
+        p = p[:wy, :wx]
+        if factor is not None:
+            p = np.clip(_zoom(p, 0.0, (ny, nx)), 0.0, 1.0)
+        labels[i] = p >= cfg.threshold
+        if proba_out is not None:
+            proba_out[i] = p
+        if progress is not None:
+            progress(i + 1, n, f"segmented frame {i + 1}/{n}")
+
+    shape = (*inp.nav_shape, ny, nx)
+    ood = None
+    caution = None
+    if scores is not None:
+        ood = scores.reshape(inp.nav_shape) if inp.nav_shape else scores.reshape(())
+        caution = getattr(ref, "caution_level", None)
+        if caution is None or not math.isfinite(float(caution)):
+            caution = 1.0
+    from . import __version__
+
+    provenance = {
+        "model": PRETRAINED if str(model) == PRETRAINED else str(lm.path),
+        "model_path": str(lm.path),
+        "which": cfg.which,
+        "weights_sha256": lm.info.get("weights_sha256"),
+        "model_sampling_A": model_s,
+        "threshold": cfg.threshold,
+        "resampled_zoom": factor,
+        "package": "napari-hrtem-transfer",
+        "version": __version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "ood_reference": ref is not None,
+        "ood_caution": caution,
+    }
+    return SegmentationResult(
+        labels=labels.reshape(shape),
+        proba=None if proba_out is None else proba_out.reshape(shape),
+        ood_score=ood,
+        ood_caution=caution,
+        axes=[dict(a) for a in inp.axes],
+        sampling_A=inp.sampling_A,
+        model_sampling_A=model_s,
+        resampled=factor,
+        notes=notes,
+        provenance=provenance,
+    )
