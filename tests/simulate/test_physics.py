@@ -143,3 +143,42 @@ def test_zero_defocus_follows_the_particle_height():
     assert offsets[1] - offsets[0] == pytest.approx(20.0, abs=3.0)
     no_cal = cfg.model_copy(update={"calibrate_zero_defocus": False})
     assert particle_reference(atoms, no_cal)[1] == 0.0
+
+
+@pytest.mark.parametrize("material", ["Au", "CdSe"])
+def test_zero_defocus_is_a_property_of_the_specimen_not_the_microscope(material):
+    """The calibrated zero is the particles' focus under the defocus propagator alone.
+
+    Across Cs = 0, 5 µm, 0.5 mm and 1.2 mm (with focal spread, and an aperture at the
+    largest Cs) a structure's offset moves by < 0.5 nm; particles of the same size at the
+    same height but different orientations scatter by < 1 nm and sit at their centre.
+    """
+    import ase
+
+    from napari_hrtem_transfer.simulate.physics import particle_reference
+    from napari_hrtem_transfer.simulate.structures import particle
+
+    microscopes = [
+        dict(Cs_A=0.0, focal_spread_A=0.0),
+        dict(Cs_A=5e4, focal_spread_A=10.0),
+        dict(Cs_A=5e6, focal_spread_A=30.0),
+        dict(Cs_A=1.2e7, focal_spread_A=40.0, semiangle_cutoff_mrad=20.0),
+    ]
+    size, radius_A, below_A = 112, 7.0, 12.0  # 22.4 Å field of view
+    offsets = np.zeros((3, len(microscopes)))
+    for i in range(3):  # three orientations of the same geometry
+        p = particle(material, radius_A, np.random.default_rng(10 + i))
+        for j, kw in enumerate(microscopes):
+            cfg = SimulationConfig(material=material, image_size_px=size, **kw)
+            L = cfg.extent_A
+            atoms = ase.Atoms(
+                p.get_chemical_symbols(),
+                p.positions + [L / 2, L / 2, 2.0 + radius_A],
+                cell=[L, L, 2.0 + 2 * radius_A + below_A],
+                pbc=True,
+            )
+            offsets[i, j] = particle_reference(atoms, cfg)[1]
+    assert np.ptp(offsets, axis=1).max() < 5.0, offsets  # across microscopes, < 0.5 nm
+    assert np.ptp(offsets[:, 0]) < 10.0, offsets  # across structures, < 1 nm
+    # focus near the particle centre: radius + vacuum below it above the exit plane
+    assert offsets.mean() == pytest.approx(radius_A + below_A, abs=5.0)

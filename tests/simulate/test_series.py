@@ -22,6 +22,7 @@ def test_dataset_shapes_and_metadata(small_dataset, small_config):
     assert len(set(ds.structure_ids)) == 3
 
 
+@pytest.mark.slow
 def test_same_seed_same_arrays_any_worker_count(small_config):
     from distributed import Client, LocalCluster
 
@@ -39,6 +40,39 @@ def test_same_seed_same_arrays_any_worker_count(small_config):
     assert np.array_equal(serial.actual_defocus_nm, parallel.actual_defocus_nm)
     other = simulate_dataset(cfg.model_copy(update={"seed": cfg.seed + 1, "n_structures": 1}))
     assert not np.array_equal(other.images[:, 0], serial.images[:, 0])
+
+
+@pytest.mark.slow
+def test_same_seed_bitwise_identical_in_fresh_processes(small_config):
+    """Run to run, not just within one process: two fresh worker processes plan their own FFTs.
+
+    Noise-free intensities are compared, so that a difference in the last bit of one pixel
+    fails the test (abTEM's default FFTW_MEASURE planning changed most pixels run to run).
+    """
+    from distributed import Client, LocalCluster
+
+    cfg = small_config.model_copy(
+        update={
+            "n_structures": 2,
+            "dose_e_per_A2": None,
+            "image_size_px": 112,
+            "radius_nm": (0.4, 0.5),
+            "n_phonons": 1,
+        }
+    )
+    serial = simulate_dataset(cfg, workers=1)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cl,
+        Client(cl) as client,
+    ):
+        parallel = simulate_dataset(cfg, client=client)
+    assert serial.images.dtype == np.float32
+    assert np.array_equal(serial.images, parallel.images)
+    assert np.array_equal(serial.masks, parallel.masks)
+    offsets = [s["zero_defocus_offset_nm"] for s in serial.info["structures"]]
+    assert offsets == [s["zero_defocus_offset_nm"] for s in parallel.info["structures"]]
 
 
 def test_hspy_round_trip(small_dataset, tmp_path):

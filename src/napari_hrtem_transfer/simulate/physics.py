@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import numpy as np
 
+#: abTEM settings of every simulation: eager numpy inside one structure's task, and FFTW plans
+#: chosen by FFTW's deterministic heuristics on one thread.  abTEM's default
+#: ``FFTW_MEASURE`` times candidate algorithms and keeps the fastest, so the plan (and the
+#: last bits of every FFT) changed from run to run with the machine's load; those bits
+#: reached the Poisson draw.  ``FFTW_ESTIMATE`` is as fast on these grids (benchmarks/
+#: bench_simulate.py) and gives bitwise identical images run to run on one machine.
+ABTEM_SETTINGS: dict = {
+    "dask.lazy": False,
+    "fftw.planning_effort": "FFTW_ESTIMATE",
+    "fftw.threads": 1,
+}
+
 
 def _abtem():
     import abtem
 
-    abtem.config.set({"dask.lazy": False})  # eager numpy inside one structure's task
+    abtem.config.set(ABTEM_SETTINGS)
     return abtem
 
 
@@ -53,9 +65,15 @@ def exit_waves(atoms, config, phonon_seed: int, device: str = "cpu"):
     return waves.downsample(gpts=(n, n))
 
 
-def make_ctf(config, defocus_A: np.ndarray):
-    """abTEM CTF with an ensemble axis over ``defocus_A`` [Å] (positive = underfocus)."""
+def make_ctf(config, defocus_A: np.ndarray, microscope: bool = True):
+    """abTEM CTF with an ensemble axis over ``defocus_A`` [Å] (positive = underfocus).
+
+    With ``microscope=False`` the CTF is the defocus propagator alone: no spherical
+    aberration, focal spread or objective aperture (free-space propagation by ``-defocus_A``).
+    """
     abtem = _abtem()
+    if not microscope:
+        return abtem.CTF(energy=config.energy_eV, defocus=np.asarray(defocus_A, dtype=float))
     return abtem.CTF(
         energy=config.energy_eV,
         semiangle_cutoff=config.semiangle_cutoff_mrad if config.semiangle_cutoff_mrad else np.inf,
@@ -65,17 +83,18 @@ def make_ctf(config, defocus_A: np.ndarray):
     )
 
 
-def defocus_series(waves, config, defocus_A: np.ndarray) -> np.ndarray:
+def defocus_series(waves, config, defocus_A: np.ndarray, microscope: bool = True) -> np.ndarray:
     """Images of one stored exit wave at every defocus: the CTF is applied per defocus.
 
-    Frozen phonons are averaged incoherently (intensities), after the CTF.
+    Frozen phonons are averaged incoherently (intensities), after the CTF.  With
+    ``microscope=False`` only the defocus is applied (see :func:`make_ctf`).
 
     Returns
     -------
     numpy.ndarray
         float32 intensities (n_defocus, ny, nx), vacuum = 1.
     """
-    images = waves.apply_ctf(make_ctf(config, defocus_A)).intensity()
+    images = waves.apply_ctf(make_ctf(config, defocus_A, microscope)).intensity()
     if any(type(ax).__name__ == "FrozenPhononsAxis" for ax in images.ensemble_axes_metadata):
         images = images.reduce_ensemble()
     arr = np.asarray(images.array)
@@ -92,17 +111,20 @@ def particle_mask(particle_atoms, config, device: str = "cpu") -> np.ndarray:
 
 
 def min_contrast_defocus(waves, config, half_range_A: float, step_A: float = 0.5) -> float:
-    """Defocus [Å] (abTEM sign) at which the image of ``waves`` has the least contrast.
+    """Defocus [Å] (abTEM sign) at which the wave ``waves`` has the least intensity contrast.
 
-    Used on the exit wave of the particles alone, it locates their focus relative to the exit
-    plane: the study's calibration of zero defocus per structure.  A coarse scan (5 Å steps)
-    over ``[-half_range_A, half_range_A]`` is refined with ``step_A`` steps.
+    The wave is propagated by the defocus alone (no Cs, focal spread or aperture), so the
+    result is a property of the specimen, the same for every microscope.  Used on the exit
+    wave of the particles alone, it locates their focus relative to the exit plane: the
+    study's calibration of zero defocus per structure.  A coarse scan (5 Å steps) over
+    ``[-half_range_A, half_range_A]`` is refined with ``step_A`` steps.
     """
     coarse = np.arange(-half_range_A, half_range_A + 5.0, 5.0)
-    c = defocus_series(waves, config, coarse).std(axis=(1, 2))
+    # contrasts in float64, so that rounding can never decide between two near-equal minima
+    c = defocus_series(waves, config, coarse, microscope=False).std((1, 2), np.float64)
     centre = coarse[int(np.argmin(c))]
     fine = np.arange(centre - 5.0, centre + 5.0 + step_A, step_A)
-    c = defocus_series(waves, config, fine).std(axis=(1, 2))
+    c = defocus_series(waves, config, fine, microscope=False).std((1, 2), np.float64)
     return float(fine[int(np.argmin(c))])
 
 
@@ -119,8 +141,9 @@ def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.
     particle atom, including isolated surface atoms, while staying within ~2 sigma of them.
 
     The zero-defocus offset [Å] is the minimum-contrast focus of the same exit wave relative
-    to the exit plane of the cell (:func:`min_contrast_defocus`), or 0 if there are no
-    particles or ``config.calibrate_zero_defocus`` is False.
+    to the exit plane of the cell under the defocus propagator alone
+    (:func:`min_contrast_defocus`; independent of Cs, focal spread and aperture), or 0 if
+    there are no particles or ``config.calibrate_zero_defocus`` is False.
 
     Returns
     -------
