@@ -1,13 +1,15 @@
 """Move between HyperSpy signals and this package's calibrated arrays.
 
 Scripts that already work in HyperSpy can hand a signal to the models with
-:func:`from_signal`, and put predictions back on calibrated axes with :func:`to_signal`::
+:func:`from_signal`, and put results back on the input's axes with :func:`to_signal`::
 
     >>> import hyperspy.api as hs
     >>> from napari_hrtem_transfer.io.hyperspy_integration import from_signal, to_signal
     >>> image = from_signal(hs.load("frame.dm4"))  # ExperimentalImage, sampling_A [Å]
-    >>> proba = model.predict_proba(image.data)  # (n, ny, nx)
-    >>> s = to_signal(proba, sampling_A=image.sampling_A, title="particle probability")
+    >>> s = to_signal(image)                        # the same axes and metadata again
+
+For segmentation inside HyperSpy, prefer the ``HRTEM`` signal type
+(``s.set_signal_type("HRTEM"); s.segment()``, see :mod:`napari_hrtem_transfer.hyperspy`).
 
 HyperSpy is imported inside the functions.
 """
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReaderError
-from .readers import ExperimentalImage, images_from_signals
+from .readers import ExperimentalImage, images_from_signals, length_unit_to_A
 
 __all__ = ["from_signal", "to_signal"]
 
@@ -31,7 +33,8 @@ def from_signal(signal: Any, *, allow_reciprocal: bool = False) -> ExperimentalI
     ----------
     signal
         A HyperSpy signal with two signal axes. Navigation axes become frames (flattened
-        in array order). Lazy signals are computed.
+        in array order; the axes are kept in ``axes[0]["navigation_axes"]`` so that
+        :func:`to_signal` restores them). Lazy signals are computed.
     allow_reciprocal
         Accept axes in reciprocal units (diffraction patterns); ``sampling_A`` is then None.
 
@@ -58,34 +61,102 @@ def from_signal(signal: Any, *, allow_reciprocal: bool = False) -> ExperimentalI
     return images_from_signals(signal, path=None, allow_reciprocal=allow_reciprocal)[0]
 
 
+# ----------------------------------------------------------------------------- to_signal
+
+
+def _is_placeholder_frame_axis(ax: dict[str, Any]) -> bool:
+    """The frame axis the reader invents for a single image (no navigation in the file)."""
+    return (
+        "navigation_axes" not in ax
+        and "axis" not in ax
+        and ax.get("name") in (None, "frame")
+        and ax.get("units") is None
+        and float(ax.get("scale", 1.0)) == 1.0
+        and float(ax.get("offset", 0.0)) == 0.0
+    )
+
+
+def _hs_axis(d: dict[str, Any], *, navigate: bool) -> dict[str, Any]:
+    """A rosettasciio-style axis dict as HyperSpy's constructor wants it."""
+    out: dict[str, Any] = {"navigate": navigate}
+    if d.get("name") is not None:
+        out["name"] = str(d["name"])
+    if d.get("units") is not None:
+        out["units"] = str(d["units"])
+    if d.get("axis") is not None:
+        out["axis"] = np.asarray(d["axis"], dtype=float)
+    else:
+        out["size"] = int(d["size"])
+        out["scale"] = float(d.get("scale", 1.0))
+        out["offset"] = float(d.get("offset", 0.0))
+    return out
+
+
+def _recalibrated(ax: dict[str, Any], sampling_A: float) -> dict[str, Any]:
+    """A signal axis set to ``sampling_A`` [Å/px], in nm, its offset converted to nm."""
+    factor = length_unit_to_A(ax.get("units"))
+    offset = float(ax.get("offset", 0.0)) * factor / 10.0 if factor else 0.0
+    return {
+        "name": ax.get("name"),
+        "size": int(ax["size"]),
+        "scale": float(sampling_A) / 10.0,
+        "offset": offset,
+        "units": "nm",
+    }
+
+
+def _default_signal_axes(ny: int, nx: int, sampling_A: float | None) -> list[dict[str, Any]]:
+    scale, units = (1.0, None) if sampling_A is None else (float(sampling_A) / 10.0, "nm")
+    return [
+        {"name": "y", "size": ny, "scale": scale, "offset": 0.0, "units": units},
+        {"name": "x", "size": nx, "scale": scale, "offset": 0.0, "units": units},
+    ]
+
+
 def to_signal(
     image: ExperimentalImage | np.ndarray | Any,
     *,
     sampling_A: float | None = None,
+    axes: list[dict[str, Any]] | None = None,
     title: str | None = None,
     frame_axis: str = "frame",
 ) -> Any:
-    """Build a HyperSpy ``Signal2D`` with calibrated axes [nm].
+    """Build a HyperSpy ``Signal2D`` that keeps the input's axes and metadata exactly.
 
     Parameters
     ----------
     image
-        An :class:`ExperimentalImage`, a 2-D array (ny, nx) or a stack (n, ny, nx).
-        A :class:`~napari_hrtem_transfer.io.dataset.HRTEMDataset` is converted with
-        :func:`napari_hrtem_transfer.io.dataset.to_signal` (images plus masks).
+        An :class:`ExperimentalImage` (e.g. from :func:`from_signal` or
+        :func:`~napari_hrtem_transfer.io.readers.read_images`), or an array
+        ``(..., ny, nx)`` (a 2-D array is one image). A
+        :class:`~napari_hrtem_transfer.io.dataset.HRTEMDataset` gives the signal its
+        ``.hspy`` file holds (images and masks).
     sampling_A
-        Pixel size [Å/px]; overrides the image's own. None keeps the image's (or leaves
-        an array uncalibrated: scale 1, no units).
+        Pixel size [Å/px]; overrides the image's own (the signal axes are then in nm,
+        their offsets converted to nm). None keeps the image's calibration, or leaves an
+        array uncalibrated (scale 1, no units).
+    axes
+        Rosettasciio-style axis dicts of an array, in array order (navigation..., y, x),
+        e.g. ``SegmentationResult.axes``; ``name``, ``units``, ``scale``, ``offset`` and
+        non-uniform ``axis`` values are kept.
     title
-        ``metadata.General.title``; defaults to the image's name.
+        ``metadata.General.title``; defaults to the image's own title, else its name.
     frame_axis
-        Name of the navigation axis of a stack.
+        Name of the navigation axis of an uncalibrated (n, ny, nx) array.
 
     Returns
     -------
     hyperspy.signals.Signal2D
-        Signal axes ``y`` and ``x`` in nm (scale = ``sampling_A / 10``); a stack has one
-        navigation axis. Metadata from an :class:`ExperimentalImage` (beam energy) is kept.
+        An :class:`ExperimentalImage` gets back every axis of the signal it was read from:
+        names, units, scales, offsets, non-uniform axes, the navigation shape (a 2 x 3
+        navigation stays 2 x 3, a single image stays 2-D), its HyperSpy metadata and its
+        ``original_metadata``.
+
+    Raises
+    ------
+    ReaderError
+        For arrays with fewer than two dimensions, ``axes`` that do not fit the array, or a
+        non-positive ``sampling_A``.
     """
     import hyperspy.api as hs
 
@@ -94,52 +165,77 @@ def to_signal(
 
     if isinstance(image, HRTEMDataset):
         return dataset_to_signal(image)
+    if sampling_A is not None and not (np.isfinite(sampling_A) and sampling_A > 0):
+        raise ReaderError(f"sampling_A must be a positive pixel size [Å]; got {sampling_A!r}.")
+
     metadata: dict[str, Any] = {}
-    frame_def: dict[str, Any] | None = None
+    original: dict[str, Any] = {}
+    energy_eV = None
     if isinstance(image, ExperimentalImage):
-        data = image.data[0] if image.n_frames == 1 else image.data
-        sampling = image.sampling_A if sampling_A is None else sampling_A
-        metadata = image.metadata
-        title = image.name if title is None else title
-        if image.n_frames > 1:
-            frame_def = dict(image.axes[0])
+        frames = image.data
+        ny, nx = image.image_shape
+        frame_ax, y_ax, x_ax = image.axes
+        if frame_ax.get("navigation_axes"):
+            nav = [dict(a) for a in frame_ax["navigation_axes"]]
+        elif image.n_frames == 1 and _is_placeholder_frame_axis(frame_ax):
+            nav = []
+        else:
+            nav = [dict(frame_ax)]
+        nav_shape = tuple(int(a["size"]) for a in nav)
+        if int(np.prod(nav_shape, dtype=np.int64)) != image.n_frames:
+            raise ReaderError(
+                f"{image.name or 'image'}: navigation axes of sizes {nav_shape} do not fit "
+                f"{image.n_frames} frames."
+            )
+        data = frames.reshape(*nav_shape, ny, nx)
+        sig = [dict(y_ax), dict(x_ax)]
+        if sampling_A is not None:
+            sig = [_recalibrated(a, sampling_A) for a in sig]
+        metadata = dict(image.metadata.get("hyperspy") or {})
+        original = image.original_metadata or {}
+        energy_eV = image.metadata.get("energy_eV")
+        if title is None:
+            title = (metadata.get("General") or {}).get("title") or image.name
     else:
         data = np.asarray(image)
-        sampling = sampling_A
-        if data.ndim not in (2, 3):
+        if data.ndim < 2:
             raise ReaderError(
-                f"to_signal needs an image (ny, nx) or a stack (n, ny, nx); got shape {data.shape}."
+                f"to_signal needs an image (ny, nx) or a stack (..., ny, nx); got shape "
+                f"{data.shape}."
             )
-    if sampling is not None and not (np.isfinite(sampling) and sampling > 0):
-        raise ReaderError(f"sampling_A must be a positive pixel size [Å]; got {sampling!r}.")
-    ny, nx = data.shape[-2:]
-    if sampling is None:
-        sig_axes = [
-            {"name": "y", "size": ny, "scale": 1.0, "offset": 0.0},
-            {"name": "x", "size": nx, "scale": 1.0, "offset": 0.0},
-        ]
-    else:
-        s_nm = float(sampling) / 10.0
-        sig_axes = [
-            {"name": "y", "size": ny, "scale": s_nm, "offset": 0.0, "units": "nm"},
-            {"name": "x", "size": nx, "scale": s_nm, "offset": 0.0, "units": "nm"},
-        ]
-    axes = sig_axes
-    if data.ndim == 3:
-        nav = {"name": frame_axis, "size": int(data.shape[0]), "scale": 1.0, "offset": 0.0}
-        if frame_def is not None and "axis" not in frame_def:
-            nav.update(
-                name=frame_def.get("name") or frame_axis,
-                scale=float(frame_def.get("scale", 1.0)),
-                offset=float(frame_def.get("offset", 0.0)),
-            )
-            if frame_def.get("units"):
-                nav["units"] = frame_def["units"]
-        axes = [nav, *sig_axes]
-    signal = hs.signals.Signal2D(np.asarray(data), axes=axes)
+        ny, nx = data.shape[-2:]
+        if axes is not None:
+            if len(axes) != data.ndim or any(
+                "axis" not in a and int(a["size"]) != n
+                for a, n in zip(axes, data.shape, strict=False)
+            ):
+                raise ReaderError(
+                    f"to_signal: {len(axes)} axes of sizes "
+                    f"{[int(a.get('size', len(a.get('axis', [])))) for a in axes]} do not fit "
+                    f"an array of shape {data.shape}."
+                )
+            nav = [dict(a) for a in axes[:-2]]
+            sig = [dict(a) for a in axes[-2:]]
+            if sampling_A is not None:
+                sig = [_recalibrated(a, sampling_A) for a in sig]
+        else:
+            sig = _default_signal_axes(ny, nx, sampling_A)
+            if data.ndim == 3:
+                nav = [{"name": frame_axis, "size": int(data.shape[0])}]
+            else:
+                nav = [{"size": int(n)} for n in data.shape[:-2]]
+    hs_axes = [_hs_axis(a, navigate=True) for a in nav]
+    hs_axes += [_hs_axis(a, navigate=False) for a in sig]
+    signal = hs.signals.Signal2D(data, axes=hs_axes)
+    if metadata:
+        md = {k: v for k, v in metadata.items() if k != "_HyperSpy"}
+        signal.metadata.add_dictionary(md)
+    if original:
+        signal.original_metadata.add_dictionary(original)
     if title:
         signal.metadata.General.title = title
-    energy = metadata.get("energy_eV")
-    if energy:
-        signal.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(energy) / 1e3)
+    if signal.metadata.get_item("Signal.signal_type", ""):
+        signal._assign_subclass()  # e.g. an HRTEM signal comes back as HRTEM
+    if energy_eV and not signal.metadata.has_item("Acquisition_instrument.TEM.beam_energy"):
+        signal.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(energy_eV) / 1e3)
     return signal

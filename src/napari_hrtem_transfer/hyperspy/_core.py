@@ -1,0 +1,453 @@
+"""The work behind the HRTEM signal methods: thin callers of the segmentation core.
+
+Every method hands the signal's data to
+:func:`napari_hrtem_transfer.segmentation.segment` (imported on first use, so torch is
+loaded only then) and puts the result back on the signal's own axes:
+
+- a result with the image's shape (mask, probability) is built with
+  ``signal._deepcopy_with_new_data``, so navigation and signal axes (names, units, scales,
+  offsets, non-uniform axes), ``metadata`` and ``original_metadata`` are the input's;
+- a per-frame result (OOD score, loss, Dice, IoU) is a signal over the navigation axes
+  (``signal._get_navigation_signal``): a defocus x image stack gives a 2-D map, a single
+  image a one-value signal.
+
+Lazy signals are processed chunk by chunk with :func:`dask.array.map_blocks` (the signal
+axes of each chunk are whole frames) and the results stay lazy until computed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, ReaderError
+
+#: ``metadata`` node where the methods record what they did.
+NODE = "HRTEM_transfer"
+
+MASK_QUANTITY = "Particle mask (1 = particle)"
+PROBA_QUANTITY = "Particle probability"
+OOD_QUANTITY = "OOD score (0 = training-like, > 1 = far from the training data)"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def signal_name(s: Any) -> str:
+    """A name for messages: the title, else the original file name, else 'signal'."""
+    title = str(s.metadata.get_item("General.title", "") or "").strip()
+    if title:
+        return title
+    fname = str(s.metadata.get_item("General.original_filename", "") or "").strip()
+    return fname or "signal"
+
+
+def sampling_A(s: Any, *, warn: bool = True) -> float | None:
+    """Pixel size [Å/px] of an image signal, by the reader's rules (x pixel size).
+
+    Raises
+    ------
+    ReaderError
+        If the signal is not an image (signal dimension != 2) or its axes are in reciprocal
+        units or angles (a diffraction pattern).
+    """
+    from ..io import readers
+
+    name = signal_name(s)
+    am = s.axes_manager
+    if am.signal_dimension != 2:
+        raise ReaderError(
+            f"signal '{name}' has {am.signal_dimension} signal axes; the HRTEM methods need "
+            "an image (two signal axes), not a spectrum. Use s.as_signal2D(...) or pick an "
+            "image signal."
+        )
+    y, x = (readers._axis_dict(a) for a in am.signal_axes[::-1])
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            if not warn:
+                warnings.simplefilter("ignore")
+            value = readers._calibration(y, x, f"signal '{name}'", notes, allow_reciprocal=False)
+    except readers._NotAnImage as exc:
+        raise ReaderError(
+            f"signal '{name}': {exc}. Segment the real-space image, not its diffraction "
+            "pattern or FFT."
+        ) from exc
+    if value is None and warn:
+        warnings.warn(
+            f"signal '{name}' has no real-space calibration (signal axes without length "
+            "units); the model's own pixel size is assumed. Calibrate the axes "
+            "(s.axes_manager.signal_axes[i].scale/units) or pass sampling_A=... [Å/px].",
+            readers.ReaderWarning,
+            stacklevel=4,
+        )
+    return value
+
+
+def check_same_shape(s: Any, other: Any, what: str) -> Any:
+    """``other``'s data (array or dask) after checking it has ``s``'s shape."""
+    data = other.data if hasattr(other, "axes_manager") else other
+    if not hasattr(data, "shape"):
+        data = np.asarray(data)
+    if tuple(data.shape) != tuple(s.data.shape):
+        oname = f"signal '{signal_name(other)}'" if hasattr(other, "axes_manager") else "array"
+        am = s.axes_manager
+        raise ConfigError(
+            f"{what} {oname} has data shape {tuple(data.shape)}, but signal "
+            f"'{signal_name(s)}' has {tuple(s.data.shape)} (navigation {am.navigation_shape}, "
+            f"signal {am.signal_shape}). Give one label image per frame, of the same size."
+        )
+    return data
+
+
+def _core():
+    # Imported here: the segmentation core loads torch.
+    from .. import segmentation
+
+    return segmentation
+
+
+def _resolve_model(model: Any, which: str, device: str) -> Any:
+    """Load the model once (for chunk-by-chunk work); the core accepts what it returns."""
+    seg = _core()
+    resolve = getattr(seg, "resolve_model", None)
+    if resolve is None or not isinstance(model, str | bytes) and not hasattr(model, "__fspath__"):
+        return model
+    return resolve(model, which=which, device=device)
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _clean(value: Any) -> Any:
+    """Metadata-safe value: None and containers become JSON text where needed."""
+    if value is None:
+        return "None"
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return json.dumps(value, default=str)
+
+
+def record(out: Any, key: str, provenance: dict[str, Any]) -> None:
+    """Write ``provenance`` under ``metadata.HRTEM_transfer.<key>`` (plain values only)."""
+    for k, v in provenance.items():
+        out.metadata.set_item(f"{NODE}.{key}.{k}", _clean(v))
+
+
+def _provenance(res: Any | None, *, model: Any, threshold: float | None, which: str) -> dict:
+    prov: dict[str, Any] = {}
+    if res is not None and getattr(res, "provenance", None):
+        prov.update(res.provenance)
+    prov.setdefault("model", model if isinstance(model, str) else str(getattr(model, "path", model)))
+    prov.setdefault("which", which)
+    prov.setdefault("version", _package_version())
+    if threshold is not None:
+        prov.setdefault("threshold", float(threshold))
+    if res is not None and getattr(res, "notes", None):
+        prov["notes"] = list(res.notes)
+    return prov
+
+
+def _strip_for_result(out: Any) -> None:
+    """A result is not an HRTEM image: plain Signal2D, no nested ground-truth masks."""
+    if out.metadata.has_item(f"{NODE}.masks"):
+        delattr(out.metadata.get_item(NODE), "masks")
+    out.set_signal_type("")
+
+
+def _whole_frames(data: Any) -> Any:
+    nd = data.ndim
+    return data.rechunk({nd - 2: -1, nd - 1: -1})
+
+
+# ----------------------------------------------------------------------------- segment
+
+
+def segment(
+    s: Any,
+    model: Any = "pretrained",
+    threshold: float | None = 0.5,
+    probabilities: bool = False,
+    *,
+    sampling_A_override: float | None = None,
+    which: str = "best",
+    device: str = "auto",
+    progress: Any = None,
+) -> Any:
+    """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.segment`."""
+    name = signal_name(s)
+    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    seg = _core()
+    if s._lazy:
+        loaded = _resolve_model(model, which, device)
+        dtype = np.float32 if probabilities else np.uint8
+
+        def block(frames: np.ndarray) -> np.ndarray:
+            res = seg.segment(
+                np.asarray(frames),
+                model=loaded,
+                sampling_A=px,
+                threshold=threshold,
+                ood=False,
+                probabilities=probabilities,
+                which=which,
+                device=device,
+            )
+            arr = res.proba if probabilities else res.labels
+            return np.asarray(arr, dtype=dtype).reshape(frames.shape)
+
+        data = _whole_frames(s.data)
+        out_data = data.map_blocks(block, dtype=dtype, meta=np.empty((0,) * data.ndim, dtype))
+        res = None
+    else:
+        res = seg.segment(
+            s,
+            model=model,
+            sampling_A=px,
+            threshold=threshold,
+            ood=False,
+            probabilities=probabilities,
+            which=which,
+            device=device,
+            progress=progress,
+        )
+        arr = res.proba if probabilities else res.labels
+        out_data = np.asarray(arr, dtype=np.float32 if probabilities else np.uint8)
+        if out_data.shape != s.data.shape:  # the contract says it never differs
+            raise RuntimeError(
+                f"segmentation returned shape {out_data.shape} for signal '{name}' of shape "
+                f"{s.data.shape}; please report this."
+            )
+    out = s._deepcopy_with_new_data(out_data)
+    _strip_for_result(out)
+    out.metadata.General.title = f"{name} – {'particle probability' if probabilities else 'particles'}"
+    out.metadata.Signal.quantity = PROBA_QUANTITY if probabilities else MASK_QUANTITY
+    prov = _provenance(res, model=model, threshold=threshold, which=which)
+    prov["sampling_A"] = px
+    prov["output"] = "probability" if probabilities else "mask"
+    record(out, "segmentation", prov)
+    return out
+
+
+# ----------------------------------------------------------------------------- per-frame signals
+
+
+def navigation_signal(s: Any, values: Any, *, title: str, quantity: str) -> Any:
+    """A signal over ``s``'s navigation axes holding ``values`` (numpy or dask)."""
+    am = s.axes_manager
+    shape = tuple(am._navigation_shape_in_array) if am.navigation_dimension else (1,)
+    lazy = hasattr(values, "dask")
+    values = values.reshape(shape)
+    placeholder = np.zeros(shape, dtype=float)
+    out = s._get_navigation_signal(data=placeholder if lazy else np.asarray(values, float))
+    if lazy:
+        out = out.as_lazy()
+        out.data = values
+    for key in ("General", "Acquisition_instrument", "Sample"):
+        if s.metadata.has_item(key):
+            out.metadata.add_dictionary({key: s.metadata.get_item(key).as_dictionary()})
+    out.metadata.General.title = title
+    out.metadata.set_item("Signal.quantity", quantity)
+    return out
+
+
+def ood_score(
+    s: Any,
+    model: Any = "pretrained",
+    *,
+    sampling_A_override: float | None = None,
+    which: str = "best",
+    device: str = "auto",
+    progress: Any = None,
+) -> Any:
+    """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.ood_score`."""
+    name = signal_name(s)
+    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    seg = _core()
+
+    def _scores(res: Any) -> np.ndarray:
+        if res.ood_score is None:
+            why = "; ".join(getattr(res, "notes", []) or []) or "no OOD reference"
+            raise ConfigError(
+                f"no OOD score for signal '{name}' with model {model!r}: {why}. Fit a reference "
+                "with 'hrtem-transfer finetune' (it fits one at the end) or "
+                "napari_hrtem_transfer.evaluation.fit_ood_reference_for_checkpoint."
+            )
+        return np.asarray(res.ood_score, dtype=np.float64)
+
+    caution = None
+    if s._lazy:
+        loaded = _resolve_model(model, which, device)
+        data = _whole_frames(s.data)
+        nd = data.ndim
+
+        def block(frames: np.ndarray) -> np.ndarray:
+            res = seg.segment(
+                np.asarray(frames),
+                model=loaded,
+                sampling_A=px,
+                ood=True,
+                probabilities=False,
+                which=which,
+                device=device,
+            )
+            return _scores(res).reshape(frames.shape[:-2])
+
+        values = data.map_blocks(
+            block,
+            drop_axis=[nd - 2, nd - 1],
+            dtype=np.float64,
+            meta=np.empty((0,) * (nd - 2), np.float64),
+        )
+        res = None
+    else:
+        res = seg.segment(
+            s,
+            model=model,
+            sampling_A=px,
+            ood=True,
+            probabilities=False,
+            which=which,
+            device=device,
+            progress=progress,
+        )
+        values = _scores(res)
+        caution = getattr(res, "ood_caution", None)
+    out = navigation_signal(s, values, title=f"{name} – OOD score", quantity=OOD_QUANTITY)
+    prov = _provenance(res, model=model, threshold=None, which=which)
+    prov["caution_level"] = 1.0 if caution is None else float(caution)
+    record(out, "ood", prov)
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    s: Any,
+    masks: Any,
+    model: Any = "pretrained",
+    threshold: float | None = 0.5,
+    *,
+    sampling_A_override: float | None = None,
+    which: str = "best",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.evaluate`."""
+    from ..evaluation.metrics import binary_cross_entropy, dice, iou
+
+    name = signal_name(s)
+    target = check_same_shape(s, masks, "masks")
+    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    seg = _core()
+    ny, nx = s.data.shape[-2:]
+
+    def metrics(frames: np.ndarray, truth: np.ndarray, loaded: Any) -> np.ndarray:
+        res = seg.segment(
+            np.asarray(frames),
+            model=loaded,
+            sampling_A=px,
+            threshold=threshold,
+            ood=False,
+            probabilities=True,
+            which=which,
+            device=device,
+        )
+        p = np.asarray(res.proba, dtype=np.float64).reshape(-1, ny, nx)
+        lab = np.asarray(res.labels).reshape(-1, ny, nx) > 0
+        t = np.asarray(truth).reshape(-1, ny, nx) > 0
+        vals = np.stack(
+            [
+                np.atleast_1d(binary_cross_entropy(p, t, from_logits=False)),
+                np.atleast_1d(dice(lab, t)),
+                np.atleast_1d(iou(lab, t)),
+            ],
+            axis=-1,
+        )
+        return vals.reshape(*frames.shape[:-2], 3)
+
+    if s._lazy or hasattr(target, "dask"):
+        import dask.array as da
+
+        loaded = _resolve_model(model, which, device)
+        data = _whole_frames(s.data if s._lazy else da.from_array(s.data))
+        truth = da.asarray(target).rechunk(data.chunks)
+        nd = data.ndim
+        stacked = da.map_blocks(
+            lambda f, t: metrics(f, t, loaded),
+            data,
+            truth,
+            drop_axis=[nd - 1],
+            chunks=(*data.chunks[:-2], (3,)),
+            dtype=np.float64,
+            meta=np.empty((0,) * (nd - 1), np.float64),
+        )
+        parts = [stacked[..., i] for i in range(3)]
+    else:
+        stacked = metrics(np.asarray(s.data), np.asarray(target), model)
+        parts = [stacked[..., i] for i in range(3)]
+    titles = {
+        "loss": ("binary cross-entropy", "Binary cross-entropy per pixel (nats)"),
+        "dice": ("Dice", "Dice coefficient"),
+        "iou": ("IoU", "Intersection over union"),
+    }
+    prov = _provenance(None, model=model, threshold=threshold, which=which)
+    mname = signal_name(masks) if hasattr(masks, "axes_manager") else "array"
+    prov["masks"] = mname
+    out = {}
+    for (key, (short, quantity)), values in zip(titles.items(), parts, strict=True):
+        sig = navigation_signal(s, values, title=f"{name} – {short}", quantity=quantity)
+        record(sig, "evaluation", prov)
+        out[key] = sig
+    return out
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def finetune(
+    s: Any,
+    labels: Any,
+    model: Any = "pretrained",
+    freeze: str = "encoder",
+    epochs: int | None = None,
+    out: Any = None,
+    *,
+    sampling_A_override: float | None = None,
+    **kwargs: Any,
+):
+    """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.finetune`."""
+    from pathlib import Path
+
+    name = signal_name(s)
+    target = check_same_shape(s, labels, "labels")
+    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    if px is None:
+        raise ConfigError(
+            f"signal '{name}' has no real-space calibration; fine-tuning needs the pixel size. "
+            "Pass sampling_A=... [Å/px] or calibrate the signal axes."
+        )
+    if out is None:
+        raise ConfigError(
+            "finetune needs out=<folder> for the new checkpoint (e.g. out='models/my_scope')."
+        )
+    ny, nx = s.data.shape[-2:]
+    images = np.asarray(s.data.compute() if s._lazy else s.data).reshape(-1, ny, nx)
+    truth = np.asarray(target.compute() if hasattr(target, "compute") else target)
+    truth = truth.reshape(-1, ny, nx)
+    if epochs is not None:
+        kwargs["epochs"] = int(epochs)
+    from ..training.annotations import finetune_on_annotations  # loads torch
+
+    result = finetune_on_annotations(
+        images, truth, model=model, out_dir=Path(out), sampling_A=px, freeze=freeze, **kwargs
+    )
+    return Path(getattr(result, "out_dir", out))

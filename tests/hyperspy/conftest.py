@@ -1,0 +1,85 @@
+"""Fixtures for the HyperSpy extension tests.
+
+``registered``: HyperSpy knows the package's signal types, read from the package's own
+``hyperspy_extension.yaml`` exactly as HyperSpy does for an installed entry point (restored
+afterwards). ``fake_core``: a stand-in for the segmentation core that follows its contract
+(labels/proba of the input's shape, one OOD score per frame, frames independent) with
+values simple enough to check by hand; it records every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    import yaml
+    from hyperspy.extensions import ALL_EXTENSIONS
+
+    import napari_hrtem_transfer
+
+    path = Path(napari_hrtem_transfer.__file__).parent / "hyperspy_extension.yaml"
+    signals = yaml.safe_load(path.read_text())["signals"]
+    for name, spec in signals.items():
+        monkeypatch.setitem(ALL_EXTENSIONS["signals"], name, spec)
+    return signals
+
+
+@dataclass
+class FakeResult:
+    labels: np.ndarray
+    proba: np.ndarray | None
+    ood_score: np.ndarray | None
+    ood_caution: float | None = 1.0
+    axes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def fake_proba(frames: np.ndarray) -> np.ndarray:
+    """Logistic of the intensity minus the frame mean (per frame, so chunks are independent)."""
+    x = np.asarray(frames, dtype=np.float64)
+    mu = x.mean(axis=(-2, -1), keepdims=True)
+    sd = x.std(axis=(-2, -1), keepdims=True) + 1e-12
+    return (1.0 / (1.0 + np.exp(-(x - mu) / sd))).astype(np.float32)
+
+
+def fake_ood(frames: np.ndarray) -> np.ndarray:
+    """Per-frame mean intensity: easy to recompute in a test."""
+    return np.asarray(frames, dtype=np.float64).mean(axis=(-2, -1))
+
+
+@pytest.fixture
+def fake_core(monkeypatch):
+    from napari_hrtem_transfer.hyperspy import _core
+
+    calls: list[dict[str, Any]] = []
+
+    def segment(data, model="pretrained", *, sampling_A=None, axes=None, threshold=None,
+                ood=True, probabilities=True, which="best", device="auto", progress=None,
+                stop=None):
+        arr = np.asarray(data.data if hasattr(data, "axes_manager") else data)
+        calls.append({"shape": arr.shape, "sampling_A": sampling_A, "model": model,
+                      "threshold": threshold, "signal": hasattr(data, "axes_manager")})
+        p = fake_proba(arr)
+        t = 0.5 if threshold is None else threshold
+        return FakeResult(
+            labels=(p > t).astype(np.uint8),
+            proba=p if probabilities else None,
+            ood_score=fake_ood(arr) if ood else None,
+            provenance={"model": str(model), "sha256": "0" * 64, "threshold": t,
+                        "version": "test"},
+            notes=["fake core"],
+        )
+
+    module = SimpleNamespace(segment=segment)
+    monkeypatch.setattr(_core, "_core", lambda: module)
+    module.calls = calls
+    return module
