@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import torch
-
 from napari_hrtem_transfer.io.dataset import HRTEMDataset, save_dataset  # noqa: E402
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
-
 import torch
 
 from napari_hrtem_transfer.errors import CheckpointError  # noqa: E402
@@ -18,8 +18,10 @@ from napari_hrtem_transfer.training import (  # noqa: E402
     update_checkpoint_extra,
 )
 from napari_hrtem_transfer.training.checkpoint import (  # noqa: E402
+    SIDECAR_SCHEMAS,
     _sha256,
     flatten_optimizer_state,
+    load_optimizer_state,
     save_checkpoint,
     unflatten_optimizer_state,
 )
@@ -165,3 +167,160 @@ def test_rewriting_replaces_old_files(tmp_path):
     )
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert first not in files and len(files) == 2
+
+
+# ---------------------------------------------------------------------- strict, safe sidecars
+TINY = {"architecture": "compact", "channels": [4, 4, 4, 4], "bottleneck_dilations": []}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A valid checkpoint of a very small model (copied by tests that damage it)."""
+    folder = tmp_path_factory.mktemp("tiny") / "m"
+    save_checkpoint(
+        folder,
+        "best",
+        build_model(TINY),
+        {"model": TINY, "normalization": dict(NORMALIZATION), "sampling_A": 0.2},
+    )
+    load_checkpoint(folder, device="cpu")  # valid as written
+    return folder
+
+
+def _edit_sidecar(model_dir, which_file="best", /, **changes):
+    """Rewrite ``<which_file>.json`` with ``changes`` (a value of ``...`` deletes the key)."""
+    path = model_dir / f"{which_file}.json"
+    side = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is ...:
+            side.pop(k, None)
+        else:
+            side[k] = v
+    path.write_text(json.dumps(side))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../elsewhere/x.safetensors",
+        "sub/x.safetensors",
+        "..\\..\\elsewhere\\x.safetensors",
+        "ABSOLUTE",
+    ],
+)
+def test_weights_outside_the_folder_are_refused_even_with_matching_sha(
+    tiny_checkpoint, tmp_path, name
+):
+    model_dir = tmp_path / "a" / "ckpt"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    side = read_sidecar(model_dir)
+    own = model_dir / side["weights_file"]
+    outside = tmp_path / "elsewhere" / "x.safetensors"
+    outside.parent.mkdir()
+    outside.write_bytes(own.read_bytes())  # a valid file with the recorded sha256
+    (model_dir / "sub").mkdir()
+    (model_dir / "sub" / "x.safetensors").write_bytes(own.read_bytes())
+    if name == "ABSOLUTE":
+        name = str(outside)
+    assert (model_dir / name.replace("\\", "/")).resolve().is_file()  # it would load
+    path = _edit_sidecar(model_dir, weights_file=name, weights_sha256=_sha256(outside))
+    with pytest.raises(
+        CheckpointError, match=rf"{path.name} is invalid: field 'weights_file': must be a plain"
+    ) as info:
+        load_checkpoint(model_dir, device="cpu")
+    assert str(path) in str(info.value)
+    with pytest.raises(CheckpointError, match="weights_file"):
+        read_sidecar(model_dir)
+
+
+def test_weights_link_leading_out_of_the_folder_is_refused(tiny_checkpoint, tmp_path):
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    side = read_sidecar(model_dir)
+    own = model_dir / side["weights_file"]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(own.read_bytes())
+    own.unlink()
+    own.symlink_to(outside)  # same name, same sha256, but the bytes live elsewhere
+    with pytest.raises(CheckpointError, match=r"'weights_file' names .* a link leading out"):
+        load_checkpoint(model_dir, device="cpu")
+
+
+def test_optimizer_file_outside_the_folder_is_refused(tmp_path):
+    model_dir = tmp_path / "ckpt"
+    model = build_model(TINY)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 1, 32, 32)).mean().backward()
+    opt.step()
+    save_checkpoint(
+        model_dir,
+        "last",
+        model,
+        {"model": TINY, "normalization": dict(NORMALIZATION)},
+        optimizer_state=opt.state_dict(),
+    )
+    assert load_optimizer_state(read_sidecar(model_dir, "last"))["state"]  # valid as written
+    _edit_sidecar(model_dir, "last", optimizer_file="../x.optim.safetensors")
+    with pytest.raises(CheckpointError, match=r"last\.json is invalid: field 'optimizer_file'"):
+        read_sidecar(model_dir, "last")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"which": ...}, "which", "is missing"),
+        ({"sampling_A": "0.2 A"}, "sampling_A", "valid number"),
+        ({"sampling_A": -0.2}, "sampling_A", "greater than 0"),
+        ({"weights_sha256": "abc"}, "weights_sha256", "64 lower-case hex"),
+        ({"weights_file": "best.pt"}, "weights_file", ".safetensors"),
+        ({"model": {"architecture": "unet9000"}}, "model", "unknown architecture"),
+        ({"model": {"architecture": "compact", "channels": [1]}}, "model", "channels"),
+        ({"normalization": {"method": "zscore"}}, "normalization.method", "per_image"),
+        ({"normalization": ...}, "normalization", "is missing"),
+        ({"best_epoch": "3"}, "best_epoch", "valid integer"),
+        ({"history": [1.0]}, "history[0]", "dictionary"),
+        ({"which": "last"}, "which", "'best' sidecar"),
+        ({"resume": {"epoch": 1}}, "resume.step", "is missing"),
+    ],
+)
+def test_malformed_sidecar_fields_are_named(tiny_checkpoint, tmp_path, changes, field, message):
+    shutil.copytree(tiny_checkpoint, tmp_path / "m")
+    path = _edit_sidecar(tmp_path / "m", **changes)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "m", device="cpu")
+    text = str(info.value)
+    assert str(path) in text and f"field {field!r}" in text and message in text, text
+    assert not isinstance(info.value, KeyError)
+    # every reader goes through the same check
+    with pytest.raises(CheckpointError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        update_checkpoint_extra(tmp_path / "m", "note", 1)
+
+
+def test_sidecar_versions(tiny_checkpoint, tmp_path):
+    assert "1" in SIDECAR_SCHEMAS
+    shutil.copytree(tiny_checkpoint, tmp_path / "m")
+    side = read_sidecar(tmp_path / "m")
+    assert side["format_version"] == "1" and SIDECAR_SCHEMAS["1"].model_validate(
+        {k: v for k, v in side.items() if k != "_path"}
+    )
+    _edit_sidecar(tmp_path / "m", format_version="2")
+    with pytest.raises(CheckpointError, match="format version '2'.*Upgrade the package"):
+        load_checkpoint(tmp_path / "m", device="cpu")
+    _edit_sidecar(tmp_path / "m", format="something else")
+    with pytest.raises(CheckpointError, match="not a napari-hrtem-transfer checkpoint sidecar"):
+        load_checkpoint(tmp_path / "m", device="cpu")
+
+
+def test_checkpoint_writes_leave_no_temporary_files(tmp_path):
+    _save(tmp_path / "m")
+    _save(tmp_path / "m")
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert (
+        len(names) == 2
+        and names[0]
+        == "best-" + read_sidecar(tmp_path / "m")["weights_sha256"][:12] + ".safetensors"
+        and names[1] == "best.json"
+    )
+    side = read_sidecar(tmp_path / "m")
+    assert _sha256(tmp_path / "m" / side["weights_file"]) == side["weights_sha256"]

@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-
 import torch
 
 from napari_hrtem_transfer.errors import CheckpointError, ConfigError  # noqa: E402

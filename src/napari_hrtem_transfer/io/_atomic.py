@@ -50,20 +50,78 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
     return p.resolve()
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk; a no-op where folders cannot be opened."""
+    if os.name != "posix":  # pragma: no cover - Windows cannot open folders
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write to; rename it over ``path`` on success.
 
     The temporary file keeps the suffix of ``path`` (writers choose their format from it) and
     is removed if the body raises, so an interrupted write never leaves a partial file under
     the final name.
+
+    Parameters
+    ----------
+    path
+        The final file.
+    fsync
+        Flush the file to disk before the rename, and the folder after it, so that after a
+        power loss the file is either the old or the complete new one (checkpoints, sidecars).
     """
     final = Path(path)
     tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
     try:
         yield tmp
+        if fsync:
+            _fsync_file(tmp)
         os.replace(tmp, final)
+        if fsync:
+            _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` under a temporary name, flush it, then rename it.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    final = Path(path)
+    with atomic_path(final, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+    return final
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` under a temporary name, flush it, then rename it.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    return write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)

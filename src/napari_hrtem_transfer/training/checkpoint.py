@@ -22,6 +22,11 @@ The sidecar (JSON object) has the keys ``format``, ``format_version``, ``which``
 started from), ``epochs_completed``, ``best_epoch``, ``best_val_loss``, ``history``,
 ``versions``, ``created`` and ``extra`` (free-form, see :func:`update_checkpoint_extra`);
 ``last`` also has ``optimizer_file``, ``optimizer_sha256`` and ``resume``.
+
+Reading validates the sidecar against the pydantic schema of its ``format_version``
+(:class:`SidecarV1`): a missing or malformed field raises :class:`CheckpointError` naming the
+file and the field, and ``weights_file``/``optimizer_file`` must be plain file names of
+``.safetensors`` files inside the checkpoint folder (no paths, no links leading out of it).
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
-import uuid
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import CheckpointError, ConfigError
+from ..io._atomic import write_bytes_atomic, write_text_atomic
 
 FORMAT = "napari-hrtem-transfer checkpoint"
 FORMAT_VERSION = "1"
@@ -68,36 +76,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=True), fsync=True)
 
 
 def _write_tensors(
     folder: Path, stem: str, tensors: dict[str, Any], suffix: str
 ) -> tuple[str, str]:
-    """Write ``tensors`` to ``folder/<stem>-<hash>.<suffix>``; return (file name, sha256)."""
-    from safetensors.torch import save_file
+    """Write ``tensors`` to ``folder/<stem>-<hash>.<suffix>``; return (file name, sha256).
 
-    tmp = folder / f".{stem}.tmp-{uuid.uuid4().hex[:8]}.safetensors"
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        sha = _sha256(tmp)
-        name = f"{stem}-{sha[:12]}.{suffix}"
-        os.replace(tmp, folder / name)
-    finally:
-        if tmp.exists():
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    The file is serialised in memory, named after its sha256 and written atomically (a
+    temporary name, flushed to disk, then renamed).
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"format": "pt"})
+    sha = _sha256_bytes(data)
+    name = f"{stem}-{sha[:12]}.{suffix}"
+    write_bytes_atomic(folder / name, data, fsync=True)
     return name, sha
 
 
@@ -258,6 +258,203 @@ def update_checkpoint_extra(
         _write_json_atomic(path, side)
 
 
+# ---------------------------------------------------------------------- sidecar schema
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _plain_safetensors_name(v: str) -> str:
+    """Accept only a plain ``*.safetensors`` file name (no folder part, no drive, no '..')."""
+    if (
+        not v
+        or v in (".", "..")
+        or "\x00" in v
+        or PurePosixPath(v).name != v
+        or PureWindowsPath(v).name != v
+    ):
+        raise ValueError(
+            f"must be a plain file name inside the checkpoint folder, not a path (got {v!r})"
+        )
+    if not v.endswith(".safetensors"):
+        raise ValueError(f"must name a .safetensors file (got {v!r})")
+    return v
+
+
+def _sha256_hex(v: str) -> str:
+    if not _HEX64.match(v):
+        raise ValueError(f"must be 64 lower-case hex digits (got {v!r})")
+    return v
+
+
+def _finite(v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError(f"must be a finite number (got {v!r})")
+    return v
+
+
+SafeFileName = Annotated[str, AfterValidator(_plain_safetensors_name)]
+Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
+_Strict = ConfigDict(strict=True, extra="allow")
+
+
+class SidecarNormalization(BaseModel):
+    """The input normalisation record (``models.normalization.NORMALIZATION``)."""
+
+    model_config = _Strict
+    method: Literal["per_image_standardize"]
+    """Per-image standardisation (the only method of format version 1)."""
+    eps: Annotated[float, AfterValidator(_finite), Field(ge=0.0)] = 1e-6
+    """Added to the standard deviation."""
+
+
+class SidecarTraining(BaseModel):
+    """How the checkpoint was trained (the config is validated when resuming)."""
+
+    model_config = _Strict
+    config: dict[str, Any]
+    device: str | None = None
+    precision: str | None = None
+
+
+class SidecarResume(BaseModel):
+    """Where a stopped run continues (``last`` checkpoints)."""
+
+    model_config = _Strict
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    loss_sum: float
+    loss_count: int = Field(ge=0)
+    scaler: dict[str, Any] | None = None
+
+
+class SidecarV1(BaseModel):
+    """Schema of a checkpoint sidecar, ``format_version`` ``"1"``.
+
+    Strict types (JSON numbers for numbers, no strings such as ``"0.2 A"``); keys not listed
+    here are kept (additions that older readers may ignore).
+    """
+
+    model_config = _Strict
+    format: Literal["napari-hrtem-transfer checkpoint"]
+    format_version: Literal["1"]
+    which: Literal["best", "last"]
+    weights_file: SafeFileName
+    weights_sha256: Sha256
+    model: dict[str, Any]
+    """Architecture config (validated by ``models.config.parse_model_config``)."""
+    normalization: SidecarNormalization
+    sampling_A: Annotated[float | None, AfterValidator(_finite), Field(gt=0.0)] = None
+    """Pixel size of the training images [Å]."""
+    output: dict[str, Any] | None = None
+    stage: Literal["pretrain", "finetune"] | None = None
+    training: SidecarTraining | None = None
+    data: dict[str, Any] | None = None
+    parent: dict[str, Any] | None = None
+    epochs_completed: int | None = Field(default=None, ge=0)
+    best_epoch: int | None = Field(default=None, ge=0)
+    best_val_loss: float | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+    optimizer_file: SafeFileName | None = None
+    optimizer_sha256: Sha256 | None = None
+    optimizer: dict[str, Any] | None = None
+    resume: SidecarResume | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _architecture(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ..models.config import parse_model_config
+
+        try:
+            parse_model_config(v)
+        except ValidationError as exc:
+            tag = v.get("architecture") if isinstance(v, dict) else None
+            detail = "; ".join(
+                f"{_field_name(tuple(e['loc'])[1:] if e['loc'][:1] == (tag,) else e['loc'])}: "
+                f"{e['msg']}"
+                for e in exc.errors()
+            )
+            raise ValueError(f"not a valid architecture config ({detail})") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid architecture config ({exc})") from None
+        return v
+
+
+#: The sidecar schema of each readable ``format_version``.
+SIDECAR_SCHEMAS: dict[str, type[BaseModel]] = {"1": SidecarV1}
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after",) or str(part).startswith(("function-", "nullable")):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def validate_sidecar(side: Any, path: str | os.PathLike, which: str | None = None) -> BaseModel:
+    """Validate a parsed sidecar against the schema of its ``format_version``.
+
+    Parameters
+    ----------
+    side
+        The JSON object read from the sidecar file.
+    path
+        The file (named in error messages).
+    which
+        The checkpoint the file is (``best``/``last``); the sidecar's ``which`` must agree.
+
+    Returns
+    -------
+    BaseModel
+        The validated record (a :class:`SidecarV1` for version 1).
+
+    Raises
+    ------
+    CheckpointError
+        Not a checkpoint sidecar, an unknown format version, or missing/malformed fields
+        (each named in the message).
+    """
+    if not isinstance(side, dict) or side.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a napari-hrtem-transfer checkpoint sidecar.")
+    version = side.get("format_version")
+    schema = SIDECAR_SCHEMAS.get(str(version)) if isinstance(version, (str, int)) else None
+    if schema is None:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this version of "
+            f"napari-hrtem-transfer reads version(s) {', '.join(SIDECAR_SCHEMAS)}. Upgrade the "
+            "package."
+        )
+    try:
+        rec = schema.model_validate({**side, "format_version": str(version)})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = _field_name(err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "missing":
+                problems.append(f"field {name!r} is missing")
+            else:
+                got = err.get("input")
+                shown = "" if isinstance(got, (dict, list)) or "got" in msg else f" (got {got!r})"
+                problems.append(f"field {name!r}: {msg}{shown}")
+        raise CheckpointError(
+            f"checkpoint sidecar {path} is invalid: " + "; ".join(problems) + ". The file was "
+            "edited or damaged; restore it or write the checkpoint again."
+        ) from None
+    if which is not None and rec.which != which:
+        raise CheckpointError(
+            f"checkpoint sidecar {path} is invalid: field 'which' is {rec.which!r} but the file "
+            f"is the {which!r} sidecar."
+        )
+    return rec
+
+
 # ---------------------------------------------------------------------- reading
 def _sidecar_path(model_dir: Path, which: str) -> Path:
     if which not in WHICH:
@@ -313,40 +510,71 @@ def read_sidecar(model_dir: str | os.PathLike, which: str = "best") -> dict[str,
         raise CheckpointError(
             f"checkpoint sidecar {path} is unreadable or corrupted: {exc}"
         ) from exc
-    if not isinstance(side, dict) or side.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a napari-hrtem-transfer checkpoint sidecar.")
-    if str(side.get("format_version")) != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {side.get('format_version')!r}; this version "
-            f"of napari-hrtem-transfer reads version {FORMAT_VERSION}. Upgrade the package."
-        )
-    for key in ("weights_file", "weights_sha256", "model", "normalization"):
-        if key not in side:
-            raise CheckpointError(
-                f"checkpoint sidecar {path} lacks the key {key!r}; it is corrupted."
-            )
+    validate_sidecar(side, path, which)
     side["_path"] = str(path)
     return side
 
 
-def _read_tensors(path: Path, sha: str | None) -> dict[str, Any]:
-    from safetensors.torch import load_file
+def _checked_file(folder: Path, name: Any, field: str, sidecar: str | os.PathLike) -> Path:
+    """``folder/name`` if ``name`` is a plain .safetensors name whose file stays in ``folder``.
 
-    if path.suffix != ".safetensors" or "/" in path.name:
+    Raises
+    ------
+    CheckpointError
+        For a path instead of a name, another suffix, or a link leading out of the folder.
+    """
+    try:
+        if not isinstance(name, str):
+            raise ValueError(f"must be a file name (got {name!r})")
+        _plain_safetensors_name(name)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint sidecar {sidecar}: field {field!r} {exc}.") from None
+    path = folder / name
+    if path.is_symlink() or path.resolve().parent != folder.resolve():
+        raise CheckpointError(
+            f"checkpoint sidecar {sidecar}: field {field!r} names {name}, which is a link "
+            f"leading out of the checkpoint folder {folder}; copy the file into the folder."
+        )
+    return path
+
+
+def _read_tensors(path: Path, sha: str | None) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: checkpoints must reference .safetensors files only.")
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} is missing.")
-    if sha is not None and _sha256(path) != sha:
+    data = path.read_bytes()
+    if sha is not None and _sha256_bytes(data) != sha:
         raise CheckpointError(
             f"checkpoint file {path} is corrupted or was modified: its sha256 does not match "
             "the one recorded in the sidecar."
         )
     try:
-        return load_file(str(path), device="cpu")
+        return load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
         raise CheckpointError(
             f"checkpoint file {path} is not a valid safetensors file: {exc}"
         ) from exc
+
+
+def read_checkpoint_tensors(side: dict[str, Any], kind: str = "weights") -> dict[str, Any]:
+    """The tensors of a sidecar's weights (``kind="weights"``) or optimizer state file.
+
+    The file must be a plain name inside the sidecar's folder and match its recorded sha256.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unsafe, modified or invalid file.
+    """
+    folder = Path(side["_path"]).parent
+    field = f"{kind}_file"
+    if field not in side:
+        raise CheckpointError(f"checkpoint sidecar {side['_path']} has no {field!r}.")
+    path = _checked_file(folder, side[field], field, side["_path"])
+    return _read_tensors(path, side.get(f"{kind}_sha256"))
 
 
 def load_state_into(model: Any, tensors: dict[str, Any], path: Path) -> None:
@@ -397,9 +625,8 @@ def load_model_weights(
         model = build_model(side["model"])
     except Exception as exc:  # noqa: BLE001 - pydantic / config errors
         raise CheckpointError(f"{side['_path']}: invalid architecture config: {exc}") from exc
-    path = folder / str(side["weights_file"])
-    tensors = _read_tensors(path, side.get("weights_sha256"))
-    load_state_into(model, tensors, path)
+    tensors = read_checkpoint_tensors(side, "weights")
+    load_state_into(model, tensors, folder / side["weights_file"])
     model.eval()
     return model, side
 
@@ -408,9 +635,8 @@ def load_optimizer_state(side: dict[str, Any]) -> dict[str, Any]:
     """Read the optimizer state of a ``last`` checkpoint (sidecar from :func:`read_sidecar`)."""
     if "optimizer_file" not in side:
         raise CheckpointError(f"{side['_path']} has no optimizer state; it cannot be resumed.")
-    folder = Path(side["_path"]).parent
-    tensors = _read_tensors(folder / side["optimizer_file"], side.get("optimizer_sha256"))
-    return unflatten_optimizer_state(tensors, side.get("optimizer", {}))
+    tensors = read_checkpoint_tensors(side, "optimizer")
+    return unflatten_optimizer_state(tensors, side.get("optimizer") or {})
 
 
 def load_checkpoint(
