@@ -62,20 +62,42 @@ def fake_core(monkeypatch):
 
     calls: list[dict[str, Any]] = []
 
-    def segment(data, model="pretrained", *, sampling_A=None, axes=None, threshold=None,
-                ood=True, probabilities=True, which="best", device="auto", progress=None,
-                stop=None):
+    def segment(
+        data,
+        model="pretrained",
+        *,
+        sampling_A=None,
+        axes=None,
+        threshold=None,
+        ood=True,
+        probabilities=True,
+        which="best",
+        device="auto",
+        progress=None,
+        stop=None,
+    ):
         arr = np.asarray(data.data if hasattr(data, "axes_manager") else data)
-        calls.append({"shape": arr.shape, "sampling_A": sampling_A, "model": model,
-                      "threshold": threshold, "signal": hasattr(data, "axes_manager")})
+        calls.append(
+            {
+                "shape": arr.shape,
+                "sampling_A": sampling_A,
+                "model": model,
+                "threshold": threshold,
+                "signal": hasattr(data, "axes_manager"),
+            }
+        )
         p = fake_proba(arr)
         t = 0.5 if threshold is None else threshold
         return FakeResult(
             labels=(p > t).astype(np.uint8),
             proba=p if probabilities else None,
             ood_score=fake_ood(arr) if ood else None,
-            provenance={"model": str(model), "sha256": "0" * 64, "threshold": t,
-                        "version": "test"},
+            provenance={
+                "model": str(model),
+                "weights_sha256": "0" * 64,
+                "threshold": t,
+                "version": "test",
+            },
             notes=["fake core"],
         )
 

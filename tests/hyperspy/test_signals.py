@@ -34,8 +34,14 @@ def _nav2d(lazy=False):
         rng.poisson(50, (2, 3, 8, 9)).astype(np.float32),
         axes=[
             {"name": "defocus", "axis": np.array([-7.5, 12.0]), "units": "nm", "navigate": True},
-            {"name": "time", "size": 3, "scale": 0.8, "offset": 2.0, "units": "s",
-             "navigate": True},
+            {
+                "name": "time",
+                "size": 3,
+                "scale": 0.8,
+                "offset": 2.0,
+                "units": "s",
+                "navigate": True,
+            },
             {"name": "y", "size": 8, "scale": 0.05, "offset": -1.25, "units": "nm"},
             {"name": "x", "size": 9, "scale": 0.05, "offset": 3.5, "units": "nm"},
         ],
@@ -118,9 +124,7 @@ def _image_signals():
 
 @pytest.mark.skipif(not DATA.exists(), reason="shared microscope files not present")
 @pytest.mark.parametrize(("path", "index"), _image_signals() if DATA.exists() else [])
-def test_every_shared_image_file_takes_the_type_and_keeps_axes(
-    path, index, registered, fake_core
-):
+def test_every_shared_image_file_takes_the_type_and_keeps_axes(path, index, registered, fake_core):
     import hyperspy.api as hs
 
     from napari_hrtem_transfer.hyperspy import HRTEM
@@ -167,7 +171,7 @@ def test_segment_keeps_2d_navigation_metadata_and_records_provenance(registered,
     assert mask.metadata.Acquisition_instrument.TEM.beam_energy == 300.0
     assert mask.original_metadata.Optics.Defocus == -2e-8
     prov = mask.metadata.HRTEM_transfer.segmentation
-    assert prov.threshold == 0.7 and prov.model == "my_model" and prov.sha256 == "0" * 64
+    assert prov.threshold == 0.7 and prov.model == "my_model" and prov.weights_sha256 == "0" * 64
     assert prov.sampling_A == pytest.approx(0.5)
     np.testing.assert_array_equal(mask.data, fake_proba(s.data) > 0.7)
     assert fake_core.calls[-1]["sampling_A"] == pytest.approx(0.5)
@@ -222,8 +226,9 @@ def test_evaluate_per_frame_against_metrics(registered, fake_core):
     frames = s.data.reshape(-1, 8, 9)
     t = truth.data.reshape(-1, 8, 9) > 0
     p = fake_proba(frames)
-    np.testing.assert_allclose(res["loss"].data.ravel(),
-                               binary_cross_entropy(p, t, from_logits=False))
+    np.testing.assert_allclose(
+        res["loss"].data.ravel(), binary_cross_entropy(p, t, from_logits=False)
+    )
     np.testing.assert_allclose(res["dice"].data.ravel(), dice(p > 0.5, t))
     np.testing.assert_allclose(res["iou"].data.ravel(), iou(p > 0.5, t))
     assert res["dice"].axes_manager.signal_shape == (3, 2)
@@ -271,8 +276,9 @@ def test_finetune_passes_frames_and_returns_the_folder(registered, monkeypatch, 
     seen = {}
 
     def finetune_on_annotations(images, labels, *, model, out_dir, sampling_A, freeze, **kw):
-        seen.update(images=images, labels=labels, model=model, sampling_A=sampling_A,
-                    freeze=freeze, **kw)
+        seen.update(
+            images=images, labels=labels, model=model, sampling_A=sampling_A, freeze=freeze, **kw
+        )
         return types.SimpleNamespace(out_dir=out_dir)
 
     fake = types.ModuleType("napari_hrtem_transfer.training.annotations")
@@ -337,8 +343,12 @@ def _dataset():
 
     rng = np.random.default_rng(3)
     masks = rng.random((2, 6, 7)) > 0.6
-    return HRTEMDataset(images=rng.poisson(20, (3, 2, 6, 7)).astype(np.uint16),
-                        defocus_nm=[-10.0, 0.0, 25.0], sampling_A=0.3, masks=masks)
+    return HRTEMDataset(
+        images=rng.poisson(20, (3, 2, 6, 7)).astype(np.uint16),
+        defocus_nm=[-10.0, 0.0, 25.0],
+        sampling_A=0.3,
+        masks=masks,
+    )
 
 
 def test_defocus_series_masks_have_the_images_axes(registered, tmp_path):

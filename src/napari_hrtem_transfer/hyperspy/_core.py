@@ -112,11 +112,29 @@ def _core():
 
 def _resolve_model(model: Any, which: str, device: str) -> Any:
     """Load the model once (for chunk-by-chunk work); the core accepts what it returns."""
-    seg = _core()
-    resolve = getattr(seg, "resolve_model", None)
-    if resolve is None or not isinstance(model, str | bytes) and not hasattr(model, "__fspath__"):
-        return model
-    return resolve(model, which=which, device=device)
+    resolve = getattr(_core(), "resolve_model", None)
+    return model if resolve is None else resolve(model, which=which, device=device)
+
+
+def _options(threshold: float | None, **kw: Any) -> dict[str, Any]:
+    """Core options; a None threshold is left to the core's default (SegmentConfig)."""
+    if threshold is not None:
+        kw["threshold"] = float(threshold)
+    return kw
+
+
+def _lazy_provenance(loaded: Any, model: Any, threshold: float | None, which: str) -> dict:
+    """What the core would record, known before computing (lazy results)."""
+    info = getattr(loaded, "info", None) or {}
+    return {
+        "model": model if isinstance(model, str) else str(getattr(loaded, "path", model)),
+        "model_path": str(getattr(loaded, "path", model)),
+        "which": which,
+        "weights_sha256": info.get("weights_sha256") if isinstance(info, dict) else None,
+        "model_sampling_A": getattr(loaded, "sampling_A", None),
+        "threshold": threshold,
+        "lazy": True,
+    }
 
 
 def _package_version() -> str:
@@ -146,7 +164,9 @@ def _provenance(res: Any | None, *, model: Any, threshold: float | None, which: 
     prov: dict[str, Any] = {}
     if res is not None and getattr(res, "provenance", None):
         prov.update(res.provenance)
-    prov.setdefault("model", model if isinstance(model, str) else str(getattr(model, "path", model)))
+    prov.setdefault(
+        "model", model if isinstance(model, str) else str(getattr(model, "path", model))
+    )
     prov.setdefault("which", which)
     prov.setdefault("version", _package_version())
     if threshold is not None:
@@ -195,11 +215,9 @@ def segment(
                 np.asarray(frames),
                 model=loaded,
                 sampling_A=px,
-                threshold=threshold,
-                ood=False,
-                probabilities=probabilities,
-                which=which,
-                device=device,
+                **_options(
+                    threshold, ood=False, probabilities=probabilities, which=which, device=device
+                ),
             )
             arr = res.proba if probabilities else res.labels
             return np.asarray(arr, dtype=dtype).reshape(frames.shape)
@@ -207,18 +225,18 @@ def segment(
         data = _whole_frames(s.data)
         out_data = data.map_blocks(block, dtype=dtype, meta=np.empty((0,) * data.ndim, dtype))
         res = None
+        known = _lazy_provenance(loaded, model, threshold, which)
     else:
         res = seg.segment(
             s,
             model=model,
             sampling_A=px,
-            threshold=threshold,
-            ood=False,
-            probabilities=probabilities,
-            which=which,
-            device=device,
             progress=progress,
+            **_options(
+                threshold, ood=False, probabilities=probabilities, which=which, device=device
+            ),
         )
+        known = {}
         arr = res.proba if probabilities else res.labels
         out_data = np.asarray(arr, dtype=np.float32 if probabilities else np.uint8)
         if out_data.shape != s.data.shape:  # the contract says it never differs
@@ -228,9 +246,11 @@ def segment(
             )
     out = s._deepcopy_with_new_data(out_data)
     _strip_for_result(out)
-    out.metadata.General.title = f"{name} – {'particle probability' if probabilities else 'particles'}"
+    out.metadata.General.title = (
+        f"{name} – {'particle probability' if probabilities else 'particles'}"
+    )
     out.metadata.Signal.quantity = PROBA_QUANTITY if probabilities else MASK_QUANTITY
-    prov = _provenance(res, model=model, threshold=threshold, which=which)
+    prov = {**known, **_provenance(res, model=model, threshold=threshold, which=which)}
     prov["sampling_A"] = px
     prov["output"] = "probability" if probabilities else "mask"
     record(out, "segmentation", prov)
@@ -294,10 +314,7 @@ def ood_score(
                 np.asarray(frames),
                 model=loaded,
                 sampling_A=px,
-                ood=True,
-                probabilities=False,
-                which=which,
-                device=device,
+                **_options(None, ood=True, probabilities=False, which=which, device=device),
             )
             return _scores(res).reshape(frames.shape[:-2])
 
@@ -308,21 +325,20 @@ def ood_score(
             meta=np.empty((0,) * (nd - 2), np.float64),
         )
         res = None
+        known = _lazy_provenance(loaded, model, None, which)
     else:
         res = seg.segment(
             s,
             model=model,
             sampling_A=px,
-            ood=True,
-            probabilities=False,
-            which=which,
-            device=device,
             progress=progress,
+            **_options(None, ood=True, probabilities=False, which=which, device=device),
         )
         values = _scores(res)
         caution = getattr(res, "ood_caution", None)
+        known = {}
     out = navigation_signal(s, values, title=f"{name} – OOD score", quantity=OOD_QUANTITY)
-    prov = _provenance(res, model=model, threshold=None, which=which)
+    prov = {**known, **_provenance(res, model=model, threshold=None, which=which)}
     prov["caution_level"] = 1.0 if caution is None else float(caution)
     record(out, "ood", prov)
     return out
@@ -355,11 +371,7 @@ def evaluate(
             np.asarray(frames),
             model=loaded,
             sampling_A=px,
-            threshold=threshold,
-            ood=False,
-            probabilities=True,
-            which=which,
-            device=device,
+            **_options(threshold, ood=False, probabilities=True, which=which, device=device),
         )
         p = np.asarray(res.proba, dtype=np.float64).reshape(-1, ny, nx)
         lab = np.asarray(res.labels).reshape(-1, ny, nx) > 0
@@ -392,7 +404,9 @@ def evaluate(
         )
         parts = [stacked[..., i] for i in range(3)]
     else:
-        stacked = metrics(np.asarray(s.data), np.asarray(target), model)
+        stacked = metrics(
+            np.asarray(s.data), np.asarray(target), _resolve_model(model, which, device)
+        )
         parts = [stacked[..., i] for i in range(3)]
     titles = {
         "loss": ("binary cross-entropy", "Binary cross-entropy per pixel (nats)"),

@@ -64,18 +64,6 @@ def from_signal(signal: Any, *, allow_reciprocal: bool = False) -> ExperimentalI
 # ----------------------------------------------------------------------------- to_signal
 
 
-def _is_placeholder_frame_axis(ax: dict[str, Any]) -> bool:
-    """The frame axis the reader invents for a single image (no navigation in the file)."""
-    return (
-        "navigation_axes" not in ax
-        and "axis" not in ax
-        and ax.get("name") in (None, "frame")
-        and ax.get("units") is None
-        and float(ax.get("scale", 1.0)) == 1.0
-        and float(ax.get("offset", 0.0)) == 0.0
-    )
-
-
 def _hs_axis(d: dict[str, Any], *, navigate: bool) -> dict[str, Any]:
     """A rosettasciio-style axis dict as HyperSpy's constructor wants it."""
     out: dict[str, Any] = {"navigate": navigate}
@@ -174,19 +162,9 @@ def to_signal(
     if isinstance(image, ExperimentalImage):
         frames = image.data
         ny, nx = image.image_shape
-        frame_ax, y_ax, x_ax = image.axes
-        if frame_ax.get("navigation_axes"):
-            nav = [dict(a) for a in frame_ax["navigation_axes"]]
-        elif image.n_frames == 1 and _is_placeholder_frame_axis(frame_ax):
-            nav = []
-        else:
-            nav = [dict(frame_ax)]
-        nav_shape = tuple(int(a["size"]) for a in nav)
-        if int(np.prod(nav_shape, dtype=np.int64)) != image.n_frames:
-            raise ReaderError(
-                f"{image.name or 'image'}: navigation axes of sizes {nav_shape} do not fit "
-                f"{image.n_frames} frames."
-            )
+        _, y_ax, x_ax = image.axes
+        nav = [dict(a) for a in image.nav_axes or []]
+        nav_shape = image.nav_shape
         data = frames.reshape(*nav_shape, ny, nx)
         sig = [dict(y_ax), dict(x_ax)]
         if sampling_A is not None:

@@ -1,0 +1,136 @@
+"""The HRTEM methods against the real segmentation core and a tiny trained model.
+
+The model (a compact U-Net trained for a few epochs on dark discs in Poisson noise, with
+its OOD reference) is the one tests/segmentation uses; here it checks that the methods
+give exactly what the core gives, on the signal's own axes, eagerly and lazily.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _axes import assert_same_axes  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _discs(n: int, size: int = 64, seed: int = 0, contrast: float = -0.4):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        for _ in range(int(rng.integers(1, 3))):
+            cy, cx = rng.uniform(10, size - 10, 2)
+            r = rng.uniform(4, 9)
+            masks[i] |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    frames = rng.poisson(200.0 * (1.0 + contrast * masks)).astype(np.float32)
+    return frames, masks
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from napari_hrtem_transfer.evaluation.ood import fit_ood_reference_for_checkpoint
+    from napari_hrtem_transfer.io import HRTEMDataset
+    from napari_hrtem_transfer.models import CompactUNetConfig
+    from napari_hrtem_transfer.training import TrainConfig, train
+
+    a, masks = _discs(12, seed=1)
+    ds = HRTEMDataset(images=np.stack([a, a]), defocus_nm=[-5.0, 5.0], sampling_A=0.2, masks=masks)
+    out = tmp_path_factory.mktemp("hsmodel") / "model"
+    cfg = TrainConfig.pretrain(
+        "all",
+        model=CompactUNetConfig(channels=(8, 16, 16, 16)),
+        epochs=2,
+        samples_per_epoch=32,
+        batch_size=4,
+        patch_size=64,
+        lr=3e-3,
+        device="cpu",
+        precision="fp32",
+        num_threads=1,
+        deterministic=True,
+    )
+    train(cfg, ds, out)
+    fit_ood_reference_for_checkpoint(out, ds)
+    return out
+
+
+def _series(lazy=False):
+    """(image 3, defocus 2 | 64 x 64), non-uniform defocus, offsets, 0.2 Å/px."""
+    import hyperspy.api as hs
+
+    frames, masks = _discs(6, seed=5)
+    s = hs.signals.Signal2D(
+        frames.reshape(2, 3, 64, 64),
+        axes=[
+            {"name": "defocus", "axis": np.array([-4.0, 9.0]), "units": "nm", "navigate": True},
+            {"name": "image", "size": 3, "scale": 1.0, "offset": 0.0, "navigate": True},
+            {"name": "y", "size": 64, "scale": 0.02, "offset": 1.0, "units": "nm"},
+            {"name": "x", "size": 64, "scale": 0.02, "offset": -3.0, "units": "nm"},
+        ],
+    )
+    s.metadata.General.title = "discs"
+    s.set_signal_type("HRTEM")
+    if lazy:
+        s = s.as_lazy()
+        s.data = s.data.rechunk((1, 2, 64, 64))
+    return s, masks.reshape(2, 3, 64, 64)
+
+
+def test_methods_give_what_the_core_gives(registered, tiny_model):
+    from napari_hrtem_transfer.segmentation import segment
+
+    s, masks = _series()
+    ref = segment(s.data, tiny_model, sampling_A=0.2)
+    mask = s.segment(model=tiny_model)
+    assert_same_axes(s, mask)
+    np.testing.assert_array_equal(mask.data, ref.labels)
+    prov = mask.metadata.HRTEM_transfer.segmentation
+    assert len(prov.weights_sha256) == 64 and prov.threshold == 0.5
+    ood = s.ood_score(model=tiny_model)
+    assert ood.axes_manager.signal_shape == (3, 2)
+    np.testing.assert_allclose(ood.data, ref.ood_score)
+    ev = s.evaluate(masks, model=tiny_model)
+    from napari_hrtem_transfer.evaluation.metrics import dice
+
+    np.testing.assert_allclose(
+        ev["dice"].data.ravel(), dice(ref.labels.reshape(-1, 64, 64), masks.reshape(-1, 64, 64))
+    )
+
+
+def test_lazy_equals_eager_with_the_real_core(registered, tiny_model):
+    from hyperspy._signals.lazy import LazySignal
+
+    eager, _ = _series()
+    lazy, _ = _series(lazy=True)
+    m_lazy = lazy.segment(model=tiny_model, probabilities=True)
+    o_lazy = lazy.ood_score(model=tiny_model)
+    assert isinstance(m_lazy, LazySignal) and isinstance(o_lazy, LazySignal)
+    assert len(m_lazy.metadata.HRTEM_transfer.segmentation.weights_sha256) == 64
+    m_lazy.compute()
+    o_lazy.compute()
+    np.testing.assert_allclose(
+        m_lazy.data, eager.segment(model=tiny_model, probabilities=True).data, atol=1e-6
+    )
+    np.testing.assert_allclose(o_lazy.data, eager.ood_score(model=tiny_model).data, rtol=1e-6)
+    assert_same_axes(eager, m_lazy)
+
+
+def test_pretrained_model_on_a_single_image(registered):
+    from napari_hrtem_transfer.errors import CheckpointError
+    from napari_hrtem_transfer.segmentation import pretrained_model_dir
+
+    try:
+        pretrained_model_dir()
+    except CheckpointError as exc:
+        pytest.skip(f"no shipped model in this checkout: {exc}")
+    s, _ = _series()
+    one = s.inav[0, 0]
+    mask = one.segment()
+    assert mask.data.shape == (64, 64) and mask.axes_manager.navigation_dimension == 0
+    assert_same_axes(one, mask)
