@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,73 @@ from napari_hrtem_transfer.evaluation import (
     shift_matrix,
     target_matrix,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-REFERENCE_CSV = REPO.parent / "shared" / "reference" / "paper_defocus_sweep.csv"
+from napari_hrtem_transfer.evaluation.reference import (
+    REFERENCE_ENV,
+    find_reference_csv,
+    packaged_reference_csv,
+)
 
 
 @pytest.fixture(scope="module")
 def paper():
-    if not REFERENCE_CSV.is_file():
-        pytest.skip(f"published table not found at {REFERENCE_CSV}")
-    return load_reference_table(REFERENCE_CSV)
+    """The published table as shipped with the package (no ../shared needed)."""
+    return load_reference_table()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_packaged_table_is_the_published_one_with_its_attribution():
+    csv_file = packaged_reference_csv()
+    data = csv_file.read_bytes()
+    notes = csv_file.parent
+    licence = (notes / "LICENSE_paper_defocus_sweep.txt").read_text()
+    citation = (notes / "CITATION.md").read_text()
+    # the checksum recorded beside the file (README and licence notice) matches its bytes
+    recorded = set(re.findall(r"[0-9a-f]{64}", licence + (notes / "README.md").read_text()))
+    assert recorded == {_sha256(data)}
+    assert "Creative Commons Attribution 4.0" in licence
+    assert "https://creativecommons.org/licenses/by/4.0/legalcode" in licence
+    for text in (licence, citation):
+        assert "Rangel DaCosta" in text and "Scott" in text and "EM000010" in text
+    assert data.startswith(b"pretrain_lr,transfer_lr,pretrain_defocus,transfer_defocus,")
+    assert data.count(b"\n") == 7201  # header + 7,200 models
+
+
+def test_packaged_table_equals_the_shared_copy(shared_data_dir):
+    shared = shared_data_dir / "reference" / "paper_defocus_sweep.csv"
+    assert shared.is_file(), f"{shared} missing from the shared folder"
+    assert _sha256(packaged_reference_csv().read_bytes()) == _sha256(shared.read_bytes())
+
+
+def test_path_and_environment_override_the_packaged_table(tmp_path, monkeypatch):
+    small = tmp_path / "two_rows.csv"
+    with packaged_reference_csv().open("r", newline="") as fh:
+        small.write_text("".join(next(fh) for _ in range(3)))
+    assert len(load_reference_table(small)) == 2 * 11 * 2
+    monkeypatch.setenv(REFERENCE_ENV, str(small))
+    assert find_reference_csv() == small
+    assert len(load_reference_table()) == 2 * 11 * 2
+    monkeypatch.setenv(REFERENCE_ENV, str(tmp_path / "missing.csv"))
+    with pytest.raises(DatasetError, match=f"missing.csv.*{REFERENCE_ENV}"):
+        load_reference_table()
+    monkeypatch.delenv(REFERENCE_ENV)
+    assert find_reference_csv() == Path(str(packaged_reference_csv()))
+    with pytest.raises(DatasetError, match="nothere.csv does not exist"):
+        load_reference_table(tmp_path / "nothere.csv")
+
+
+def test_cli_compare_reference_names_a_bad_table(tmp_path, capsys):
+    """A table without the study's columns: exit 2 naming the column (the default, packaged
+    table through the CLI is run from an installed wheel in tests/test_packaging.py)."""
+    from napari_hrtem_transfer.cli import main
+
+    bad = tmp_path / "copy.csv"
+    bad.write_text(packaged_reference_csv().read_text().replace("freeze_option", "freeze", 1))
+    assert main(["compare-reference", "--csv", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "freeze_option" in err and "Traceback" not in err
 
 
 def test_published_generalization_after_pretraining(paper):

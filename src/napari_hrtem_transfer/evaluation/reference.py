@@ -20,6 +20,8 @@ from __future__ import annotations
 import csv
 import os
 import re
+from importlib.resources import as_file, files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,11 @@ from .table import ResultTable
 
 __all__ = [
     "REFERENCE_CITATION",
+    "REFERENCE_ENV",
     "REFERENCE_FILENAME",
     "find_reference_csv",
     "load_reference_table",
+    "packaged_reference_csv",
 ]
 
 REFERENCE_FILENAME = "paper_defocus_sweep.csv"
@@ -53,29 +57,35 @@ REFERENCE_META_COLUMNS = (
 _PRE = re.compile(r"^best_pretrain_val_(-?\d+(?:\.\d+)?)$")
 _POST = re.compile(r"^best_transfer_performance_(-?\d+(?:\.\d+)?)$")
 
-#: Environment variable that points at the published table.
+#: Environment variable that points at another copy of the published table.
 REFERENCE_ENV = "HRTEM_TRANSFER_REFERENCE_CSV"
+
+#: Where the table ships inside the package (with its CITATION.md and licence notice).
+REFERENCE_PACKAGE_DIR = "data"
+
+
+def packaged_reference_csv() -> Traversable:
+    """The copy of the published table that ships with the package (CC-BY-4.0).
+
+    A :class:`importlib.resources.abc.Traversable`; read it with ``open()`` or through
+    :func:`importlib.resources.as_file`.  ``data/CITATION.md`` and
+    ``data/LICENSE_paper_defocus_sweep.txt`` beside it name the authors and the licence.
+    """
+    return files("napari_hrtem_transfer") / REFERENCE_PACKAGE_DIR / REFERENCE_FILENAME
 
 
 def find_reference_csv() -> Path | None:
-    """Locate the published table, or return None.
+    """The published table as a file path: ``$HRTEM_TRANSFER_REFERENCE_CSV`` or the packaged copy.
 
-    Looks at ``$HRTEM_TRANSFER_REFERENCE_CSV``, then ``shared/reference/`` next to or above the
-    current folder and the source checkout (``<repo>/../shared/reference/``).
+    Returns None only if neither exists (a broken installation, or a zipped package, where
+    :func:`load_reference_table` still reads the packaged copy through importlib.resources).
     """
     env = os.environ.get(REFERENCE_ENV)
-    if env and Path(env).is_file():
+    if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    starts = [Path.cwd().resolve(), *here.parents]
-    for start in starts:
-        for base in (start, *start.parents):
-            for cand in (
-                base / "shared" / "reference" / REFERENCE_FILENAME,
-                base / "reference" / REFERENCE_FILENAME,
-            ):
-                if cand.is_file():
-                    return cand
+    packaged = packaged_reference_csv()
+    if isinstance(packaged, Path) and packaged.is_file():
+        return packaged
     return None
 
 
@@ -85,7 +95,8 @@ def load_reference_table(path: str | os.PathLike | None = None) -> ResultTable:
     Parameters
     ----------
     path
-        The CSV; by default :func:`find_reference_csv`.
+        The CSV.  By default ``$HRTEM_TRANSFER_REFERENCE_CSV`` if set, else the copy that ships
+        with the package (:func:`packaged_reference_csv`).
 
     Returns
     -------
@@ -100,15 +111,29 @@ def load_reference_table(path: str | os.PathLike | None = None) -> ResultTable:
         If the file is missing or lacks columns (the message names them).
     """
     if path is None:
-        path = find_reference_csv()
-        if path is None:
+        env = os.environ.get(REFERENCE_ENV)
+        if env:
+            return _read_reference_csv(Path(env), f"${REFERENCE_ENV}")
+        packaged = packaged_reference_csv()
+        if not packaged.is_file():
             raise DatasetError(
-                f"the published table {REFERENCE_FILENAME} was not found; pass its path "
-                f"(or set ${REFERENCE_ENV})."
+                f"the packaged copy of {REFERENCE_FILENAME} is missing from this installation; "
+                f"reinstall napari-hrtem-transfer, or pass the table's path (--csv PATH or "
+                f"${REFERENCE_ENV})."
             )
-    path = Path(path)
+        with as_file(packaged) as p:
+            return _read_reference_csv(p)
+    return _read_reference_csv(Path(path))
+
+
+def _read_reference_csv(path: Path, origin: str = "") -> ResultTable:
+    """Parse one copy of the published table (see :func:`load_reference_table`)."""
     if not path.is_file():
-        raise DatasetError(f"published table {path} does not exist.")
+        via = f" (from {origin})" if origin else ""
+        raise DatasetError(
+            f"published table {path}{via} does not exist; pass an existing file, or leave it "
+            f"out to use the copy that ships with the package."
+        )
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         try:
