@@ -7,25 +7,82 @@ layer into a notification.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+
 
 class HrtemTransferError(Exception):
     """Base class of all errors caused by bad input or a bad environment."""
 
 
-class ConfigError(HrtemTransferError, ValueError):
-    """A parameter has an invalid value.
+def reword(message: str, names: Mapping[str, str], only: Iterable[str] | None = None) -> str:
+    """Replace parameter names in ``message`` by a front end's names for them.
 
     Parameters
     ----------
     message
-        What is wrong and how to fix it.
+        Text that names config fields, e.g. ``"use a larger image_size_px"``.
+    names
+        Config field -> the front end's name (``{"image_size_px": "--size"}``).
+    only
+        Replace only these fields (default: every field of ``names``).
+
+    A name is replaced only where it stands alone (not inside a longer name or a path).
+    """
+    keys = [k for k in names if only is None or k in set(only)]
+    for key in sorted(keys, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w./-]){re.escape(key)}(?![\w/-])", names[key], message)
+    return message
+
+
+class ConfigError(HrtemTransferError, ValueError):
+    """A parameter has an invalid value.
+
+    The core names its config fields (``image_size_px``, ``radius_nm``), never a front end's
+    spelling of them; each front end rewords the error for its users with :meth:`reworded`
+    (the command line maps fields to flags).
+
+    Parameters
+    ----------
+    message
+        What is wrong and how to fix it, naming the offending config field(s).
     field
-        Name of the offending parameter (CLI flag or config field), if known.
+        Name of the offending parameter (config field, or a front end's name), if known.
+    fields
+        Every parameter the message names (``field`` first; default ``(field,)``).
+
+    Attributes
+    ----------
+    field
+        As given (``None`` if unknown).
+    fields
+        Tuple of every named parameter.
+    message
+        The message as given.
     """
 
-    def __init__(self, message: str, field: str | None = None) -> None:
-        self.field = field
+    def __init__(
+        self, message: str, field: str | None = None, *, fields: Iterable[str] | None = None
+    ) -> None:
+        named = tuple(fields) if fields is not None else ()
+        if field is not None and field not in named:
+            named = (field, *named)
+        self.field = field if field is not None else (named[0] if named else None)
+        self.fields = named
+        self.message = message
         super().__init__(message)
+
+    def reworded(self, names: Mapping[str, str]) -> ConfigError:
+        """The same error in a front end's words: its fields renamed with ``names``.
+
+        Fields without an entry in ``names`` keep their config names.
+        """
+        field = names.get(self.field, self.field) if self.field is not None else None
+        return ConfigError(
+            reword(self.message, names, self.fields),
+            field,
+            fields=[names.get(f, f) for f in self.fields],
+        )
 
 
 class SimulationError(HrtemTransferError, RuntimeError):

@@ -9,18 +9,51 @@ import pytest
 
 from napari_hrtem_transfer.cli import main
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    pytest.importorskip("abtem")
     out = tmp_path_factory.mktemp("demo") / "run"
     code = main(["demo", "--tiny", "--out", str(out)])
     assert code == 0
     return out
 
 
+def _numbers(obj, path=""):
+    """Every number of a JSON document, keyed by its path (strings such as paths are left out)."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _numbers(val, f"{path}/{key}").items()}
+    if isinstance(obj, list):
+        return {k: v for i, val in enumerate(obj) for k, v in _numbers(val, f"{path}[{i}]").items()}
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return {path: obj}
+    return {}
+
+
+@pytest.mark.slow
+def test_same_seed_same_summary_numbers(demo, tmp_path):
+    """A second tiny demo with the same seed repeats every number of summary.json exactly.
+
+    The simulation is bitwise reproducible and training runs in deterministic mode.
+    """
+    out = tmp_path / "again"
+    assert main(["demo", "--tiny", "--out", str(out)]) == 0
+    first = _numbers(json.loads((demo / "report" / "summary.json").read_text()))
+    second = _numbers(json.loads((out / "report" / "summary.json").read_text()))
+    assert len(first) > 20 and any("generalization" in k for k in first)
+    assert second == first
+
+
+def test_demo_cli_words_setting_errors_with_its_flags(tmp_path, capsys):
+    """The protocol names its settings (pretrain_defocus_nm); the CLI user reads the flag."""
+    code = main(["demo", "--tiny", "--out", str(tmp_path / "d"), "--pretrain-defocus", "7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--pretrain-defocus 7 nm is not one of the defoci" in err
+    assert "pretrain_defocus_nm" not in err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
 def test_demo_writes_report_models_and_records(demo, capsys):
     rep = demo / "report"
     for name in (
@@ -63,6 +96,7 @@ def test_demo_writes_report_models_and_records(demo, capsys):
     assert all(r["structures"].startswith("validation") for r in ft)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_demo_outputs(demo, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(
@@ -92,6 +126,7 @@ def test_evaluate_cli_on_demo_outputs(demo, tmp_path, capsys):
     assert rows and all(r["structures"].startswith("validation") for r in rows)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_sampling_mismatch(demo, tmp_path, capsys):
     from napari_hrtem_transfer.io import load_dataset, save_dataset
 
@@ -114,6 +149,7 @@ def test_evaluate_cli_sampling_mismatch(demo, tmp_path, capsys):
     assert "Å/px" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_records_aggregate_beside_the_published_table(demo, tmp_path, capsys):
     from pathlib import Path
 
@@ -145,6 +181,7 @@ def test_demo_records_aggregate_beside_the_published_table(demo, tmp_path, capsy
     )
 
 
+@pytest.mark.slow
 def test_evaluate_cli_without_masks_reports_label_free_only(demo, tmp_path, capsys):
     from napari_hrtem_transfer.io import load_dataset, save_dataset
 

@@ -33,10 +33,11 @@ def test_study_preset_matches_the_paper():
     ("overrides", "words"),
     [
         ({"material": "Unobtainium"}, "unknown material"),
+        ({"defocus_nm": []}, "in defocus_nm"),
         ({"defocus_nm": []}, "empty"),
         ({"dose_e_per_A2": 0}, "greater than 0"),
         ({"sim_sampling_A": 0.3}, "coarser"),
-        ({"semiangle_cutoff_mrad": 80}, "finer --sampling"),
+        ({"semiangle_cutoff_mrad": 80}, "finer sampling_A"),
         ({"radius_nm": (2, 1)}, "min <= max"),
         ({"not_a_field": 1}, "Extra inputs"),
     ],
@@ -81,3 +82,26 @@ def test_cli_help_states_the_defocus_convention(capsys):
         main(["simulate", "--help"])
     out = capsys.readouterr().out
     assert "positive = underfocus" in out and "e/Å²" in out
+
+
+def test_cli_words_core_errors_with_its_flags(tmp_path, capsys):
+    """A core error naming image_size_px / radius_nm reaches CLI users as --size / --radius."""
+    out = tmp_path / "x.hspy"
+    rc = main(["simulate", "--out", str(out), "--quiet", "--n-structures", "1",
+               "--size", "64", "--radius", "1.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "--size" in err and "--radius" in err
+    assert "image_size_px" not in err and "radius_nm" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_error_keeps_its_positional_field_and_rewords():
+    from napari_hrtem_transfer.errors import ConfigError
+
+    legacy = ConfigError("--out x: use a name ending in .hspy", "--out")
+    assert legacy.field == "--out" and legacy.fields == ("--out",)
+    err = ConfigError("use a larger image_size_px (path /d/image_size_px/f)", "image_size_px")
+    cli = err.reworded({"image_size_px": "--size"})
+    assert isinstance(cli, ConfigError) and cli.field == "--size"
+    assert str(cli) == "use a larger --size (path /d/image_size_px/f)"

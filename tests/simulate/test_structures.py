@@ -138,3 +138,21 @@ def test_specimen_records_stacking_faults():
     s = build_specimen(cfg, np.random.default_rng(4))
     assert len(s.stacking_faults) == len(s.radii_A)
     assert all(1 <= k <= 2 for k in s.stacking_faults)
+
+
+def test_core_errors_name_config_fields_not_flags():
+    """The core speaks its config's language; front ends reword it (see test_config)."""
+    from napari_hrtem_transfer.errors import ConfigError
+
+    cfg = SimulationConfig(image_size_px=64, radius_nm=(1.5, 1.5))  # 3 nm particles, 1.28 nm view
+    with pytest.raises(ConfigError) as info:
+        build_specimen(cfg, np.random.default_rng(0))
+    err = info.value
+    assert err.field == "radius_nm" and "image_size_px" in err.fields
+    assert "image_size_px" in str(err) and "radius_nm" in str(err) and "--" not in str(err)
+    with pytest.raises(ConfigError) as info:
+        amorphous_carbon(20.0, 10.0, np.random.default_rng(0), density_g_cm3=4.0,
+                         min_distance_A=3.0)
+    err = info.value
+    assert err.field == "substrate_density_g_cm3" and "substrate_min_distance_A" in err.fields
+    assert "--" not in str(err)

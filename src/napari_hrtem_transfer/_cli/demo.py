@@ -61,8 +61,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: fields of :class:`~..evaluation.protocol.DemoSettings` and arguments of ``run_protocol``
+#: -> the flags that set them (core errors name the fields; CLI users read the flags)
+FLAGS: dict[str, str] = {
+    "out_dir": "--out",
+    "settings": "--preset",
+    "pretrain_defocus_nm": "--pretrain-defocus",
+    "transfer_defocus_nm": "--transfer-defocus",
+    "freeze": "--freeze",
+    "n_structures": "--n-structures",
+    "seed": "--seed",
+    "device": "--device",
+}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the protocol and print where the report is."""
+    """Run the protocol and print where the report is (core errors reworded with flags)."""
+    from ..errors import ConfigError
+
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        raise exc.reworded(FLAGS) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..evaluation.protocol import run_protocol
 

@@ -153,16 +153,27 @@ FLAGS: dict[str, tuple[str, str, float]] = {
 }
 
 
+#: arguments of the core functions that are not config fields -> their command-line flags
+ARGUMENT_FLAGS: dict[str, str] = {"path": "--out", "device": "--device", "workers": "--workers"}
+
+
+def flag_names() -> dict[str, str]:
+    """Config fields and core arguments -> command-line flags (for rewording core errors)."""
+    return {**{field: flag for field, (flag, _, _) in FLAGS.items()}, **ARGUMENT_FLAGS}
+
+
 def config_from_args(args: argparse.Namespace):
     """Turn parsed options into a validated :class:`SimulationConfig` (flags -> fields)."""
-    from ..errors import ConfigError
+    from ..errors import ConfigError, reword
     from ..simulate.config import SimulationConfig
 
     overrides = {}
     for field, (_, dest, scale) in FLAGS.items():
         value = getattr(args, dest)
         overrides[field] = value * scale if value is not None and scale != 1 else value
-    flags = {field: flag for field, (flag, _, _) in FLAGS.items()}
+    flags = flag_names()
+    # free text names fields only by their identifiers (with an underscore): reword those
+    identifiers = [f for f in flags if "_" in f]
     if args.defocus is not None and len(args.defocus) == 0:
         raise ConfigError(
             "--defocus was given without values; give at least one defocus in nm, "
@@ -182,18 +193,33 @@ def config_from_args(args: argparse.Namespace):
         if args.no_noise:
             cfg.dose_e_per_A2 = None
     except ValidationError as exc:
-        msgs = []
+        msgs, fields = [], []
         for err in exc.errors():
             field = str(err["loc"][0]) if err.get("loc") else ""
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = reword(err["msg"].removeprefix("Value error, "), flags, identifiers)
             msgs.append(f"{flags.get(field, field)}: {msg}" if field else msg)
-        raise ConfigError("; ".join(msgs)) from None
+            fields.append(flags.get(field, field) if field else None)
+        named = [f for f in fields if f]
+        raise ConfigError("; ".join(msgs), named[0] if named else None, fields=named) from None
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {args.workers})", "--workers")
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
+    """Simulate, write the file (and figure); core errors are reworded with the flags."""
+    from ..errors import ConfigError, SimulationError, reword
+
+    flags = flag_names()
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        raise exc.reworded(flags) from None
+    except SimulationError as exc:
+        raise SimulationError(reword(str(exc), flags, [f for f in flags if "_" in f])) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..io._atomic import check_writable
     from ..simulate import simulate_to_file
 

@@ -107,16 +107,27 @@ class DemoSettings:
         """Raise :class:`ConfigError` for settings the protocol cannot run."""
         d = [float(x) for x in self.defocus_nm]
         if len(d) < 5 or not any(abs(x) < 1e-9 for x in d):
-            raise ConfigError(f"the demo needs at least 5 defoci including 0 nm; got {d}.")
+            raise ConfigError(
+                f"the demo needs at least 5 defoci including 0 nm in defocus_nm; got {d}.",
+                "defocus_nm",
+            )
         for name in ("pretrain_defocus_nm", "transfer_defocus_nm"):
             if not any(abs(getattr(self, name) - x) < 1e-9 for x in d):
                 raise ConfigError(
-                    f"{name}={getattr(self, name):g} nm is not one of the defoci {d}."
+                    f"{name} {getattr(self, name):g} nm is not one of the defoci {d}.", name
                 )
         if self.pretrain_defocus_nm == self.transfer_defocus_nm:
-            raise ConfigError("pretraining and fine-tuning domains must differ.")
+            raise ConfigError(
+                "pretraining and fine-tuning domains must differ (pretrain_defocus_nm, "
+                "transfer_defocus_nm).",
+                "transfer_defocus_nm",
+                fields=("pretrain_defocus_nm",),
+            )
         if self.n_structures < 3:
-            raise ConfigError("the demo needs at least 3 structures (training and held-out).")
+            raise ConfigError(
+                "the demo needs at least 3 structures (training and held-out) in n_structures.",
+                "n_structures",
+            )
 
 
 #: Presets: ``laptop`` (<= 10 min on 2 CPU cores) and ``tiny`` (the test suite).
@@ -222,21 +233,22 @@ def run_protocol(
     if isinstance(settings, str):
         if settings not in DEMO_PRESETS:
             raise ConfigError(
-                f"unknown demo preset {settings!r}; choose one of {', '.join(DEMO_PRESETS)}."
+                f"unknown demo preset {settings!r}; choose one of {', '.join(DEMO_PRESETS)}.",
+                "settings",
             )
         settings = DEMO_PRESETS[settings]
     s = replace(settings, **overrides) if overrides else settings
     s.check()
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder.", "--out")
+        raise ConfigError(f"out_dir {out} is a file; give a folder.", "out_dir")
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("pretrained", "finetuned"):
         if (out / sub / "best.json").exists():
             raise ConfigError(
-                f"{out} already holds a demo run ({out / sub}); choose a new --out folder "
+                f"{out} already holds a demo run ({out / sub}); choose a new out_dir folder "
                 "or delete it.",
-                "--out",
+                "out_dir",
             )
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -122,14 +122,19 @@ class SimulationConfig(BaseModel):
     def _nonempty(cls, v: list[float]) -> list[float]:
         if len(v) == 0:
             raise ValueError(
-                "the defocus list is empty; give at least one defocus in nm, e.g. --defocus -5 0 5"
+                "the defocus list is empty; give at least one defocus in nm in defocus_nm, "
+                "e.g. -5 0 5"
             )
         if len(set(v)) != len(v):
             raise ValueError(f"the defocus list {v} has repeated values")
         return [float(x) for x in v]
 
     @field_validator(
-        "particles_per_image", "radius_nm", "substrate_thickness_nm", "stacking_faults", mode="before"
+        "particles_per_image",
+        "radius_nm",
+        "substrate_thickness_nm",
+        "stacking_faults",
+        mode="before",
     )
     @classmethod
     def _range(cls, v):
@@ -152,11 +157,12 @@ class SimulationConfig(BaseModel):
         if self.semiangle_cutoff_mrad is not None:
             nyquist_mrad = wavelength_A(self.energy_eV) / (2 * self.sampling_A) * 1e3
             if self.semiangle_cutoff_mrad > nyquist_mrad:
+                finest_A = wavelength_A(self.energy_eV) / (2e-3 * self.semiangle_cutoff_mrad)
                 raise ValueError(
-                    f"the objective aperture ({self.semiangle_cutoff_mrad:g} mrad) reaches beyond what "
-                    f"the output sampling {self.sampling_A:g} Å/px can represent ({nyquist_mrad:.1f} mrad): "
-                    f"use a finer --sampling (<= {wavelength_A(self.energy_eV) / (2e-3 * self.semiangle_cutoff_mrad):.3f} Å) "
-                    "or a smaller aperture"
+                    f"the objective aperture semiangle_cutoff_mrad {self.semiangle_cutoff_mrad:g} "
+                    f"mrad reaches beyond what the output sampling_A {self.sampling_A:g} Å/px can "
+                    f"represent ({nyquist_mrad:.1f} mrad): use a finer sampling_A "
+                    f"(<= {finest_A:.3f} Å) or a smaller semiangle_cutoff_mrad"
                 )
         return self
 

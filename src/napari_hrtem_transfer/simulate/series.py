@@ -87,9 +87,10 @@ def _check_resources(config: SimulationConfig) -> None:
         raise ConfigError(
             f"a multislice grid of {config.sim_gpts}² points with {config.n_phonons} phonons needs "
             f"about {need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available: use a "
-            f"coarser --sim-sampling (now {config.sim_sampling_A} Å), fewer --phonons, or a "
-            "smaller --size",
-            "--sim-sampling",
+            f"coarser sim_sampling_A (now {config.sim_sampling_A} Å), fewer n_phonons, or a "
+            "smaller image_size_px",
+            "sim_sampling_A",
+            fields=("n_phonons", "image_size_px"),
         )
 
 
@@ -154,7 +155,7 @@ def simulate_dataset(
             import cupy  # noqa: F401
         except ImportError as exc:
             raise ConfigError(
-                "--device gpu needs CuPy and a CUDA GPU; use --device cpu", "--device"
+                "device 'gpu' needs CuPy and a CUDA GPU; use device 'cpu'", "device"
             ) from exc
     n, nd, size = config.n_structures, len(config.defocus_nm), config.image_size_px
     images = None
@@ -196,7 +197,7 @@ def simulate_dataset(
         raise
     except MemoryError as exc:
         raise SimulationError(
-            f"out of memory while simulating: {exc}; reduce --size or --phonons"
+            f"out of memory while simulating: {exc}; reduce image_size_px or n_phonons"
         ) from exc
     finally:
         if bar is not None:
@@ -241,8 +242,8 @@ def simulate_to_file(
     path = Path(path)
     if path.suffix != ".hspy":
         raise ConfigError(
-            f"--out {path}: the dataset is written as HyperSpy .hspy; use a name ending in .hspy",
-            "--out",
+            f"path {path}: the dataset is written as HyperSpy .hspy; use a name ending in .hspy",
+            "path",
         )
     path = check_writable(path)
     ds = simulate_dataset(config, workers=workers, client=client, progress=progress, device=device)

@@ -39,7 +39,7 @@ def unit_cell(material: str):
         p = LATTICES[material]
     except KeyError:
         raise ConfigError(
-            f"unknown material {material!r}; choose one of {', '.join(LATTICES)}", "--material"
+            f"material {material!r} is unknown; choose one of {', '.join(LATTICES)}", "material"
         ) from None
     if p["kind"] == "wurtzite":
         return bulk(p["symbols"], "wurtzite", a=p["a"], c=p["c"])
@@ -198,10 +198,12 @@ def amorphous_carbon(
     packing = n_target * (np.pi / 6) * min_distance_A**3 / (extent_A**2 * thickness_A)
     if packing > 0.3:
         raise ConfigError(
-            f"a carbon density of {density_g_cm3} g/cm³ with a minimum C–C distance of "
-            f"{min_distance_A} Å cannot be packed at random (packing fraction {packing:.2f} > 0.3); "
-            "lower the density or the minimum distance",
-            "--substrate-density",
+            f"a carbon density of {density_g_cm3} g/cm³ (substrate_density_g_cm3) with a "
+            f"minimum C–C distance of {min_distance_A} Å (substrate_min_distance_A) cannot be "
+            f"packed at random (packing fraction {packing:.2f} > 0.3); lower "
+            "substrate_density_g_cm3 or substrate_min_distance_A",
+            "substrate_density_g_cm3",
+            fields=("substrate_min_distance_A",),
         )
     box = np.array([extent_A, extent_A, thickness_A + 4 * min_distance_A])
     accepted = np.zeros((0, 3))
@@ -263,8 +265,8 @@ def place_particles(
     """Place up to ``n`` discs inside the field of view with gaps of at least ``min_gap_A``.
 
     Particles keep ``edge_A`` [Å] from the borders, so that nothing of them (or of their
-    mask) wraps around the periodic cell.  Particles that do not fit after ``tries`` attempts are dropped (the number placed is
-    recorded with the dataset).
+    mask) wraps around the periodic cell.  Particles that do not fit after ``tries`` attempts
+    are dropped (the number placed is recorded with the dataset).
 
     Returns
     -------
@@ -301,8 +303,10 @@ def build_specimen(config, rng: np.random.Generator) -> Specimen:
     if n and 2 * radii.max() + 10.0 > L:
         raise ConfigError(
             f"particles of radius up to {radii.max() / 10:.2f} nm do not fit in a field of view of "
-            f"{L / 10:.2f} nm; use a larger --size or a smaller --radius",
-            "--radius",
+            f"{L / 10:.2f} nm (image_size_px x sampling_A, with 0.5 nm margins); use a larger "
+            "image_size_px or a smaller radius_nm",
+            "radius_nm",
+            fields=("image_size_px", "sampling_A"),
         )
     xy, radii = place_particles(n, radii, L, config.min_separation_nm * 10, rng)
     zmax = 2 * radii.max() + 2.0 if len(radii) else 0.0
