@@ -72,9 +72,10 @@ def main(argv=None) -> int:
     from napari_hrtem_transfer.evaluation import evaluate_model
     from napari_hrtem_transfer.evaluation._model import ScoringModel
     from napari_hrtem_transfer.evaluation.metrics import predictive_entropy
-    from napari_hrtem_transfer.evaluation.ood import _d4, fit_reference_from_features
+    from napari_hrtem_transfer.evaluation.ood import fit_reference_from_features
     from napari_hrtem_transfer.io import load_dataset, save_dataset
     from napari_hrtem_transfer.training import TrainConfig, load_checkpoint, train
+    from napari_hrtem_transfer.training.data import d4 as _d4
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:

@@ -32,7 +32,10 @@ from .table import ResultTable
 _LAZY = {
     "evaluate_model": "labelled",
     "EvaluationResult": "labelled",
+    "OODFitConfig": "ood",
+    "OODFitResult": "ood",
     "OODReference": "ood",
+    "fit_ood_after_training": "ood",
     "fit_ood_reference": "ood",
     "fit_ood_reference_for_checkpoint": "ood",
     "load_ood_reference": "ood",

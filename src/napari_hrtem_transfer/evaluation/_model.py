@@ -4,20 +4,34 @@
 * a loaded checkpoint (an object with ``.model``, ``.info``, ``.sampling_A``),
 * a bare torch module with ``encoder_features`` (tests, notebooks).
 
-:class:`ScoringModel` runs the network once per batch and returns both the logits and the
-pooled encoder features (mean and std over the deepest feature map), so the labelled metrics
-and the label-free OOD score come from the same forward pass.
+:class:`ScoringModel` runs the network and returns, per frame, the logits (or the particle
+probability) and the pooled encoder features (mean and standard deviation over space of
+every encoder stage's feature map), so the labelled metrics and the label-free OOD score
+come from the same forward pass.
+
+Frames of any size are accepted: each frame is standardised as a whole, reflect-padded to
+a multiple of the model's output stride, and processed in overlapping tiles when it is
+larger than the tile.  The pooled statistics are accumulated tile by tile (Chan's parallel
+update of count, mean and sum of squared deviations) over the part of the frame each tile
+is responsible for, clipped to the unpadded frame, so memory is bounded by a tile and the
+result equals the whole-frame result up to floating-point rounding.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+
+#: Largest tile side [px] of the OOD pass (rounded down to the output stride).  A 1024 px
+#: tile of the compact U-Net needs a few hundred MB; frames up to this size are one tile.
+DEFAULT_TILE_PX = 1024
 
 
 def _normalize(images: np.ndarray, record: dict | None) -> np.ndarray:
@@ -27,6 +41,67 @@ def _normalize(images: np.ndarray, record: dict | None) -> np.ndarray:
         return apply_normalization(images, record or NORMALIZATION)
     except ValueError as exc:
         raise CheckpointError(f"cannot prepare images for this model: {exc}") from exc
+
+
+@dataclass
+class FrameStats:
+    """What one pass over frames (N, H, W) gives.
+
+    Attributes
+    ----------
+    features
+        Pooled encoder features (N, D): per stage, the spatial mean of each channel, then
+        its standard deviation, stages from shallow to deep (valid, unpadded region only).
+    entropy
+        Mean binary predictive entropy per frame [nats] (N,).
+    proba
+        Particle probability (N, H, W) float32, when asked for and computed here.
+    logits
+        Logits (N, H, W) float32, when asked for.
+    """
+
+    features: np.ndarray
+    entropy: np.ndarray
+    proba: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+class _Moments:
+    """Running count, mean and sum of squared deviations per channel (Chan et al. update)."""
+
+    __slots__ = ("n", "mean", "m2")
+
+    def __init__(self, c: int) -> None:
+        self.n = 0.0
+        self.mean = np.zeros(c)
+        self.m2 = np.zeros(c)
+
+    def add(self, n: float, mean: np.ndarray, m2: np.ndarray) -> None:
+        if n <= 0:
+            return
+        tot = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / tot)
+        self.m2 = self.m2 + m2 + delta * delta * (self.n * n / tot)
+        self.n = tot
+
+    def pooled(self) -> np.ndarray:
+        std = np.sqrt(np.maximum(self.m2 / max(self.n, 1.0), 0.0))
+        return np.concatenate([self.mean, std])
+
+
+def _entropy_sum(p: np.ndarray) -> float:
+    """Sum of the binary entropy [nats] of probabilities ``p`` (any shape), float64."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return float(-(p * np.log(p) + (1 - p) * np.log1p(-p)).sum())
+
+
+def _entropy_mean_chunked(p: np.ndarray, rows: int = 512) -> float:
+    """Mean binary entropy of a probability map (H, W), a block of rows at a time."""
+    total = 0.0
+    for r in range(0, p.shape[0], rows):
+        total += _entropy_sum(p[r : r + rows])
+    return total / p.size
 
 
 class ScoringModel:
@@ -56,7 +131,7 @@ class ScoringModel:
                 raise CheckpointError(
                     f"cannot load {model}: the training core is not available ({exc})."
                 ) from exc
-            model = load_checkpoint(self.model_dir, which=which)
+            model = load_checkpoint(self.model_dir, which=which, device=device or "auto")
         if hasattr(model, "model") and hasattr(model, "info"):
             self.loaded = model
             self.net = model.model
@@ -82,20 +157,25 @@ class ScoringModel:
             dev = next(self.net.parameters()).device
         except StopIteration:  # pragma: no cover
             dev = torch.device("cpu")
-        if device is not None:
+        if device is not None and device != "auto":
             dev = torch.device(device)
             self.net.to(dev)
         self.device = dev
         self.normalization = self.info.get("normalization")
-        #: Which encoder stages are pooled into the OOD features: "all" or "deepest".
-        self.feature_stages = "all"
-        #: Length of each pooled stage's block in the feature vector (set by :meth:`run`).
+        #: Length of each pooled stage's block in the feature vector (set by a pass).
         self.stage_sizes: list[int] = []
+        #: Number of network forward passes made (tiles or batches); for tests and benchmarks.
+        self.n_forward = 0
 
     @property
     def output_stride(self) -> int:
-        """Image sides must be multiples of this [px]."""
+        """Padded image sides are multiples of this [px]."""
         return int(getattr(self.net, "output_stride", 1))
+
+    @property
+    def receptive_field(self) -> int:
+        """Receptive field of an output pixel [px] (0 if the model does not say)."""
+        return int(getattr(self.net, "receptive_field", 0) or 0)
 
     @property
     def name(self) -> str:
@@ -126,43 +206,192 @@ class ScoringModel:
                     "comparable with the training domain's."
                 )
 
-    def run(self, images, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, H, W) and pooled encoder features of raw images (N, H, W).
+    # ------------------------------------------------------------------ forward
+    def _net_parts(self):
+        """The network to run (BatchNorm folded when the checkpoint offers it) and its encoder."""
+        net = self.net
+        if self.loaded is not None and hasattr(self.loaded, "_inference_model"):
+            try:
+                net = self.loaded._inference_model()
+            except Exception:  # noqa: BLE001 - fall back to the plain module
+                net = self.net
+        return net, getattr(net, "encoder", None)
 
-        The features are the mean and std over space of every encoder stage's feature map,
-        concatenated from the first stage to the deepest: (N, 2 * sum(C_stage)).
-        """
+    def _forward(self, net, encoder, x: np.ndarray, decode: bool):
+        """Run one batch (B, h, w) of standardised tiles; logits (B, h, w) or None, and maps."""
         import torch
 
-        images = np.asarray(images)
-        logits, feats = [], []
+        t = torch.from_numpy(np.ascontiguousarray(x[:, None], dtype=np.float32)).to(self.device)
         captured: list = []
         hook = None
-        enc = getattr(self.net, "encoder", None)
-        if isinstance(enc, torch.nn.Module):
+        self.n_forward += 1
+        with torch.inference_mode():
+            if isinstance(encoder, torch.nn.Module):
+                if not decode:
+                    out = encoder(t)
+                    maps = list(out) if isinstance(out, list | tuple) else [out]
+                    return None, maps
 
-            def _grab(_m, _inp, out):
-                captured.append(list(out) if isinstance(out, list | tuple) else [out])
+                def _grab(_m, _inp, out):
+                    captured.append(list(out) if isinstance(out, list | tuple) else [out])
 
-            hook = enc.register_forward_hook(_grab)
-        try:
-            with torch.inference_mode():
-                for i in range(0, len(images), batch_size):
-                    x = _normalize(images[i : i + batch_size], self.normalization)
-                    xt = torch.from_numpy(np.ascontiguousarray(x))[:, None].to(self.device)
-                    captured.clear()
-                    z = self.net(xt)
-                    maps = captured[-1] if captured else [self.net.encoder_features(xt)]
-                    if self.feature_stages == "deepest":
-                        maps = maps[-1:]
-                    logits.append(z[:, 0].float().cpu().numpy())
-                    pooled = [pool_features(f) for f in maps]
-                    self.stage_sizes = [int(p.shape[1]) for p in pooled]
-                    feats.append(torch.cat(pooled, 1).cpu().numpy())
-        finally:
-            if hook is not None:
-                hook.remove()
-        return np.concatenate(logits), np.concatenate(feats).astype(np.float64)
+                hook = encoder.register_forward_hook(_grab)
+            try:
+                z = net(t) if decode else None
+                maps = captured[-1] if captured else [net.encoder_features(t)]
+            finally:
+                if hook is not None:
+                    hook.remove()
+        return (None if z is None else z[:, 0].float().cpu().numpy()), maps
+
+    def frame_stats(
+        self,
+        frames,
+        *,
+        proba=None,
+        want_proba: bool = False,
+        want_logits: bool = False,
+        tile_px: int = DEFAULT_TILE_PX,
+        batch_size: int = 4,
+        overlap_px: int | None = None,
+    ) -> FrameStats:
+        """Pooled encoder features and mean predictive entropy of raw frames (N, H, W).
+
+        Parameters
+        ----------
+        frames
+            Raw frames (N, H, W) or (H, W) of any size >= 2 px (numpy or dask).
+        proba
+            The particle probability of the same frames on the same grid (e.g. from the
+            segmentation); when given, its entropy is used and only the encoder is run.
+        want_proba, want_logits
+            Also return the probability / logit maps (N, H, W) (needs the decoder).
+        tile_px
+            Largest tile side [px] (rounded down to the output stride); bounds the memory.
+        batch_size
+            Tiles per forward pass.
+        overlap_px
+            Overlap of neighbouring tiles [px]; default: the receptive field plus two strides,
+            which makes tiled and whole-frame results equal up to rounding.
+        """
+        x = np.asarray(frames.compute() if hasattr(frames, "compute") else frames)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3 or min(x.shape[1:]) < 2:
+            raise ConfigError(f"frames must be (N, H, W) or (H, W); got shape {x.shape}.")
+        n, h, w = x.shape
+        if proba is not None:
+            pr = np.asarray(proba)
+            pr = pr[None] if pr.ndim == 2 else pr
+            if pr.shape != x.shape:
+                raise ConfigError(
+                    f"proba of shape {pr.shape} does not match the frames' shape {x.shape}."
+                )
+        else:
+            pr = None
+        decode = pr is None or want_proba or want_logits
+        s = self.output_stride
+        tile = max(int(tile_px) // s * s, s)
+        ph, pw = -(-h // s) * s, -(-w // s) * s
+        if overlap_px is None:
+            overlap_px = -(-self.receptive_field // s) * s + 2 * s
+        overlap = min(int(overlap_px), tile - s) if tile > s else 0
+        ty, tx = min(tile, ph), min(tile, pw)
+        ys = _starts(ph, ty, overlap, s)
+        xs = _starts(pw, tx, overlap, s)
+        cy, cx = _bounds(ys, ty, ph, s), _bounds(xs, tx, pw, s)
+        net, encoder = self._net_parts()
+
+        feats = np.zeros((n, 0))
+        ent_sum = np.zeros(n)
+        out_p = np.empty((n, h, w), np.float32) if want_proba else None
+        out_z = np.empty((n, h, w), np.float32) if want_logits else None
+        moments: list[list[_Moments]] | None = None
+        jobs = [
+            (i, y0, x0, a, b)
+            for i in range(n)
+            for y0, a in zip(ys, cy, strict=True)
+            for x0, b in zip(xs, cx, strict=True)
+        ]
+        mode = "reflect" if min(h, w) > 1 else "edge"
+        cache: dict[int, np.ndarray] = {}
+        for k in range(0, len(jobs), batch_size):
+            chunk = jobs[k : k + batch_size]
+            # standardise (whole frame) and pad only the frames this batch needs
+            for i in {j[0] for j in chunk}:
+                if i not in cache:
+                    fr = _normalize(x[i][None], self.normalization)[0]
+                    cache[i] = np.pad(fr, ((0, ph - h), (0, pw - w)), mode=mode)
+            tiles = np.stack([cache[i][y0 : y0 + ty, x0 : x0 + tx] for i, y0, x0, _, _ in chunk])
+            logits, maps = self._forward(net, encoder, tiles, decode)
+            if moments is None:
+                moments = [[_Moments(int(m.shape[1])) for m in maps] for _ in range(n)]
+                self.stage_sizes = [2 * int(m.shape[1]) for m in maps]
+            for j, (i, y0, x0, (a0, a1), (b0, b1)) in enumerate(chunk):
+                ya1, xb1 = min(a1, h), min(b1, w)  # clip to the unpadded frame
+                if ya1 <= a0 or xb1 <= b0:
+                    continue
+                for st, m in enumerate(maps):
+                    fy, fx = ty / m.shape[2], tx / m.shape[3]
+                    r0, r1 = int((a0 - y0) // fy), int(math.ceil((ya1 - y0) / fy))
+                    c0, c1 = int((b0 - x0) // fx), int(math.ceil((xb1 - x0) / fx))
+                    v = m[j, :, r0:r1, c0:c1].double().flatten(1)
+                    cnt = v.shape[1]
+                    mu = v.mean(1)
+                    m2 = ((v - mu[:, None]) ** 2).sum(1)
+                    moments[i][st].add(float(cnt), mu.cpu().numpy(), m2.cpu().numpy())
+                if logits is not None:
+                    zz = logits[j, a0 - y0 : ya1 - y0, b0 - x0 : xb1 - x0]
+                    pp = 1.0 / (1.0 + np.exp(-zz.astype(np.float64)))
+                    if pr is None:
+                        ent_sum[i] += _entropy_sum(pp)
+                    if out_p is not None:
+                        out_p[i, a0:ya1, b0:xb1] = pp
+                    if out_z is not None:
+                        out_z[i, a0:ya1, b0:xb1] = zz
+            # forget frames that no later job needs
+            later = {j[0] for j in jobs[k + batch_size : k + batch_size + 1]}
+            for i in list(cache):
+                if i not in later:
+                    del cache[i]
+        if moments is not None:
+            feats = np.stack([np.concatenate([mm.pooled() for mm in fm]) for fm in moments])
+        if pr is not None:
+            ent = np.array([_entropy_mean_chunked(pr[i]) for i in range(n)])
+        else:
+            ent = ent_sum / (h * w)
+        return FrameStats(feats.astype(np.float64), ent, out_p, out_z)
+
+    def run(self, images, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, H, W) and pooled encoder features (N, D) of raw images (N, H, W).
+
+        The features are the mean and std over space of every encoder stage's feature map,
+        concatenated from the first stage to the deepest: (N, 2 * sum(C_stage)).  Any image
+        size works (reflect padding to the stride; tiles above :data:`DEFAULT_TILE_PX`).
+        """
+        st = self.frame_stats(images, want_logits=True, batch_size=batch_size)
+        return st.logits, st.features
+
+
+def _starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
+    """Start offsets (multiples of ``stride``) of tiles of ``tile`` px covering ``size`` px."""
+    if size <= tile:
+        return [0]
+    step = max((tile - overlap) // stride * stride, stride)
+    starts = list(range(0, size - tile, step))
+    starts.append(size - tile)
+    return sorted(set(starts))
+
+
+def _bounds(starts: list[int], tile: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """The part of the axis each tile is responsible for: overlaps split near their middle,
+    on multiples of ``stride`` (so every encoder stage's grid is split on a pixel edge)."""
+    b = [0]
+    for a, c in zip(starts[:-1], starts[1:], strict=True):
+        mid = (c + min(a + tile, size)) // 2
+        b.append(int(round(mid / stride)) * stride)
+    b.append(size)
+    return list(zip(b[:-1], b[1:], strict=True))
 
 
 def pool_features(f):

@@ -55,21 +55,27 @@ and number), which a domain-shift score does not see.
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, ConfigError
-from .metrics import predictive_entropy
 
 __all__ = [
     "OOD_ARRAYS",
     "OOD_JSON",
+    "OODFitConfig",
+    "OODFitResult",
     "OODReference",
     "OODScores",
+    "fit_ood_after_training",
     "fit_ood_reference",
     "fit_ood_reference_for_checkpoint",
     "load_ood_reference",
@@ -86,7 +92,42 @@ DEFAULT_METHOD = "diag"
 DEFAULT_STAGES: str | tuple[int, ...] = "all-but-deepest"
 #: Default weight of the predictive entropy in the score.
 DEFAULT_ENTROPY_WEIGHT = 1.0
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Legacy "treat with caution" level, used when a reference has no calibrated one.
+LEGACY_CAUTION_LEVEL = 1.0
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class OODFitConfig(BaseModel):
+    """How the OOD reference is fitted (the defaults live here, once).
+
+    Attributes
+    ----------
+    max_samples
+        Most image-transforms (training image x dihedral transform) the reference is fitted
+        on: a seeded sample spread over the training domains and structures.  The fit costs
+        one forward pass per ``batch_size`` of them, whatever the size of the dataset.
+    batch_size
+        Images per forward pass (memory: one batch of feature maps).
+    augment
+        Sample the 8 dihedral (D4) transforms of the images, as in training.
+    seed
+        Seed of the sample.
+    calibration_frames_per_domain
+        Held-out frames per domain scored to calibrate the "treat with caution" level.
+    tile_px
+        Largest tile side of the OOD pass [px].
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_samples: int = Field(192, ge=2)
+    batch_size: int = Field(8, ge=1)
+    augment: bool = True
+    seed: int = 0
+    calibration_frames_per_domain: int = Field(8, ge=0)
+    tile_px: int = Field(1024, ge=16)
 
 
 @dataclass
@@ -106,11 +147,17 @@ class OODReference:
     entropy_ref
         Median mean predictive entropy of the training images [nats].
     entropy_weight
-        Weight of the entropy term in the score, in [0, 1].
+        Weight of the entropy term in the score.
     n_images
-        Number of training images the reference was fitted on.
+        Number of training image-transforms the reference was fitted on.
     info
         Provenance: training domain(s) (defocus [nm]), dataset, date, ...
+    caution_level
+        Score above which a frame should be treated with caution, calibrated on held-out
+        frames when the reference was fitted (see :func:`calibrate_caution_level`); None for
+        references without a calibration (use :attr:`caution`).
+    calibration
+        How the caution level was found (method, loss threshold, frames used).
     """
 
     method: str
@@ -125,9 +172,19 @@ class OODReference:
     weights_sha256: str | None = None
     columns: np.ndarray | None = None
     entropy_mode: str = "excess"
+    caution_level: float | None = None
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def caution(self) -> float:
+        """The "treat with caution" level: calibrated if available, else 1 (legacy)."""
+        c = self.caution_level
+        return float(c) if c is not None and np.isfinite(c) else LEGACY_CAUTION_LEVEL
 
     def _select(self, features: np.ndarray) -> np.ndarray:
         f = np.asarray(features, dtype=np.float64)
+        if f.ndim == 1:
+            f = f[None]
         if self.columns is not None and f.ndim == 2 and f.shape[1] != self.mean.size:
             if f.shape[1] <= int(np.max(self.columns)):
                 raise CheckpointError(
@@ -199,7 +256,9 @@ class OODReference:
             "stages": self.info.get("stages"),
             "weights_sha256": self.weights_sha256,
             "score": "distance / distance_ref - 1 (0 = typical training image)",
-            "info": self.info,
+            "caution_level": None if self.caution_level is None else float(self.caution_level),
+            "calibration": _jsonable(self.calibration),
+            "info": _jsonable(self.info),
         }
         write_text_atomic(d / OOD_JSON, json.dumps(meta, indent=1))
         return d / OOD_ARRAYS, d / OOD_JSON
@@ -220,13 +279,14 @@ class OODReference:
         if not (a.is_file() and j.is_file()):
             raise CheckpointError(
                 f"{d} has no OOD reference ({OOD_ARRAYS} + {OOD_JSON}); fit one with "
-                "napari_hrtem_transfer.evaluation.fit_ood_reference(model_dir, training_images)."
+                f"'hrtem-transfer evaluate --model {d} --data TRAINING.hspy --fit-ood'."
             )
         try:
             arrays = load_file(str(a))
             meta = json.loads(j.read_text())
         except Exception as exc:  # noqa: BLE001 - corrupted file of any kind
             raise CheckpointError(f"cannot read the OOD reference in {d}: {exc}") from exc
+        caution = meta.get("caution_level")
         return cls(
             method=meta["method"],
             mean=arrays["mean"],
@@ -240,7 +300,23 @@ class OODReference:
             info=dict(meta.get("info", {})),
             weights_sha256=meta.get("weights_sha256"),
             columns=arrays.get("columns"),
+            caution_level=None if caution is None else float(caution),
+            calibration=dict(meta.get("calibration") or {}),
         )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def load_ood_reference(
@@ -287,7 +363,7 @@ def fit_reference_from_features(
     method
         ``"diag"`` or ``"mahalanobis"``.
     entropy_weight
-        Weight of the entropy in the score, in [0, 1].
+        Weight of the entropy in the score (``"mix"``: in [0, 1]; ``"excess"``: in [0, 10]).
     shrinkage
         Weight ``a`` of the identity in the shrunk correlation (``"mahalanobis"`` only).
     info
@@ -301,12 +377,12 @@ def fit_reference_from_features(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown OOD method {method!r}; choose one of {', '.join(METHODS)}.")
+    if entropy_mode not in ("excess", "mix"):
+        raise ConfigError(f"entropy_mode must be 'excess' or 'mix'; got {entropy_mode!r}.")
     if not 0 <= entropy_weight <= (1 if entropy_mode == "mix" else 10):
         raise ConfigError(
             f"entropy_weight out of range for mode {entropy_mode!r}: {entropy_weight}."
         )
-    if entropy_mode not in ("excess", "mix"):
-        raise ConfigError(f"entropy_mode must be 'excess' or 'mix'; got {entropy_mode!r}.")
     if entropy_weight > 0 and entropy is None:
         raise ConfigError("entropy_weight > 0 needs the training images' predictive entropy.")
     f = np.asarray(features, dtype=np.float64)
@@ -346,6 +422,100 @@ def fit_reference_from_features(
     return ref
 
 
+# ------------------------------------------------------------------------------ fitting
+def sample_transforms(
+    groups: np.ndarray, n_codes: int, max_samples: int, seed: int = 0
+) -> list[tuple[int, int]]:
+    """A seeded sample of at most ``max_samples`` (item, D4 code) pairs.
+
+    Spread evenly over the groups (training domains): the domains take turns, and within a
+    domain every item (structure) is taken once, in random order and with a random
+    transform, before any item is taken a second time (with another transform).
+
+    Parameters
+    ----------
+    groups
+        Group (domain) label of each item, (n_items,).
+    n_codes
+        Transforms per item (8 = all dihedral transforms, 1 = identity only).
+    max_samples
+        Cap on the number of pairs.
+    seed
+        Seed of the sample.
+    """
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(groups)
+    lists = []
+    for g in np.unique(groups):
+        items = rng.permutation(np.flatnonzero(groups == g))
+        codes = np.stack([rng.permutation(n_codes) for _ in items]) if items.size else None
+        lists.append(
+            [(int(i), int(codes[k, r])) for r in range(n_codes) for k, i in enumerate(items)]
+        )
+    out: list[tuple[int, int]] = []
+    pos = [0] * len(lists)
+    while len(out) < max_samples and any(p < len(li) for p, li in zip(pos, lists, strict=True)):
+        for k, li in enumerate(lists):
+            if pos[k] < len(li) and len(out) < max_samples:
+                out.append(li[pos[k]])
+                pos[k] += 1
+    return out
+
+
+def _resolve_columns(sizes: list[int], stages) -> tuple[tuple[int, ...], np.ndarray]:
+    if stages == "default":
+        stages = DEFAULT_STAGES
+    if stages == "all":
+        stages = tuple(range(len(sizes)))
+    elif stages == "all-but-deepest":
+        stages = tuple(range(max(1, len(sizes) - 1)))
+    stages = tuple(int(k) for k in stages if int(k) < len(sizes)) or tuple(range(len(sizes)))
+    starts = np.cumsum([0, *sizes])
+    columns = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in stages])
+    return stages, columns
+
+
+def _fit_stream(
+    sm,
+    read: Callable[[int], np.ndarray],
+    groups: np.ndarray,
+    cfg: OODFitConfig,
+    *,
+    method: str,
+    entropy_weight: float,
+    stages,
+    info: dict,
+    progress: ProgressCallback | None,
+) -> OODReference:
+    """Fit on a seeded sample of (item, transform) pairs, one batch in memory at a time."""
+    from ..training.data import d4
+
+    pairs = sample_transforms(groups, 8 if cfg.augment else 1, cfg.max_samples, cfg.seed)
+    if len(pairs) < 2:
+        raise ConfigError(
+            f"need at least 2 training images for the OOD reference; got {len(pairs)}."
+        )
+    # read in item order within a batch (neighbouring chunks); the sample order is random
+    feats, ents = [], []
+    total = len(pairs)
+    for k in range(0, total, cfg.batch_size):
+        chunk = pairs[k : k + cfg.batch_size]
+        x = np.stack([d4(np.asarray(read(i), dtype=np.float32), c) for i, c in chunk])
+        st = sm.frame_stats(x, batch_size=cfg.batch_size, tile_px=cfg.tile_px)
+        feats.append(st.features)
+        ents.append(st.entropy)
+        if progress is not None:
+            progress(min(k + cfg.batch_size, total), total, "fitting the OOD reference")
+    f = np.concatenate(feats)
+    stages, columns = _resolve_columns(sm.stage_sizes or [f.shape[1]], stages)
+    info = {**info, "stages": list(stages), "n_samples": total, "max_samples": cfg.max_samples}
+    ref = fit_reference_from_features(
+        f, np.concatenate(ents), method, entropy_weight, info=info, columns=columns
+    )
+    ref.weights_sha256 = sm.info.get("weights_sha256")
+    return ref
+
+
 def fit_ood_reference(
     model: Any,
     images,
@@ -353,14 +523,19 @@ def fit_ood_reference(
     method: str = DEFAULT_METHOD,
     entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
     stages: str | tuple[int, ...] = "default",
-    augment: bool = True,
+    augment: bool | None = None,
     save: bool | str | os.PathLike = True,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     info: dict | None = None,
+    max_samples: int | None = None,
+    seed: int | None = None,
+    progress: ProgressCallback | None = None,
+    config: OODFitConfig | None = None,
 ) -> OODReference:
     """Fit the training-domain feature distribution of a model and store it with the model.
 
-    Call at the end of training with the training images of the training domain(s).
+    Streams: the images are read one batch at a time (``images[i]``, so a dask or HDF5
+    array is never loaded whole), and at most ``max_samples`` image-transforms are used.
 
     Parameters
     ----------
@@ -374,16 +549,15 @@ def fit_ood_reference(
         Encoder stages whose pooled features enter the distance, 0 = first (highest
         resolution): a tuple of indices, ``"all"``, ``"all-but-deepest"`` or ``"default"``
         (:data:`DEFAULT_STAGES`).
-    augment
-        Also use the 8 dihedral (D4) transforms of each image, as in training: 8x more samples
-        for the statistics.
+    augment, batch_size, max_samples, seed
+        Override the fields of ``config`` (:class:`OODFitConfig`).
     save
         True: write into the model folder (when the model came from one); a path: write there;
         False: do not write.
-    batch_size
-        Images per forward pass.
     info
         Provenance to store (training defocus [nm], dataset, ...).
+    progress
+        Called as ``progress(done, total, message)`` after each batch.
 
     Returns
     -------
@@ -391,29 +565,35 @@ def fit_ood_reference(
     """
     from ._model import ScoringModel
 
-    sm = model if isinstance(model, ScoringModel) else ScoringModel(model)
-    x = np.asarray(images)
-    if x.ndim == 2:
-        x = x[None]
-    if augment:
-        x = np.concatenate([_d4(x, k) for k in range(8)])
-    logits, feats = sm.run(x, batch_size=batch_size)
-    ent = predictive_entropy(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
-    sizes = sm.stage_sizes or [feats.shape[1]]
-    if stages == "default":
-        stages = DEFAULT_STAGES
-    if stages == "all":
-        stages = tuple(range(len(sizes)))
-    elif stages == "all-but-deepest":
-        stages = tuple(range(max(1, len(sizes) - 1)))
-    stages = tuple(int(k) for k in stages if int(k) < len(sizes)) or tuple(range(len(sizes)))
-    starts = np.cumsum([0, *sizes])
-    columns = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in stages])
-    info = {**(info or {}), "stages": list(stages)}
-    ref = fit_reference_from_features(
-        feats, ent, method, entropy_weight, info=info, columns=columns
+    cfg = _config(
+        config, augment=augment, batch_size=batch_size, max_samples=max_samples, seed=seed
     )
-    ref.weights_sha256 = sm.info.get("weights_sha256")
+    sm = model if isinstance(model, ScoringModel) else ScoringModel(model)
+    x = images
+    if np.ndim(x) == 2:
+        x = np.asarray(x)[None]
+    ref = _fit_stream(
+        sm,
+        lambda i: x[i],
+        np.zeros(len(x), int),
+        cfg,
+        method=method,
+        entropy_weight=entropy_weight,
+        stages=stages,
+        info=dict(info or {}),
+        progress=progress,
+    )
+    _save(sm, ref, save)
+    return ref
+
+
+def _config(config: OODFitConfig | None, **overrides) -> OODFitConfig:
+    cfg = config or OODFitConfig()
+    over = {k: v for k, v in overrides.items() if v is not None}
+    return cfg.model_copy(update=over) if over else cfg
+
+
+def _save(sm, ref: OODReference, save) -> Path | None:
     target = None
     if save is True:
         target = sm.model_dir
@@ -423,7 +603,7 @@ def fit_ood_reference(
         ref.save(target)
         if sm.loaded is not None and target == sm.model_dir:
             _register_in_sidecar(sm, ref)
-    return ref
+    return target
 
 
 def _register_in_sidecar(sm, ref: OODReference) -> None:
@@ -441,19 +621,14 @@ def _register_in_sidecar(sm, ref: OODReference) -> None:
             "method": ref.method,
             "n_images": ref.n_images,
             "distance_ref": ref.distance_ref,
+            "caution_level": ref.caution_level,
             "weights_sha256": ref.weights_sha256,
         },
         which=which,
     )
 
 
-def _d4(x: np.ndarray, k: int) -> np.ndarray:
-    y = np.rot90(x, k % 4, axes=(-2, -1))
-    if k >= 4:
-        y = y[..., ::-1]
-    return np.ascontiguousarray(y)
-
-
+# --------------------------------------------------------------------------- scoring
 @dataclass
 class OODScores:
     """Label-free scores of frames.
@@ -467,28 +642,53 @@ class OODScores:
     entropy
         Mean predictive entropy per frame [nats] (N,).
     proba
-        Foreground probabilities (N, H, W), float32.
+        Foreground probabilities (N, H, W) float32, or None when they were passed in.
+    caution_level
+        The reference's "treat with caution" level (:attr:`OODReference.caution`).
     """
 
     score: np.ndarray
     distance: np.ndarray
     entropy: np.ndarray
-    proba: np.ndarray
+    proba: np.ndarray | None
+    caution_level: float = LEGACY_CAUTION_LEVEL
+
+    @property
+    def caution(self) -> np.ndarray:
+        """Per frame: does the score exceed the caution level? (N,) bool."""
+        return np.asarray(self.score) > self.caution_level
 
 
 def ood_scores(
-    model: Any, images, reference: OODReference | None = None, batch_size: int = 8
+    model: Any,
+    frames,
+    reference: OODReference | None = None,
+    batch_size: int = 4,
+    *,
+    proba=None,
+    tile_px: int | None = None,
 ) -> OODScores:
     """Score frames (N, H, W) (raw counts) against the model's training distribution.
+
+    Frames of any size are scored: reflect-padded to the model's stride, pooled over the
+    unpadded frame only, and processed in tiles (memory bounded by the tile; tiled and
+    whole-frame scores agree to rounding).
 
     Parameters
     ----------
     model
-        Model folder, loaded checkpoint or torch module.
-    images
+        Model folder, loaded checkpoint, :class:`~._model.ScoringModel` or torch module.
+    frames
         Frames (N, H, W) or one frame (H, W), at the model's pixel size.
     reference
         The reference; by default the one stored in the model folder.
+    batch_size
+        Tiles per forward pass.
+    proba
+        The segmentation's particle probability of the same frames, same shape: its
+        entropy is used and only the encoder is run (no second prediction).
+    tile_px
+        Largest tile side [px] (default :attr:`OODFitConfig.tile_px`).
 
     Raises
     ------
@@ -502,72 +702,327 @@ def ood_scores(
         if sm.model_dir is None:
             raise CheckpointError("pass the OOD reference for a model that is not a folder.")
         reference = OODReference.load(sm.model_dir)
-    x = np.asarray(images)
-    if x.ndim == 2:
-        x = x[None]
-    logits, feats = sm.run(x, batch_size=batch_size)
-    proba = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
-    ent = predictive_entropy(proba)
-    return OODScores(reference.score(feats, ent), reference.distance(feats), ent, proba)
+    st = sm.frame_stats(
+        frames,
+        proba=proba,
+        want_proba=proba is None,
+        batch_size=batch_size,
+        tile_px=tile_px or OODFitConfig().tile_px,
+    )
+    return OODScores(
+        reference.score(st.features, st.entropy),
+        reference.distance(st.features),
+        st.entropy,
+        st.proba,
+        reference.caution,
+    )
+
+
+# ---------------------------------------------------------------------- calibration
+def calibrate_caution_level(
+    score: np.ndarray, loss: np.ndarray, in_domain: np.ndarray, quantile: float = 0.95
+) -> tuple[float, dict]:
+    """The "treat with caution" level from held-out frames with known loss.
+
+    A frame is *bad* when its loss exceeds the ``quantile`` of the training domain's
+    held-out losses.  The probability of *bad* given the score is fitted as a non-decreasing
+    function of the score (isotonic regression); the level is the score at which it first
+    reaches 1/2 (midway between that frame's score and the next lower one).  When no score
+    reaches 1/2 (no held-out frame was worse than the training domain), the level is the
+    ``quantile`` of the training domain's held-out scores, or the highest score checked if
+    that is higher.
+
+    Parameters
+    ----------
+    score, loss
+        OOD score and loss of held-out frames (N,), from all domains of a dataset.
+    in_domain
+        Which of them belong to the training domain(s) (N,) bool.
+    quantile
+        Quantile of the training domain's loss that defines a bad frame.
+
+    Returns
+    -------
+    (level, record)
+    """
+    from scipy.optimize import isotonic_regression
+
+    score = np.asarray(score, float)
+    loss = np.asarray(loss, float)
+    in_domain = np.asarray(in_domain, bool)
+    ok = np.isfinite(score) & np.isfinite(loss)
+    score, loss, in_domain = score[ok], loss[ok], in_domain[ok]
+    if not in_domain.any():
+        raise ConfigError("calibration needs held-out frames of the training domain.")
+    thr = float(np.quantile(loss[in_domain], quantile))
+    bad = (loss > thr).astype(float)
+    order = np.argsort(score, kind="stable")
+    s_sorted = score[order]
+    fitted = isotonic_regression(bad[order], increasing=True).x
+    rec = {
+        "method": "isotonic P(loss > training-domain q) = 1/2",
+        "quantile": quantile,
+        "loss_threshold": thr,
+        "n_frames": int(score.size),
+        "n_in_domain": int(in_domain.sum()),
+        "n_bad": int(bad.sum()),
+    }
+    hit = np.flatnonzero(fitted >= 0.5)
+    if hit.size:
+        k = int(hit[0])
+        level = s_sorted[k] if k == 0 else 0.5 * (s_sorted[k] + s_sorted[k - 1])
+        return float(level), rec
+    level = max(float(np.quantile(score[in_domain], quantile)), float(s_sorted[-1]))
+    rec["method"] = "no held-out frame worse than the training domain: highest score checked"
+    return level, rec
+
+
+def _calibrate_for_checkpoint(sm, ref: OODReference, dataset, cfg: OODFitConfig, doms) -> None:
+    """Set ``ref.caution_level`` from held-out frames of every domain of ``dataset``."""
+    from .metrics import binary_cross_entropy
+
+    data = sm.info.get("data") or {}
+    sids = np.asarray(dataset.structure_ids).astype(str)
+    val = np.flatnonzero(np.isin(sids, [str(s) for s in data.get("val_structures") or []]))
+    train_dom = {dataset.defocus_index(d) for d in doms if _has_domain(dataset, d)}
+    n_cal = cfg.calibration_frames_per_domain
+    if dataset.masks is None or not val.size or not train_dom or n_cal < 1:
+        ref.calibration = {"method": "none (no labelled held-out frames)"}
+        return
+    rng = np.random.default_rng(cfg.seed)
+    sel = np.sort(rng.permutation(val)[: cfg.calibration_frames_per_domain])
+    masks = np.asarray(dataset.masks[sel])
+    scores, losses, ind = [], [], []
+    for di in range(dataset.n_defocus):
+        x = np.asarray(dataset.images[di][sel])
+        st = sm.frame_stats(x, want_logits=True, batch_size=cfg.batch_size, tile_px=cfg.tile_px)
+        scores.append(ref.score(st.features, st.entropy))
+        losses.append(binary_cross_entropy(st.logits, masks))
+        ind.append(np.full(sel.size, di in train_dom))
+    level, rec = calibrate_caution_level(
+        np.concatenate(scores), np.concatenate(losses), np.concatenate(ind)
+    )
+    rec["frames_per_domain"] = int(sel.size)
+    rec["domains_nm"] = [float(v) for v in dataset.defocus_nm]
+    ref.caution_level = level
+    ref.calibration = rec
+
+
+def _has_domain(dataset, d) -> bool:
+    try:
+        dataset.defocus_index(d)
+    except Exception:  # noqa: BLE001 - not in this dataset
+        return False
+    return True
+
+
+# --------------------------------------------------------------- after training
+@dataclass
+class OODFitResult:
+    """What :func:`fit_ood_after_training` did.
+
+    Attributes
+    ----------
+    ok
+        True when the model folder now holds a reference for its weights.
+    message
+        One line for the user: what was done, or what failed and how to retry.
+    reference_path
+        The reference's JSON file, when written (or already present).
+    n_samples
+        Image-transforms the reference was fitted on.
+    seconds
+        Wall time of the fit [s].
+    caution_level
+        The calibrated "treat with caution" level (None if not calibrated).
+    error
+        The failure (exception type and text), None on success.
+    """
+
+    ok: bool
+    message: str
+    reference_path: Path | None = None
+    n_samples: int = 0
+    seconds: float = 0.0
+    caution_level: float | None = None
+    error: str | None = None
+
+
+def _fit_for_checkpoint(
+    model_dir, dataset, which, device, refit, cfg: OODFitConfig, progress
+) -> OODFitResult:
+    from ..io.dataset import HRTEMDataset, load_dataset
+    from ._model import ScoringModel
+
+    t0 = time.perf_counter()
+    ds = dataset if isinstance(dataset, HRTEMDataset) else load_dataset(dataset, lazy=True)
+    sm = ScoringModel(model_dir, which=which, device=device)
+    sha = sm.info.get("weights_sha256")
+    if not refit and load_ood_reference(model_dir, sha) is not None:
+        return OODFitResult(
+            True, f"{model_dir}: OOD reference already present.", Path(model_dir) / OOD_JSON
+        )
+    data = sm.info.get("data") or {}
+    doms = [float(d) for d in data.get("train_defocus_nm") or []]
+    # the exact (defocus index, image index) pairs trained on, else all training structures
+    items = np.asarray(data.get("train_items") or [], dtype=int).reshape(-1, 2)
+    train_ids = [str(s) for s in data.get("train_structures") or []]
+    sids = np.asarray(ds.structure_ids).astype(str)
+    same_file = bool(
+        items.size
+        and items[:, 0].max() < ds.n_defocus
+        and items[:, 1].max() < ds.n_images
+        and set(sids[items[:, 1]]) <= set(train_ids)
+    )
+    if not same_file:
+        idx = np.flatnonzero(np.isin(sids, train_ids))
+        present = [d for d in doms if _has_domain(ds, d)]
+        if not idx.size or not present:
+            return OODFitResult(
+                False,
+                f"{model_dir}: no OOD reference and its training images are not in the "
+                "dataset; label-free OOD scores are not available for this model. Fit one "
+                f"with 'hrtem-transfer evaluate --model {model_dir} --data TRAINING.hspy "
+                "--fit-ood' on the dataset it was trained on.",
+            )
+        items = np.array([(ds.defocus_index(d), i) for d in present for i in idx], dtype=int)
+    imgs = ds.images
+    ref = _fit_stream(
+        sm,
+        lambda k: imgs[items[k, 0], items[k, 1]],
+        items[:, 0],
+        cfg,
+        method=DEFAULT_METHOD,
+        entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+        stages="default",
+        info={"train_defocus_nm": doms, "dataset": str(getattr(ds, "path", None))},
+        progress=progress,
+    )
+    if progress is not None:
+        progress(ref.n_images, ref.n_images, "calibrating the caution level")
+    _calibrate_for_checkpoint(sm, ref, ds, cfg, doms)
+    _save(sm, ref, True)
+    secs = time.perf_counter() - t0
+    doms_txt = ", ".join(f"{d:g}" for d in doms)
+    caution = "" if ref.caution_level is None else f"; caution level {ref.caution_level:.2f}"
+    return OODFitResult(
+        True,
+        f"{model_dir}: OOD reference fitted on {ref.n_images} training image-transforms "
+        f"({doms_txt} nm) in {secs:.0f} s{caution}.",
+        Path(model_dir) / OOD_JSON,
+        ref.n_images,
+        secs,
+        ref.caution_level,
+    )
 
 
 def fit_ood_reference_for_checkpoint(
-    model_dir, dataset, which: str = "best", device: str | None = None, refit: bool = False
+    model_dir,
+    dataset,
+    which: str = "best",
+    device: str | None = None,
+    refit: bool = False,
+    *,
+    max_samples: int | None = None,
+    batch_size: int | None = None,
+    progress: ProgressCallback | None = None,
+    seed: int | None = None,
+    config: OODFitConfig | None = None,
 ) -> str:
     """Fit and store a checkpoint's OOD reference from its own training images.
 
-    The training structures and defocus domains are read from the checkpoint's sidecar, and the
-    matching images are taken from ``dataset``.  Called at the end of ``pretrain``/``finetune``
-    (command line and napari) so that every trained model can score frames without labels.
+    The training structures and defocus domains are read from the checkpoint's sidecar, and
+    a seeded sample of at most ``max_samples`` of their image-transforms is read lazily from
+    ``dataset``, one batch at a time; the "treat with caution" level is calibrated on the
+    held-out structures of every domain of ``dataset`` (when labelled).
 
     Parameters
     ----------
     model_dir
         Checkpoint folder.
     dataset
-        :class:`~napari_hrtem_transfer.io.HRTEMDataset` the model was trained on.
+        :class:`~napari_hrtem_transfer.io.HRTEMDataset` the model was trained on, or its path.
     which
         ``"best"`` or ``"last"``.
     device
-        Torch device (``None`` = auto).
+        Torch device (``None`` = where the checkpoint loads).
     refit
         Fit again even if a reference for these exact weights exists.
+    max_samples, batch_size, seed
+        Override the fields of ``config`` (:class:`OODFitConfig`).
+    progress
+        Called as ``progress(done, total, message)`` after each batch.
 
     Returns
     -------
     str
         What was done, in words (also when nothing could be done).
-    """
-    from ..training import load_checkpoint
 
-    lm = load_checkpoint(model_dir, which=which, device=device or "auto")
-    if not refit and load_ood_reference(model_dir, lm.info.get("weights_sha256")) is not None:
-        return f"{model_dir}: OOD reference already present."
-    data = lm.info.get("data") or {}
-    doms = data.get("train_defocus_nm") or []
-    # the exact (defocus index, image index) pairs trained on, else all training structures
-    items = np.asarray(data.get("train_items") or [], dtype=int).reshape(-1, 2)
-    train_ids = [str(s) for s in data.get("train_structures") or []]
-    sids = np.asarray(dataset.structure_ids).astype(str)
-    same_file = (
-        items.size
-        and items[:, 0].max() < dataset.n_defocus
-        and items[:, 1].max() < dataset.n_images
-        and set(sids[items[:, 1]]) <= set(train_ids)
-    )
-    if same_file:
-        x = np.stack([np.asarray(dataset.images[d, i]) for d, i in items])
-    else:
-        idx = np.flatnonzero(np.isin(sids, train_ids))
-        if not idx.size or not doms:
-            return (
-                f"{model_dir}: no OOD reference and its training images are not in the dataset; "
-                "label-free OOD scores are not available for this model."
-            )
-        x = np.concatenate(
-            [np.asarray(dataset.images[dataset.defocus_index(d)][idx]) for d in doms]
+    Raises
+    ------
+    Exception
+        Whatever the fit raises (use :func:`fit_ood_after_training` for a call that never
+        raises).
+    """
+    cfg = _config(config, max_samples=max_samples, batch_size=batch_size, seed=seed)
+    return _fit_for_checkpoint(model_dir, dataset, which, device, refit, cfg, progress).message
+
+
+def fit_ood_after_training(
+    model_dir,
+    data,
+    *,
+    progress: ProgressCallback | None = None,
+    which: str = "best",
+    device: str | None = None,
+    config: OODFitConfig | None = None,
+) -> OODFitResult:
+    """The end-of-training step: fit the model's OOD reference; never raises for a failure.
+
+    Called by ``pretrain``/``finetune`` (command line), the napari Train widget and the demo
+    protocol once the checkpoint is written.  Any failure of the fit (out of memory, a
+    missing file, ...) is caught: the trained checkpoint is untouched and usable, the result
+    says what happened and how to retry
+    (``hrtem-transfer evaluate --model MODEL --data DATA --fit-ood``).
+
+    Parameters
+    ----------
+    model_dir
+        The checkpoint folder just written.
+    data
+        The training dataset (:class:`~napari_hrtem_transfer.io.HRTEMDataset` or a path).
+    progress
+        Called as ``progress(done, total, message)`` after each batch.
+    which, device
+        Checkpoint and torch device.
+    config
+        :class:`OODFitConfig` (default: its defaults).
+
+    Returns
+    -------
+    OODFitResult
+    """
+    t0 = time.perf_counter()
+    cfg = config or OODFitConfig()
+    try:
+        return _fit_for_checkpoint(model_dir, data, which, device, True, cfg, progress)
+    except Exception as exc:  # noqa: BLE001 - any failure must leave the checkpoint usable
+        err = f"{type(exc).__name__}: {exc}"
+        where = getattr(data, "path", None) or (
+            data if isinstance(data, str | os.PathLike) else None
         )
-    path = getattr(dataset, "path", None)
-    fit_ood_reference(lm, x, info={"train_defocus_nm": doms, "dataset": str(path)})
-    doms_txt = ", ".join(f"{d:g}" for d in doms)
-    return f"{model_dir}: OOD reference fitted on {len(x)} training images ({doms_txt} nm)."
+        data_txt = str(where) if where else "TRAINING.hspy"
+        hint = (
+            " (out of memory: retry with a smaller sample, OODFitConfig(max_samples=...) or "
+            "batch_size)"
+            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+            else ""
+        )
+        return OODFitResult(
+            False,
+            f"The OOD-reference fit failed ({err}){hint}. The trained checkpoint {model_dir} is "
+            "complete and usable; only the label-free OOD scores are missing. Retry with: "
+            f"hrtem-transfer evaluate --model {model_dir} --data {data_txt} --fit-ood",
+            seconds=time.perf_counter() - t0,
+            error=err,
+        )

@@ -1,0 +1,220 @@
+"""The label-free OOD pass: streaming capped fit, the end-of-training step, any frame size,
+tiling, and the calibrated caution level."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer.evaluation._model import ScoringModel
+from napari_hrtem_transfer.evaluation.ood import (
+    OOD_ARRAYS,
+    OOD_JSON,
+    OODFitConfig,
+    OODReference,
+    calibrate_caution_level,
+    fit_ood_after_training,
+    fit_ood_reference,
+    fit_ood_reference_for_checkpoint,
+    ood_scores,
+    sample_transforms,
+)
+
+TINY = {"architecture": "compact", "channels": [8, 16, 24, 32], "bottleneck_dilations": [2]}
+
+
+@pytest.fixture
+def checkpoint(series, trained, tmp_path):
+    """The tiny model trained at -10 nm on structures 0..15, as a checkpoint folder."""
+    from napari_hrtem_transfer.models.normalization import NORMALIZATION
+    from napari_hrtem_transfer.training.checkpoint import save_checkpoint
+
+    ids = [str(s) for s in series.structure_ids]
+    save_checkpoint(
+        tmp_path / "model",
+        "best",
+        trained,
+        {
+            "model": TINY,
+            "normalization": dict(NORMALIZATION),
+            "sampling_A": float(series.sampling_A),
+            "stage": "pretrain",
+            "data": {
+                "train_defocus_nm": [-10.0],
+                "train_structures": ids[:16],
+                "val_structures": ids[16:],
+                "train_items": [[1, i] for i in range(16)],
+                "image_shape": list(series.image_shape),
+            },
+        },
+    )
+    return tmp_path / "model"
+
+
+class _CountForward:
+    """Counts the images that go through the network (wraps ScoringModel._forward)."""
+
+    def __init__(self, monkeypatch):
+        self.images = 0
+        self.calls = 0
+        orig = ScoringModel._forward
+
+        def wrapped(sm, net, encoder, x, decode):
+            self.images += len(x)
+            self.calls += 1
+            return orig(sm, net, encoder, x, decode)
+
+        monkeypatch.setattr(ScoringModel, "_forward", wrapped)
+
+
+def test_fit_work_is_bounded_by_the_cap_not_the_dataset(checkpoint, series, monkeypatch):
+    import dataclasses
+
+    # every domain's training structures: 5 domains x 16 images x 8 transforms = 640 samples
+    side = json.loads((checkpoint / "best.json").read_text())
+    side["data"]["train_items"] = [[d, i] for d in range(5) for i in range(16)]
+    side["data"]["train_defocus_nm"] = [float(v) for v in series.defocus_nm]
+    (checkpoint / "best.json").write_text(json.dumps(side))
+    reads = []
+
+    class Lazy:  # an on-disk array: records every read
+        def __init__(self, a):
+            self.a, self.shape, self.ndim, self.dtype = a, a.shape, a.ndim, a.dtype
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return self.a[key]
+
+        def __len__(self):
+            return len(self.a)
+
+    ds = dataclasses.replace(series)
+    ds.images = Lazy(np.asarray(series.images))
+    count = _CountForward(monkeypatch)
+    for cap in (24, 48):
+        count.images = count.calls = 0
+        reads.clear()
+        cfg = OODFitConfig(max_samples=cap, batch_size=8, calibration_frames_per_domain=0)
+        msg = fit_ood_reference_for_checkpoint(checkpoint, ds, refit=True, config=cfg)
+        assert f"on {cap} training image-transforms" in msg
+        assert count.images == cap and count.calls == cap // 8
+        assert len(reads) == cap  # one image read per sample, never the whole array
+        ref = OODReference.load(checkpoint)
+        assert ref.n_images == cap
+        # the sample spreads over the five training domains
+        assert ref.info["n_samples"] == cap
+
+
+def test_sample_is_spread_over_domains_and_structures():
+    groups = np.array([0] * 10 + [1] * 30)
+    pairs = sample_transforms(groups, 8, 20, seed=1)
+    assert len(pairs) == 20 and len(set(pairs)) == 20
+    items = [i for i, _ in pairs]
+    assert sum(i < 10 for i in items) == 10  # the domains take turns
+    assert len(set(items)) == 20  # every structure once before any twice
+    assert all(0 <= c < 8 for _, c in pairs)
+    assert sample_transforms(groups, 8, 20, seed=1) == pairs  # seeded
+    # fewer possible pairs than the cap: all of them
+    assert len(sample_transforms(np.zeros(3, int), 8, 100)) == 24
+
+
+def test_failed_fit_leaves_a_usable_checkpoint_and_says_how_to_retry(
+    checkpoint, series, monkeypatch
+):
+    from napari_hrtem_transfer.training import load_checkpoint
+
+    before = (checkpoint / "best.json").read_bytes()
+
+    def boom(*_a, **_k):
+        raise MemoryError("simulated: cannot allocate 24 GB")
+
+    monkeypatch.setattr(ScoringModel, "frame_stats", boom)
+    res = fit_ood_after_training(checkpoint, series)
+    assert not res.ok and "MemoryError" in res.error
+    assert f"evaluate --model {checkpoint}" in res.message and "--fit-ood" in res.message
+    assert "usable" in res.message
+    assert not (checkpoint / OOD_ARRAYS).exists() and not (checkpoint / OOD_JSON).exists()
+    assert (checkpoint / "best.json").read_bytes() == before
+    lm = load_checkpoint(checkpoint, device="cpu")  # still loads and predicts
+    assert lm.predict_proba(np.asarray(series.images[1][:1])).shape == (1, 64, 64)
+
+
+def test_fit_after_training_calibrates_and_stores_the_caution_level(checkpoint, series):
+    calls = []
+    res = fit_ood_after_training(
+        checkpoint, series, progress=lambda d, t, m: calls.append((d, t, m))
+    )
+    assert res.ok and res.error is None, res.message
+    assert res.n_samples == 16 * 8 and res.reference_path == checkpoint / OOD_JSON
+    assert calls and calls[-1][0] == calls[-1][1]
+    ref = OODReference.load(checkpoint)
+    assert ref.caution_level == pytest.approx(res.caution_level)
+    assert np.isfinite(ref.caution) and ref.calibration["n_frames"] == 5 * 8
+    # held-out frames of the training domain are rarely flagged, in-focus ones (no contrast,
+    # a much higher loss) more often
+    s_train = ood_scores(checkpoint, np.asarray(series.images[1][16:])).score
+    s_focus = ood_scores(checkpoint, np.asarray(series.images[2][16:])).score
+    assert np.mean(s_train > ref.caution) <= 0.25
+    assert np.mean(s_focus > ref.caution) > np.mean(s_train > ref.caution)
+
+
+def test_caution_level_hand_computed():
+    score = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    loss = np.array([1.0, 1.0, 1.0, 1.0, 5.0, 5.0])
+    ind = np.array([True, True, True, False, False, False])
+    level, rec = calibrate_caution_level(score, loss, ind)
+    assert rec["loss_threshold"] == pytest.approx(1.0)
+    assert level == pytest.approx(3.5)  # between the last good (3) and the first bad (4)
+    # a non-monotone case: isotonic regression pools (bad at 2, good at 3) -> 1/2 from score 2
+    loss2 = np.array([1.0, 1.0, 5.0, 1.0, 5.0, 5.0])
+    level2, _ = calibrate_caution_level(score, loss2, np.array([1, 1, 0, 0, 0, 0], bool))
+    assert level2 == pytest.approx(1.5)
+    # nothing worse than the training domain: the highest score checked
+    level3, rec3 = calibrate_caution_level(score, np.ones(6), ind)
+    assert level3 == pytest.approx(5.0) and "highest" in rec3["method"]
+
+
+def test_any_frame_size_and_tiling_give_the_whole_frame_statistics(trained):
+    import torch
+
+    from napari_hrtem_transfer.models import standardize
+
+    rng = np.random.default_rng(3)
+    frame = rng.poisson(50, size=(525, 470)).astype(np.float32)
+    sm = ScoringModel(trained)
+    whole = sm.frame_stats(frame, want_proba=True, tile_px=1024)
+    tiled = sm.frame_stats(frame, want_proba=True, tile_px=256)
+    assert sm.n_forward > 2
+    np.testing.assert_allclose(tiled.features, whole.features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tiled.entropy, whole.entropy, rtol=1e-4)
+    np.testing.assert_allclose(tiled.proba, whole.proba, atol=1e-4)
+    assert whole.proba.shape == (1, 525, 470)
+    # by hand: reflect-pad to 528 x 480, pool every stage over the unpadded part only
+    x = np.pad(standardize(frame), ((0, 3), (0, 10)), mode="reflect")
+    with torch.no_grad():
+        maps = trained.encoder(torch.from_numpy(x)[None, None])
+    expect = []
+    for m in maps:
+        f = 528 // m.shape[2]
+        v = m[0, :, : -(-525 // f), : -(-470 // f)].double().flatten(1)
+        expect += [v.mean(1), v.std(1, unbiased=False)]
+    np.testing.assert_allclose(whole.features[0], torch.cat(expect).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_proba_from_the_segmentation_is_reused(trained, series, monkeypatch):
+    frames = np.asarray(series.images[3][:3])[:, :60, :50]  # not a multiple of the stride
+    ref = fit_ood_reference(trained, np.asarray(series.images[1][:8]), save=False)
+    full = ood_scores(trained, frames, ref)
+    decoded = []
+    h = trained.decoder.register_forward_hook(lambda *a: decoded.append(1))
+    try:
+        again = ood_scores(trained, frames, ref, proba=full.proba)
+    finally:
+        h.remove()
+    assert not decoded  # only the encoder ran
+    np.testing.assert_allclose(again.score, full.score, rtol=1e-5, atol=1e-6)
+    assert again.proba is None and full.proba.shape == (3, 60, 50)
+    with pytest.raises(Exception, match="does not match"):
+        ood_scores(trained, frames, ref, proba=full.proba[:, :10])
