@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("pretrained_work"))
     p.add_argument("--n-structures", type=int, default=40, help="per material")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--samples-per-epoch", type=int, default=384)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--stage", choices=("simulate", "train", "all"), default="all")
@@ -121,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = work / "model"
     config = TrainConfig.pretrain(
-        "all", epochs=args.epochs, seed=args.seed, split_seed=0, patch_size=256, lr=1e-3
+        "all",
+        epochs=args.epochs,
+        samples_per_epoch=args.samples_per_epoch,
+        seed=args.seed,
+        split_seed=0,
+        patch_size=256,
+        lr=1e-3,
     )
     if not (model_dir / "best.json").exists() or (model_dir / "last.json").exists() and (
         json.loads((model_dir / "last.json").read_text()).get("epoch", 0) < args.epochs
@@ -201,7 +208,8 @@ def write_card(config, data: Path, model_dir: Path, records, args, seconds: floa
         [
             marker,
             f"Measured by `python scripts/train_pretrained_model.py --n-structures "
-            f"{args.n_structures} --epochs {args.epochs} --seed {args.seed}` "
+            f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "
+            f"{args.samples_per_epoch} --seed {args.seed}` "
             f"({seconds / 60:.0f} min in all on {sidecar.get('device', 'cpu')}).",
             "",
             "| defocus [nm] | Dice [95 % CI] | loss (BCE) | IoU | held-out frames |",

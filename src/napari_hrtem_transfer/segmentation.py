@@ -75,7 +75,9 @@ class SegmentationStopped(HrtemTransferError):
 class SegmentConfig(BaseModel):
     """Every choice of a segmentation run, with its default (one source for CLI and GUIs)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     """Probability above which a pixel is labelled particle."""
@@ -178,7 +180,10 @@ class SegmentationResult:
             for k, (i, ax) in enumerate(zip(idx, nav_axes, strict=True)):
                 name = str(ax.get("name") or f"axis{k}")
                 row[f"{name}_index"] = int(i)
-                row[_coordinate_key(ax, k)] = _coordinate(ax, int(i))
+                key = _coordinate_key(ax, k)
+                if key in ("frame", "ood_score", "caution") or key.endswith("_index"):
+                    key = f"{key}_coordinate"
+                row[key] = _coordinate(ax, int(i))
             if scores is not None:
                 row["ood_score"] = float(scores[flat])
                 level = 1.0 if self.ood_caution is None else float(self.ood_caution)
@@ -243,7 +248,12 @@ def resolve_model(model: Any = PRETRAINED, which: str = "best", device: str = "a
 
     path = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
     sidecar = path / f"{which}.json"
-    key = (str(path.resolve()), which, device, sidecar.stat().st_mtime_ns if sidecar.exists() else 0)
+    key = (
+        str(path.resolve()),
+        which,
+        device,
+        sidecar.stat().st_mtime_ns if sidecar.exists() else 0,
+    )
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -280,14 +290,26 @@ def _stop_fn(stop: StopRequest) -> Callable[[], bool]:
 
 def _default_axes(shape: tuple[int, ...], sampling_A: float | None) -> list[dict[str, Any]]:
     nav = [
-        {"name": "frame" if len(shape) == 3 else f"axis{k}", "size": int(n), "scale": 1.0,
-         "offset": 0.0, "units": None, "navigate": True}
+        {
+            "name": "frame" if len(shape) == 3 else f"axis{k}",
+            "size": int(n),
+            "scale": 1.0,
+            "offset": 0.0,
+            "units": None,
+            "navigate": True,
+        }
         for k, n in enumerate(shape[:-2])
     ]
     scale, units = (1.0, None) if sampling_A is None else (sampling_A / 10.0, "nm")
     sig = [
-        {"name": n, "size": int(s), "scale": scale, "offset": 0.0, "units": units,
-         "navigate": False}
+        {
+            "name": n,
+            "size": int(s),
+            "scale": scale,
+            "offset": 0.0,
+            "units": units,
+            "navigate": False,
+        }
         for n, s in zip(("y", "x"), shape[-2:], strict=True)
     ]
     return nav + sig

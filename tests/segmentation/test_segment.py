@@ -22,8 +22,15 @@ def _defocus_stack():
     frames, masks = disc_frames(6, seed=5)
     data = frames.reshape(3, 2, 64, 64)  # (defocus, image, y, x)
     axes = [
-        {"name": "defocus", "size": 3, "units": "nm", "axis": np.array([-10.0, 0.0, 12.5]),
-         "scale": 11.25, "offset": -10.0, "navigate": True},
+        {
+            "name": "defocus",
+            "size": 3,
+            "units": "nm",
+            "axis": np.array([-10.0, 0.0, 12.5]),
+            "scale": 11.25,
+            "offset": -10.0,
+            "navigate": True,
+        },
         {"name": "image", "size": 2, "units": None, "scale": 1.0, "offset": 0.0, "navigate": True},
         {"name": "y", "size": 64, "units": "nm", "scale": 0.02, "offset": 1.5, "navigate": False},
         {"name": "x", "size": 64, "units": "nm", "scale": 0.02, "offset": -0.7, "navigate": False},
@@ -118,7 +125,10 @@ def test_stem_images_warn_and_reciprocal_axes_are_refused(tiny_model):
 
     frames, _ = disc_frames(1, seed=9)
     im = ExperimentalImage(
-        data=frames, sampling_A=0.2, axes=[], metadata={"acquisition_mode": "STEM", "title": "HAADF"},
+        data=frames,
+        sampling_A=0.2,
+        axes=[],
+        metadata={"acquisition_mode": "STEM", "title": "HAADF"},
         name="haadf",
     )
     with pytest.warns(SegmentationWarning, match="STEM"):
@@ -181,6 +191,7 @@ def test_far_domain_scores_higher_than_training_like_frames(tiny_model):
 
 def test_lazy_stack_is_read_frame_by_frame(tiny_model):
     import dask.array as da
+
     frames, _ = disc_frames(4, seed=14)
     lazy = da.from_array(frames, chunks=(1, 64, 64))
     a = segment(lazy, tiny_model, sampling_A=0.2, precision="fp32")

@@ -133,8 +133,18 @@ def test_segment_npy_hspy_and_tif(models, dataset_path, tmp_path):
     from napari_hrtem_transfer.evaluation import ood_scores
 
     ood = json.loads((tmp_path / "mask.ood.json").read_text())
-    assert len(ood["ood_score"]) == 3
-    np.testing.assert_allclose(ood["ood_score"], ood_scores(ft, stack).score, rtol=1e-4, atol=1e-4)
+    assert ood["input"] == str(tmp_path / "in.npy") and ood["model"] == str(ft)
+    assert [r["frame"] for r in ood["frames"]] == [0, 1, 2]
+    scores = [r["ood_score"] for r in ood["frames"]]
+    np.testing.assert_allclose(scores, ood_scores(ft, stack).score, rtol=1e-3, atol=1e-3)
+    # the OOD file is an output like the others: not replaced without --overwrite
+    (tmp_path / "mask.npy").unlink()
+    (tmp_path / "mask_proba.npy").unlink()
+    argv = ["segment", "--model", str(ft), str(tmp_path / "in.npy"), "--out",
+            str(tmp_path / "mask.npy")]
+    assert main(argv) == 2
+    assert not (tmp_path / "mask.npy").exists()
+    assert main([*argv, "--overwrite"]) == 0
 
     # a calibrated HyperSpy stack: the mask keeps axes and calibration
     s = hs.signals.Signal2D(stack)
@@ -150,14 +160,14 @@ def test_segment_npy_hspy_and_tif(models, dataset_path, tmp_path):
                 str(ft),
                 str(tmp_path / "in.hspy"),
                 "--out",
-                str(tmp_path / "mask.hspy"),
+                str(tmp_path / "mask2.hspy"),
                 "--precision",
                 "fp32",
             ]
         )
         == 0
     )
-    m = hs.load(tmp_path / "mask.hspy")
+    m = hs.load(tmp_path / "mask2.hspy")
     assert m.data.shape == (3, 64, 64) and m.data.dtype == np.uint8
     np.testing.assert_array_equal(m.data, mask)
     assert m.axes_manager.signal_axes[0].scale == pytest.approx(0.02)
@@ -205,7 +215,8 @@ def test_segment_sampling_warning_and_resample(models, tmp_path, capsys):
         )
         == 0
     )
-    assert "0.4 Å/px but the model was trained at 0.2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resampled frames from 0.4 to the model's 0.2" in err
     assert (
         main(
             [
@@ -215,19 +226,19 @@ def test_segment_sampling_warning_and_resample(models, tmp_path, capsys):
                 str(tmp_path / "coarse.hspy"),
                 "--out",
                 str(tmp_path / "b.npy"),
-                "--resample",
+                "--no-resample",
             ]
         )
         == 0
     )
-    assert "resampling" in capsys.readouterr().err
+    assert "resampling is off" in capsys.readouterr().err
+    assert np.load(tmp_path / "a.npy").shape == (64, 64)
     assert np.load(tmp_path / "b.npy").shape == (64, 64)
 
 
 @pytest.mark.parametrize(
     ("array", "message"),
     [
-        (np.zeros((64, 64, 3), np.uint8), "RGB"),
         (np.zeros(100), "1-D"),
         (np.full((32, 32), np.nan), "NaN"),
     ],
@@ -307,14 +318,24 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_segment_refuses_rgb_tif_and_1d_hspy(models, tmp_path, capsys):
+def test_segment_converts_rgb_with_a_warning_and_refuses_1d(models, tmp_path, capsys):
+    """RGB is handled the same way everywhere: converted to grey by the reader, said aloud."""
     import hyperspy.api as hs
     import tifffile
 
     _, ft = models
-    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    np.save(tmp_path / "rgb.npy", rgb)
+    for name in ("rgb.tif", "rgb.npy"):
+        out = tmp_path / f"{name}.mask.npy"
+        assert main(["segment", "--model", str(ft), str(tmp_path / name), "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "RGB" in err and "grey" in err, err
+        assert np.load(out).shape == (64, 64)
     hs.signals.Signal1D(np.arange(100.0)).save(tmp_path / "line.hspy")
-    for name in ("rgb.tif", "line.hspy"):
+    for name in ("line.hspy",):
         rc = main(
             ["segment", "--model", str(ft), str(tmp_path / name), "--out", str(tmp_path / "o.tif")]
         )

@@ -684,8 +684,8 @@ def _read_npy(path: Path) -> ExperimentalImage:
         data = data[..., :3].astype(np.float32) @ w
     if data.ndim < 2 or data.dtype.kind not in "biuf":
         raise ReaderError(
-            f"{path}: expected a real 2-D image or a stack (..., ny, nx) of them; got an "
-            f"array of shape {data.shape} and dtype {data.dtype}."
+            f"{path}: expected a real 2-D image or a stack (..., ny, nx) of them; got a "
+            f"{data.ndim}-D array of shape {data.shape} and dtype {data.dtype}."
         )
     notes.append(f"{path.name}: .npy files carry no calibration; sampling_A is None.")
     lead = data.shape[:-2]

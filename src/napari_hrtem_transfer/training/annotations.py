@@ -1,0 +1,286 @@
+"""Fine-tune on a few frames a user annotated (napari Labels layer, a label file, a signal).
+
+The study's point, and this tool's: pretrain on simulation, then fine-tune on a handful of
+experimental frames.  :func:`dataset_from_annotations` turns frames + labels into an
+:class:`~napari_hrtem_transfer.io.HRTEMDataset` (one domain, one "structure" per frame, so
+the validation split is by frame), resampled to the model's pixel size with the same policy as
+segmentation; :func:`finetune_on_annotations` fine-tunes a model on it with the usual training
+loop (same augmentation, checkpoints, stop/resume) and fits the label-free OOD reference.
+The CLI (``finetune --images --labels``), the napari Train widget and ``HRTEM.finetune`` call
+these two functions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = [
+    "AnnotationFinetuneResult",
+    "dataset_from_annotations",
+    "finetune_on_annotations",
+]
+
+#: Fine-tuning defaults for annotated frames (the study fine-tunes with a lower rate).
+DEFAULT_SAMPLES_PER_EPOCH = 64
+MAX_PATCH_PX = 256
+
+
+def _array(x: Any, what: str) -> tuple[np.ndarray, tuple[int, ...], float | None]:
+    """(frames (n, ny, nx), navigation shape, sampling_A) of an array/ExperimentalImage/signal."""
+    from ..io.readers import ExperimentalImage
+
+    sampling = None
+    if hasattr(x, "axes_manager") and hasattr(x, "data"):
+        from ..io.readers import images_from_signals
+
+        x = images_from_signals(x)[0]
+    if isinstance(x, ExperimentalImage):
+        return x.data, x.nav_shape, x.sampling_A
+    arr = np.asarray(x.compute() if hasattr(x, "compute") else x)
+    if arr.ndim < 2:
+        raise ConfigError(
+            f"{what} must be an image or a stack (..., ny, nx); got shape {arr.shape}.", what
+        )
+    return arr.reshape(-1, *arr.shape[-2:]), tuple(arr.shape[:-2]), sampling
+
+
+def dataset_from_annotations(
+    images: Any,
+    labels: Any,
+    *,
+    sampling_A: float | None = None,
+    model_sampling_A: float | None = None,
+    annotated: Sequence[int] | None = None,
+    defocus_nm: float | None = None,
+) -> Any:
+    """Build a one-domain training set from annotated frames.
+
+    Parameters
+    ----------
+    images
+        Raw frames: (ny, nx) or (..., ny, nx) array, ExperimentalImage or HyperSpy signal.
+    labels
+        Same shape as ``images``; any non-zero value is particle.
+    sampling_A
+        Pixel size of the frames [Å/px] (default: from ``images``; unknown -> the model's).
+    model_sampling_A
+        Pixel size the model works at [Å/px]; frames are resampled to it (labels with
+        nearest-neighbour) when they differ by more than the segmentation tolerance.
+    annotated
+        Flat indices of the frames to train on (frames you marked as annotated, even if they
+        hold no particle); default: every frame with at least one labelled pixel.
+    defocus_nm
+        The domain's defocus [nm] (a label in histories only); default 0.
+
+    Returns
+    -------
+    HRTEMDataset
+        ``images`` (1, n, ny, nx), ``masks`` (n, ny, nx), ``structure_ids`` = ``frame<i>``
+        (a single annotated frame is cut into 2 x 2 quarters so a validation split exists).
+
+    Raises
+    ------
+    ConfigError
+        Shapes differ, no frame is annotated, frames too small, indices outside the stack.
+    """
+    from ..io.dataset import HRTEMDataset
+    from ..segmentation import SegmentConfig, _zoom
+
+    frames, nav, s_img = _array(images, "images")
+    lab, lab_nav, _ = _array(labels, "labels")
+    if frames.shape != lab.shape or nav != lab_nav:
+        raise ConfigError(
+            f"the labels have shape {(*lab_nav, *lab.shape[-2:])} but the images "
+            f"{(*nav, *frames.shape[-2:])}; paint the labels on a layer of the image's shape "
+            "(napari: Layers > New Labels layer with the image selected).",
+            "labels",
+        )
+    n = frames.shape[0]
+    painted = [i for i in range(n) if np.any(lab[i] != 0)]
+    if annotated is None:
+        chosen = painted
+    else:
+        chosen = sorted({int(i) for i in annotated})
+        bad = [i for i in chosen if not 0 <= i < n]
+        if bad:
+            raise ConfigError(
+                f"annotated frames {bad} are outside the stack of {n} frame(s) (0..{n - 1}).",
+                "annotated",
+            )
+    if not chosen:
+        raise ConfigError(
+            "no frame has a painted pixel: paint the particles (any non-zero label) on at "
+            "least one frame, or mark which frames are annotated.",
+            "labels",
+        )
+    sampling = sampling_A if sampling_A is not None else s_img
+    target = model_sampling_A if model_sampling_A is not None else sampling
+    factor = None
+    policy = SegmentConfig()
+    notes = []
+    if sampling is not None and target is not None:
+        ratio = sampling / target
+        if abs(ratio - 1.0) > policy.resample_tolerance:
+            if ratio > policy.max_zoom or ratio < 1.0 / policy.max_zoom:
+                raise ConfigError(
+                    f"the frames' pixel size {sampling:.4g} Å is {ratio:.3g} times the model's "
+                    f"{target:.4g} Å; fine-tuning across more than x{policy.max_zoom:g} is "
+                    "refused. Start from a model trained near this pixel size.",
+                    "sampling_A",
+                )
+            factor = ratio
+            notes.append(f"frames resampled from {sampling:.4g} to {target:.4g} Å/px")
+    elif sampling is None:
+        notes.append("the frames have no pixel size; the model's was assumed")
+    imgs, masks, ids = [], [], []
+    for i in chosen:
+        f = frames[i].astype(np.float32)
+        m = lab[i] != 0
+        if factor is not None:
+            f = _zoom(f, factor)
+            m = _zoom(m.astype(np.float32), 0.0, f.shape) >= 0.5
+        imgs.append(f)
+        masks.append(m)
+        ids.append(f"frame{i}")
+    if len(imgs) == 1:  # one frame: quarters, so that a validation split by region exists
+        f, m = imgs[0], masks[0]
+        hy, hx = f.shape[0] // 2, f.shape[1] // 2
+        if min(hy, hx) < 32:
+            raise ConfigError(
+                f"one annotated frame of {f.shape[0]}x{f.shape[1]} px is too small to split "
+                "for validation; annotate at least two frames.",
+                "labels",
+            )
+        imgs = [f[:hy, :hx], f[:hy, hx : 2 * hx], f[hy : 2 * hy, :hx], f[hy : 2 * hy, hx : 2 * hx]]
+        masks = [m[:hy, :hx], m[:hy, hx : 2 * hx], m[hy : 2 * hy, :hx], m[hy : 2 * hy, hx : 2 * hx]]
+        ids = [f"{ids[0]}q{k}" for k in range(4)]
+        notes.append("a single annotated frame was cut into 4 quarters (3 train, 1 validation)")
+    shape = imgs[0].shape
+    if min(shape) < 32:
+        raise ConfigError(
+            f"annotated frames of {shape[0]}x{shape[1]} px (at the model's pixel size) are too "
+            "small to train on; they need at least 32 px per side.",
+            "images",
+        )
+    return HRTEMDataset(
+        images=np.stack(imgs)[None],
+        defocus_nm=[0.0 if defocus_nm is None else float(defocus_nm)],
+        sampling_A=float(target) if target is not None else 1.0,
+        masks=np.stack(masks),
+        structure_ids=ids,
+        materials=["experimental"] * len(imgs),
+        dose_e_per_A2=None,
+        info={
+            "source": "annotated frames",
+            "frames": [int(i) for i in chosen],
+            "pixel_size_known": sampling is not None,
+            "notes": notes,
+        },
+    )
+
+
+@dataclass
+class AnnotationFinetuneResult:
+    """What :func:`finetune_on_annotations` returns: the training and the OOD fit."""
+
+    train: Any
+    ood: Any
+    n_frames: int
+    notes: list[str]
+
+    @property
+    def out_dir(self) -> Path:
+        """The new checkpoint folder."""
+        return Path(self.train.out_dir)
+
+
+def finetune_on_annotations(
+    images: Any,
+    labels: Any,
+    *,
+    out_dir: str | os.PathLike,
+    model: Any = "pretrained",
+    sampling_A: float | None = None,
+    annotated: Sequence[int] | None = None,
+    freeze: str = "none",
+    epochs: int = 20,
+    lr: float | None = None,
+    samples_per_epoch: int = DEFAULT_SAMPLES_PER_EPOCH,
+    seed: int = 0,
+    device: str = "auto",
+    callbacks: Iterable[Any] | None = None,
+    stop: Any = None,
+    ood_progress: Any = None,
+    **train_options: Any,
+) -> AnnotationFinetuneResult:
+    """Fine-tune ``model`` on annotated frames and fit its OOD reference.
+
+    Parameters
+    ----------
+    images, labels, sampling_A, annotated
+        See :func:`dataset_from_annotations`.
+    out_dir
+        New checkpoint folder (must not exist or be empty).
+    model
+        ``"pretrained"`` (shipped) or a checkpoint folder to start from.
+    freeze
+        ``none``, ``encoder``, ``decoder`` or ``gradual`` (see ``TrainConfig.freeze``).
+    epochs, lr, samples_per_epoch, seed, device
+        Training settings; ``lr`` None uses the fine-tuning default of ``TrainConfig``.
+    callbacks, stop
+        As for :func:`~napari_hrtem_transfer.training.train`.
+    ood_progress
+        ``progress(done, total, message)`` of the OOD-reference fit.
+    **train_options
+        Other :class:`~napari_hrtem_transfer.training.TrainConfig` fields.
+    """
+    from ..segmentation import PRETRAINED, pretrained_model_dir
+    from .checkpoint import read_sidecar
+    from .config import TrainConfig
+    from .loop import train
+
+    init = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
+    if not (init / "best.json").is_file():
+        raise ConfigError(
+            f"{init} is not a checkpoint folder (no best.json); pass a model trained with "
+            "pretrain/finetune, or 'pretrained'.",
+            "model",
+        )
+    side = read_sidecar(init, "best")
+    model_s = side.get("sampling_A")
+    ds = dataset_from_annotations(
+        images, labels, sampling_A=sampling_A, model_sampling_A=model_s, annotated=annotated
+    )
+    ny, nx = ds.images.shape[-2:]
+    patch = min(MAX_PATCH_PX, (min(ny, nx) // 32) * 32)
+    kwargs: dict[str, Any] = dict(
+        train_defocus_nm="all",
+        freeze=freeze,
+        epochs=epochs,
+        patch_size=patch,
+        samples_per_epoch=samples_per_epoch,
+        seed=seed,
+        device=device,
+        val_fraction=0.25,
+    )
+    if lr is not None:
+        kwargs["lr"] = lr
+    kwargs.update(train_options)
+    config = TrainConfig.finetune(init, **kwargs)
+    result = train(config, ds, out_dir, callbacks=callbacks, stop=stop)
+    ood = None
+    if not result.stopped:
+        from ..evaluation import ood as ood_mod
+
+        ood = ood_mod.fit_ood_after_training(result.out_dir, ds, progress=ood_progress)
+    return AnnotationFinetuneResult(
+        train=result, ood=ood, n_frames=len(ds.info["frames"]), notes=list(ds.info["notes"])
+    )
