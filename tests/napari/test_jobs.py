@@ -17,7 +17,13 @@ from napari_hrtem_transfer._napari._jobs import (
     simulate_job,
     train_job,
 )
-from napari_hrtem_transfer._napari._workers import JobDone, JobFailed, JobProgress, run_with_updates
+from napari_hrtem_transfer._napari._workers import (
+    JobDone,
+    JobFailed,
+    JobProgress,
+    JobStage,
+    run_with_updates,
+)
 from napari_hrtem_transfer.errors import ConfigError
 
 
@@ -105,10 +111,15 @@ def test_train_job_reports_typed_updates_and_stops(tmp_path, tiny_dataset_path, 
 
     config = build_train_config(**{**tiny_train_kwargs, "epochs": 3})
     result = train_job(report, config, tiny_dataset_path, tmp_path / "m", stop=stop)
-    assert isinstance(seen[0], TrainStart)
+    assert isinstance(seen[0], JobStage) and seen[0].name == "device"
+    assert seen[0].message.startswith("cpu") and "torch" in seen[0].message
+    assert isinstance(seen[1], TrainStart)
     assert sum(isinstance(u, StepUpdate) for u in seen) == 1
     assert not any(isinstance(u, EpochUpdate) for u in seen)
-    assert isinstance(seen[-1], TrainResult) and seen[-1] is not None
+    assert isinstance(seen[-2], TrainResult)
+    # the OOD fit is its own stage, and honestly skipped after a stop
+    assert seen[-1] == JobStage("ood", "skipped", seen[-1].message)
+    assert "stopped" in seen[-1].message
     assert result.stopped and result.epochs_completed == 0
     assert (tmp_path / "m" / "last.json").is_file()
 

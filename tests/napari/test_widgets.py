@@ -10,8 +10,19 @@ pytestmark = pytest.mark.gui
 TIMEOUT_MS = 120_000
 
 
-def _wait_idle(qtbot, widget):
-    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+def _wait_idle(qtbot, widget, timeout=TIMEOUT_MS):
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _recent_models_file(tmp_path, monkeypatch):
+    """Keep the 'recently trained models' list of each test in its own file."""
+    from napari_hrtem_transfer._napari._widgets._models import recent_models
+
+    monkeypatch.setenv("HRTEM_TRANSFER_RECENT_MODELS", str(tmp_path / "recent.json"))
+    recent_models.reload()
+    yield
+    recent_models.reload()
 
 
 @pytest.fixture
@@ -40,6 +51,11 @@ def test_simulate_widget_adds_images_and_masks(make_napari_viewer, qtbot, fake_s
     w = SimulateWidget(viewer)
     viewer.window.add_dock_widget(w)
     assert "positive = underfocus" in w.defocus_nm.tooltip
+    # defaults and limits come from SimulationConfig
+    from napari_hrtem_transfer.simulate import SimulationConfig
+
+    assert w.n_structures.min == SimulationConfig.model_fields["n_structures"].metadata[0].ge
+    assert w.dose.value == SimulationConfig.model_fields["dose_e_per_A2"].default
     w.preset.value = "study"
     assert w.defocus_nm.value.startswith("-25, -20") and w.defocus_nm.value.endswith("20, 25")
     w.preset.value = "laptop"
@@ -47,7 +63,7 @@ def test_simulate_widget_adds_images_and_masks(make_napari_viewer, qtbot, fake_s
     w.n_structures.value = 2
     w.defocus_nm.value = "-5, 5"
     w.save_path.value = tmp_path / "sim.hspy"
-    w.run_button.clicked.emit()
+    w.run_button.click()
     _wait_idle(qtbot, w)
     assert isinstance(w.last_outcome, JobDone)
     (cfg,) = fake_simulation
@@ -56,22 +72,54 @@ def test_simulate_widget_adds_images_and_masks(make_napari_viewer, qtbot, fake_s
     img = viewer.layers[0]
     assert img.data.shape == (2, 8, 64, 64)
     assert [str(u) for u in img.units] == ["nanometer", "pixel", "nanometer", "nanometer"]
-    assert viewer.layers[1].data.shape == img.data.shape
     assert (tmp_path / "sim.hspy").is_file()
-    assert w.progress.value == 1000
+    assert w.progress.value() == 1000
+    assert "elapsed" in w.time_label.value
 
 
-def test_simulate_widget_bad_input_is_a_notification_not_a_crash(make_napari_viewer, qtbot,
-                                                                 fake_simulation):
+def test_simulate_widget_errors_name_the_form_fields(make_napari_viewer, fake_simulation):
     from napari_hrtem_transfer._napari._widgets import SimulateWidget
 
     viewer = make_napari_viewer()
     w = SimulateWidget(viewer)
     w.defocus_nm.value = "-5, five"
-    w.run_button.clicked.emit()
+    w.run_button.click()
     assert not w.running
     assert w.status.value.startswith("error:") and "numbers in nm" in w.status.value
+    w.defocus_nm.value = "5, 5"  # the config's message mentions the CLI flag --defocus
+    w.run_button.click()
+    assert "'defoci [nm]'" in w.status.value and "--" not in w.status.value
     assert not fake_simulation and len(viewer.layers) == 0
+
+
+def test_simulate_widget_stop_is_honest(make_napari_viewer, qtbot, monkeypatch, tiny_dataset):
+    import threading
+
+    import napari_hrtem_transfer.simulate as simulate
+    from napari_hrtem_transfer._napari._widgets import SimulateWidget
+    from napari_hrtem_transfer._napari._workers import JobStopped
+
+    go_on = threading.Event()
+
+    def slow(config, progress=False, **kwargs):
+        for i in range(config.n_structures):
+            progress(i + 1, config.n_structures)
+            go_on.wait(5)
+        return tiny_dataset
+
+    monkeypatch.setattr(simulate, "simulate_dataset", slow)
+    viewer = make_napari_viewer()
+    w = SimulateWidget(viewer)
+    w.n_structures.value = 8
+    w.run_button.click()
+    qtbot.waitUntil(lambda: w.progress.value() > 0, timeout=10_000)
+    w.stop_button.click()
+    go_on.set()
+    _wait_idle(qtbot, w)
+    assert isinstance(w.last_outcome, JobStopped) and w.state == "stopped"
+    # structure 1 was done when Stop was pressed; structure 2 was running and finished
+    assert "stopped after 2 of 8 structures" in w.status.value
+    assert w.progress.value() < 1000 and len(viewer.layers) == 0
 
 
 def test_simulate_widget_job_failure_is_reported(make_napari_viewer, qtbot, monkeypatch):
@@ -85,55 +133,98 @@ def test_simulate_widget_job_failure_is_reported(make_napari_viewer, qtbot, monk
     monkeypatch.setattr(simulate, "simulate_dataset", broken)
     viewer = make_napari_viewer()
     w = SimulateWidget(viewer)
-    w.run_button.clicked.emit()
+    w.run_button.click()
     _wait_idle(qtbot, w)
     assert isinstance(w.last_outcome, JobFailed)
     assert "out of memory" in w.status.value
-    assert w.run_button.enabled
+    assert w.run_button.isEnabled()
 
 
-def test_train_widget_trains_plots_and_stops(make_napari_viewer, qtbot, tmp_path,
-                                             tiny_dataset_path):
-    from napari_hrtem_transfer._napari._widgets import TrainWidget
+def _tiny_train(w, data, out, epochs):
+    from napari_hrtem_transfer._napari._widgets._train import FROM_FILE
+
+    w.source.value = FROM_FILE
+    w.dataset.value = data
+    w.out_dir.value = out
+    w.model.value = ""  # pretrain
+    w.freeze.value = "none"
+    w.epochs.value = epochs
+    w.batch_size.value = 4
+    w.patch_size.value = 32
+    w.device.value = "cpu"
+
+
+@pytest.mark.slow
+def test_train_widget_trains_plots_stops_and_offers_the_model(make_napari_viewer, qtbot,
+                                                              tmp_path, tiny_dataset_path):
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget, TrainWidget
     from napari_hrtem_transfer._napari._workers import JobDone
 
     viewer = make_napari_viewer()
     w = TrainWidget(viewer)
+    seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(w)
-    w.dataset.value = tiny_dataset_path
-    w.out_dir.value = tmp_path / "run"
-    w.epochs.value = 2
-    w.batch_size.value = 4
-    w.patch_size.value = 32
-    w.device.value = "cpu"
-    w.run_button.clicked.emit()
-    assert w.running and w.stop_button.enabled
+    _tiny_train(w, tiny_dataset_path, tmp_path / "run", 2)
+    w.run_button.click()
+    assert w.running and w.stop_button.isEnabled()
     _wait_idle(qtbot, w)
     assert isinstance(w.last_outcome, JobDone), w.status.value
     result = w.result
     assert not result.stopped and result.epochs_completed == 2
     assert len(w.plot.val_epochs) == 2 and len(w.plot.steps) >= 2
     assert all(np.isfinite(v) for _, v in w.plot.val_epochs)
-    assert w.plot.ax.get_lines(), "the loss plot should show lines"
+    assert len(w.plot.ax.get_lines()[0].get_xdata()) == len(w.plot.steps)
     assert (tmp_path / "run" / "best.json").is_file()
-    assert "finished after 2 epoch(s)" in w.status.value
-    assert not w.stop_button.enabled
+    assert "finished 2 epoch(s)" in w.status.value
+    assert w.device_label.value.startswith("device: cpu") and "torch" in w.device_label.value
+    # the OOD reference fit after training has its own status
+    assert w.ood_status.value.startswith("OOD reference: ") and "fitted" in w.ood_status.value
+    assert (tmp_path / "run" / "ood_reference.json").is_file()
+    assert not w.stop_button.isEnabled()
+    # the new model is offered in Segment at once, with its card
+    model = str((tmp_path / "run").resolve())
+    assert model in [v for v in seg.model.combo.choices]
+    seg.model.value = model
+    card = seg.model.card.value
+    assert "compact U-Net" in card and "2 epoch(s)" in card and "0.2 Å/px" in card
+    assert "-5, +5 nm" in card and "OOD reference: yes" in card
 
-    # fine-tune from it, and press Stop at the first step
-    w.init_from.value = tmp_path / "run"
+    # fine-tune from it, and press Stop at the first step: an honest state
+    w.model.value = tmp_path / "run"
     w.out_dir.value = tmp_path / "ft"
     w.freeze.value = "encoder"
-    w.epochs.value = 50
-
-    def stop_on_first_step(update):
-        if type(update).__name__ == "StepUpdate":
-            w.stop()
-
-    w.run_button.clicked.emit()
-    w._worker.yielded.connect(stop_on_first_step)
+    w.epochs.value = 8
+    w.run_button.click()
+    qtbot.waitUntil(lambda: len(w.plot.steps) >= 1, timeout=TIMEOUT_MS)
+    w.stop_button.click()
     _wait_idle(qtbot, w)
-    assert w.result.stopped and w.result.epochs_completed < 50
-    assert "stopped" in w.status.value
+    assert w.result.stopped and w.result.epochs_completed < 8
+    assert w.state == "stopped"
+    assert "stopped at epoch 1 of 8" in w.status.value, w.status.value
+    assert w.progress.value() < 1000 and "stopped at epoch 1 of 8" in w.progress.format()
+    assert "OOD reference: " in w.ood_status.value and "stopped" in w.ood_status.value
+    assert (tmp_path / "ft" / "last.json").is_file()
+
+
+@pytest.mark.slow
+def test_closing_the_train_dock_stops_training(make_napari_viewer, qtbot, tmp_path,
+                                               tiny_dataset_path):
+    from napari_hrtem_transfer._napari._widgets import TrainWidget
+
+    viewer = make_napari_viewer()
+    w = TrainWidget(viewer)
+    viewer.window.add_dock_widget(w, name="train")
+    _tiny_train(w, tiny_dataset_path, tmp_path / "run", 500)
+    w.run_button.click()
+    qtbot.waitUntil(lambda: len(w.plot.steps) >= 1, timeout=TIMEOUT_MS)
+    runner = w.runner
+    viewer.window.remove_dock_widget(w)  # what the dock's close button does
+    assert w.closed
+    assert not runner.alive  # stopped and waited for within the step
+    assert runner.result.stopped and runner.result.epochs_completed < 500
+    from napari_hrtem_transfer.training import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "run", which="last").model is not None
 
 
 def test_train_widget_needs_a_dataset(make_napari_viewer, tmp_path):
@@ -141,51 +232,177 @@ def test_train_widget_needs_a_dataset(make_napari_viewer, tmp_path):
 
     w = TrainWidget(make_napari_viewer())
     w.out_dir.value = tmp_path
-    w.run_button.clicked.emit()
-    assert not w.running and "dataset" in w.status.value
+    w.run_button.click()
+    assert not w.running and "dataset" in w.status.value and "Fix" in w.status.value
 
 
-def test_segment_widget_adds_labels_aligned_with_the_image(make_napari_viewer, qtbot,
-                                                           tiny_model_dir, tiny_dataset):
+def test_train_widget_bad_annotation_layers_are_notifications(make_napari_viewer, tmp_path):
+    from napari_hrtem_transfer._napari._widgets import TrainWidget
+    from napari_hrtem_transfer._napari._widgets._train import FROM_LAYERS
+
+    viewer = make_napari_viewer()
+    w = TrainWidget(viewer)
+    img = viewer.add_image(np.zeros((3, 64, 64), np.float32), name="frames")
+    w.source.value = FROM_LAYERS
+    w.image_layer.value = img
+    w.out_dir.value = tmp_path / "ft"
+    w.model.value = tmp_path  # any folder: the checks come first
+    lab = viewer.add_labels(np.zeros((3, 64, 64), np.uint8), name="empty")
+    w.labels_layer.value = lab
+    w.run_button.click()
+    assert not w.running and "no painted pixel" in w.status.value and "Fix" in w.status.value
+    outside = viewer.add_labels(np.ones((4, 64, 64), np.uint8), name="outside")
+    w.labels_layer.value = outside
+    w.run_button.click()
+    assert "outside the stack" in w.status.value
+    other = viewer.add_labels(np.ones((3, 32, 64), np.uint8), name="other")
+    w.labels_layer.value = other
+    w.run_button.click()
+    assert "differs from the image's" in w.status.value
+    assert not (tmp_path / "ft").exists()  # nothing written
+
+
+def test_long_error_wraps_and_docks_fit_a_small_screen(make_napari_viewer, qtbot):
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget, SimulateWidget, TrainWidget
+
+    viewer = make_napari_viewer(show=True)
+    win = viewer.window._qt_window
+    win.resize(1280, 800)
+    docks = [W(viewer) for W in (SimulateWidget, TrainWidget, SegmentWidget)]
+    for i, d in enumerate(docks):
+        viewer.window.add_dock_widget(d, name=f"dock{i}", area="right")
+    qtbot.wait(50)
+    canvas = viewer.window._qt_viewer.canvas.native
+    assert canvas.width() > 0
+    # three docks fit 1280 x 800 together (the rest scrolls)
+    assert sum(d.minimumSizeHint().height() for d in docks) < 800 - 100
+    long_message = "x" * 1000 + " " + "/very/long/path" * 67
+    assert len(long_message) >= 2000
+    for _ in range(3):
+        docks[1].set_status(f"error: {long_message}")
+        docks[1].dataset.value = long_message
+        docks[1].run_button.click()
+    qtbot.wait(100)
+    assert canvas.width() > 0
+    assert max(d.width() for d in docks) < 1280 // 2
+    assert docks[1].status.toolTip()  # the whole text is kept
+
+
+def _stack_viewer(viewer, n_defocus=3, n_images=2):
+    """A defocus x image stack with the reader's conventions (defocus axis in nm)."""
     from napari_hrtem_transfer._napari._reader import dataset_to_layer_data
+
+    from .conftest import make_tiny_dataset
+
+    ds = make_tiny_dataset(n_images=n_images, defocus_nm=(-5.0, 0.0, 5.0)[:n_defocus])
+    data, kwargs, _ = dataset_to_layer_data(ds)[0]
+    return viewer.add_image(np.asarray(data), **kwargs)
+
+
+@pytest.mark.slow
+def test_segment_fills_features_per_frame_and_the_ood_plot_follows(make_napari_viewer, qtbot,
+                                                                   tiny_model_dir):
     from napari_hrtem_transfer._napari._widgets import SegmentWidget
 
     viewer = make_napari_viewer()
     w = SegmentWidget(viewer)
     viewer.window.add_dock_widget(w)
-    assert w.image.choices == ()
-    data, kwargs, _ = dataset_to_layer_data(tiny_dataset)[0]
-    src = viewer.add_image(np.asarray(data)[:, :2], **kwargs)
+    src = _stack_viewer(viewer)
     viewer.add_image(np.zeros((3, 3, 3), np.uint8), rgb=True, name="photo")
     assert [c.name for c in w.image.choices] == [src.name, "photo"]
     w.image.value = src
-    w.model_dir.value = tiny_model_dir
+    w.model.value = tiny_model_dir
     w.add_proba.value = True
-    w.run_button.clicked.emit()
+    w.run_button.click()
     _wait_idle(qtbot, w)
+    assert w.device_label.value.startswith("device: cpu")
     labels, proba = w.added_layers
-    assert labels.data.shape == src.data.shape and labels.data.dtype == np.uint8
+    assert labels.data.shape == src.data.shape
     np.testing.assert_allclose(labels.scale, src.scale)
     np.testing.assert_allclose(labels.translate, src.translate)
     assert proba.data.max() <= 1.0
-    np.testing.assert_array_equal(labels.data, (proba.data >= 0.5).astype(np.uint8))
-    # the model was trained by train_job, which fitted its OOD reference: one score per frame
-    scores = labels.metadata["ood_score"]
-    assert scores is not None and len(scores) == int(np.prod(labels.data.shape[:-2]))
-    assert all(np.isfinite(scores))
-    assert "OOD" in w.ood_label.value and "no OOD score" not in w.ood_label.value
-
+    # particles are numbered by frame: value k + 1 on flat frame k, where proba >= 0.5
+    frame_no = np.arange(6).reshape(3, 2, 1, 1) + 1
+    np.testing.assert_array_equal(labels.data, (proba.data >= 0.5) * frame_no)
+    # one feature row per frame: its defocus [nm], image index and OOD score
+    f = labels.features
+    assert len(f) == 6
+    assert list(f["index"]) == list(range(1, 7))
+    np.testing.assert_allclose(f["defocus_nm"], [-5, -5, 0, 0, 5, 5])
+    assert list(f["image_index"]) == [0, 1, 0, 1, 0, 1]
+    assert np.all(np.isfinite(f["ood_score"]))
+    # the OOD dock: one point per frame, following the slider
+    view = w.ood_view
+    assert view is not None and view.layer is labels
+    assert len(view.points.get_offsets()) == 6
+    np.testing.assert_allclose(view.points.get_offsets()[:, 0], [-5, -5, 0, 0, 5, 5])
+    viewer.dims.set_point(0, 5.0)  # defocus +5 nm
+    viewer.dims.set_point(1, 1)  # image 1
+    assert view.current_frame == 5
+    np.testing.assert_allclose(view.marker.get_xydata(), [[5.0, f["ood_score"][5]]])
+    assert "defocus +5 nm" in viewer.text_overlay.text and "OOD" in viewer.text_overlay.text
     # RGB layers are refused with a message
     w.image.value = viewer.layers["photo"]
-    w.run_button.clicked.emit()
+    w.run_button.click()
     assert not w.running and "RGB" in w.status.value
 
 
-def test_format_ood():
-    from napari_hrtem_transfer._napari._widgets import format_ood
+def test_ood_view_ranking_click_and_caution_overlay(make_napari_viewer, qtbot):
+    import pandas as pd
 
-    text = format_ood(np.arange(20) / 10, max_lines=3)
-    assert "frame 0: +0.00" in text and "17 more" in text and "max +1.90" in text
+    from napari_hrtem_transfer._napari._widgets import OODView
+    from napari_hrtem_transfer._napari._widgets._ood import CAUTION_WORD
+
+    viewer = make_napari_viewer()
+    img = viewer.add_image(np.zeros((4, 16, 16)), scale=(0.8, 1, 1), translate=(2.0, 0, 0),
+                           axis_labels=("time", "y", "x"))
+    scores = [0.1, 2.5, 0.4, 1.2]
+    feats = pd.DataFrame({"index": [1, 2, 3, 4], "frame": [0, 1, 2, 3],
+                          "time_index": [0, 1, 2, 3], "time_s": [2.0, 2.8, 3.6, 4.4],
+                          "ood_score": scores, "caution": [s > 1.0 for s in scores]})
+    lab = viewer.add_labels(np.zeros((4, 16, 16), np.uint8), scale=img.scale,
+                            translate=img.translate, features=feats, name="seg",
+                            metadata={"ood": {"nav_axes": ["time"], "caution": 1.0}})
+    view = OODView(viewer)
+    viewer.window.add_dock_widget(view)
+    assert view.layer is lab  # picked up the layer with scores
+    assert view.xlabel == "time [s]"
+    np.testing.assert_allclose(view.points.get_offsets()[:, 0], [2.0, 2.8, 3.6, 4.4])
+    # ranking: highest score first; the suggestion names the top frames
+    assert [view.table.item(r, 1).text() for r in range(4)] == ["2.500", "1.200", "0.400",
+                                                                "0.100"]
+    assert "#1, time 2.8 s" in view.suggest.value.split(";")[0]
+    view._on_row(0)  # clicking the first row jumps to frame 1 (t = 2.8 s)
+    assert viewer.dims.point[0] == pytest.approx(2.8)
+    assert view.current_frame == 1
+    assert CAUTION_WORD in viewer.text_overlay.text
+    view.go_to(2)
+    assert view.current_frame == 2 and CAUTION_WORD not in viewer.text_overlay.text
+    assert "OOD 0.40" in viewer.text_overlay.text
+
+
+def test_plots_follow_the_theme(make_napari_viewer):
+    from matplotlib.colors import to_hex
+
+    from napari_hrtem_transfer._napari._widgets import TrainWidget
+
+    viewer = make_napari_viewer()
+    w = TrainWidget(viewer)
+    viewer.theme = "dark"
+    dark = to_hex(w.plot.figure.get_facecolor())
+    viewer.theme = "light"
+    light = to_hex(w.plot.figure.get_facecolor())
+    assert dark != light
+    from napari.utils.theme import get_theme
+
+    assert light == get_theme("light").background.as_hex()
+
+
+def test_widget_contributions_build_from_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    for name in ("Simulate defocus series", "Train / fine-tune", "Segment", "OOD per frame"):
+        dock, widget = viewer.window.add_plugin_dock_widget("napari-hrtem-transfer", name)
+        assert widget is not None
 
 
 def test_reader_opens_files_in_the_viewer(make_napari_viewer, tmp_path, tiny_dataset):
@@ -199,13 +416,6 @@ def test_reader_opens_files_in_the_viewer(make_napari_viewer, tmp_path, tiny_dat
     # the defocus slider is in nm: -5 .. +5
     assert viewer.dims.range[0].start == pytest.approx(-5.0)
     assert viewer.dims.range[0].stop == pytest.approx(5.0)
-
-
-def test_widget_contributions_build_from_the_manifest(make_napari_viewer):
-    viewer = make_napari_viewer()
-    for name in ("Simulate defocus series", "Train / fine-tune", "Segment"):
-        dock, widget = viewer.window.add_plugin_dock_widget("napari-hrtem-transfer", name)
-        assert widget is not None
 
 
 def test_train_widget_picks_up_an_opened_dataset(make_napari_viewer, tmp_path, tiny_dataset):

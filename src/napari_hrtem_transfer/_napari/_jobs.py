@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ._reader import LayerData, dataset_to_layer_data
-from ._workers import JobProgress
+from ._workers import JobProgress, JobStage, JobStopped
 
 Report = Callable[[Any], None] | None
 
@@ -142,7 +142,10 @@ def _pydantic_message(exc: Any) -> str:
 
 
 def simulate_job(
-    report: Report, config: Any, save_path: str | os.PathLike | None = None
+    report: Report,
+    config: Any,
+    save_path: str | os.PathLike | None = None,
+    stop: threading.Event | None = None,
 ) -> list[LayerData]:
     """Simulate ``config`` and return napari layers (images + ground-truth masks).
 
@@ -154,6 +157,9 @@ def simulate_job(
         A :class:`~napari_hrtem_transfer.simulate.SimulationConfig`.
     save_path
         Also write the dataset to this ``.hspy`` file.
+    stop
+        When set, the simulation ends after the current structure with :class:`JobStopped`
+        (a series is only useful whole, so nothing is kept).
     """
     from ..simulate import simulate_dataset
 
@@ -162,7 +168,14 @@ def simulate_job(
 
     def progress(done: int, n: int) -> None:
         _emit(report, JobProgress(int(done), int(n), f"simulated {done}/{n} structures"))
+        if stop is not None and stop.is_set() and done < n:
+            raise JobStopped(
+                f"stopped after {done} of {n} structures; nothing was added or written "
+                "(a simulated series is kept only when complete)"
+            )
 
+    if stop is not None and stop.is_set():
+        raise JobStopped("stopped before the first structure; nothing was added")
     ds = simulate_dataset(config, progress=progress)
     name = f"simulated {config.material} ({config.preset})"
     if save_path:
@@ -253,6 +266,49 @@ def build_train_config(
         raise ConfigError(_pydantic_message(exc)) from exc
 
 
+def device_description(spec: str = "auto") -> str:
+    """The torch device ``spec`` resolves to, with the torch (and CUDA) version, in words.
+
+    Imports torch: call it in a job's thread, not while building a widget.
+    """
+    import torch
+
+    from ..training.device import resolve_device
+
+    dev = resolve_device(spec)
+    text = str(dev)
+    if dev.type == "cuda":
+        text += f" ({torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda})"
+    return f"{text} · torch {torch.__version__}"
+
+
+def _fit_ood_after_training(report: Report, out_dir: Path, data: Any,
+                            stop: threading.Event | None) -> None:
+    """Fit the finished model's OOD reference, reporting it as its own stage."""
+    _emit(report, JobStage("ood", "running", "fitting the OOD reference on the training images"))
+    try:
+        from ..evaluation import ood as ood_mod
+
+        fit_after = getattr(ood_mod, "fit_ood_after_training", None)
+        if fit_after is not None:
+            def progress(done: int, total: int, message: str = "") -> None:
+                _emit(report, JobStage("ood", "running",
+                                       message or f"OOD reference: {done}/{total}"))
+
+            res = fit_after(out_dir, data, progress=progress)
+            message = str(getattr(res, "message", None) or res)
+        else:
+            from ..io import load_dataset
+
+            ds = load_dataset(data) if isinstance(data, str | os.PathLike) else data
+            message = ood_mod.fit_ood_reference_for_checkpoint(out_dir, ds)
+    except Exception as exc:  # noqa: BLE001 - the trained model is kept; only the score is missing
+        _emit(report, JobStage("ood", "failed", f"OOD reference not fitted: {exc}"))
+        return
+    state = "done" if (Path(out_dir) / "ood_reference.json").is_file() else "skipped"
+    _emit(report, JobStage("ood", state, message))
+
+
 def train_job(
     report: Report,
     config: Any,
@@ -263,21 +319,114 @@ def train_job(
 ) -> Any:
     """Run :func:`napari_hrtem_transfer.training.train`, reporting its progress records.
 
-    ``report`` receives ``TrainStart``, one ``StepUpdate`` per step, one ``EpochUpdate``
-    per epoch and the final ``TrainResult``; setting ``stop`` ends the run after the
-    current step with a resumable checkpoint. A finished run also gets its label-free OOD
-    reference (so the Segment widget can score frames). Returns the ``TrainResult``.
+    ``report`` receives a device :class:`JobStage`, ``TrainStart``, one ``StepUpdate`` per
+    step, one ``EpochUpdate`` per epoch and the final ``TrainResult``; setting ``stop`` ends
+    the run after the current step with a resumable checkpoint. A finished run also gets its
+    label-free OOD reference, reported as the ``"ood"`` :class:`JobStage`. Returns the
+    ``TrainResult``.
     """
     from ..training import train
 
+    _emit(report, JobStage("device", "running", device_description(config.device)))
     result = train(config, data, out_dir, callbacks=[QueueCallback(report)], stop=stop,
                    resume=resume)
-    if not result.stopped:
-        from ..evaluation.ood import fit_ood_reference_for_checkpoint
-        from ..io import load_dataset
+    if result.stopped:
+        _emit(report, JobStage("ood", "skipped",
+                               "no OOD reference: the run was stopped (resume it to finish)"))
+    else:
+        _fit_ood_after_training(report, Path(result.out_dir), data, stop)
+    return result
 
-        ds = load_dataset(data) if isinstance(data, str | os.PathLike) else data
-        fit_ood_reference_for_checkpoint(result.out_dir, ds)
+
+class _OODStageCallback(QueueCallback):
+    """Forwards training records and announces the OOD fit that follows a finished run."""
+
+    def on_train_end(self, result: Any) -> None:
+        """Forward the result; the core fits the OOD reference right after."""
+        _emit(self._report, result)
+        if not result.stopped:
+            _emit(self._report, JobStage("ood", "running",
+                                         "fitting the OOD reference on the annotated frames"))
+
+
+def check_annotation_layers(images: Any, labels: Any) -> np.ndarray:
+    """Check an (image, labels) layer pair for fine-tuning; the annotated frame indices.
+
+    Raises
+    ------
+    ConfigError
+        Naming the problem and the fix: shapes differ (labels on frames outside the stack),
+        or no painted pixel.
+    """
+    ishape, lshape = tuple(np.shape(images)), tuple(np.shape(labels))
+    if ishape != lshape:
+        if len(lshape) == len(ishape) and lshape[-2:] == ishape[-2:]:
+            what = (f"the Labels layer has {lshape[:-2]} frames but the image {ishape[:-2]}: "
+                    "labels lie on frames outside the stack")
+        else:
+            what = f"the Labels layer's shape {lshape} differs from the image's {ishape}"
+        raise ConfigError(
+            f"{what}. Fix: create the Labels layer from the image (Layers > New Labels layer "
+            "with the image selected) and paint particles on it.", "labels")
+    lab = np.asarray(labels)
+    flat = lab.reshape(-1, *lab.shape[-2:]) if lab.ndim >= 2 else lab[None, None]
+    painted = np.flatnonzero(flat.reshape(len(flat), -1).any(axis=1))
+    if painted.size == 0:
+        raise ConfigError(
+            "the Labels layer has no painted pixel. Fix: paint the particles (any label value "
+            "> 0) on a few frames, then train again.", "labels")
+    return painted
+
+
+def finetune_layers_job(
+    report: Report,
+    images: Any,
+    labels: Any,
+    *,
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    sampling_A: float | None,
+    freeze: str,
+    epochs: int,
+    lr: float | None,
+    device: str = "auto",
+    stop: threading.Event | None = None,
+) -> Any:
+    """Fine-tune ``model`` on the frames of an image layer annotated in a Labels layer.
+
+    Calls :func:`napari_hrtem_transfer.training.annotations.finetune_on_annotations` (which
+    drops frames without painted pixels, splits by frame and fits the OOD reference at the
+    end). Returns its ``TrainResult``.
+    """
+    try:
+        from ..training.annotations import finetune_on_annotations
+    except ImportError as exc:
+        raise ConfigError(
+            "fine-tuning on annotated layers needs napari_hrtem_transfer.training.annotations, "
+            "which this installation lacks; update napari-hrtem-transfer, or simulate a "
+            "dataset and train on its .hspy file.", "data") from exc
+    _emit(report, JobStage("device", "running", device_description(device)))
+    kwargs: dict[str, Any] = dict(model=model, out_dir=out_dir, sampling_A=sampling_A,
+                                  freeze=freeze, epochs=int(epochs),
+                                  callbacks=[_OODStageCallback(report)], stop=stop)
+    if lr:
+        kwargs["lr"] = float(lr)
+    import inspect
+
+    params = inspect.signature(finetune_on_annotations).parameters
+    if "device" in params:
+        kwargs["device"] = device
+    images = np.asarray(images.compute() if hasattr(images, "compute") else images)
+    result = finetune_on_annotations(images, np.asarray(labels), **kwargs)
+    if getattr(result, "stopped", False):
+        _emit(report, JobStage("ood", "skipped",
+                               "no OOD reference: the run was stopped (resume it to finish)"))
+    else:
+        out = Path(getattr(result, "out_dir", out_dir))
+        ok = (out / "ood_reference.json").is_file()
+        _emit(report, JobStage("ood", "done" if ok else "failed",
+                               "OOD reference fitted on the annotated frames" if ok else
+                               "no OOD reference was written for the fine-tuned model"))
     return result
 
 
@@ -309,9 +458,79 @@ def layer_sampling_A(layer_or_kwargs: Any) -> float | None:
     return float(scale[-1]) * factor
 
 
+_UNIT_ABBREV = {"nanometer": "nm", "angstrom": "Å", "picometer": "pm", "micrometer": "µm",
+                "second": "s", "millisecond": "ms", "pixel": None, "": None}
+
+
+def axes_from_layer(layer: Any) -> list[dict[str, Any]]:
+    """Rosettasciio-style axes dicts (navigation..., y, x) of a napari image layer.
+
+    Names come from ``axis_labels`` (napari's default numeric labels become ``frame``),
+    units from ``units`` (``pixel`` -> None), scale and offset from ``scale`` and
+    ``translate``. A defocus axis whose values the layer's metadata lists (``defocus_nm``,
+    set by this plugin's reader) gets them as non-uniform ``axis`` values [nm].
+    """
+    shape = tuple(np.shape(layer.data))
+    meta = getattr(layer, "metadata", {}) or {}
+    labels = list(getattr(layer, "axis_labels", ())) or [str(i) for i in range(len(shape))]
+    units = [str(u) for u in getattr(layer, "units", ())] or ["pixel"] * len(shape)
+    axes = []
+    for i, n in enumerate(shape):
+        name = labels[i] if i < len(labels) else str(i)
+        nav = i < len(shape) - 2
+        if nav and (name.lstrip("-").isdigit() or not name):
+            name = "frame" if len(shape) == 3 else f"axis{i}"
+        unit = _UNIT_ABBREV.get(units[i], units[i]) if i < len(units) else None
+        ax: dict[str, Any] = {"name": name, "size": int(n), "units": unit,
+                              "scale": float(layer.scale[i]), "offset": float(layer.translate[i]),
+                              "navigate": nav}
+        values = meta.get("defocus_nm")
+        if nav and name == "defocus" and values is not None and len(values) == n:
+            ax.update(axis=[float(v) for v in values], units="nm")
+        axes.append(ax)
+    return axes
+
+
+def _axis_values(ax: dict[str, Any]) -> np.ndarray:
+    if ax.get("axis") is not None:
+        return np.asarray(ax["axis"], dtype=float)
+    return float(ax.get("offset", 0.0)) + float(ax.get("scale", 1.0)) * np.arange(int(ax["size"]))
+
+
+def frame_table_from(
+    axes: list[dict[str, Any]] | None,
+    nav_shape: tuple[int, ...],
+    ood_score: np.ndarray | None,
+    ood_caution: float | None,
+) -> list[dict[str, Any]]:
+    """One dict per frame: flat ``index``, ``<axis>_index``, ``<axis>_<unit>`` coordinate,
+    ``ood_score`` and ``caution`` (score above ``ood_caution``)."""
+    nav_axes = list(axes or [])[: len(nav_shape)]
+    if len(nav_axes) != len(nav_shape):
+        nav_axes = [{"name": "frame" if len(nav_shape) == 1 else f"axis{i}", "size": n,
+                     "units": None, "scale": 1.0, "offset": 0.0} for i, n in enumerate(nav_shape)]
+    values = [_axis_values(ax) for ax in nav_axes]
+    scores = None if ood_score is None else np.asarray(ood_score, dtype=float).reshape(nav_shape)
+    level = 1.0 if ood_caution is None else float(ood_caution)
+    rows = []
+    for flat, idx in enumerate(np.ndindex(*nav_shape)):
+        row: dict[str, Any] = {"index": flat}
+        for ax, vals, i in zip(nav_axes, values, idx, strict=True):
+            name = ax.get("name") or "frame"
+            row[f"{name}_index"] = int(i)
+            unit = ax.get("units")
+            row[f"{name}_{unit}" if unit else name] = float(vals[i])
+        s = None if scores is None else float(scores[idx])
+        row["ood_score"] = s
+        row["caution"] = bool(s is not None and np.isfinite(s) and s > level)
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class SegmentationResult:
-    """Output of :func:`segment_job`.
+    """Output of the built-in segmentation (used only when the core's
+    :func:`napari_hrtem_transfer.segmentation.segment` is not installed); same fields.
 
     Attributes
     ----------
@@ -320,12 +539,13 @@ class SegmentationResult:
     labels
         ``proba >= threshold`` as uint8 (1 = particle).
     ood_score
-        Per-frame OOD score (0 ~ training-like, grows with distance), or None when the
-        model has no stored OOD reference or the score could not be computed.
+        Per-frame OOD score of the navigation shape (0 ~ training-like), or None.
     notes
         What was done (resampling, why there is no OOD score, ...).
     model_sampling_A
         Pixel size the model was trained at [Å] (None if unknown).
+    axes, ood_caution
+        The input's axes dicts and the model's caution level for OOD scores.
     """
 
     proba: np.ndarray
@@ -333,6 +553,24 @@ class SegmentationResult:
     ood_score: np.ndarray | None
     notes: list[str] = field(default_factory=list)
     model_sampling_A: float | None = None
+    axes: list[dict[str, Any]] | None = None
+    ood_caution: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def frame_table(self) -> list[dict[str, Any]]:
+        """One dict per frame (see :func:`frame_table_from`)."""
+        return frame_table_from(self.axes, self.labels.shape[:-2], self.ood_score,
+                                self.ood_caution)
+
+
+def result_frame_table(result: Any) -> list[dict[str, Any]]:
+    """The per-frame table of a segmentation result (core or built-in)."""
+    table = getattr(result, "frame_table", None)
+    if callable(table):
+        return list(table())
+    return frame_table_from(getattr(result, "axes", None), np.shape(result.labels)[:-2],
+                            getattr(result, "ood_score", None),
+                            getattr(result, "ood_caution", None))
 
 
 def _zoom_stack(
@@ -354,45 +592,77 @@ def _zoom_stack(
 def segment_job(
     report: Report,
     images: Any,
-    model_dir: str | os.PathLike,
+    model: Any,
     *,
     sampling_A: float | None = None,
+    axes: list[dict[str, Any]] | None = None,
     threshold: float = 0.5,
     which: str = "best",
     device: str = "auto",
     ood: bool = True,
-    resample: bool = True,
-) -> SegmentationResult:
-    """Segment frames with a checkpoint and, if the model has one, score them OOD.
+    stop: threading.Event | None = None,
+) -> Any:
+    """Segment frames with a model and score them OOD: a thin call of the core's
+    :func:`napari_hrtem_transfer.segmentation.segment`.
 
     Parameters
     ----------
     report
-        Receives :class:`JobProgress` per frame.
+        Receives :class:`JobProgress` (frames or tiles done) and a device :class:`JobStage`.
     images
-        (H, W), (N, H, W) or any (..., H, W) array of raw counts.
-    model_dir
-        Checkpoint folder (``load_checkpoint(model_dir).predict_proba``).
+        (H, W) or any (..., H, W) array of raw counts.
+    model
+        ``"pretrained"``, a checkpoint folder or a ``LoadedModel``.
     sampling_A
-        Pixel size of ``images`` [Å]. When it differs from the model's by more than 1 %
-        and ``resample`` is True, frames are resampled to the model's pixel size and the
-        probabilities back to the input grid.
-    threshold
-        Probability above which a pixel is labelled particle.
-    which, device
-        Passed to ``load_checkpoint``.
-    ood
-        Compute the per-frame OOD score
-        (:func:`napari_hrtem_transfer.evaluation.ood_scores`) when the model folder holds an
-        OOD reference.
-    resample
-        See ``sampling_A``.
+        Pixel size of ``images`` [Å] (None: assume the model's).
+    axes
+        Rosettasciio-style axes dicts of ``images`` (see :func:`axes_from_layer`).
+    threshold, which, device, ood
+        As in ``segment``.
+    stop
+        Checked between frames/tiles; a stopped run raises :class:`JobStopped`.
     """
-    from ..training import load_checkpoint
-
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold must be between 0 and 1 (got {threshold})", "threshold")
     arr = np.asarray(images.compute() if hasattr(images, "compute") else images)
+    if report is not None:
+        _emit(report, JobStage("device", "running", device_description(device)))
+    try:
+        from ..segmentation import segment
+    except ImportError:
+        segment = None
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        _emit(report, JobProgress(int(done), int(total),
+                                  message or f"segmented {done}/{total}"))
+
+    if segment is None:  # the core is not installed yet: the built-in equivalent
+        return _segment_builtin(report, arr, model, sampling_A=sampling_A, axes=axes,
+                                threshold=threshold, which=which, device=device, ood=ood,
+                                stop=stop)
+    result = segment(arr, model, sampling_A=sampling_A, axes=axes, threshold=threshold,
+                     ood=ood, probabilities=True, which=which, device=device,
+                     progress=progress, stop=stop)
+    if stop is not None and stop.is_set():
+        raise JobStopped("segmentation stopped; no layer was added")
+    return result
+
+
+def _segment_builtin(
+    report: Report,
+    arr: np.ndarray,
+    model_dir: Any,
+    *,
+    sampling_A: float | None,
+    axes: list[dict[str, Any]] | None,
+    threshold: float,
+    which: str,
+    device: str,
+    ood: bool,
+    stop: threading.Event | None,
+) -> SegmentationResult:
+    from ..training import load_checkpoint
+
     if arr.ndim < 2:
         raise ConfigError(f"need an image (H, W) or a stack (..., H, W); got shape {arr.shape}")
     lead, (ny, nx) = arr.shape[:-2], arr.shape[-2:]
@@ -407,34 +677,31 @@ def segment_job(
             "the image has no pixel size; assumed the model's "
             f"({model_s:g} Å/px)" if model_s else "neither image nor model has a pixel size"
         )
-    elif model_s and abs(sampling_A / model_s - 1.0) > 0.01:
-        if resample:
-            factor = float(sampling_A) / float(model_s)
-            notes.append(
-                f"resampled frames from {sampling_A:.4g} to the model's {model_s:.4g} Å/px "
-                f"(zoom {factor:.3g}) and the probabilities back"
-            )
-        else:
-            notes.append(
-                f"image pixel size {sampling_A:.4g} Å differs from the model's {model_s:.4g} Å; "
-                "results may be poor"
-            )
+    elif model_s and abs(sampling_A / model_s - 1.0) > 0.05:
+        factor = float(sampling_A) / float(model_s)
+        notes.append(
+            f"resampled frames from {sampling_A:.4g} to the model's {model_s:.4g} Å/px "
+            f"(zoom {factor:.3g}) and the probabilities back"
+        )
     work = _zoom_stack(frames, factor) if factor != 1.0 else frames
     proba_work = np.empty(work.shape, dtype=np.float32)
     for i, frame in enumerate(work):
+        if stop is not None and stop.is_set():
+            raise JobStopped(f"stopped after {i} of {len(work)} frames; no layer was added")
         proba_work[i] = model.predict_proba(frame[None])[0]
         _emit(report, JobProgress(i + 1, len(work), f"segmented frame {i + 1}/{len(work)}"))
     proba = _zoom_stack(proba_work, 1.0 / factor, (ny, nx)) if factor != 1.0 else proba_work
     proba = np.clip(proba, 0.0, 1.0)
-    scores = None
-    if ood:
-        scores = _ood_scores(model, work, notes)
+    scores = _ood_scores(model, work, notes) if ood else None
     return SegmentationResult(
         proba=proba.reshape(*lead, ny, nx),
         labels=(proba >= threshold).astype(np.uint8).reshape(*lead, ny, nx),
-        ood_score=scores,
+        ood_score=None if scores is None else np.asarray(scores).reshape(lead),
         notes=notes,
         model_sampling_A=model_s,
+        axes=axes,
+        ood_caution=None,
+        provenance={"model": str(model_dir), "which": which, "threshold": threshold},
     )
 
 

@@ -1,0 +1,507 @@
+"""Shared plumbing of the dock widgets: a scrolling dock, job running, progress, plots.
+
+* :class:`DockWidget` is a ``QScrollArea`` holding a magicgui form, so every dock fits a
+  small screen (1280 x 800 with three docks) and scrolls instead of growing.
+* :class:`JobDock` adds a Run/Stop pair, a progress bar with elapsed time and ETA, a status
+  line that wraps (long messages never widen the dock) and job running through
+  :class:`~napari_hrtem_transfer._napari._workers.JobRunner`: updates are polled by a timer
+  in the GUI thread (never a Qt call from the job's thread), so redraws are throttled.
+  Closing the dock or the viewer stops the job at its next step and waits for it, so no job
+  outlives the widgets it reports to and the process exits cleanly.
+* :class:`ThemedPlot` is a matplotlib canvas following napari's theme (dark/light).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import Container
+from qtpy.QtCore import QEvent, Qt, QTimer
+from qtpy.QtWidgets import (
+    QApplication,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .._workers import (
+    JobDone,
+    JobFailed,
+    JobProgress,
+    JobRunner,
+    JobStage,
+    JobStopped,
+    stop_all_jobs,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+DEFOCUS_TIP = "abTEM sign convention: defocus = -C10; positive = underfocus, negative = overfocus."
+#: How often the GUI takes the job's updates [ms] (redraws are throttled to this or slower).
+POLL_MS = 50
+#: Longest message shown in full in a status line; the whole text is in its tooltip.
+MAX_STATUS_CHARS = 600
+
+
+def notify(kind: str, message: str) -> None:
+    """A napari notification (``error``, ``warning`` or ``info``)."""
+    from napari.utils import notifications
+
+    {"error": notifications.show_error, "warning": notifications.show_warning}.get(
+        kind, notifications.show_info
+    )(message)
+
+
+def breakable(text: str) -> str:
+    """``text`` with zero-width spaces after path separators and in very long words, so a
+    wrapping label can break file paths and identifiers."""
+    text = re.sub(r"([/\\_.,;:=])", "\\1\u200b", text)
+    return re.sub(r"(\S{40})(?=\S)", "\\1\u200b", text)
+
+
+class WrapLabel(QLabel):
+    """A label that wraps and never asks for more width than the dock has."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWordWrap(True)
+        self.setTextFormat(Qt.TextFormat.PlainText)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+        self.setMinimumWidth(10)
+        self.set_message(text)
+
+    def set_message(self, text: str) -> None:
+        """Show ``text`` (shortened to :data:`MAX_STATUS_CHARS`; the full text in the tooltip)."""
+        self.full_text = text
+        shown = text if len(text) <= MAX_STATUS_CHARS else text[:MAX_STATUS_CHARS] + " …"
+        self.setText(breakable(shown))
+        self.setToolTip(text if len(text) > 80 else "")
+
+    # plain-text accessors (without the zero-width spaces)
+    @property
+    def value(self) -> str:
+        """The message, as given."""
+        return self.full_text
+
+
+def format_duration(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``."""
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class DockWidget(QScrollArea):
+    """A dock: a magicgui form (``self.form``) and extra Qt rows, in a vertical scroll area.
+
+    Closing the dock (its "x": napari takes the widget out of its dock) calls
+    :meth:`on_closed`; closing the viewer calls it through napari's task-status manager
+    (registered while a job runs) and through the window's ``destroyed`` signal.
+    """
+
+    #: width the dock asks for [px]; narrower docks scroll nothing but wrap their text
+    preferred_width = 360
+
+    def __init__(self, viewer: napari.Viewer) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self._was_docked = False
+        self.closed = False
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.body = QWidget()
+        self.body_layout = QVBoxLayout(self.body)
+        self.body_layout.setContentsMargins(4, 4, 4, 4)
+        self.form = Container(labels=True)
+        self.form.native.setSizePolicy(QSizePolicy.Policy.Ignored,
+                                       QSizePolicy.Policy.Preferred)
+        self.body_layout.addWidget(self.form.native)
+        self.setWidget(self.body)
+        self.body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.on_closed)
+
+    # -- size: small minimum so several docks fit a 1280 x 800 screen (the rest scrolls)
+    def minimumSizeHint(self):  # noqa: N802 - Qt API
+        hint = super().minimumSizeHint()
+        hint.setHeight(min(hint.height(), 120))
+        hint.setWidth(min(hint.width(), 220))
+        return hint
+
+    def sizeHint(self):  # noqa: N802 - Qt API
+        hint = self.body.sizeHint()
+        hint.setWidth(self.preferred_width)
+        hint.setHeight(min(hint.height() + 4, 420))
+        return hint
+
+    def add_row(self, *widgets: QWidget) -> QWidget:
+        """Add Qt widgets below the form, side by side; returns the row."""
+        if len(widgets) == 1:
+            self.body_layout.addWidget(widgets[0])
+            return widgets[0]
+        row = QWidget()
+        lay = QHBoxLayout(row)
+        lay.setContentsMargins(0, 0, 0, 0)
+        for w in widgets:
+            lay.addWidget(w)
+        self.body_layout.addWidget(row)
+        return row
+
+    def reset_choices(self, *_: Any) -> None:
+        """Refresh layer choices (napari calls this when layers change)."""
+        self.form.reset_choices()
+
+    def event(self, ev: QEvent) -> bool:  # noqa: D102 - Qt API
+        if ev.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._was_docked = True
+            elif self._was_docked:  # napari took us out of our dock: the dock was closed
+                self.on_closed()
+        return super().event(ev)
+
+    def on_closed(self) -> None:
+        """The dock or the viewer was closed; subclasses stop their work here."""
+        self.closed = True
+
+
+class JobDock(DockWidget):
+    """A dock that runs one job at a time, with Run, Stop, progress, elapsed time and ETA."""
+
+    #: what the job is called in napari's "tasks running" close dialog
+    job_title = "job"
+
+    def __init__(self, viewer: napari.Viewer, run_text: str) -> None:
+        super().__init__(viewer)
+        self.runner: JobRunner | None = None
+        self.run_button = QPushButton(run_text)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.stop_button.setToolTip("Stop after the current step (training keeps a resumable "
+                                    "checkpoint).")
+        self.run_button.clicked.connect(lambda *_: self.start())
+        self.stop_button.clicked.connect(lambda *_: self.stop())
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.time_label = WrapLabel("")
+        self.status = WrapLabel("")
+        self.device_label = WrapLabel("")
+        self.device_label.setVisible(False)
+        #: the last job's outcome: JobDone, JobFailed or JobStopped (for scripts and tests)
+        self.last_outcome: Any = None
+        self.state = "idle"  # idle | running | stopping | finished | stopped | failed
+        self._t0 = 0.0
+        self._fraction = 0.0
+        self._task_id: Any = None
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(self._poll)
+
+    def add_job_rows(self) -> None:
+        """Add the Run/Stop row, the progress bar and the status lines (call once)."""
+        self.add_row(self.run_button, self.stop_button)
+        self.add_row(self.progress)
+        self.add_row(self.time_label)
+        self.add_row(self.device_label)
+        self.add_row(self.status)
+
+    @property
+    def running(self) -> bool:
+        """Whether a job is running (also while it is stopping)."""
+        return self.runner is not None
+
+    # -- starting
+    def start(self) -> None:
+        """Validate the form, then run the job (bad input: a notification, nothing started)."""
+        if self.running or self.closed:
+            return
+        try:
+            job, args, kwargs = self._prepare()
+        except Exception as exc:  # noqa: BLE001 - bad input becomes a notification
+            self.set_status(f"error: {exc}")
+            notify("error", str(exc))
+            return
+        self.last_outcome = None
+        self.state = "running"
+        self.progress.setValue(0)
+        self.progress.setFormat("%p%")
+        self._fraction = 0.0
+        self._t0 = time.monotonic()
+        self.time_label.set_message("starting…")
+        self.run_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        stop_event = threading.Event()
+        self.runner = JobRunner(job, *args, stop=stop_event, **kwargs)
+        self.runner.stop_event = stop_event  # the event the job checks
+        self._register_task()
+        self.runner.start()
+        self._timer.start()
+
+    def _prepare(self) -> tuple[Any, tuple, dict]:
+        """The job and its arguments from the form; raise with a message on bad input."""
+        raise NotImplementedError
+
+    # -- stopping
+    def stop(self) -> None:
+        """Ask the running job to stop after its current step."""
+        if self.runner is not None:
+            self.runner.request_stop()
+            self.state = "stopping"
+            self.stop_button.setEnabled(False)
+            self.set_status("stopping after this step…")
+
+    def on_closed(self) -> None:
+        """Dock or viewer closed: stop the job, wait for it, never touch the widgets again."""
+        if self.closed:
+            return
+        super().on_closed()
+        self._stop_and_wait()
+
+    def _stop_and_wait(self, timeout: float = 120.0) -> bool:
+        runner = self.runner
+        if runner is None:
+            return True
+        runner.request_stop()
+        ended = runner.join(timeout)
+        try:
+            self._timer.stop()
+        except RuntimeError:  # already deleted with the window
+            pass
+        self._update_task("cancelled")
+        return ended
+
+    # -- napari's task status (the close dialog lists running tasks and cancels them)
+    def _register_task(self) -> None:
+        window = getattr(self._viewer, "window", None)
+        register = getattr(window, "_register_task_status", None)
+        if register is None:
+            return
+        try:
+            from napari.utils.task_status import Status
+
+            self._task_id = register("napari-hrtem-transfer", Status.BUSY,
+                                     f"{self.job_title} running",
+                                     cancel_callback=self._cancel_from_napari)
+        except Exception:  # noqa: BLE001 - a private napari API; the other paths remain
+            self._task_id = None
+
+    def _cancel_from_napari(self) -> bool:
+        self.closed = True
+        return self._stop_and_wait()
+
+    def _update_task(self, state: str, text: str = "") -> None:
+        if self._task_id is None:
+            return
+        try:
+            from napari.utils.task_status import Status
+
+            status = {"running": Status.BUSY, "done": Status.COMPLETED,
+                      "failed": Status.FAILED, "cancelled": Status.CANCELLED}[state]
+            self._viewer.window._update_task_status(self._task_id, status, text)
+        except Exception:  # noqa: BLE001
+            pass
+        if state != "running":
+            self._task_id = None
+
+    # -- updates (GUI thread, from the timer)
+    def _poll(self) -> None:
+        runner = self.runner
+        if runner is None:
+            self._timer.stop()
+            return
+        items, ended = runner.poll()
+        if self.closed:  # nothing may touch widgets being deleted
+            if ended:
+                self._timer.stop()
+                self.runner = None
+            return
+        for item in items:
+            try:
+                self._dispatch(item)
+            except Exception as exc:  # noqa: BLE001 - keep napari alive
+                self.last_outcome = JobFailed(exc)
+                self.set_status(f"failed while showing the result: {exc}")
+                notify("error", str(exc))
+        self._update_time()
+        self.on_tick()
+        if ended:
+            runner.join(5.0)
+            self._timer.stop()
+            self.runner = None
+            self.run_button.setEnabled(True)
+            self.stop_button.setEnabled(False)
+            self._update_task("done" if isinstance(self.last_outcome, JobDone) else "failed")
+            self.on_finished()
+
+    def _dispatch(self, update: Any) -> None:
+        if isinstance(update, JobProgress):
+            self.set_fraction(update.fraction)
+            if update.message:
+                self.set_status(update.message)
+        elif isinstance(update, JobStage):
+            self.on_stage(update)
+        elif isinstance(update, JobFailed):
+            if isinstance(update.error, JobStopped):
+                self.last_outcome = update.error
+                self.state = "stopped"
+                self.progress.setFormat("stopped at %p%")
+                self.set_status(str(update.error))
+                notify("info", f"{self.job_title}: {update.error}")
+            else:
+                self.last_outcome = update
+                self.state = "failed"
+                self.progress.setFormat("failed at %p%")
+                self.set_status(f"failed: {update.message}")
+                notify("error", update.message)
+        elif isinstance(update, JobDone):
+            self.last_outcome = update
+            self.state = "finished"
+            self.on_done(update.result)
+        else:
+            self.on_other(update)
+
+    def set_fraction(self, fraction: float) -> None:
+        """Progress in [0, 1] (drives the bar and the ETA)."""
+        self._fraction = max(0.0, min(1.0, float(fraction)))
+        self.progress.setValue(int(round(1000 * self._fraction)))
+
+    def set_status(self, text: str) -> None:
+        """Show ``text`` in the wrapping status line."""
+        self.status.set_message(text)
+
+    def _update_time(self) -> None:
+        elapsed = time.monotonic() - self._t0
+        text = f"{format_duration(elapsed)} elapsed"
+        if self.state in ("running", "stopping") and 0.0 < self._fraction < 1.0:
+            left = elapsed * (1.0 - self._fraction) / self._fraction
+            text += f" · about {format_duration(left)} left"
+        elif self.state == "stopping":
+            text += " · stopping"
+        self.time_label.set_message(text)
+
+    def on_stage(self, stage: JobStage) -> None:
+        """A stage update: ``device`` is shown for the whole run; others by subclasses."""
+        if stage.name == "device":
+            self.device_label.set_message(f"device: {stage.message}")
+            self.device_label.setVisible(True)
+
+    def on_tick(self) -> None:
+        """Called after each batch of updates (throttled redraws go here)."""
+
+    def on_other(self, update: Any) -> None:
+        """Job-specific updates (training records)."""
+
+    def on_done(self, result: Any) -> None:
+        """The job returned ``result`` (GUI thread)."""
+        raise NotImplementedError
+
+    def on_finished(self) -> None:
+        """After the job ended, whatever the outcome."""
+
+
+def stop_jobs_on_quit() -> None:
+    """Stop every job when the application quits (connected once)."""
+    stop_all_jobs()
+
+
+class ThemedPlot:
+    """A matplotlib canvas whose colours follow napari's theme; redraws are throttled.
+
+    Call :meth:`request_draw` as often as you like: the figure is redrawn at most every
+    ``min_interval_ms`` (and only when something changed).
+    """
+
+    def __init__(self, viewer: napari.Viewer, figsize=(3.4, 2.2), min_height: int = 160,
+                 min_interval_ms: int = 400) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self._viewer = viewer
+        self.figure = Figure(figsize=figsize, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(min_height)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.canvas.setFixedHeight(min_height)
+        self.ax = self.figure.add_subplot(111)
+        self.colors: dict[str, str] = {}
+        self._dirty = False
+        self._last_draw = 0.0
+        self._min_interval = min_interval_ms / 1000.0
+        self._timer = QTimer(self.canvas)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self._draw_now)
+        self.n_draws = 0
+        self.apply_theme()
+        events = getattr(viewer, "events", None)
+        if events is not None and hasattr(events, "theme"):
+            events.theme.connect(self._on_theme)
+
+    def _on_theme(self, *_: Any) -> None:
+        try:
+            self.apply_theme()
+        except RuntimeError:  # canvas deleted
+            return
+        self.request_draw(now=True)
+
+    def apply_theme(self) -> None:
+        """Take the background and text colours from the viewer's current theme."""
+        try:
+            from napari.utils.theme import get_theme
+
+            theme = get_theme(self._viewer.theme)
+            bg, fg, text = (theme.background.as_hex(), theme.foreground.as_hex(),
+                            theme.text.as_hex())
+            accent = theme.highlight.as_hex()
+            warn = theme.warning.as_hex()
+        except Exception:  # noqa: BLE001 - no theme: matplotlib's defaults
+            bg, fg, text, accent, warn = "#ffffff", "#dddddd", "#000000", "#1f77b4", "#ff7f0e"
+        self.colors = {"background": bg, "foreground": fg, "text": text, "accent": accent,
+                       "warning": warn}
+        self.style_axes(self.ax)
+
+    def style_axes(self, ax: Any) -> None:
+        """Colour ``ax`` (and the figure) with the theme."""
+        c = self.colors
+        self.figure.patch.set_facecolor(c["background"])
+        ax.set_facecolor(c["background"])
+        for spine in ax.spines.values():
+            spine.set_color(c["text"])
+        ax.tick_params(colors=c["text"], labelsize=7)
+        ax.xaxis.label.set_color(c["text"])
+        ax.yaxis.label.set_color(c["text"])
+        ax.title.set_color(c["text"])
+
+    def request_draw(self, now: bool = False) -> None:
+        """Redraw soon (at most every ``min_interval_ms``)."""
+        self._dirty = True
+        wait = self._min_interval - (time.monotonic() - self._last_draw)
+        if now or wait <= 0:
+            self._draw_now()
+        elif not self._timer.isActive():
+            self._timer.start(int(wait * 1000) + 1)
+
+    def _draw_now(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._last_draw = time.monotonic()
+        self.n_draws += 1
+        try:
+            self.canvas.draw_idle()
+        except RuntimeError:  # deleted
+            pass

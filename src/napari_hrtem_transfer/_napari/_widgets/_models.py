@@ -1,0 +1,208 @@
+"""The model picker shared by Train and Segment: shipped and recently trained models, with
+the model's card (architecture, training defoci, pixel size, epochs, best validation loss,
+OOD reference) read from the checkpoint's JSON sidecar (never executing code)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import ComboBox, FileEdit
+from psygnal import Signal
+
+from ...io._atomic import write_text_atomic
+from ._base import WrapLabel
+
+PRETRAINED = "pretrained"
+#: At most this many recently trained models are offered.
+MAX_RECENT = 12
+
+
+def _recent_file() -> Path:
+    env = os.environ.get("HRTEM_TRANSFER_RECENT_MODELS")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-hrtem-transfer")) / "recent_models.json"
+
+
+class _RecentModels:
+    """Models trained in napari (this session and earlier ones), newest first."""
+
+    changed = Signal()
+
+    def __init__(self) -> None:
+        self._paths: list[str] | None = None
+
+    def paths(self) -> list[str]:
+        """Existing model folders, newest first."""
+        if self._paths is None:
+            try:
+                self._paths = [str(p) for p in json.loads(_recent_file().read_text())]
+            except (OSError, ValueError, TypeError):
+                self._paths = []
+        return [p for p in self._paths if Path(p, "best.json").is_file()]
+
+    def add(self, path: str | os.PathLike) -> None:
+        """Put ``path`` first (and tell every model picker)."""
+        p = str(Path(path).expanduser().resolve())
+        paths = [p] + [q for q in self.paths() if q != p]
+        self._paths = paths[:MAX_RECENT]
+        try:
+            _recent_file().parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(_recent_file(), json.dumps(self._paths, indent=1), fsync=False)
+        except OSError:
+            pass  # remembering is a convenience; the model itself is on disk
+        self.changed.emit()
+
+    def reload(self) -> None:
+        """Forget the cached list (tests point the file elsewhere)."""
+        self._paths = None
+
+
+recent_models = _RecentModels()
+
+
+def resolve_model(spec: str | os.PathLike) -> Path | None:
+    """The checkpoint folder of ``spec`` (``"pretrained"`` or a folder); None if unavailable."""
+    if str(spec) == PRETRAINED:
+        try:
+            from ...segmentation import resolve_model as core_resolve
+        except ImportError:
+            return None
+        try:
+            res = core_resolve(PRETRAINED)
+        except Exception:  # noqa: BLE001 - not shipped in this installation
+            return None
+        path = getattr(res, "path", res)
+        return Path(path) if isinstance(path, str | os.PathLike) else None
+    return Path(spec)
+
+
+def model_card(spec: str | os.PathLike, which: str = "best") -> str:
+    """A short card of a model, from its sidecar: what it is and what it was trained on."""
+    from ...training import read_sidecar
+
+    path = resolve_model(spec)
+    if path is None:
+        return ("the shipped pretrained model is not available in this installation; "
+                "pick a trained model folder (Browse…).")
+    try:
+        side = read_sidecar(path, which)
+    except Exception as exc:  # noqa: BLE001 - shown in the card
+        return f"not a usable model: {exc}"
+    arch = (side.get("model") or {}).get("architecture", "?")
+    data = side.get("data") or {}
+    doms = data.get("train_defocus_nm") or []
+    dom_txt = ", ".join(f"{d:+g}" for d in doms) if doms else "?"
+    samp = side.get("sampling_A")
+    best = side.get("best_val_loss")
+    n_epochs = side.get("epochs_completed", "?")
+    try:  # the run's total (the best checkpoint may be from an earlier epoch)
+        n_epochs = read_sidecar(path, "last").get("epochs_completed", n_epochs)
+    except Exception:  # noqa: BLE001 - shipped models may carry only "best"
+        pass
+    best_epoch = side.get("best_epoch")
+    lines = [
+        f"{'shipped pretrained model' if str(spec) == PRETRAINED else path.name}: "
+        f"{arch} U-Net, {side.get('stage', '?')}",
+        f"trained on defoci {dom_txt} nm at {samp:g} Å/px" if samp else
+        f"trained on defoci {dom_txt} nm",
+        f"{n_epochs} epoch(s); best validation loss "
+        + (f"{best:.4f}" if isinstance(best, int | float) else "?")
+        + (f" (epoch {best_epoch + 1})" if isinstance(best_epoch, int) else ""),
+        "OOD reference: " + ("yes" if (path / "ood_reference.json").is_file() else
+                             "no (no OOD scores; fine-tune in napari to get one)"),
+    ]
+    return "\n".join(lines)
+
+
+def model_sampling_A(spec: str | os.PathLike) -> float | None:
+    """Pixel size [Å] a model was trained at (None if unknown)."""
+    from ...training import read_sidecar
+
+    path = resolve_model(spec)
+    try:
+        samp = read_sidecar(path).get("sampling_A") if path is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+    return float(samp) if samp else None
+
+
+class ModelPicker:
+    """A model choice (shipped, recent, browsed) with its card below.
+
+    ``value`` is ``"pretrained"`` or a folder path (str); ``""`` when the picker offers
+    "none" (pretraining from random weights) and it is chosen.
+    """
+
+    def __init__(self, label: str = "model", allow_none: str | None = None,
+                 tooltip: str = "") -> None:
+        self._none = allow_none
+        self._browsed: list[str] = []
+        self.combo = ComboBox(label=label, choices=self._choices, tooltip=tooltip
+                              or "The shipped pretrained model, models trained in napari, "
+                              "or a checkpoint folder picked with Browse.")
+        self.browse = FileEdit(label="browse model", mode="d", value="",
+                               tooltip="Pick a checkpoint folder (best.json + .safetensors).")
+        self.card = WrapLabel("")
+        self.card.setStyleSheet("QLabel { font-size: 11px; }")
+        self.browse.changed.connect(self._on_browse)
+        self.combo.changed.connect(self._show_card)
+        recent_models.changed.connect(self.refresh)
+        self.widgets = [self.combo, self.browse]
+        self._show_card()
+
+    def _choices(self, *_: Any) -> list[tuple[str, str]]:
+        items: list[tuple[str, str]] = []
+        if self._none is not None:
+            items.append((self._none, ""))
+        items.append(("shipped pretrained model", PRETRAINED))
+        seen = set()
+        for p in [*self._browsed, *recent_models.paths()]:
+            if p not in seen:
+                seen.add(p)
+                items.append((f"{Path(p).name}  ({Path(p).parent})", p))
+        return items
+
+    def refresh(self) -> None:
+        """Re-read the recent models (keeps the selection when it is still offered)."""
+        try:
+            self.combo.reset_choices()
+        except RuntimeError:  # widget deleted
+            return
+        self._show_card()
+
+    def _on_browse(self, value: Any) -> None:
+        p = str(value)
+        if p in ("", "."):
+            return
+        p = str(Path(p).expanduser().resolve())
+        if p not in self._browsed:
+            self._browsed.insert(0, p)
+        self.combo.reset_choices()
+        self.combo.value = p
+
+    def _show_card(self, *_: Any) -> None:
+        v = self.value
+        self.card.set_message("a new model from random weights (pretraining)" if v == "" else
+                              model_card(v))
+
+    @property
+    def value(self) -> str:
+        """The chosen model."""
+        v = self.combo.value
+        return "" if v is None else str(v)
+
+    @value.setter
+    def value(self, v: str | os.PathLike) -> None:
+        v = str(v)
+        if v not in ("", PRETRAINED):
+            v = str(Path(v).expanduser().resolve())
+            if v not in self._browsed:
+                self._browsed.insert(0, v)
+            self.combo.reset_choices()
+        self.combo.value = v
