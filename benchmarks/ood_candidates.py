@@ -1,0 +1,454 @@
+"""Candidate label-free OOD scores, measured over a grid (issue 13).  Not library code.
+
+Two steps, so that the costly part (training, forward passes) runs once:
+
+``prepare``  pretrains a U-Net on one defocus (or a mixture) of an 11-defocus series, and
+             stores per held-out frame of every domain: the loss and Dice (the truth), the
+             pooled encoder features, statistics of the predictive-entropy map, test-time
+             augmentation (D4) disagreement, and the time each took; and the same features
+             for every (training image x D4 transform) of the training domain(s)::
+
+                 python benchmarks/ood_candidates.py prepare --data series.hspy \
+                     --train-defocus 10 --epochs 8 --out /tmp/ood_bench/laptop
+
+``table``    scores every candidate on every prepared run (Spearman rank correlation with
+             the loss: per domain = median score of a domain's held-out frames vs. its mean
+             loss; per frame = over all held-out frames), the cost per frame, the fit-sample
+             cap study (issue 12), and combinations chosen on one half of the grid and
+             checked on the other::
+
+                 python benchmarks/ood_candidates.py table /tmp/ood_bench/*/pre_* \
+                     --out /tmp/ood_bench/table.md
+
+MC dropout is not a candidate: the U-Nets of this project have no dropout layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- prepare
+def _entropy_map(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
+
+
+def entropy_statistics(proba: np.ndarray) -> dict[str, float]:
+    """Spatial statistics of one frame's predictive entropy map [nats]."""
+    h = _entropy_map(proba)
+    pred = proba > 0.5
+    edge = np.zeros_like(pred)
+    edge[1:, :] |= pred[1:, :] != pred[:-1, :]
+    edge[:-1, :] |= pred[1:, :] != pred[:-1, :]
+    edge[:, 1:] |= pred[:, 1:] != pred[:, :-1]
+    edge[:, :-1] |= pred[:, 1:] != pred[:, :-1]
+    return {
+        "ent_mean": float(h.mean()),
+        "ent_q90": float(np.quantile(h, 0.90)),
+        "ent_q99": float(np.quantile(h, 0.99)),
+        "ent_boundary": float(h[edge].mean()) if edge.any() else 0.0,
+        "ent_uncertain_frac": float((h > 0.5).mean()),
+        "fg_frac": float(pred.mean()),
+    }
+
+
+def _inverse_d4(y: np.ndarray, code: int) -> np.ndarray:
+    if code >= 4:
+        y = y[..., ::-1]
+    return np.rot90(y, -(code % 4), axes=(-2, -1))
+
+
+def prepare(args) -> int:
+    from napari_hrtem_transfer.evaluation._model import ScoringModel
+    from napari_hrtem_transfer.evaluation.metrics import binary_cross_entropy, dice
+    from napari_hrtem_transfer.io import load_dataset
+    from napari_hrtem_transfer.training import TrainConfig, load_checkpoint, train
+    from napari_hrtem_transfer.training.data import d4
+
+    ds = load_dataset(args.data, lazy=False)
+    for d_train in args.train_defocus:
+        name = "all" if d_train == "all" else f"{float(d_train):g}nm"
+        mdir = args.out / f"pre_{name}"
+        domains = "all" if d_train == "all" else [float(d_train)]
+        if not (mdir / "best.json").is_file():
+            tc = TrainConfig(
+                train_defocus_nm=domains,
+                eval_defocus_nm=domains,
+                epochs=args.epochs,
+                batch_size=8,
+                lr=2e-3,
+                patch_size=args.patch_size,
+                samples_per_epoch=args.samples_per_epoch,
+                seed=args.seed,
+                num_threads=args.threads,
+            )
+            t = time.time()
+            res = train(tc, ds, mdir)
+            (mdir / "train_time.json").write_text(json.dumps({"seconds": time.time() - t}))
+            print(f"pretrained {name} in {time.time() - t:.0f} s (val {res.best_val_loss:.4f})")
+        if (mdir / "frames.npz").is_file() and not args.force:
+            continue
+        lm = load_checkpoint(mdir, device="cpu")
+        sm = ScoringModel(lm)
+        info = lm.info["data"]
+        sids = np.asarray(ds.structure_ids).astype(str)
+        va = np.flatnonzero(np.isin(sids, info["val_structures"]))
+        items = np.asarray(info["train_items"], int).reshape(-1, 2)
+        # training image-transforms (all of them; caps are emulated by sub-sampling)
+        t0 = time.perf_counter()
+        tf, te, tcode, titem = [], [], [], []
+        for code in range(8):
+            for k in range(0, len(items), 16):
+                it = items[k : k + 16]
+                x = np.stack([d4(np.asarray(ds.images[d, i]), code) for d, i in it])
+                st = sm.frame_stats(x, batch_size=8)
+                tf.append(st.features)
+                te.append(st.entropy)
+                tcode += [code] * len(it)
+                titem += list(range(k, k + len(it)))
+        t_train = time.perf_counter() - t0
+        # held-out frames of every domain
+        rows = {
+            k: []
+            for k in (
+                "domain",
+                "image",
+                "loss",
+                "dice",
+                "t_forward",
+                "t_entropy_stats",
+                "t_tta",
+                "tta_std",
+                "tta_mi",
+                "ent_mean",
+                "ent_q90",
+                "ent_q99",
+                "ent_boundary",
+                "ent_uncertain_frac",
+                "fg_frac",
+            )
+        }
+        feats = []
+        masks = np.asarray(ds.masks)
+        for di in range(ds.n_defocus):
+            for i in va:
+                x = np.asarray(ds.images[di, i])
+                t = time.perf_counter()
+                st = sm.frame_stats(x, want_logits=True)
+                t_fwd = time.perf_counter() - t
+                z = st.logits[0]
+                p = 1 / (1 + np.exp(-z.astype(np.float64)))
+                t = time.perf_counter()
+                es = entropy_statistics(p)
+                t_es = time.perf_counter() - t
+                t = time.perf_counter()
+                xs = np.stack([d4(x, c) for c in range(1, 8)])
+                zz = lm.predict_logits(xs, precision="fp32")
+                ps = [p] + [
+                    _inverse_d4(1 / (1 + np.exp(-zz[c - 1].astype(np.float64))), c)
+                    for c in range(1, 8)
+                ]
+                ps = np.stack(ps)
+                pm = ps.mean(0)
+                tta_std = float(ps.std(0).mean())
+                tta_mi = float(_entropy_map(pm).mean() - _entropy_map(ps).mean())
+                t_tta = time.perf_counter() - t + t_fwd
+                feats.append(st.features[0])
+                for k, v in (
+                    ("domain", di),
+                    ("image", int(i)),
+                    ("loss", float(binary_cross_entropy(z, masks[i]))),
+                    ("dice", float(dice(z > 0, masks[i]))),
+                    ("t_forward", t_fwd),
+                    ("t_entropy_stats", t_es),
+                    ("t_tta", t_tta),
+                    ("tta_std", tta_std),
+                    ("tta_mi", tta_mi),
+                    *es.items(),
+                ):
+                    rows[k].append(v)
+            print(f"{name}: domain {ds.defocus_nm[di]:g} nm done", flush=True)
+        np.savez(
+            mdir / "frames.npz",
+            features=np.stack(feats),
+            train_features=np.concatenate(tf),
+            train_entropy=np.concatenate(te),
+            train_code=np.asarray(tcode),
+            train_item=np.asarray(titem),
+            train_domain=items[np.asarray(titem), 0],
+            stage_sizes=np.asarray(sm.stage_sizes),
+            defocus_nm=np.asarray(ds.defocus_nm, float),
+            train_domains=np.asarray([ds.defocus_index(v) for v in info["train_defocus_nm"]], int),
+            t_train_fit=t_train,
+            image_px=np.asarray(ds.image_shape),
+            **{k: np.asarray(v) for k, v in rows.items()},
+        )
+        print(f"wrote {mdir / 'frames.npz'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- table
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(a[ok], b[ok])[0])
+
+
+class Run:
+    """One prepared setting (dataset x pretraining domain)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.z = dict(np.load(path / "frames.npz"))
+        self.name = f"{path.parent.name}:{path.name.removeprefix('pre_')}"
+        sizes = self.z["stage_sizes"]
+        self.cuts = np.cumsum([0, *sizes])
+        self.n_domains = len(self.z["defocus_nm"])
+
+    def cols(self, which: str) -> np.ndarray:
+        c = self.cuts
+        if which == "all":
+            return np.arange(c[-1])
+        if which == "shallow3":  # the current default: all stages but the deepest
+            return np.arange(c[-2])
+        if which == "deepest":
+            return np.arange(c[-2], c[-1])
+        if which == "means":  # channel means only
+            return np.concatenate(
+                [np.arange(a, a + (b - a) // 2) for a, b in zip(c[:-1], c[1:], strict=True)]
+            )
+        if which == "stds":
+            return np.concatenate(
+                [np.arange(a + (b - a) // 2, b) for a, b in zip(c[:-1], c[1:], strict=True)]
+            )
+        raise ValueError(which)
+
+    def train_sample(self, cap: int | None, seed: int = 0) -> np.ndarray:
+        """Row indices of the training sample a capped streaming fit would use."""
+        from napari_hrtem_transfer.evaluation.ood import sample_transforms
+
+        n_items = int(self.z["train_item"].max()) + 1
+        if cap is None:
+            return np.arange(len(self.z["train_item"]))
+        groups = np.zeros(n_items, int)
+        dom = self.z["train_domain"]
+        for k, it in enumerate(self.z["train_item"]):
+            groups[it] = dom[k]
+        pairs = sample_transforms(groups, 8, cap, seed)
+        lookup = {
+            (int(i), int(c)): k
+            for k, (i, c) in enumerate(zip(self.z["train_item"], self.z["train_code"], strict=True))
+        }
+        return np.array([lookup[p] for p in pairs])
+
+    def evaluate(self, score: np.ndarray) -> tuple[float, float]:
+        dom, loss = self.z["domain"], self.z["loss"]
+        md = [np.median(score[dom == k]) for k in range(self.n_domains)]
+        ml = [np.mean(loss[dom == k]) for k in range(self.n_domains)]
+        return spearman(md, ml), spearman(score, loss)
+
+
+def feature_score(run: Run, rows: np.ndarray, which: str, per_domain: bool = False):
+    """distance / median training distance - 1 (diag standardisation)."""
+    from napari_hrtem_transfer.evaluation.ood import fit_reference_from_features
+
+    cols = run.cols(which)
+    ftr = run.z["train_features"][rows][:, cols]
+    f = run.z["features"][:, cols]
+    if not per_domain:
+        ref = fit_reference_from_features(ftr, None, "diag", 0.0)
+        return ref.score(f)
+    # a reference per training domain; the frame's score is its distance to the nearest
+    dtr = run.z["train_domain"][rows]
+    scores = []
+    for d in np.unique(dtr):
+        ref = fit_reference_from_features(ftr[dtr == d], None, "diag", 0.0)
+        scores.append(ref.score(f))
+    return np.min(scores, axis=0)
+
+
+def entropy_ref(run: Run, rows: np.ndarray) -> float:
+    return float(np.median(run.z["train_entropy"][rows]))
+
+
+def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, str]]:
+    """Every candidate score of a run's held-out frames: name -> (score, cost key)."""
+    rows = run.train_sample(cap)
+    z = run.z
+    e_ref = entropy_ref(run, rows)
+    e = z["ent_mean"] / e_ref - 1
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    f3 = feature_score(run, rows, "shallow3")
+    out["DEFAULT before: features[stages 0-2] + 1*max(entropy,0)"] = (
+        f3 + np.maximum(e, 0),
+        "forward",
+    )
+    for which in ("all", "shallow3", "deepest", "means", "stds"):
+        out[f"features[{which}] diag"] = (feature_score(run, rows, which), "forward")
+    if len(np.unique(z["train_domain"])) > 1:
+        out["features[all] nearest training domain"] = (
+            feature_score(run, rows, "all", per_domain=True),
+            "forward",
+        )
+    out["entropy mean"] = (e, "forward")
+    for k in ("ent_q90", "ent_q99", "ent_boundary", "ent_uncertain_frac"):
+        out[f"entropy {k[4:]}"] = (z[k], "forward+entropy_stats")
+    out["TTA D4 std"] = (z["tta_std"], "tta")
+    out["TTA D4 mutual information"] = (z["tta_mi"], "tta")
+    fa = feature_score(run, rows, "all")
+    for w in (0.5, 1.0, 2.0, 4.0):
+        out[f"features[all] + {w:g}*entropy"] = (fa + w * e, "forward")
+        out[f"features[shallow3] + {w:g}*entropy"] = (f3 + w * e, "forward")
+    # rank-free combination: the entropy's and the distance's log ratios to training
+    d_all = fa + 1
+    out["log(dist ratio) + log(entropy ratio)"] = (np.log(d_all) + np.log(e + 1), "forward")
+    return out
+
+
+def table(args) -> int:
+    runs = [Run(p) for p in args.runs if (p / "frames.npz").is_file()]
+    if not runs:
+        print("no prepared runs", file=sys.stderr)
+        return 2
+    lines = []
+    results: dict[str, dict[str, tuple[float, float]]] = {}
+    names: list[str] = []
+    costs: dict[str, dict[str, float]] = {}
+    for r in runs:
+        c = candidates(r)
+        results[r.name] = {k: r.evaluate(v) for k, (v, _) in c.items()}
+        for k in c:
+            if k not in names:
+                names.append(k)
+        z = r.z
+        fwd = float(np.median(z["t_forward"]))
+        costs[r.name] = {
+            "forward": fwd,
+            "forward+entropy_stats": fwd + float(np.median(z["t_entropy_stats"])),
+            "tta": float(np.median(z["t_tta"])),
+        }
+    cost_key = {k: v for k, (_, v) in candidates(runs[0]).items()}
+    head = "| score | " + " | ".join(r.name for r in runs) + " | mean d / f | worst d / f |"
+    lines += [
+        "Spearman rank correlation with the loss: per domain / per frame",
+        "",
+        head,
+        "|" + "---|" * (len(runs) + 3),
+    ]
+    for k in names:
+        vals = [results[r.name].get(k, (np.nan, np.nan)) for r in runs]
+        d = np.array([v[0] for v in vals])
+        f = np.array([v[1] for v in vals])
+        cells = [f"{a:.2f} / {b:.2f}" for a, b in vals]
+        lines.append(
+            f"| {k} | "
+            + " | ".join(cells)
+            + f" | {np.nanmean(d):.2f} / {np.nanmean(f):.2f}"
+            + f" | {np.nanmin(d):.2f} / {np.nanmin(f):.2f} |"
+        )
+    lines += ["", "Cost per frame [ms] (median; forward = one pass with features and logits)", ""]
+    lines.append("| cost | " + " | ".join(r.name for r in runs) + " |")
+    lines.append("|" + "---|" * (len(runs) + 1))
+    for key in ("forward", "forward+entropy_stats", "tta"):
+        lines.append(
+            f"| {key} | " + " | ".join(f"{1e3 * costs[r.name][key]:.0f}" for r in runs) + " |"
+        )
+    lines.append("")
+    lines.append(
+        "image px per run: "
+        + ", ".join(f"{r.name}={int(r.z['image_px'][0])}" for r in runs)
+        + "; candidates' cost keys: "
+        + ", ".join(sorted(set(cost_key.values())))
+    )
+    # combinations chosen on one half of the grid, checked on the other
+    combos = [k for k in names if "*entropy" in k or k.startswith("features[")]
+    half_a = [r for r in runs if "laptop" in r.name] or runs[::2]
+    half_b = [r for r in runs if r not in half_a] or runs[1::2]
+
+    def mean_d(rs, k):
+        return float(np.nanmean([results[r.name][k][0] + results[r.name][k][1] for r in rs]))
+
+    lines += ["", "Combinations chosen on one half (max mean of domain + frame Spearman):", ""]
+    for tr, te, label in ((half_a, half_b, "A->B"), (half_b, half_a, "B->A")):
+        if not tr or not te:
+            continue
+        best = max(combos, key=lambda k: mean_d(tr, k))
+        lines.append(
+            f"- {label}: chose '{best}' on {[r.name for r in tr]} "
+            f"(mean d+f {mean_d(tr, best):.2f});"
+            f" on {[r.name for r in te]}: "
+            + ", ".join(
+                f"{r.name} {results[r.name][best][0]:.2f}/{results[r.name][best][1]:.2f}"
+                for r in te
+            )
+        )
+    # the fit-sample cap (issue 12): does a capped fit rank as well as the full one?
+    lines += ["", "Fit-sample cap (default score) — per domain / per frame Spearman:", ""]
+    caps = [32, 64, 128, 192, 256, None]
+    lines.append("| cap | " + " | ".join(r.name for r in runs) + " |")
+    lines.append("|" + "---|" * (len(runs) + 1))
+    for cap in caps:
+        cells = []
+        for r in runs:
+            rows = r.train_sample(cap)
+            e = r.z["ent_mean"] / entropy_ref(r, rows) - 1
+            s = feature_score(r, rows, args.cap_features) + args.cap_weight * (
+                np.maximum(e, 0) if args.cap_excess else e
+            )
+            d, f = r.evaluate(s)
+            cells.append(f"{d:.2f} / {f:.2f} (n={len(rows)})")
+        lines.append(f"| {cap or 'full'} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+        (args.out.with_suffix(".json")).write_text(
+            json.dumps(
+                {k: {n: list(v) for n, v in d.items()} for k, d in results.items()}, indent=1
+            )
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("--data", type=Path, required=True)
+    a.add_argument("--train-defocus", nargs="+", default=["10"], help="[nm] or 'all'")
+    a.add_argument("--epochs", type=int, default=8)
+    a.add_argument("--samples-per-epoch", type=int, default=256)
+    a.add_argument("--patch-size", type=int, default=None)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--force", action="store_true")
+    a.add_argument("--out", type=Path, required=True)
+    b = sub.add_parser("table")
+    b.add_argument("runs", type=Path, nargs="+")
+    b.add_argument("--out", type=Path)
+    b.add_argument("--cap-features", default="shallow3")
+    b.add_argument("--cap-weight", type=float, default=1.0)
+    b.add_argument("--cap-excess", action="store_true", default=True)
+    args = p.parse_args(argv)
+    if args.cmd == "prepare":
+        args.train_defocus = [v if v == "all" else float(v) for v in args.train_defocus]
+        args.out.mkdir(parents=True, exist_ok=True)
+        return prepare(args)
+    return table(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
