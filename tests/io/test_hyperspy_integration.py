@@ -38,12 +38,30 @@ def test_experimental_image_keeps_energy_and_frame_axis():
         data=np.zeros((2, 4, 4)),
         sampling_A=1.5,
         axes=[
-            {"name": "Time", "size": 2, "scale": 0.8, "offset": 0.0, "units": "s",
-             "navigate": True},
-            {"name": "y", "size": 4, "scale": 0.15, "offset": 0.0, "units": "nm",
-             "navigate": False},
-            {"name": "x", "size": 4, "scale": 0.15, "offset": 0.0, "units": "nm",
-             "navigate": False},
+            {
+                "name": "Time",
+                "size": 2,
+                "scale": 0.8,
+                "offset": 0.0,
+                "units": "s",
+                "navigate": True,
+            },
+            {
+                "name": "y",
+                "size": 4,
+                "scale": 0.15,
+                "offset": 0.0,
+                "units": "nm",
+                "navigate": False,
+            },
+            {
+                "name": "x",
+                "size": 4,
+                "scale": 0.15,
+                "offset": 0.0,
+                "units": "nm",
+                "navigate": False,
+            },
         ],
         metadata={"energy_eV": 300e3},
         name="series",
@@ -81,8 +99,139 @@ def test_errors():
 def test_dataset_goes_through_dataset_writer():
     from napari_hrtem_transfer.io import HRTEMDataset
 
-    ds = HRTEMDataset(images=np.zeros((2, 1, 4, 4)), defocus_nm=[-5, 5], sampling_A=0.2,
-                      masks=np.zeros((1, 4, 4), bool))
+    ds = HRTEMDataset(
+        images=np.zeros((2, 1, 4, 4)),
+        defocus_nm=[-5, 5],
+        sampling_A=0.2,
+        masks=np.zeros((1, 4, 4), bool),
+    )
     s = to_signal(ds)
     assert s.data.shape == (2, 1, 4, 4)
     assert s.metadata.has_item("HRTEM_transfer.masks")
+
+
+# ----------------------------------------------------------------------------- axes kept exactly
+
+
+def _fields(s):
+    from napari_hrtem_transfer.io.readers import normalise_units
+
+    out = []
+    for ax in s.axes_manager._axes:
+        # "" and HyperSpy's <undefined> both mean "none"; the reader maps both to None
+        d = {
+            "name": normalise_units(ax.name),
+            "units": normalise_units(ax.units),
+            "size": ax.size,
+            "navigate": ax.navigate,
+            "uniform": ax.is_uniform,
+            "axis": np.asarray(ax.axis).tolist(),
+        }
+        if ax.is_uniform:
+            d.update(scale=ax.scale, offset=ax.offset)
+        out.append(d)
+    return out
+
+
+def _assert_same(a, b):
+    fa, fb = _fields(a), _fields(b)
+    assert len(fa) == len(fb)
+    for x, y in zip(fa, fb, strict=True):
+        for key in x:
+            assert x[key] == pytest.approx(y[key]) if key == "axis" else x[key] == y[key], (
+                key,
+                x,
+                y,
+            )
+
+
+def test_two_by_three_navigation_offsets_and_non_uniform_axis_survive():
+    import hyperspy.api as hs
+
+    s = hs.signals.Signal2D(
+        np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5),
+        axes=[
+            {"name": "defocus", "axis": np.array([-3.0, 11.0]), "units": "nm", "navigate": True},
+            {
+                "name": "Time",
+                "size": 3,
+                "scale": 0.8,
+                "offset": 2.0,
+                "units": "s",
+                "navigate": True,
+            },
+            {"name": "y", "size": 4, "scale": 8.2, "offset": -16738.0, "units": "pm"},
+            {"name": "x", "size": 5, "scale": 8.2, "offset": 12.0, "units": "pm"},
+        ],
+    )
+    s.metadata.General.title = "series"
+    s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", 300.0)
+    s.metadata.set_item("Acquisition_instrument.TEM.magnification", 640000.0)
+    s.original_metadata.set_item("Optics.Defocus", "-2e-08")
+    back = to_signal(from_signal(s))
+    _assert_same(s, back)
+    np.testing.assert_array_equal(back.data, s.data)
+    assert back.metadata.General.title == "series"
+    assert back.metadata.Acquisition_instrument.TEM.magnification == 640000.0
+    assert back.original_metadata.Optics.Defocus == "-2e-08"
+
+
+def test_array_with_axes_from_a_segmentation_result():
+    axes = [
+        {"name": "defocus", "axis": np.array([0.0, 5.0, 20.0]), "units": "nm"},
+        {"name": "y", "size": 4, "scale": 0.1, "offset": 1.0, "units": "nm"},
+        {"name": "x", "size": 4, "scale": 0.1, "offset": 2.0, "units": "nm"},
+    ]
+    s = to_signal(np.zeros((3, 4, 4), np.uint8), axes=axes)
+    nav = s.axes_manager.navigation_axes[0]
+    assert (nav.name, nav.is_uniform) == ("defocus", False)
+    np.testing.assert_array_equal(nav.axis, [0.0, 5.0, 20.0])
+    assert s.axes_manager.signal_axes[1].offset == 1.0
+    with pytest.raises(ReaderError, match="do not fit"):
+        to_signal(np.zeros((2, 4, 4)), axes=axes)
+    # sampling_A overrides the calibration and converts the offsets to nm
+    pm = [dict(a, units="pm", scale=10.0, offset=50.0) for a in axes[1:]]
+    r = to_signal(np.zeros((4, 4)), axes=pm, sampling_A=0.5)
+    assert (r.axes_manager[0].scale, r.axes_manager[0].offset) == (0.05, pytest.approx(0.05))
+
+
+def _shared_signals():
+    import os
+    from pathlib import Path
+
+    root = (
+        Path(
+            os.environ.get("HRTEM_TRANSFER_SHARED_DIR")
+            or Path(__file__).resolve().parents[2].parent / "shared"
+        )
+        / "data"
+    )
+    if not root.exists():
+        return []
+    skip = {".md", ".csv", ".mat", ".png"}
+    return [
+        pytest.param(p, id=f"{p.parent.name}/{p.name}")
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix.lower() not in skip and not p.name.endswith("_1.ser")
+    ]
+
+
+@pytest.mark.parametrize("path", _shared_signals())
+def test_every_shared_file_round_trips_its_axes(path):
+    import warnings
+
+    import hyperspy.api as hs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = hs.load(path)
+    for s in loaded if isinstance(loaded, list) else [loaded]:
+        if s.axes_manager.signal_dimension != 2 or s.data.dtype.names:
+            continue  # spectra; RGB is converted to grey by the reader (values change)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            back = to_signal(from_signal(s, allow_reciprocal=True))
+        _assert_same(s, back)
+        np.testing.assert_allclose(back.data, s.data.astype(np.float32))
+        assert back.metadata.General.title == s.metadata.General.title
+        assert sorted(back.original_metadata.keys()) == sorted(s.original_metadata.keys())

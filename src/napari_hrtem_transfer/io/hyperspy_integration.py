@@ -172,8 +172,8 @@ def to_signal(
         metadata = dict(image.metadata.get("hyperspy") or {})
         original = image.original_metadata or {}
         energy_eV = image.metadata.get("energy_eV")
-        if title is None:
-            title = (metadata.get("General") or {}).get("title") or image.name
+        if title is None and "title" not in (metadata.get("General") or {}):
+            title = image.name  # no HyperSpy metadata (e.g. .npy): name it after the file
     else:
         data = np.asarray(image)
         if data.ndim < 2:
@@ -183,14 +183,11 @@ def to_signal(
             )
         ny, nx = data.shape[-2:]
         if axes is not None:
-            if len(axes) != data.ndim or any(
-                "axis" not in a and int(a["size"]) != n
-                for a, n in zip(axes, data.shape, strict=False)
-            ):
+            sizes = [len(a["axis"]) if a.get("axis") is not None else int(a["size"]) for a in axes]
+            if tuple(sizes) != tuple(data.shape):
                 raise ReaderError(
-                    f"to_signal: {len(axes)} axes of sizes "
-                    f"{[int(a.get('size', len(a.get('axis', [])))) for a in axes]} do not fit "
-                    f"an array of shape {data.shape}."
+                    f"to_signal: {len(axes)} axes of sizes {sizes} do not fit an array of "
+                    f"shape {data.shape}."
                 )
             nav = [dict(a) for a in axes[:-2]]
             sig = [dict(a) for a in axes[-2:]]

@@ -23,8 +23,7 @@ JSON table ``table_json``). Files that are not images (spectra, diffraction patt
 other formats) are skipped with a :class:`~napari_hrtem_transfer.io.readers.ReaderWarning`
 naming them; the rest still loads. Frames of different pixel size or shape are refused
 with a :class:`~napari_hrtem_transfer.errors.ReaderError` that lists them, unless
-``resample=True`` (resampled to the first frame's pixel size, cropped to the common
-size).
+``resample=True`` (resampled to the most common pixel size, cropped to the common size).
 
 HyperSpy, SciPy and the signal classes are imported inside the functions.
 """
@@ -236,23 +235,33 @@ def _same_geometry(frames: Sequence[SessionFrame]) -> bool:
     return True
 
 
-def _resample(frames: list[SessionFrame], notes: list[str]) -> list[SessionFrame]:
-    """Resample frames to the first frame's pixel size and crop to the common size.
+def _resample(
+    frames: list[SessionFrame], notes: list[str]
+) -> tuple[list[SessionFrame], SessionFrame]:
+    """Resample frames to the session's pixel size and crop to the common size.
 
-    Frames that cannot be resampled (uncalibrated, or a zoom beyond
-    :data:`MAX_RESAMPLE_ZOOM`) are left out with a warning naming them.
+    The session's pixel size is the most common one (the finest on a tie). Frames that
+    cannot be resampled (uncalibrated, or a zoom beyond :data:`MAX_RESAMPLE_ZOOM`) are left
+    out with a warning naming them. Order is kept.
     """
     from scipy import ndimage
 
-    ref = frames[0]
-    if ref.sampling_A is None:
+    calibrated = [f.sampling_A for f in frames if f.sampling_A is not None]
+    if not calibrated:
         raise ReaderError(
-            f"session: cannot resample to the first frame {ref.name}: it has no pixel size. "
-            "Put a calibrated file first, or leave the uncalibrated files out."
+            "session: cannot resample frames without a pixel size: "
+            + ", ".join(f.name for f in frames)
+            + ". Calibrate them, or load files of one size."
         )
-    kept = [ref]
+
+    def _count(v: float) -> int:
+        return sum(math.isclose(v, w, rel_tol=SAMPLING_RTOL) for w in calibrated)
+
+    target = min(calibrated, key=lambda v: (-_count(v), v))
+    ref = next(f for f in frames if f.sampling_A == target)
+    kept = []
     dropped: list[str] = []
-    for f in frames[1:]:
+    for f in frames:
         if f.sampling_A is None:
             dropped.append(f"{f.name} (uncalibrated)")
             continue
@@ -284,7 +293,7 @@ def _resample(frames: list[SessionFrame], notes: list[str]) -> list[SessionFrame
             note = f"{f.name}: centre-cropped from {h}x{w} to {ny}x{nx} px."
             f.notes.append(note)
             notes.append(note)
-    return kept
+    return kept, ref
 
 
 def _axis(name: str, values: np.ndarray, units: str | None) -> dict[str, Any]:
@@ -322,8 +331,9 @@ def load_session(
         Defocus of each file [nm] (abTEM sign: positive = underfocus), or of each frame when
         files hold stacks. Overrides the vendor metadata; the source is recorded as "user".
     resample
-        Resample frames of other pixel sizes to the first frame's, and centre-crop to the
-        common size. Without it, such a session raises :class:`ReaderError`.
+        Resample frames of other pixel sizes to the session's most common pixel size (the
+        finest on a tie), and centre-crop to the common size. Without it, such a session
+        raises :class:`ReaderError`.
     title
         ``metadata.General.title``; defaults to the folder name or "session".
 
@@ -347,8 +357,7 @@ def load_session(
     skipped = skipped_files + skipped
     if not frames:
         raise ReaderError(
-            f"session {paths_or_folder}: no real-space image in any file: "
-            + "; ".join(skipped)
+            f"session {paths_or_folder}: no real-space image in any file: " + "; ".join(skipped)
         )
     notes: list[str] = []
 
@@ -403,27 +412,29 @@ def load_session(
             order = sorted(range(len(frames)), key=lambda i: frames[i].acquired)
         frames = [frames[i] for i in order]
     if kind != "defocus" and len(frames) > 1:
+        why = notes[-1] if notes else "no defocus in the metadata of any frame"
         msg = (
-            "session: no defocus for every frame (vendor metadata or defocus_nm); stacked by "
+            f"session: {why}; stacked by "
             + ("acquisition time" if kind == "time" else "file order")
-            + "."
+            + ". Give defocus_nm=[...] for a defocus axis."
         )
         warnings.warn(msg, ReaderWarning, stacklevel=2)
         notes.append(msg)
 
     # --- geometry -------------------------------------------------------------------------
+    ref_frame = frames[0]
     if not _same_geometry(frames):
         if not resample:
             raise ReaderError(
                 "session frames differ in pixel size or shape: "
                 + "; ".join(_describe(f) for f in frames)
-                + ". Pass resample=True to resample them to the first frame's pixel size "
+                + ". Pass resample=True to resample them to the most common pixel size "
                 "and crop to the common size, or leave the odd files out."
             )
-        frames = _resample(frames, notes)
+        frames, ref_frame = _resample(frames, notes)
 
     # --- the signal -------------------------------------------------------------------------
-    ref = frames[0].image
+    ref = ref_frame.image
     ny, nx = frames[0].data.shape
     y_ax, x_ax = (dict(a) for a in ref.axes[1:])
     y_ax["size"], x_ax["size"] = ny, nx
@@ -446,8 +457,10 @@ def load_session(
             else "session"
         )
     s.metadata.General.title = title
-    energy = next((f.image.metadata.get("energy_eV") for f in frames if f.image.metadata.get(
-        "energy_eV")), None)
+    energy = next(
+        (f.image.metadata.get("energy_eV") for f in frames if f.image.metadata.get("energy_eV")),
+        None,
+    )
     if energy:
         s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(energy) / 1e3)
     mode = ref.metadata.get("acquisition_mode")
