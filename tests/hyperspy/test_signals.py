@@ -396,3 +396,25 @@ def test_importing_the_subpackage_is_light():
 
     subprocess.run([sys.executable, "-c", code], check=True)
     assert importlib.util.find_spec("napari_hrtem_transfer.hyperspy.signals") is not None
+
+
+def test_session_folder_to_segmented_stack(registered, fake_core, tmp_path):
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer.hyperspy import HRTEM
+    from napari_hrtem_transfer.io.sessions import load_session
+
+    rng = np.random.default_rng(4)
+    for name, value in (("f_b.tif", 2.0), ("f_a.tif", 1.0)):
+        s = hs.signals.Signal2D(rng.random((16, 16)).astype(np.float32) + value)
+        for ax in s.axes_manager.signal_axes:
+            ax.scale, ax.units, ax.offset = 0.05, "nm", 0.5
+        s.save(tmp_path / name)
+    session = load_session(tmp_path, defocus_nm=[20.0, -10.0])  # per file, in folder order
+    assert isinstance(session, HRTEM)
+    mask = session.segment()
+    assert_same_axes(session, mask)
+    nav = mask.axes_manager.navigation_axes[0]
+    assert (nav.name, nav.units, nav.offset, nav.scale) == ("defocus", "nm", -10.0, 30.0)
+    assert mask.metadata.HRTEM_transfer.session.defocus_source[0] == "user (defocus_nm)"
+    assert session.data[0].mean() > session.data[1].mean()  # f_b.tif (-10 nm) sorted first

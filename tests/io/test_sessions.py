@@ -74,9 +74,7 @@ def test_velox_session_stacks_by_vendor_defocus(tmp_path):
     (tmp_path / "notes.txt").write_text("operator notes")
     with pytest.warns(ReaderWarning, match="notes.txt"):
         s = load_session(tmp_path)
-    from napari_hrtem_transfer.hyperspy import HRTEM
-
-    assert isinstance(s, HRTEM)
+    assert s.metadata.Signal.signal_type == "HRTEM"  # an HRTEM signal once registered
     nav = s.axes_manager.navigation_axes[0]
     assert (nav.name, nav.units, nav.is_uniform) == ("defocus", "nm", False)
     np.testing.assert_allclose(nav.axis, [-10.0, 4.0, 20.0])
@@ -209,3 +207,19 @@ def test_real_tia_files_record_their_defocus_source():
     # all five frames say 0 nm: not a defocus series, so an index axis, and a note says why
     assert meta.axis == "frame"
     assert any("same defocus" in n for n in meta.notes)
+
+
+def test_read_session_is_the_core_without_hyperspy_signals(tmp_path):
+    from napari_hrtem_transfer.io.sessions import read_session
+
+    image_file(tmp_path / "a.tif", np.ones((8, 8)), 0.1)
+    image_file(tmp_path / "b.tif", np.zeros((8, 8)), 0.1)
+    im = read_session(tmp_path, defocus_nm=[30.0, -5.0])
+    assert isinstance(im, ExperimentalImage)
+    assert im.nav_axes[0]["name"] == "defocus" and im.nav_axes[0]["units"] == "nm"
+    assert (im.nav_axes[0]["offset"], im.nav_axes[0]["scale"]) == (-5.0, 35.0)
+    assert im.sampling_A == pytest.approx(1.0)
+    np.testing.assert_array_equal(im.data[:, 0, 0], [0.0, 1.0])  # b (-5 nm) first
+    assert [r["defocus_source"] for r in im.metadata["session"]["table"]] == [
+        "user (defocus_nm)"
+    ] * 2

@@ -25,7 +25,9 @@ naming them; the rest still loads. Frames of different pixel size or shape are r
 with a :class:`~napari_hrtem_transfer.errors.ReaderError` that lists them, unless
 ``resample=True`` (resampled to the most common pixel size, cropped to the common size).
 
-HyperSpy, SciPy and the signal classes are imported inside the functions.
+:func:`read_session` is the core (an :class:`ExperimentalImage`, no HyperSpy signal);
+:func:`load_session` returns it as a HyperSpy signal of type ``HRTEM``. HyperSpy and SciPy
+are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import numpy as np
 from ..errors import ReaderError
 from .readers import SUPPORTED_EXTENSIONS, ExperimentalImage, ReaderWarning, read_images
 
-__all__ = ["SessionFrame", "load_session", "session_files"]
+__all__ = ["SessionFrame", "load_session", "read_session", "session_files"]
 
 #: Relative difference of pixel sizes still counted as "the same" [-].
 SAMPLING_RTOL = 0.01
@@ -297,30 +299,32 @@ def _resample(
 
 
 def _axis(name: str, values: np.ndarray, units: str | None) -> dict[str, Any]:
-    d: dict[str, Any] = {"name": name, "navigate": True}
-    if units:
-        d["units"] = units
+    d: dict[str, Any] = {"name": name, "navigate": True, "units": units}
     steps = np.diff(values)
     if values.size > 1 and np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9):
         d.update(size=int(values.size), offset=float(values[0]), scale=float(steps[0]))
     elif values.size == 1:
         d.update(size=1, offset=float(values[0]), scale=1.0)
     else:
-        d["axis"] = values.astype(float)
+        d.update(size=int(values.size), axis=values.astype(float))
+        d.update(scale=float(np.mean(steps)), offset=float(values[0]))
     return d
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def load_session(
+def read_session(
     paths_or_folder: str | os.PathLike | Iterable[str | os.PathLike],
     defocus_nm: Sequence[float] | None = None,
     resample: bool = False,
     *,
     title: str | None = None,
-):
-    """Load a session (a folder or list of image files) as one HRTEM stack.
+) -> ExperimentalImage:
+    """Read a session (a folder or list of image files) as one stack of frames.
+
+    The core of :func:`load_session` (which returns it as a HyperSpy ``HRTEM`` signal); the
+    CLI and the napari reader can use it directly.
 
     Parameters
     ----------
@@ -339,10 +343,13 @@ def load_session(
 
     Returns
     -------
-    napari_hrtem_transfer.hyperspy.signals.HRTEM
-        Data (n_frames, ny, nx) float32, one navigation axis (``defocus`` [nm], ``time``
-        [s] or ``frame``, see the module docstring), the first frame's signal axes (names,
-        units, scale, offset), its beam energy, and ``metadata.HRTEM_transfer.session``.
+    ExperimentalImage
+        ``data`` (n_frames, ny, nx) float32; ``nav_axes`` one navigation axis
+        (``defocus`` [nm], ``time`` [s] or ``frame``, see the module docstring); the signal
+        axes of the frame whose pixel size the session has; ``metadata["session"]`` the
+        per-frame table (file, defocus and its source, acquisition time, notes), the
+        skipped files and the notes; ``metadata["hyperspy"]`` the same as HyperSpy
+        metadata (``HRTEM_transfer.session``, beam energy, ``Signal.signal_type`` "HRTEM").
 
     Raises
     ------
@@ -350,8 +357,6 @@ def load_session(
         Nothing readable; ``defocus_nm`` of the wrong length; mixed pixel sizes or shapes
         without ``resample=True`` (the message lists every frame's size).
     """
-    from ..hyperspy.signals import HRTEM
-
     files, skipped_files = _session_files(paths_or_folder)
     frames, skipped = _frames(files)
     skipped = skipped_files + skipped
@@ -433,10 +438,10 @@ def load_session(
             )
         frames, ref_frame = _resample(frames, notes)
 
-    # --- the signal -------------------------------------------------------------------------
+    # --- the stack -------------------------------------------------------------------------
     ref = ref_frame.image
     ny, nx = frames[0].data.shape
-    y_ax, x_ax = (dict(a) for a in ref.axes[1:])
+    y_ax, x_ax = (dict(a, navigate=False) for a in ref.axes[1:])
     y_ax["size"], x_ax["size"] = ny, nx
     if kind == "defocus":
         nav = _axis("defocus", np.array([f.defocus_nm for f in frames]), "nm")
@@ -444,28 +449,20 @@ def load_session(
         t0 = frames[0].acquired
         nav = _axis("time", np.array([(f.acquired - t0).total_seconds() for f in frames]), "s")
     else:
-        nav = {"name": "frame", "size": len(frames), "scale": 1.0, "offset": 0.0, "navigate": True}
-    from .hyperspy_integration import _hs_axis
-
-    axes = [nav, _hs_axis(y_ax, navigate=False), _hs_axis(x_ax, navigate=False)]
+        nav = {"name": "frame", "size": len(frames), "scale": 1.0, "offset": 0.0}
+    nav.update(navigate=True, units=nav.get("units"))
     data = np.stack([f.data for f in frames]).astype(np.float32, copy=False)
-    s = HRTEM(data, axes=axes)
     if title is None:
         title = (
             Path(paths_or_folder).name
             if isinstance(paths_or_folder, str | os.PathLike) and Path(paths_or_folder).is_dir()
             else "session"
         )
-    s.metadata.General.title = title
     energy = next(
         (f.image.metadata.get("energy_eV") for f in frames if f.image.metadata.get("energy_eV")),
         None,
     )
-    if energy:
-        s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", float(energy) / 1e3)
     mode = ref.metadata.get("acquisition_mode")
-    if mode:
-        s.metadata.set_item("Acquisition_instrument.TEM.acquisition_mode", str(mode))
     table = [
         {
             "file": str(f.path),
@@ -479,17 +476,71 @@ def load_session(
         }
         for f in frames
     ]
-    node = "HRTEM_transfer.session"
-    s.metadata.set_item(f"{node}.axis", kind)
-    s.metadata.set_item(f"{node}.files", [str(f.path) for f in frames])
-    s.metadata.set_item(
-        f"{node}.defocus_nm", [np.nan if f.defocus_nm is None else f.defocus_nm for f in frames]
+    session = {
+        "axis": kind,
+        "files": [str(f.path) for f in frames],
+        "defocus_nm": [np.nan if f.defocus_nm is None else f.defocus_nm for f in frames],
+        "defocus_source": [f.defocus_source for f in frames],
+        "acquired": [f.acquired.isoformat() if f.acquired else "" for f in frames],
+        "skipped": list(skipped) or [""],
+        "notes": notes or [""],
+        "table_json": json.dumps(table),
+    }
+    tem: dict[str, Any] = {}
+    if energy:
+        tem["beam_energy"] = float(energy) / 1e3  # [keV], HyperSpy's unit
+    if mode:
+        tem["acquisition_mode"] = str(mode)
+    hs_md: dict[str, Any] = {
+        "General": {"title": title},
+        "Signal": {"signal_type": "HRTEM"},
+        "HRTEM_transfer": {"session": session},
+    }
+    if tem:
+        hs_md["Acquisition_instrument"] = {"TEM": tem}
+    metadata = {
+        "format": "session",
+        "title": title,
+        "reader_notes": list(notes),
+        "session": {**session, "table": table},
+        "hyperspy": hs_md,
+    }
+    if energy:
+        metadata["energy_eV"] = float(energy)
+    if mode:
+        metadata["acquisition_mode"] = mode
+    root = paths_or_folder if isinstance(paths_or_folder, str | os.PathLike) else None
+    return ExperimentalImage(
+        data=data,
+        sampling_A=ref_frame.sampling_A,
+        axes=[dict(nav), y_ax, x_ax],
+        metadata=metadata,
+        original_metadata={},
+        name=title,
+        path=Path(root) if root is not None else None,
+        nav_axes=[dict(nav)],
     )
-    s.metadata.set_item(f"{node}.defocus_source", [f.defocus_source for f in frames])
-    s.metadata.set_item(
-        f"{node}.acquired", [f.acquired.isoformat() if f.acquired else "" for f in frames]
-    )
-    s.metadata.set_item(f"{node}.skipped", list(skipped) or [""])
-    s.metadata.set_item(f"{node}.notes", notes or [""])
-    s.metadata.set_item(f"{node}.table_json", json.dumps(table))
-    return s
+
+
+def load_session(
+    paths_or_folder: str | os.PathLike | Iterable[str | os.PathLike],
+    defocus_nm: Sequence[float] | None = None,
+    resample: bool = False,
+    *,
+    title: str | None = None,
+):
+    """Load a session (a folder or list of image files) as one HyperSpy ``HRTEM`` stack.
+
+    :func:`read_session` returned as a signal: one navigation axis (``defocus`` [nm],
+    ``time`` [s] or ``frame``), the signal axes of the session's frames (names, units,
+    scale, offset), the beam energy, ``metadata.HRTEM_transfer.session`` (per-frame files,
+    defocus values and their sources, acquisition times, skipped files, notes) and
+    ``metadata.Signal.signal_type = "HRTEM"`` (so the signal is an
+    :class:`~napari_hrtem_transfer.hyperspy.signals.HRTEM` with ``segment`` and
+    ``ood_score`` when the package's HyperSpy extension is installed).
+
+    Parameters and errors are those of :func:`read_session`.
+    """
+    from .hyperspy_integration import to_signal
+
+    return to_signal(read_session(paths_or_folder, defocus_nm, resample, title=title))
