@@ -76,7 +76,12 @@ def fake_core(monkeypatch):
         progress=None,
         stop=None,
     ):
-        arr = np.asarray(data.data if hasattr(data, "axes_manager") else data)
+        if hasattr(data, "axes_manager"):  # a signal: read as the core does (RGB -> grey)
+            from napari_hrtem_transfer.io.readers import images_from_signals
+
+            arr = images_from_signals(data, allow_reciprocal=True)[0].frames()
+        else:
+            arr = np.asarray(data)
         calls.append(
             {
                 "shape": arr.shape,

@@ -188,6 +188,18 @@ def _whole_frames(data: Any) -> Any:
     return data.rechunk({nd - 2: -1, nd - 1: -1})
 
 
+def _grey(frames: Any) -> np.ndarray:
+    """A chunk as real numbers: RGB exports become grey by the reader's rule."""
+    frames = np.asarray(frames)
+    if frames.dtype.names:
+        from ..io.readers import _to_grey
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = _to_grey(frames, "chunk", [])
+    return frames
+
+
 # ----------------------------------------------------------------------------- segment
 
 
@@ -212,7 +224,7 @@ def segment(
 
         def block(frames: np.ndarray) -> np.ndarray:
             res = seg.segment(
-                np.asarray(frames),
+                _grey(frames),
                 model=loaded,
                 sampling_A=px,
                 **_options(
@@ -311,7 +323,7 @@ def ood_score(
 
         def block(frames: np.ndarray) -> np.ndarray:
             res = seg.segment(
-                np.asarray(frames),
+                _grey(frames),
                 model=loaded,
                 sampling_A=px,
                 **_options(None, ood=True, probabilities=False, which=which, device=device),
@@ -368,7 +380,7 @@ def evaluate(
 
     def metrics(frames: np.ndarray, truth: np.ndarray, loaded: Any) -> np.ndarray:
         res = seg.segment(
-            np.asarray(frames),
+            _grey(frames),
             model=loaded,
             sampling_A=px,
             **_options(threshold, ood=False, probabilities=True, which=which, device=device),
@@ -404,9 +416,7 @@ def evaluate(
         )
         parts = [stacked[..., i] for i in range(3)]
     else:
-        stacked = metrics(
-            np.asarray(s.data), np.asarray(target), _resolve_model(model, which, device)
-        )
+        stacked = metrics(_grey(s.data), np.asarray(target), _resolve_model(model, which, device))
         parts = [stacked[..., i] for i in range(3)]
     titles = {
         "loss": ("binary cross-entropy", "Binary cross-entropy per pixel (nats)"),
