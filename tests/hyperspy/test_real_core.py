@@ -134,3 +134,25 @@ def test_pretrained_model_on_a_single_image(registered):
     mask = one.segment()
     assert mask.data.shape == (64, 64) and mask.axes_manager.navigation_dimension == 0
     assert_same_axes(one, mask)
+
+
+def test_finetune_on_labelled_frames_gives_a_usable_checkpoint(registered, tiny_model, tmp_path):
+    s, masks = _series()
+    labels = masks.astype(np.uint8)
+    labels[1] = 0  # the second defocus is not annotated: ignored
+    out = s.finetune(
+        labels,
+        model=tiny_model,
+        freeze="encoder",
+        epochs=1,
+        out=tmp_path / "ft",
+        samples_per_epoch=8,
+        batch_size=4,
+        device="cpu",
+        precision="fp32",
+        num_threads=1,
+    )
+    assert out == tmp_path / "ft" and (out / "best.json").is_file()
+    mask = s.segment(model=out)
+    assert_same_axes(s, mask)
+    assert mask.metadata.HRTEM_transfer.segmentation.model_path == str(out)

@@ -206,7 +206,7 @@ def _grey(frames: Any) -> np.ndarray:
 def segment(
     s: Any,
     model: Any = "pretrained",
-    threshold: float | None = 0.5,
+    threshold: float | None = None,
     probabilities: bool = False,
     *,
     sampling_A_override: float | None = None,
@@ -363,7 +363,7 @@ def evaluate(
     s: Any,
     masks: Any,
     model: Any = "pretrained",
-    threshold: float | None = 0.5,
+    threshold: float | None = None,
     *,
     sampling_A_override: float | None = None,
     which: str = "best",
@@ -441,7 +441,7 @@ def finetune(
     s: Any,
     labels: Any,
     model: Any = "pretrained",
-    freeze: str = "encoder",
+    freeze: str | None = None,
     epochs: int | None = None,
     out: Any = None,
     *,
@@ -451,14 +451,8 @@ def finetune(
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.finetune`."""
     from pathlib import Path
 
-    name = signal_name(s)
     target = check_same_shape(s, labels, "labels")
     px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
-    if px is None:
-        raise ConfigError(
-            f"signal '{name}' has no real-space calibration; fine-tuning needs the pixel size. "
-            "Pass sampling_A=... [Å/px] or calibrate the signal axes."
-        )
     if out is None:
         raise ConfigError(
             "finetune needs out=<folder> for the new checkpoint (e.g. out='models/my_scope')."
@@ -469,9 +463,11 @@ def finetune(
     truth = truth.reshape(-1, ny, nx)
     if epochs is not None:
         kwargs["epochs"] = int(epochs)
+    if freeze is not None:
+        kwargs["freeze"] = freeze
     from ..training.annotations import finetune_on_annotations  # loads torch
 
     result = finetune_on_annotations(
-        images, truth, model=model, out_dir=Path(out), sampling_A=px, freeze=freeze, **kwargs
+        images, truth, model=model, out_dir=Path(out), sampling_A=px, **kwargs
     )
     return Path(getattr(result, "out_dir", out))

@@ -46,7 +46,7 @@ class HRTEM(Signal2D):
     def segment(
         self,
         model: Any = "pretrained",
-        threshold: float | None = 0.5,
+        threshold: float | None = None,
         probabilities: bool = False,
         *,
         sampling_A: float | None = None,
@@ -66,7 +66,8 @@ class HRTEM(Signal2D):
             ``"pretrained"`` (the model shipped with the package), a checkpoint folder, or a
             loaded model.
         threshold
-            Probability above which a pixel is a particle; None uses the core's default.
+            Probability from which a pixel is a particle; None: ``SegmentConfig``'s default
+            (0.5), the one default of the CLI, napari and here.
         probabilities
             Return the particle probability map (float32 in [0, 1]) instead of the mask.
         sampling_A
@@ -138,7 +139,7 @@ class HRTEM(Signal2D):
         self,
         masks: Any,
         model: Any = "pretrained",
-        threshold: float | None = 0.5,
+        threshold: float | None = None,
         *,
         sampling_A: float | None = None,
         which: str = "best",
@@ -178,7 +179,7 @@ class HRTEM(Signal2D):
         self,
         labels: Any,
         model: Any = "pretrained",
-        freeze: str = "encoder",
+        freeze: str | None = None,
         epochs: int | None = None,
         out: Any = None,
         *,
@@ -196,7 +197,8 @@ class HRTEM(Signal2D):
             without any labelled pixel are ignored.
         model, freeze, epochs
             Starting model, which part stays frozen (``"none"``, ``"encoder"``,
-            ``"decoder"``, ``"gradual"``), number of epochs (None: the config default).
+            ``"decoder"``, ``"gradual"``), number of epochs; None: the defaults of
+            :func:`~napari_hrtem_transfer.training.annotations.finetune_on_annotations`.
         out
             Folder for the new checkpoint.
         **kwargs
