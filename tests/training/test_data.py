@@ -13,6 +13,7 @@ from napari_hrtem_transfer.training.data import (
     d4_transform,
     select_domains,
     split_structures,
+    training_crop,
 )
 
 from .conftest import make_dataset
@@ -67,8 +68,10 @@ def test_bad_selections_are_clear_errors():
         TrainConfig(train_defocus_nm=[])
     with pytest.raises(DatasetError, match="no ground-truth masks"):
         TrainingData.prepare(TrainConfig(patch_size=32), make_dataset(size=32, with_masks=False))
-    with pytest.raises(ConfigError, match="patch_size 64 is larger"):
-        TrainingData.prepare(TrainConfig(patch_size=64), ds)
+    with pytest.warns(UserWarning, match=r"patch_size 64 px is larger .*training on 32x32"):
+        assert TrainingData.prepare(TrainConfig(patch_size=64), ds).crop_size == (32, 32)
+    with pytest.raises(DatasetError, match="images are 20x20 px; training needs at least 32"):
+        TrainingData.prepare(TrainConfig(patch_size=32), make_dataset(n_images=4, size=20))
     with pytest.raises(ValueError, match="multiple of 32"):
         TrainConfig(patch_size=48)
     with pytest.raises(ValueError, match="needs init_from"):
@@ -145,3 +148,47 @@ def test_batches_standardised_augmented_and_aligned(small_config):
             std = (full - full.mean()) / (full.std() + 1e-6)
             np.testing.assert_allclose(xi[0], d4(std[y0 : y0 + 32, x0 : x0 + 32], code), atol=1e-5)
             np.testing.assert_array_equal(yi[0], d4(ds.masks[i][y0 : y0 + 32, x0 : x0 + 32], code))
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "crop"),
+    [
+        ((100, 90), 256, (80, 80)),  # stride 16 (compact U-Net)
+        ((525, 525), 256, (256, 256)),  # fits: the requested patch
+        ((525, 525), None, (512, 512)),  # whole frames: largest multiple of 32 per side
+        ((300, 200), 256, (192, 192)),  # too small: largest multiple of 32 fitting both sides
+        ((300, 200), None, (288, 192)),
+        ((100, 90), 256, (64, 64)),
+        ((64, 64), 64, (64, 64)),
+        ((32, 33), None, (32, 32)),
+    ],
+)
+def test_training_crop_rule(shape, patch, crop):
+    stride = 16 if crop == (80, 80) else 32
+    assert training_crop(shape, patch, stride) == crop
+    cy, cx = crop
+    assert cy % stride == 0 and cx % stride == 0 and cy <= shape[0] and cx <= shape[1]
+    if patch is not None:  # the largest square multiple of the stride not above the patch
+        assert cy == cx and (cy == patch or cy + stride > min(shape))
+
+
+def test_small_non_square_frames_give_in_bounds_aligned_crops():
+    ds = make_dataset(n_images=3, size=100)
+    ds.images = np.ascontiguousarray(ds.images[..., :90])  # 100 x 90 px frames
+    ds.masks = np.ascontiguousarray(ds.masks[..., :90])
+    cfg = TrainConfig(patch_size=None, samples_per_epoch=24, batch_size=8, val_fraction=0.3)
+    td = TrainingData.prepare(cfg, ds)
+    assert td.crop_size == (96, 64) and td.describe()["crop_px"] == [96, 64]
+    plan = td.epoch_plan(0)
+    assert set(plan[:, 1].tolist()) <= {0, 2, 4, 6}  # no quarter turns of a non-square crop
+    assert plan[:, 2].max() <= 4 and plan[:, 3].max() <= 26 and plan[:, 2:].min() >= 0
+    assert len(set(plan[:, 2].tolist())) > 1  # the crop moves over the frame
+    for rows in td.batches(0):
+        x, y = td.load_batch(rows)
+        for (item, code, y0, x0), xi, yi in zip(rows.tolist(), x, y, strict=True):
+            _, i = td.train_items[item]
+            expect = d4_transform(ds.masks[i][y0 : y0 + 96, x0 : x0 + 64], code)
+            assert xi.shape == yi.shape == (1, *expect.shape)
+            np.testing.assert_array_equal(yi[0], expect)
+    (xv, yv), *_ = td.val_batches(td.eval_domains[0], 4)
+    assert xv.shape[-2:] == (96, 64) == yv.shape[-2:]

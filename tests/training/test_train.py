@@ -185,6 +185,23 @@ def test_stop_before_first_epoch_and_resume_with_changed_config(
         train(small_config.model_copy(update=dict(lr=1e-2)), dataset_path, out, resume=True)
 
 
+def test_resuming_from_a_damaged_sidecar_names_the_field(dataset_path, small_config, tmp_path):
+    out = tmp_path / "m"
+    train(small_config, dataset_path, out, stop=lambda: True)
+    path = out / "last.json"
+    side = json.loads(path.read_text())
+    side["training"]["config"]["lr"] = "fast"
+    path.write_text(json.dumps(side))
+    with pytest.raises(
+        CheckpointError, match=r"last\.json is invalid: field\(s\) training\.config\.lr"
+    ):
+        train(small_config, dataset_path, out, resume=True)
+    del side["resume"]
+    path.write_text(json.dumps(side))
+    with pytest.raises(CheckpointError, match="no training config or resume state"):
+        train(small_config, dataset_path, out, resume=True)
+
+
 def test_bf16_autocast_runs_where_supported(dataset_path, small_config, tmp_path):
     from napari_hrtem_transfer.training.device import cpu_has_native_bf16
 
@@ -238,3 +255,42 @@ def test_finetune_gradual_stop_resume_equals_uninterrupted(dataset_path, small_c
     assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in full.history]
     wa, wb = _weights(tmp_path / "full", "last"), _weights(tmp_path / "part", "last")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_deterministic_runs_are_bitwise_identical(dataset_path, small_config, tmp_path):
+    """Same config, data and machine: identical histories, weights and optimizer states
+    (pretraining and fine-tuning on 2 threads with precision "auto", i.e. bf16 autocast on CPUs
+    with native bf16, as the demo and the sweeps run; one thread is covered by the
+    stop/resume tests)."""
+    threads = 2
+    pre = small_config.model_copy(
+        update=dict(num_threads=threads, precision="auto", train_defocus_nm=[-5.0, 5.0])
+    )
+    ft = TrainConfig.finetune(
+        tmp_path / "a",
+        train_defocus_nm=[0.0],
+        freeze="encoder",
+        epochs=1,
+        batch_size=4,
+        patch_size=32,
+        samples_per_epoch=12,
+        precision="auto",
+        device="cpu",
+        deterministic=True,
+        num_threads=threads,
+    )
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = train(pre, dataset_path, tmp_path / name)
+        runs["ft" + name] = train(ft, dataset_path, tmp_path / f"ft{name}")
+    for x, y in (("a", "b"), ("fta", "ftb")):
+        for ha, hb in zip(runs[x].history, runs[y].history, strict=True):
+            ha, hb = dict(ha), dict(hb)
+            assert ha.pop("time_s") >= 0 and hb.pop("time_s") >= 0
+            assert ha == hb
+        for which in ("best", "last"):
+            sa, sb = read_sidecar(tmp_path / x, which), read_sidecar(tmp_path / y, which)
+            assert sa["weights_sha256"] == sb["weights_sha256"], (x, which)
+        assert sa["optimizer_sha256"] == sb["optimizer_sha256"]
+    assert runs["a"].history[-1]["train_loss"] != runs["fta"].history[-1]["train_loss"]

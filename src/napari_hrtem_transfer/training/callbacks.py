@@ -30,6 +30,9 @@ class TrainStart:
         What is actually used (e.g. ``"cpu"``, ``"bf16"``).
     n_parameters, n_trainable
         Parameter counts (trainable at the start; ``gradual`` changes it per epoch).
+    crop_px
+        Size (cy, cx) [px] of the training crops actually used (``patch_size``, or less for
+        smaller frames; see :func:`~napari_hrtem_transfer.training.data.training_crop`).
     """
 
     stage: str
@@ -43,6 +46,7 @@ class TrainStart:
     precision: str
     n_parameters: int
     n_trainable: int
+    crop_px: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,9 @@ class TrainConfig(BaseModel):
 
     patch_size: int | None = Field(default=256, ge=32, le=8192)
     """Side of the random training crops [px], a multiple of 32; None trains on whole images
-    (the study: 512)."""
+    (the study: 512).  Frames smaller than the patch train on the largest square crop whose side
+    is a multiple of the model's stride (16 px compact, 32 px ResNet-18) and fits (a warning
+    says so); whole images are cut to multiples of the stride.  No padding."""
 
     samples_per_epoch: int | None = Field(default=None, ge=1)
     """Augmented samples per epoch (the study: 1024); None: each training image once."""

@@ -3,6 +3,11 @@
 Pure numpy (no torch).  The sampling of every epoch (order, crops, dihedral transforms) is a
 function of ``(seed, epoch)`` only, so a run resumed at step ``k`` of an epoch draws exactly
 the batches an uninterrupted run would have drawn.
+
+Frames of any size train: the crop is ``patch_size`` if it fits, else the largest multiple of
+the model's output stride (16 px for the compact U-Net, 32 px for ResNet-18) that fits both
+sides (see :func:`training_crop`); a few annotated experimental frames of e.g. 300 x 200 px
+therefore fine-tune without padding or resampling.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +170,45 @@ def d4(image: np.ndarray, code: int) -> np.ndarray:
     return d4_transform(image, code)
 
 
+def training_crop(
+    image_shape: tuple[int, int], patch_size: int | None, stride: int = 32
+) -> tuple[int, int]:
+    """The size (cy, cx) [px] of the training crops for images of ``image_shape``.
+
+    The rule: ``patch_size`` (a multiple of ``stride``) if it fits in both sides; else the
+    largest multiple of ``stride`` that fits both sides (square crops).  With
+    ``patch_size=None`` (whole images) each side is cut down to its largest multiple of
+    ``stride``.  Crops never extend beyond the image: no padding, no invented content.
+
+    Parameters
+    ----------
+    image_shape
+        (ny, nx) [px].
+    patch_size
+        Requested crop side [px], or None for whole images.
+    stride
+        The model's output stride; both crop sides are multiples of it.
+
+    Returns
+    -------
+    (cy, cx)
+
+    Raises
+    ------
+    DatasetError
+        If a side of the images is smaller than ``stride``.
+    """
+    ny, nx = (int(v) for v in image_shape)
+    if min(ny, nx) < stride:
+        raise DatasetError(
+            f"the images are {ny}x{nx} px; training needs at least {stride} px on each side."
+        )
+    if patch_size is None:
+        return ny // stride * stride, nx // stride * stride
+    side = min(int(patch_size), min(ny, nx) // stride * stride)
+    return side, side
+
+
 @dataclass
 class TrainingData:
     """The arrays and the sampling plan of one training stage.
@@ -180,6 +225,10 @@ class TrainingData:
         Validation image indices per evaluated domain (structures not used in training).
     train_structures, val_structures
         Distinct structure ids on each side of the split.
+    stride
+        The model's output stride [px]; crops and validation images are multiples of it.
+    crop
+        Size (cy, cx) [px] of the training crops (:func:`training_crop`).
     """
 
     dataset: HRTEMDataset
@@ -191,6 +240,7 @@ class TrainingData:
     train_structures: list[str]
     val_structures: list[str]
     stride: int = 32
+    crop: tuple[int, int] | None = None
     _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     _cached: bool = False
 
@@ -235,17 +285,13 @@ class TrainingData:
             val_idx = val_idx[: config.max_val_images]
         ny, nx = ds.image_shape
         p = config.patch_size
-        if p is not None and (p > ny or p > nx):
-            raise ConfigError(
-                f"patch_size {p} is larger than the images ({ny}x{nx} px); choose at most "
-                f"{min(ny, nx) // 32 * 32} or None (whole images).",
-                "patch_size",
-            )
-        if p is None and (ny % stride or nx % stride):
-            raise ConfigError(
-                f"whole-image training needs sizes that are multiples of {stride} "
-                f"(images are {ny}x{nx}); set patch_size.",
-                "patch_size",
+        crop = training_crop((ny, nx), p, stride)
+        if p is not None and crop[0] < p:
+            warnings.warn(
+                f"patch_size {p} px is larger than the images ({ny}x{nx} px); training on "
+                f"{crop[0]}x{crop[1]} px crops, the largest multiple of {stride} px that fits.",
+                UserWarning,
+                stacklevel=3,
             )
         sids = np.asarray(ds.structure_ids).astype(str)
         out = cls(
@@ -258,6 +304,7 @@ class TrainingData:
             train_structures=sorted(set(sids[np.unique(items[:, 1])].tolist())),
             val_structures=sorted(set(sids[val_idx].tolist())),
             stride=stride,
+            crop=crop,
         )
         out._maybe_cache()
         return out
@@ -309,6 +356,13 @@ class TrainingData:
         return self.dataset.masks[int(i)].astype(np.float32)
 
     @property
+    def crop_size(self) -> tuple[int, int]:
+        """Size (cy, cx) [px] of the training crops."""
+        if self.crop is None:
+            self.crop = training_crop(self.dataset.image_shape, self.config.patch_size, self.stride)
+        return self.crop
+
+    @property
     def n_train(self) -> int:
         """Number of training samples (domain, structure pairs)."""
         return int(len(self.train_items))
@@ -329,19 +383,19 @@ class TrainingData:
         reps = -(-n // self.n_train)
         order = np.concatenate([rng.permutation(self.n_train) for _ in range(reps)])[:n]
         ny, nx = self.dataset.image_shape
+        cy, cx = self.crop_size
         if cfg.augment:
             codes = rng.integers(0, 8, size=n)
-            if ny != nx and cfg.patch_size is None:  # quarter turns would change the shape
+            if cy != cx:  # quarter turns would change the shape
                 codes = codes - codes % 2
         else:
             codes = np.zeros(n, dtype=np.int64)
-        p = cfg.patch_size
-        if p is None:
+        if cfg.patch_size is None and (cy, cx) == (ny, nx):
             ys = np.zeros(n, dtype=np.int64)
             xs = np.zeros(n, dtype=np.int64)
         else:
-            ys = rng.integers(0, ny - p + 1, size=n)
-            xs = rng.integers(0, nx - p + 1, size=n)
+            ys = rng.integers(0, ny - cy + 1, size=n)
+            xs = rng.integers(0, nx - cx + 1, size=n)
         return np.stack([order, codes, ys, xs], axis=1).astype(np.int64)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
@@ -351,16 +405,13 @@ class TrainingData:
         return [plan[k : k + b] for k in range(0, len(plan), b)]
 
     def load_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images and masks of one batch, each float32 (B, 1, p, p)."""
-        p = self.config.patch_size
+        """Images and masks of one batch, each float32 (B, 1, cy, cx) (see :attr:`crop_size`)."""
+        cy, cx = self.crop_size
         xs, ys = [], []
         for item, code, y0, x0 in rows.tolist():
             d, i = self.train_items[item]
-            img = self.image(d, i)
-            msk = self.mask(i)
-            if p is not None:
-                img = img[y0 : y0 + p, x0 : x0 + p]
-                msk = msk[y0 : y0 + p, x0 : x0 + p]
+            img = self.image(d, i)[y0 : y0 + cy, x0 : x0 + cx]
+            msk = self.mask(i)[y0 : y0 + cy, x0 : x0 + cx]
             xs.append(d4_transform(img, code))
             ys.append(d4_transform(msk, code))
         return (
@@ -389,6 +440,7 @@ class TrainingData:
             "path": str(ds.path) if ds.path is not None else None,
             "fingerprint": dataset_fingerprint(ds),
             "image_shape": list(ds.image_shape),
+            "crop_px": list(self.crop_size),
             "sampling_A": float(ds.sampling_A),
             "dose_e_per_A2": ds.dose_e_per_A2,
             "train_defocus_nm": [float(ds.defocus_nm[d]) for d in self.train_domains],

@@ -97,18 +97,33 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @contextlib.contextmanager
 def torch_settings(num_threads: int | None = None, deterministic: bool = False) -> Iterator[None]:
-    """Temporarily set the number of CPU threads and deterministic mode, then restore them."""
+    """Temporarily set the number of CPU threads and deterministic mode, then restore them.
+
+    Deterministic mode uses deterministic algorithms only (``torch.use_deterministic_algorithms``
+    with warnings for operations that have none), turns off cuDNN autotuning and selects
+    deterministic cuDNN kernels; for CUDA it also sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+    unless already set (cuBLAS reads it when its first handle is created, so set it in the
+    environment to be sure).  On a CPU, runs with the same config, data, thread count and
+    machine are then bitwise identical.
+    """
+    import os
+
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     old_bench = torch.backends.cudnn.benchmark
+    old_cudnn_det = torch.backends.cudnn.deterministic
     try:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
         yield
     finally:
         torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
         torch.backends.cudnn.benchmark = old_bench
+        torch.backends.cudnn.deterministic = old_cudnn_det
