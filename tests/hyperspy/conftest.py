@@ -9,13 +9,16 @@ values simple enough to check by hand; it records every call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _hs_helpers import FakeResult, fake_ood, fake_proba  # noqa: E402
 
 
 @pytest.fixture
@@ -30,30 +33,6 @@ def registered(monkeypatch):
     for name, spec in signals.items():
         monkeypatch.setitem(ALL_EXTENSIONS["signals"], name, spec)
     return signals
-
-
-@dataclass
-class FakeResult:
-    labels: np.ndarray
-    proba: np.ndarray | None
-    ood_score: np.ndarray | None
-    ood_caution: float | None = 1.0
-    axes: list = field(default_factory=list)
-    provenance: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-
-
-def fake_proba(frames: np.ndarray) -> np.ndarray:
-    """Logistic of the intensity minus the frame mean (per frame, so chunks are independent)."""
-    x = np.asarray(frames, dtype=np.float64)
-    mu = x.mean(axis=(-2, -1), keepdims=True)
-    sd = x.std(axis=(-2, -1), keepdims=True) + 1e-12
-    return (1.0 / (1.0 + np.exp(-(x - mu) / sd))).astype(np.float32)
-
-
-def fake_ood(frames: np.ndarray) -> np.ndarray:
-    """Per-frame mean intensity: easy to recompute in a test."""
-    return np.asarray(frames, dtype=np.float64).mean(axis=(-2, -1))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _axes import assert_same_axes  # noqa: E402
+from _hs_helpers import assert_same_axes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,7 @@ import pytest
 from napari_hrtem_transfer.errors import ConfigError, ReaderError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _axes import assert_same_axes  # noqa: E402
-from conftest import fake_ood, fake_proba  # noqa: E402
+from _hs_helpers import assert_same_axes, fake_ood, fake_proba  # noqa: E402
 
 DATA = Path("/work/shared/data")
 
@@ -418,3 +417,24 @@ def test_session_folder_to_segmented_stack(registered, fake_core, tmp_path):
     assert (nav.name, nav.units, nav.offset, nav.scale) == ("defocus", "nm", -10.0, 30.0)
     assert mask.metadata.HRTEM_transfer.session.defocus_source[0] == "user (defocus_nm)"
     assert session.data[0].mean() > session.data[1].mean()  # f_b.tif (-10 nm) sorted first
+
+
+def test_typed_dataset_file_still_reads_everywhere(registered, tmp_path):
+    """What io/dataset.py will write (signal_type set): every reader keeps working."""
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer.hyperspy import HRTEMDefocusSeries, LazyHRTEMDefocusSeries
+    from napari_hrtem_transfer.io.dataset import load_dataset, to_signal
+    from napari_hrtem_transfer.io.readers import read_images
+
+    ds = _dataset()
+    s = to_signal(ds)
+    s.metadata.Signal.signal_type = "HRTEM_defocus_series"  # the requested one-line change
+    s.save(tmp_path / "typed.hspy")
+    assert type(hs.load(tmp_path / "typed.hspy")) is HRTEMDefocusSeries
+    lazy = hs.load(tmp_path / "typed.hspy", lazy=True)
+    assert type(lazy) is LazyHRTEMDefocusSeries
+    np.testing.assert_array_equal(lazy.masks.data.compute()[2], ds.masks)
+    back = load_dataset(tmp_path / "typed.hspy", lazy=False)
+    np.testing.assert_array_equal(back.images, ds.images)
+    assert len(read_images(tmp_path / "typed.hspy")) == 3

@@ -148,11 +148,12 @@ def to_signal(
     """
     import hyperspy.api as hs
 
-    from .dataset import HRTEMDataset
-    from .dataset import to_signal as dataset_to_signal
+    from . import dataset
 
-    if isinstance(image, HRTEMDataset):
-        return dataset_to_signal(image)
+    if isinstance(image, dataset.HRTEMDataset):
+        # the file format's own builder (private once dataset.to_signal is renamed)
+        build = getattr(dataset, "_dataset_signal", None) or dataset.to_signal
+        return build(image)
     if sampling_A is not None and not (np.isfinite(sampling_A) and sampling_A > 0):
         raise ReaderError(f"sampling_A must be a positive pixel size [Å]; got {sampling_A!r}.")
 

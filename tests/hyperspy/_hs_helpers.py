@@ -1,6 +1,9 @@
-"""Compare HyperSpy axes field by field (name, units, size, navigate, scale, offset, values)."""
+"""Helpers of the HyperSpy-extension tests: axes compared field by field, the stand-in core's
+per-frame functions."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,3 +36,27 @@ def assert_same_axes(a, b, *, signal_only: bool = False) -> None:
                 np.testing.assert_array_equal(x[key], y[key], err_msg=f"axis {i} values")
             else:
                 assert x[key] == y[key], f"axis {i} ({x['name']}): {key} {x[key]!r} != {y[key]!r}"
+
+
+@dataclass
+class FakeResult:
+    labels: np.ndarray
+    proba: np.ndarray | None
+    ood_score: np.ndarray | None
+    ood_caution: float | None = 1.0
+    axes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def fake_proba(frames: np.ndarray) -> np.ndarray:
+    """Logistic of the intensity minus the frame mean (per frame, so chunks are independent)."""
+    x = np.asarray(frames, dtype=np.float64)
+    mu = x.mean(axis=(-2, -1), keepdims=True)
+    sd = x.std(axis=(-2, -1), keepdims=True) + 1e-12
+    return (1.0 / (1.0 + np.exp(-(x - mu) / sd))).astype(np.float32)
+
+
+def fake_ood(frames: np.ndarray) -> np.ndarray:
+    """Per-frame mean intensity: easy to recompute in a test."""
+    return np.asarray(frames, dtype=np.float64).mean(axis=(-2, -1))
