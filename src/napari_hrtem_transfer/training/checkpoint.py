@@ -532,8 +532,9 @@ def _checked_file(folder: Path, name: Any, field: str, sidecar: str | os.PathLik
     path = folder / name
     if path.is_symlink() or path.resolve().parent != folder.resolve():
         raise CheckpointError(
-            f"checkpoint sidecar {sidecar}: field {field!r} names {name}, which is a link "
-            f"leading out of the checkpoint folder {folder}; copy the file into the folder."
+            f"checkpoint sidecar {sidecar}: field {field!r} names {name}, which is a link; "
+            f"checkpoints load only regular files inside their folder ({folder}). Copy the "
+            "file itself into the folder."
         )
     return path
 
