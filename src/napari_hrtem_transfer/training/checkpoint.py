@@ -477,12 +477,16 @@ def _resolve_dir(model_dir: str | os.PathLike, which: str) -> tuple[Path, str]:
 
 
 def read_sidecar(model_dir: str | os.PathLike, which: str = "best") -> dict[str, Any]:
-    """Read and check the JSON sidecar of checkpoint ``which`` in ``model_dir``.
+    """Read the JSON sidecar of checkpoint ``which`` in ``model_dir`` and validate it.
+
+    The sidecar is checked against the schema of its ``format_version``
+    (:func:`validate_sidecar`); the returned dict is the file's content plus ``"_path"``.
 
     Raises
     ------
     CheckpointError
-        If the folder or the sidecar is missing, unreadable or not a checkpoint sidecar.
+        If the folder or the sidecar is missing, unreadable, not a checkpoint sidecar, of an
+        unknown format version, or has a missing or malformed field (named in the message).
     """
     folder, which = _resolve_dir(model_dir, which)
     if not folder.exists():
