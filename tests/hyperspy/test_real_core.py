@@ -156,3 +156,15 @@ def test_finetune_on_labelled_frames_gives_a_usable_checkpoint(registered, tiny_
     mask = s.segment(model=out)
     assert_same_axes(s, mask)
     assert mask.metadata.HRTEM_transfer.segmentation.model_path == str(out)
+
+
+def test_uncalibrated_signal_is_named_in_the_core_warning(registered, tiny_model):
+    from napari_hrtem_transfer.segmentation import SegmentationWarning
+
+    s, _ = _series()
+    one = s.inav[0, 0]
+    for ax in one.axes_manager.signal_axes:
+        ax.scale, ax.units = 1.0, ""
+    one.metadata.General.title = "bare frame"
+    with pytest.warns(SegmentationWarning, match="bare frame.*pixel size is unknown"):
+        one.segment(model=tiny_model)

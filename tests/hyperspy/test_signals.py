@@ -146,13 +146,12 @@ def test_every_shared_image_file_takes_the_type_and_keeps_axes(path, index, regi
         return
     if s.data.dtype.names:  # RGB export: the reader converts to grey; not an HRTEM frame
         return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mask = s.segment()
-    if s.sampling_A is None:
-        assert any("no real-space calibration" in str(w.message) for w in caught)
+    mask = s.segment()
     assert_same_axes(s, mask)
     assert mask.data.dtype == np.uint8 and mask.data.shape == s.data.shape
+    assert fake_core.calls[-1]["sampling_A"] == (
+        pytest.approx(s.sampling_A) if s.sampling_A else None
+    )
     assert mask.metadata.Signal.quantity.startswith("Particle mask")
     assert mask.metadata.Signal.signal_type == ""
     assert str(mask.original_metadata) == str(s.original_metadata)
@@ -262,11 +261,18 @@ def test_diffraction_units_refused_and_uncalibrated_warns(registered, fake_core)
     raw = hs.signals.Signal2D(np.random.default_rng(1).random((6, 6)))
     raw.metadata.General.title = "no calibration"
     raw.set_signal_type("HRTEM")
+    raw.segment()  # eager: the core gets the signal and warns itself (test_real_core)
+    assert fake_core.calls[-1]["sampling_A"] is None
+    # lazy: chunks reach the core as arrays, so the method warns, naming the signal
     with pytest.warns(UserWarning, match="no calibration.*no real-space calibration"):
-        raw.segment()
+        lazy_mask = raw.as_lazy().segment()
+    lazy_mask.compute()
     assert fake_core.calls[-1]["sampling_A"] is None
     raw.segment(sampling_A=0.4)
     assert fake_core.calls[-1]["sampling_A"] == 0.4
+    # the overriding pixel size also rescues a diffraction pattern? no: units still refused
+    with pytest.raises(ReaderError, match="SAED"):
+        dp.segment(sampling_A=0.4)
 
 
 def test_finetune_passes_frames_and_returns_the_folder(registered, monkeypatch, tmp_path):

@@ -87,6 +87,16 @@ def sampling_A(s: Any, *, warn: bool = True) -> float | None:
     return value
 
 
+def _pixel_size(s: Any, override: float | None) -> float | None:
+    """The pixel size handed to the core; checks the signal is a real-space image.
+
+    An eager signal goes to the core whole, and the core warns (naming it) when the pixel
+    size is unknown; a lazy one goes chunk by chunk, so the warning is given here, once.
+    """
+    value = sampling_A(s, warn=bool(s._lazy) and override is None)
+    return value if override is None else float(override)
+
+
 def check_same_shape(s: Any, other: Any, what: str) -> Any:
     """``other``'s data (array or dask) after checking it has ``s``'s shape."""
     data = other.data if hasattr(other, "axes_manager") else other
@@ -216,7 +226,7 @@ def segment(
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.segment`."""
     name = signal_name(s)
-    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    px = _pixel_size(s, sampling_A_override)
     seg = _core()
     if s._lazy:
         loaded = _resolve_model(model, which, device)
@@ -302,7 +312,7 @@ def ood_score(
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.ood_score`."""
     name = signal_name(s)
-    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    px = _pixel_size(s, sampling_A_override)
     seg = _core()
 
     def _scores(res: Any) -> np.ndarray:
@@ -374,7 +384,7 @@ def evaluate(
 
     name = signal_name(s)
     target = check_same_shape(s, masks, "masks")
-    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    px = _pixel_size(s, sampling_A_override)
     seg = _core()
     ny, nx = s.data.shape[-2:]
 
@@ -452,7 +462,7 @@ def finetune(
     from pathlib import Path
 
     target = check_same_shape(s, labels, "labels")
-    px = sampling_A_override if sampling_A_override is not None else sampling_A(s)
+    px = _pixel_size(s, sampling_A_override)
     if out is None:
         raise ConfigError(
             "finetune needs out=<folder> for the new checkpoint (e.g. out='models/my_scope')."
