@@ -158,7 +158,10 @@ class HRTEM(Signal2D):
             ``{"loss": ..., "dice": ..., "iou": ...}``, each a signal over the navigation
             axes (see :meth:`ood_score`): the binary cross-entropy of the probability map
             [nats/pixel], and Dice and IoU of the thresholded mask
-            (:mod:`napari_hrtem_transfer.evaluation.metrics`).
+            (:mod:`napari_hrtem_transfer.evaluation.metrics`). For a lazy signal the three
+            share one dask graph: compute them together,
+            ``dask.compute(*(r.data for r in res.values()))``, to segment once (each
+            ``.compute()`` on its own segments again).
 
         Raises
         ------
