@@ -280,3 +280,40 @@ def test_killed_worker_loses_nothing_duplicates_nothing(data_path, process_clien
     assert _counts(db) == _expect(4)
     n_keys = sqlite3.connect(db).execute("SELECT COUNT(DISTINCT run_key) FROM runs").fetchone()
     assert n_keys == (4,)
+
+
+@pytest.mark.gpu
+def test_gpu_worker_path(data_path, tmp_path):
+    """One run on a local cluster whose workers each hold one GPU (resources GPU=1)."""
+    raw = tiny_config(
+        data_path,
+        grid={"transfer_defocus_nm": [5.0], "freeze": ["encoder"]},
+        run={"device": "cuda", "precision": "auto", "resources": {"GPU": 1}},
+    )
+    db = tmp_path / "r.sqlite"
+    res = run_sweep(raw, db, workers=1, progress=False)
+    assert res.n_done == 1 and res.n_failed == 0
+    device, precision = sqlite3.connect(db).execute("SELECT device, precision FROM runs").fetchone()
+    assert device.startswith("cuda")
+    assert _counts(db) == _expect(1)
+
+
+def test_run_sweep_from_a_thread_with_its_own_cluster(data_path, tmp_path):
+    """As napari calls it: from a worker thread, starting (and closing) its own LocalCluster."""
+    raw = tiny_config(data_path, grid={"transfer_defocus_nm": [5.0], "freeze": ["none"]})
+    db = tmp_path / "r.sqlite"
+    box = {}
+
+    def target():
+        try:
+            box["res"] = run_sweep(raw, db, workers=1, progress=lambda *a: box.setdefault("p", a))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            box["exc"] = exc
+
+    th = threading.Thread(target=target)
+    th.start()
+    th.join(timeout=300)
+    assert not th.is_alive()
+    assert "exc" not in box, box.get("exc")
+    assert box["res"].n_done == 1 and box["p"][:2] == (1, 1)
+    assert _counts(db) == _expect(1)

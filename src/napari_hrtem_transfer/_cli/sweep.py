@@ -45,6 +45,13 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         "run.threads_per_worker)",
     )
     p.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        metavar="T",
+        help="torch threads per worker (overrides run.threads_per_worker of the config; default 1)",
+    )
+    p.add_argument(
         "--skip-failed",
         action="store_true",
         help="do not retry runs recorded as failed by an earlier call",
@@ -64,11 +71,18 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from ..sweep.runner import SweepInterrupted, _read_status, plan_sweep, run_sweep
     from ..sweep.store import check_database
 
+    from ..errors import ConfigError
+
     cfg = load_sweep_config(args.config)
     if args.workers is not None and args.workers < 1:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--workers must be at least 1 (got {args.workers}).", "--workers")
+    if args.threads_per_worker is not None:
+        if args.threads_per_worker < 1:
+            raise ConfigError(
+                f"--threads-per-worker must be at least 1 (got {args.threads_per_worker}).",
+                "--threads-per-worker",
+            )
+        cfg.run.threads_per_worker = args.threads_per_worker
     if args.dry_run:
         db = check_database(args.db)
         plan = plan_sweep(cfg, db)

@@ -407,11 +407,11 @@ def load_sweep_config(path: str | os.PathLike) -> SweepConfig:
     if isinstance(data, dict):
         for k in ("pretrain", "transfer"):
             if isinstance(data.get(k), str) and not Path(data[k]).expanduser().is_absolute():
-                data[k] = str(base / data[k])
+                data[k] = str((base / data[k]).resolve())
     run = raw.get("run")
     if isinstance(run, dict) and isinstance(run.get("model_dir"), str):
         if not Path(run["model_dir"]).expanduser().is_absolute():
-            run["model_dir"] = str(base / run["model_dir"])
+            run["model_dir"] = str((base / run["model_dir"]).resolve())
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as exc:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -60,6 +61,9 @@ ProgressCallback = Callable[[int, int, str], None]
 
 #: TrainConfig fields that do not change a run's result (left out of the keys).
 _NOT_IN_KEY = ("num_threads", "cache_bytes")
+
+#: How long to try to reach an existing scheduler before giving up.
+SCHEDULER_TIMEOUT = "10s"
 
 #: Defoci left out of the per-run generalization [nm] (the study's choice).
 EXCLUDE_NM = (0.0,)
@@ -329,9 +333,11 @@ def _train_pretrained(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     ds = _dataset(spec["pretrain_data"], spec["pretrain_fingerprint"])
     cfg = TrainConfig.model_validate(spec["pretrain_config"])
     t = time.perf_counter()  # (the data are read before: staging is not training time)
+    cpu = time.process_time()
     res = train(cfg, ds, out_dir)
     t_train = time.perf_counter() - t
     t_ood = fit_ood(out_dir, ds, _eval_device(spec["pretrain_config"]))
+    cpu = time.process_time() - cpu
     side = read_sidecar(out_dir)
     return {
         "key": spec["pretrain_key"],
@@ -339,6 +345,7 @@ def _train_pretrained(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "weights_sha256": side.get("weights_sha256"),
         "time_train_s": t_train,
         "time_ood_s": t_ood,
+        "cpu_s": cpu,
         "device": res.device,
         "precision": res.precision,
         "worker": _worker_name(),
@@ -424,6 +431,7 @@ def run_task(spec: dict[str, Any], pretrained: dict[str, Any] | None = None) -> 
     from ..training import TrainConfig, read_sidecar, train
 
     t_run = time.perf_counter()
+    cpu_run = time.process_time()
     _set_threads(spec["threads"])
     key = spec["run_key"]
     root = Path(spec["model_dir"])
@@ -518,6 +526,8 @@ def run_task(spec: dict[str, Any], pretrained: dict[str, Any] | None = None) -> 
             "time_ood_s": t_ood,
             "time_evaluate_s": t_eval,
             "time_run_s": time.perf_counter() - t_run,
+            "cpu_pretrain_s": pretrained.get("cpu_s"),
+            "cpu_run_s": time.process_time() - cpu_run,
             "device": res.device,
             "precision": res.precision,
             "worker": _worker_name(),
@@ -593,32 +603,38 @@ def _db_lock(db: Path):
     try:
         try:
             import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # pragma: no cover - Windows: SQLite's own locking only
-            pass
-        except OSError:
-            raise ConfigError(
-                f"--db {db} is locked: another sweep is writing to it (lock file {lock}); wait "
-                "until it finishes or use another database file.",
-                "--db",
-            ) from None
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # the holder may have unlinked the file between our open and our lock
+                if os.fstat(fh.fileno()).st_ino != os.stat(lock).st_ino:
+                    raise OSError("lock file replaced")
+            except OSError:
+                fh.close()
+                fh = None  # not ours: leave the holder's lock file alone
+                raise ConfigError(
+                    f"--db {db} is locked: another sweep is writing to it (lock file {lock}); "
+                    "wait until it finishes or use another database file.",
+                    "--db",
+                ) from None
         yield
     finally:
-        fh.close()
-        with contextlib.suppress(OSError):
-            lock.unlink()
+        if fh is not None:
+            # unlink while still holding the lock, so no one locks a file about to vanish
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            fh.close()
 
 
 def _connect(scheduler: str | None, workers: int | None, cfg: SweepConfig):
     """A client of an existing scheduler, or of a new LocalCluster of processes."""
-    import logging
-
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s", set_as_default=False), None
+            return Client(scheduler, timeout=SCHEDULER_TIMEOUT, set_as_default=False), None
         except (OSError, TimeoutError) as exc:
             raise ConfigError(
                 f"--scheduler {scheduler} cannot be reached ({exc}); check the address "
@@ -630,17 +646,34 @@ def _connect(scheduler: str | None, workers: int | None, cfg: SweepConfig):
         raise ConfigError(f"--workers must be at least 1 (got {workers}).", "--workers")
     threads = cfg.run.threads_per_worker
     n = workers or _default_workers(threads)
-    cluster = LocalCluster(
+    # Worker processes inherit an ignored SIGINT: Ctrl-C reaches only this process, which
+    # cancels the runs and closes the cluster (instead of every worker dying with a traceback).
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cluster = _local_cluster(n, threads, dict(cfg.run.resources))
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    return Client(cluster, set_as_default=False), cluster
+
+
+def _local_cluster(n: int, threads: int, resources: dict[str, float]):
+    import logging
+
+    from distributed import LocalCluster
+
+    return LocalCluster(
         n_workers=n,
         threads_per_worker=threads,
         processes=True,
         dashboard_address=":0",  # no fixed port (several sweeps may run on one machine)
         scheduler_kwargs={"dashboard": False},
         silence_logs=logging.ERROR,
-        resources=dict(cfg.run.resources) or None,
+        resources=resources or None,
         env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
     )
-    return Client(cluster, set_as_default=False), cluster
 
 
 def _stop_fn(stop) -> Callable[[], bool]:

@@ -74,6 +74,8 @@ _RUN_COLUMNS = {
     "time_ood_s": "REAL",
     "time_evaluate_s": "REAL",
     "time_run_s": "REAL",
+    "cpu_pretrain_s": "REAL",
+    "cpu_run_s": "REAL",
     "device": "TEXT",
     "precision": "TEXT",
     "worker": "TEXT",
