@@ -21,7 +21,9 @@ from napari_hrtem_transfer._napari._workers import (
     JobDone,
     JobFailed,
     JobProgress,
+    JobRunner,
     JobStage,
+    JobStopped,
     run_with_updates,
 )
 from napari_hrtem_transfer.errors import ConfigError
@@ -90,6 +92,40 @@ def test_run_with_updates_success_and_failure():
     assert "ConfigError" in updates[-1].trace
 
 
+def test_job_runner_polls_stops_and_joins():
+    import time
+
+    def job(report, stop):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            report(JobProgress(i, 0))
+            time.sleep(0.005)
+        return i
+
+    stop = threading.Event()
+    runner = JobRunner(job, stop=stop)
+    runner.stop_event = stop
+    runner.start()
+    deadline = time.monotonic() + 10
+    items: list = []
+    while not items and time.monotonic() < deadline:
+        items, ended = runner.poll()
+    assert items and not ended and runner.alive
+    runner.request_stop()
+    assert runner.join(10) and not runner.alive
+    rest, ended = runner.poll()
+    assert ended and isinstance(rest[-1], JobDone) and rest[-1].result == runner.result > 0
+
+    def bad(report, stop):
+        raise JobStopped("stopped after 2 of 8 structures")
+
+    failing = JobRunner(bad, stop=threading.Event()).start()
+    assert failing.join(10)
+    out, ended = failing.poll()
+    assert ended and isinstance(out[-1], JobFailed) and isinstance(out[-1].error, JobStopped)
+
+
 def test_layer_sampling_from_metadata_scale_and_units():
     assert layer_sampling_A({"metadata": {"sampling_A": 0.3}}) == 0.3
     assert layer_sampling_A({"scale": (1, 0.05), "units": ("pixel", "nm")}) == pytest.approx(0.5)
@@ -124,54 +160,57 @@ def test_train_job_reports_typed_updates_and_stops(tmp_path, tiny_dataset_path, 
     assert (tmp_path / "m" / "last.json").is_file()
 
 
-def test_segment_job_shapes_resampling_and_ood_note(tiny_model_dir, tiny_dataset, tmp_path):
-    frames = tiny_dataset.images[0, :3]
+def test_segment_job_is_a_thin_caller_of_the_core(monkeypatch):
+    import napari_hrtem_transfer.segmentation as seg
+
+    calls = []
+
+    def fake_segment(data, model, **kwargs):
+        calls.append((data, model, kwargs))
+        kwargs["progress"](1, 2, "")
+        return "result"
+
+    monkeypatch.setattr(seg, "segment", fake_segment)
     seen = []
-    res = segment_job(seen.append, frames, tiny_model_dir, sampling_A=0.2)
-    assert res.proba.shape == (3, 64, 64) and res.proba.dtype == np.float32
-    assert 0.0 <= res.proba.min() and res.proba.max() <= 1.0
-    np.testing.assert_array_equal(res.labels, (res.proba >= 0.5).astype(np.uint8))
-    assert res.model_sampling_A == pytest.approx(0.2)
-    assert [u.done for u in seen if isinstance(u, JobProgress)][-1] == 3
-    assert not any(n.startswith("resampled") for n in res.notes)
-    # train_job fitted the model's OOD reference: one score per frame
-    assert res.ood_score is not None and np.asarray(res.ood_score).shape == (3,)
-    assert np.all(np.isfinite(res.ood_score))
-    # without a reference: say so, keep the segmentation
-    import shutil
+    axes = [{"name": "defocus", "units": "nm", "axis": [-5.0, 5.0]}]
+    out = segment_job(seen.append, "DATA", "pretrained", sampling_A=0.3, axes=axes,
+                      threshold=0.4, which="last", device="cpu")
+    assert out == "result"
+    (data, model, kw), = calls
+    assert (data, model) == ("DATA", "pretrained")
+    assert kw["sampling_A"] == 0.3 and kw["axes"] is axes and kw["threshold"] == 0.4
+    assert kw["which"] == "last" and kw["device"] == "cpu" and kw["probabilities"]
+    assert isinstance(seen[0], JobStage) and seen[0].name == "device"
+    assert seen[1] == JobProgress(1, 2, "segmented 1/2")
 
-    bare = tmp_path / "bare"
-    shutil.copytree(tiny_model_dir, bare)
-    for f in bare.glob("ood_reference*"):
-        f.unlink()
-    res0 = segment_job(None, frames, bare, sampling_A=0.2)
-    assert res0.ood_score is None and any("no OOD score" in n for n in res0.notes)
-    np.testing.assert_array_equal(res0.labels, res.labels)
+    def stopped(data, model, **kwargs):
+        raise seg.SegmentationStopped("after 1 of 2 frames")
 
-    # a stack with leading dims, at twice the pixel size: resampled and mapped back
-    res2 = segment_job(None, tiny_dataset.images[:, :2, :32, :32], tiny_model_dir, sampling_A=0.4)
-    assert res2.proba.shape == (2, 2, 32, 32)
-    assert any(n.startswith("resampled frames from 0.4") for n in res2.notes)
-    with pytest.raises(ConfigError, match="threshold"):
-        segment_job(None, frames, tiny_model_dir, threshold=1.5)
+    monkeypatch.setattr(seg, "segment", stopped)
+    with pytest.raises(JobStopped, match="after 1 of 2 frames; no layer was added"):
+        segment_job(None, "DATA", "pretrained")
 
 
-def test_segment_job_reports_ood_scores_when_the_model_has_a_reference(
-    tmp_path, tiny_model_dir, tiny_dataset
-):
-    import shutil
+def test_segment_job_keeps_a_defocus_stack_and_scores_frames(tiny_model_dir, tiny_dataset):
+    from napari_hrtem_transfer._napari._jobs import axes_from_layer
 
-    from napari_hrtem_transfer.evaluation import fit_ood_reference
+    class Layer:  # what axes_from_layer reads from a napari image layer
+        data = np.asarray(tiny_dataset.images[:, :2])
+        scale = (10.0, 1.0, 0.02, 0.02)
+        translate = (-5.0, 0.0, 0.0, 0.0)
+        units = ("nanometer", "pixel", "nanometer", "nanometer")
+        axis_labels = ("defocus", "image", "y", "x")
+        metadata = {"defocus_nm": [-5.0, 5.0], "sampling_A": 0.2}
 
-    model = tmp_path / "with_ood"
-    shutil.copytree(tiny_model_dir, model)
-    fit_ood_reference(model, np.asarray(tiny_dataset.images[0]), augment=False)
-    train_like = np.asarray(tiny_dataset.images[0, :2])
-    shifted = np.full((1, 64, 64), 5.0) + np.random.default_rng(0).poisson(5.0, (1, 64, 64))
-    res = segment_job(None, np.concatenate([train_like, shifted]), model, sampling_A=0.2)
-    assert res.ood_score is not None and res.ood_score.shape == (3,)
-    # frames from the training set score far lower than a frame unlike anything seen
-    assert res.ood_score[2] > res.ood_score[:2].max()
+    axes = axes_from_layer(Layer)
+    assert [a["name"] for a in axes] == ["defocus", "image", "y", "x"]
+    assert axes[0]["axis"] == [-5.0, 5.0] and axes[1]["units"] is None
+    res = segment_job(None, Layer.data, tiny_model_dir, sampling_A=0.2, axes=axes)
+    assert res.labels.shape == Layer.data.shape and res.ood_score.shape == (2, 2)
+    table = res.frame_table()
+    assert [r["defocus_nm"] for r in table] == [-5.0, -5.0, 5.0, 5.0]
+    assert [r["image_index"] for r in table] == [0, 1, 0, 1]
+    assert all(np.isfinite(r["ood_score"]) for r in table)
 
 
 @pytest.mark.slow

@@ -173,7 +173,11 @@ def test_train_widget_trains_plots_stops_and_offers_the_model(make_napari_viewer
     assert not result.stopped and result.epochs_completed == 2
     assert len(w.plot.val_epochs) == 2 and len(w.plot.steps) >= 2
     assert all(np.isfinite(v) for _, v in w.plot.val_epochs)
-    assert len(w.plot.ax.get_lines()[0].get_xdata()) == len(w.plot.steps)
+    w.plot.resize(360, 170)
+    image = w.plot.grab().toImage()  # paints the plot off screen
+    assert w.plot.n_paints > 0
+    colours = {image.pixel(x, y) for x in range(0, 360, 3) for y in range(20, 140, 3)}
+    assert len(colours) > 3, "the loss plot should show lines, not an empty box"
     assert (tmp_path / "run" / "best.json").is_file()
     assert "finished 2 epoch(s)" in w.status.value
     assert w.device_label.value.startswith("device: cpu") and "torch" in w.device_label.value
@@ -383,19 +387,20 @@ def test_ood_view_ranking_click_and_caution_overlay(make_napari_viewer, qtbot):
 
 def test_plots_follow_the_theme(make_napari_viewer):
     from matplotlib.colors import to_hex
+    from napari.utils.theme import get_theme
 
-    from napari_hrtem_transfer._napari._widgets import TrainWidget
+    from napari_hrtem_transfer._napari._widgets import OODView, TrainWidget
 
     viewer = make_napari_viewer()
     w = TrainWidget(viewer)
+    ood = OODView(viewer)
     viewer.theme = "dark"
-    dark = to_hex(w.plot.figure.get_facecolor())
+    dark = (w.plot.colors["background"], to_hex(ood.plot.figure.get_facecolor()))
     viewer.theme = "light"
-    light = to_hex(w.plot.figure.get_facecolor())
-    assert dark != light
-    from napari.utils.theme import get_theme
-
-    assert light == get_theme("light").background.as_hex()
+    light = (w.plot.colors["background"], to_hex(ood.plot.figure.get_facecolor()))
+    assert dark[0] != light[0] and dark[1] != light[1]
+    assert light == (get_theme("light").background.as_hex(),) * 2
+    assert dark == (get_theme("dark").background.as_hex(),) * 2
 
 
 def test_widget_contributions_build_from_the_manifest(make_napari_viewer):

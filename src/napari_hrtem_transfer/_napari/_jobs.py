@@ -14,7 +14,6 @@ import os
 import re
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -282,31 +281,17 @@ def device_description(spec: str = "auto") -> str:
     return f"{text} · torch {torch.__version__}"
 
 
-def _fit_ood_after_training(report: Report, out_dir: Path, data: Any,
-                            stop: threading.Event | None) -> None:
-    """Fit the finished model's OOD reference, reporting it as its own stage."""
-    _emit(report, JobStage("ood", "running", "fitting the OOD reference on the training images"))
-    try:
-        from ..evaluation import ood as ood_mod
+def _ood_stage(report: Report) -> Callable[..., None]:
+    def progress(done: int, total: int, message: str = "") -> None:
+        _emit(report, JobStage("ood", "running",
+                               message or f"OOD reference: batch {done} of {total}"))
 
-        fit_after = getattr(ood_mod, "fit_ood_after_training", None)
-        if fit_after is not None:
-            def progress(done: int, total: int, message: str = "") -> None:
-                _emit(report, JobStage("ood", "running",
-                                       message or f"OOD reference: {done}/{total}"))
+    return progress
 
-            res = fit_after(out_dir, data, progress=progress)
-            message = str(getattr(res, "message", None) or res)
-        else:
-            from ..io import load_dataset
 
-            ds = load_dataset(data) if isinstance(data, str | os.PathLike) else data
-            message = ood_mod.fit_ood_reference_for_checkpoint(out_dir, ds)
-    except Exception as exc:  # noqa: BLE001 - the trained model is kept; only the score is missing
-        _emit(report, JobStage("ood", "failed", f"OOD reference not fitted: {exc}"))
-        return
-    state = "done" if (Path(out_dir) / "ood_reference.json").is_file() else "skipped"
-    _emit(report, JobStage("ood", state, message))
+def _report_ood_result(report: Report, res: Any) -> None:
+    ok = bool(getattr(res, "ok", False))
+    _emit(report, JobStage("ood", "done" if ok else "failed", str(getattr(res, "message", res))))
 
 
 def train_job(
@@ -334,7 +319,12 @@ def train_job(
         _emit(report, JobStage("ood", "skipped",
                                "no OOD reference: the run was stopped (resume it to finish)"))
     else:
-        _fit_ood_after_training(report, Path(result.out_dir), data, stop)
+        from ..evaluation.ood import fit_ood_after_training
+
+        _emit(report, JobStage("ood", "running",
+                               "fitting the OOD reference on the training images"))
+        _report_ood_result(report, fit_ood_after_training(result.out_dir, data,
+                                                          progress=_ood_stage(report)))
     return result
 
 
@@ -394,40 +384,28 @@ def finetune_layers_job(
 ) -> Any:
     """Fine-tune ``model`` on the frames of an image layer annotated in a Labels layer.
 
-    Calls :func:`napari_hrtem_transfer.training.annotations.finetune_on_annotations` (which
-    drops frames without painted pixels, splits by frame and fits the OOD reference at the
-    end). Returns its ``TrainResult``.
+    A thin call of
+    :func:`napari_hrtem_transfer.training.annotations.finetune_on_annotations` (frames
+    without painted pixels are dropped, the split is by frame, the OOD reference is fitted at
+    the end and reported as the ``"ood"`` :class:`JobStage`). Returns the ``TrainResult``.
     """
-    try:
-        from ..training.annotations import finetune_on_annotations
-    except ImportError as exc:
-        raise ConfigError(
-            "fine-tuning on annotated layers needs napari_hrtem_transfer.training.annotations, "
-            "which this installation lacks; update napari-hrtem-transfer, or simulate a "
-            "dataset and train on its .hspy file.", "data") from exc
-    _emit(report, JobStage("device", "running", device_description(device)))
-    kwargs: dict[str, Any] = dict(model=model, out_dir=out_dir, sampling_A=sampling_A,
-                                  freeze=freeze, epochs=int(epochs),
-                                  callbacks=[_OODStageCallback(report)], stop=stop)
-    if lr:
-        kwargs["lr"] = float(lr)
-    import inspect
+    from ..training.annotations import finetune_on_annotations
 
-    params = inspect.signature(finetune_on_annotations).parameters
-    if "device" in params:
-        kwargs["device"] = device
-    images = np.asarray(images.compute() if hasattr(images, "compute") else images)
-    result = finetune_on_annotations(images, np.asarray(labels), **kwargs)
-    if getattr(result, "stopped", False):
+    _emit(report, JobStage("device", "running", device_description(device)))
+    images = images.compute() if hasattr(images, "compute") else images
+    labels = labels.compute() if hasattr(labels, "compute") else labels
+    result = finetune_on_annotations(
+        np.asarray(images), np.asarray(labels), model=model, out_dir=out_dir,
+        sampling_A=sampling_A, freeze=freeze, epochs=int(epochs), lr=lr, device=device,
+        callbacks=[_OODStageCallback(report)], stop=stop, ood_progress=_ood_stage(report))
+    for note in result.notes:
+        _emit(report, JobStage("notes", "done", note))
+    if result.train.stopped:
         _emit(report, JobStage("ood", "skipped",
                                "no OOD reference: the run was stopped (resume it to finish)"))
-    else:
-        out = Path(getattr(result, "out_dir", out_dir))
-        ok = (out / "ood_reference.json").is_file()
-        _emit(report, JobStage("ood", "done" if ok else "failed",
-                               "OOD reference fitted on the annotated frames" if ok else
-                               "no OOD reference was written for the fine-tuned model"))
-    return result
+    elif result.ood is not None:
+        _report_ood_result(report, result.ood)
+    return result.train
 
 
 # ------------------------------------------------------------------------- segmentation
@@ -491,104 +469,6 @@ def axes_from_layer(layer: Any) -> list[dict[str, Any]]:
     return axes
 
 
-def _axis_values(ax: dict[str, Any]) -> np.ndarray:
-    if ax.get("axis") is not None:
-        return np.asarray(ax["axis"], dtype=float)
-    return float(ax.get("offset", 0.0)) + float(ax.get("scale", 1.0)) * np.arange(int(ax["size"]))
-
-
-def frame_table_from(
-    axes: list[dict[str, Any]] | None,
-    nav_shape: tuple[int, ...],
-    ood_score: np.ndarray | None,
-    ood_caution: float | None,
-) -> list[dict[str, Any]]:
-    """One dict per frame: flat ``index``, ``<axis>_index``, ``<axis>_<unit>`` coordinate,
-    ``ood_score`` and ``caution`` (score above ``ood_caution``)."""
-    nav_axes = list(axes or [])[: len(nav_shape)]
-    if len(nav_axes) != len(nav_shape):
-        nav_axes = [{"name": "frame" if len(nav_shape) == 1 else f"axis{i}", "size": n,
-                     "units": None, "scale": 1.0, "offset": 0.0} for i, n in enumerate(nav_shape)]
-    values = [_axis_values(ax) for ax in nav_axes]
-    scores = None if ood_score is None else np.asarray(ood_score, dtype=float).reshape(nav_shape)
-    level = 1.0 if ood_caution is None else float(ood_caution)
-    rows = []
-    for flat, idx in enumerate(np.ndindex(*nav_shape)):
-        row: dict[str, Any] = {"index": flat}
-        for ax, vals, i in zip(nav_axes, values, idx, strict=True):
-            name = ax.get("name") or "frame"
-            row[f"{name}_index"] = int(i)
-            unit = ax.get("units")
-            row[f"{name}_{unit}" if unit else name] = float(vals[i])
-        s = None if scores is None else float(scores[idx])
-        row["ood_score"] = s
-        row["caution"] = bool(s is not None and np.isfinite(s) and s > level)
-        rows.append(row)
-    return rows
-
-
-@dataclass
-class SegmentationResult:
-    """Output of the built-in segmentation (used only when the core's
-    :func:`napari_hrtem_transfer.segmentation.segment` is not installed); same fields.
-
-    Attributes
-    ----------
-    proba
-        Particle probability, same shape as the input, float32 in [0, 1].
-    labels
-        ``proba >= threshold`` as uint8 (1 = particle).
-    ood_score
-        Per-frame OOD score of the navigation shape (0 ~ training-like), or None.
-    notes
-        What was done (resampling, why there is no OOD score, ...).
-    model_sampling_A
-        Pixel size the model was trained at [Å] (None if unknown).
-    axes, ood_caution
-        The input's axes dicts and the model's caution level for OOD scores.
-    """
-
-    proba: np.ndarray
-    labels: np.ndarray
-    ood_score: np.ndarray | None
-    notes: list[str] = field(default_factory=list)
-    model_sampling_A: float | None = None
-    axes: list[dict[str, Any]] | None = None
-    ood_caution: float | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def frame_table(self) -> list[dict[str, Any]]:
-        """One dict per frame (see :func:`frame_table_from`)."""
-        return frame_table_from(self.axes, self.labels.shape[:-2], self.ood_score,
-                                self.ood_caution)
-
-
-def result_frame_table(result: Any) -> list[dict[str, Any]]:
-    """The per-frame table of a segmentation result (core or built-in)."""
-    table = getattr(result, "frame_table", None)
-    if callable(table):
-        return list(table())
-    return frame_table_from(getattr(result, "axes", None), np.shape(result.labels)[:-2],
-                            getattr(result, "ood_score", None),
-                            getattr(result, "ood_caution", None))
-
-
-def _zoom_stack(
-    frames: np.ndarray, factor: float, shape: tuple[int, int] | None = None
-) -> np.ndarray:
-    from scipy import ndimage
-
-    out = [ndimage.zoom(f, factor, order=1, mode="nearest", grid_mode=True) for f in frames]
-    stack = np.stack(out).astype(np.float32)
-    if shape is not None:  # crop or edge-pad to the exact shape
-        ny, nx = shape
-        stack = stack[:, :ny, :nx]
-        pad = ((0, 0), (0, ny - stack.shape[1]), (0, nx - stack.shape[2]))
-        if any(p[1] for p in pad):
-            stack = np.pad(stack, pad, mode="edge")
-    return stack
-
-
 def segment_job(
     report: Report,
     images: Any,
@@ -596,21 +476,21 @@ def segment_job(
     *,
     sampling_A: float | None = None,
     axes: list[dict[str, Any]] | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     which: str = "best",
     device: str = "auto",
     ood: bool = True,
     stop: threading.Event | None = None,
 ) -> Any:
-    """Segment frames with a model and score them OOD: a thin call of the core's
+    """Segment frames and score them OOD: a thin call of the core's
     :func:`napari_hrtem_transfer.segmentation.segment`.
 
     Parameters
     ----------
     report
-        Receives :class:`JobProgress` (frames or tiles done) and a device :class:`JobStage`.
+        Receives a device :class:`JobStage` and :class:`JobProgress` per frame.
     images
-        (H, W) or any (..., H, W) array of raw counts.
+        (H, W) or any (..., H, W) array of raw counts (numpy or dask: read frame by frame).
     model
         ``"pretrained"``, a checkpoint folder or a ``LoadedModel``.
     sampling_A
@@ -618,117 +498,32 @@ def segment_job(
     axes
         Rosettasciio-style axes dicts of ``images`` (see :func:`axes_from_layer`).
     threshold, which, device, ood
-        As in ``segment``.
+        :class:`~napari_hrtem_transfer.segmentation.SegmentConfig` options (None: default).
     stop
-        Checked between frames/tiles; a stopped run raises :class:`JobStopped`.
+        Checked between frames; a stopped run raises :class:`JobStopped`.
+
+    Returns
+    -------
+    napari_hrtem_transfer.segmentation.SegmentationResult
     """
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"threshold must be between 0 and 1 (got {threshold})", "threshold")
-    arr = np.asarray(images.compute() if hasattr(images, "compute") else images)
+    from ..segmentation import SegmentationStopped, segment
+
     if report is not None:
         _emit(report, JobStage("device", "running", device_description(device)))
-    try:
-        from ..segmentation import segment
-    except ImportError:
-        segment = None
 
     def progress(done: int, total: int, message: str = "") -> None:
-        _emit(report, JobProgress(int(done), int(total),
-                                  message or f"segmented {done}/{total}"))
+        _emit(report, JobProgress(int(done), int(total), message or f"segmented {done}/{total}"))
 
-    if segment is None:  # the core is not installed yet: the built-in equivalent
-        return _segment_builtin(report, arr, model, sampling_A=sampling_A, axes=axes,
-                                threshold=threshold, which=which, device=device, ood=ood,
-                                stop=stop)
-    result = segment(arr, model, sampling_A=sampling_A, axes=axes, threshold=threshold,
-                     ood=ood, probabilities=True, which=which, device=device,
-                     progress=progress, stop=stop)
-    if stop is not None and stop.is_set():
-        raise JobStopped("segmentation stopped; no layer was added")
-    return result
-
-
-def _segment_builtin(
-    report: Report,
-    arr: np.ndarray,
-    model_dir: Any,
-    *,
-    sampling_A: float | None,
-    axes: list[dict[str, Any]] | None,
-    threshold: float,
-    which: str,
-    device: str,
-    ood: bool,
-    stop: threading.Event | None,
-) -> SegmentationResult:
-    from ..training import load_checkpoint
-
-    if arr.ndim < 2:
-        raise ConfigError(f"need an image (H, W) or a stack (..., H, W); got shape {arr.shape}")
-    lead, (ny, nx) = arr.shape[:-2], arr.shape[-2:]
-    frames = arr.reshape(-1, ny, nx).astype(np.float32)
-    notes: list[str] = []
-    _emit(report, JobProgress(0, len(frames), f"loading model {model_dir}"))
-    model = load_checkpoint(model_dir, which=which, device=device)
-    model_s = model.sampling_A
-    factor = 1.0
-    if sampling_A is None:
-        notes.append(
-            "the image has no pixel size; assumed the model's "
-            f"({model_s:g} Å/px)" if model_s else "neither image nor model has a pixel size"
-        )
-    elif model_s and abs(sampling_A / model_s - 1.0) > 0.05:
-        factor = float(sampling_A) / float(model_s)
-        notes.append(
-            f"resampled frames from {sampling_A:.4g} to the model's {model_s:.4g} Å/px "
-            f"(zoom {factor:.3g}) and the probabilities back"
-        )
-    work = _zoom_stack(frames, factor) if factor != 1.0 else frames
-    proba_work = np.empty(work.shape, dtype=np.float32)
-    for i, frame in enumerate(work):
-        if stop is not None and stop.is_set():
-            raise JobStopped(f"stopped after {i} of {len(work)} frames; no layer was added")
-        proba_work[i] = model.predict_proba(frame[None])[0]
-        _emit(report, JobProgress(i + 1, len(work), f"segmented frame {i + 1}/{len(work)}"))
-    proba = _zoom_stack(proba_work, 1.0 / factor, (ny, nx)) if factor != 1.0 else proba_work
-    proba = np.clip(proba, 0.0, 1.0)
-    scores = _ood_scores(model, work, notes) if ood else None
-    return SegmentationResult(
-        proba=proba.reshape(*lead, ny, nx),
-        labels=(proba >= threshold).astype(np.uint8).reshape(*lead, ny, nx),
-        ood_score=None if scores is None else np.asarray(scores).reshape(lead),
-        notes=notes,
-        model_sampling_A=model_s,
-        axes=axes,
-        ood_caution=None,
-        provenance={"model": str(model_dir), "which": which, "threshold": threshold},
-    )
-
-
-def _ood_scores(model: Any, frames: np.ndarray, notes: list[str]) -> np.ndarray | None:
-    """Per-frame OOD score, on the central crop whose sides are multiples of the stride."""
+    options: dict[str, Any] = dict(which=which, device=device, ood=ood, probabilities=True)
+    if threshold is not None:
+        options["threshold"] = float(threshold)
     try:
-        from ..evaluation import load_ood_reference, ood_scores
-    except ImportError as exc:  # the evaluation core is optional for segmentation
-        notes.append(f"no OOD score: the evaluation module is not available ({exc})")
-        return None
-    reference = load_ood_reference(model.path)
-    if reference is None:
-        notes.append(
-            "no OOD score: the model folder has no OOD reference (it is fitted at the end of "
-            "training; see napari_hrtem_transfer.evaluation.fit_ood_reference)"
-        )
-        return None
-    s = max(1, int(model.output_stride))
-    ny, nx = frames.shape[1:]
-    cy, cx = (ny // s) * s, (nx // s) * s
-    if cy == 0 or cx == 0:
-        notes.append(f"no OOD score: frames smaller than the model stride ({s} px)")
-        return None
-    y0, x0 = (ny - cy) // 2, (nx - cx) // 2
-    crop = frames[:, y0 : y0 + cy, x0 : x0 + cx]
-    try:
-        return np.asarray(ood_scores(model, crop, reference=reference).score, dtype=float)
-    except Exception as exc:  # noqa: BLE001 - a missing score must not lose the segmentation
-        notes.append(f"no OOD score: {exc}")
-        return None
+        return segment(images, model, sampling_A=sampling_A, axes=axes, progress=progress,
+                       stop=stop, **options)
+    except SegmentationStopped as exc:
+        raise JobStopped(f"segmentation stopped: {exc}; no layer was added") from exc
+
+
+def result_frame_table(result: Any) -> list[dict[str, Any]]:
+    """The per-frame table of a segmentation result (one dict per frame)."""
+    return list(result.frame_table())

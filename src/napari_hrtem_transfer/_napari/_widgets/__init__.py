@@ -8,7 +8,15 @@ its job at the next step.
 Defocus sign everywhere: abTEM's, ``defocus = -C10``; positive defocus = underfocus.
 """
 
-from ._base import DockWidget, JobDock, ThemedPlot, WrapLabel, breakable, format_duration
+from ._base import (
+    DockWidget,
+    JobDock,
+    LivePlot,
+    ThemedPlot,
+    WrapLabel,
+    breakable,
+    format_duration,
+)
 from ._ood import OODView
 from ._segment import SegmentWidget, features_table, frame_labels
 from ._simulate import SimulateWidget
@@ -17,6 +25,7 @@ from ._train import LossPlot, TrainWidget
 __all__ = [
     "DockWidget",
     "JobDock",
+    "LivePlot",
     "LossPlot",
     "OODView",
     "SegmentWidget",

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from magicgui.widgets import Container
 from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import (
@@ -178,11 +179,39 @@ class DockWidget(QScrollArea):
         self.closed = True
 
 
+_PREWARMED: set[str] = set()
+
+
+def prewarm(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` on a background thread, once per process.
+
+    Importing torch loads large shared libraries while holding the GIL (about a second on a
+    busy 2-core machine); doing it when a dock opens keeps that pause out of the first run.
+    """
+    todo = tuple(m for m in modules if m not in _PREWARMED)
+    if not todo:
+        return
+    _PREWARMED.update(todo)
+
+    def run() -> None:
+        import importlib
+
+        for m in todo:
+            try:
+                importlib.import_module(m)
+            except Exception:  # noqa: BLE001 - the job itself will report a real problem
+                pass
+
+    threading.Thread(target=run, name="hrtem-prewarm", daemon=False).start()
+
+
 class JobDock(DockWidget):
     """A dock that runs one job at a time, with Run, Stop, progress, elapsed time and ETA."""
 
     #: what the job is called in napari's "tasks running" close dialog
     job_title = "job"
+    #: modules the job needs, imported in the background when the dock opens
+    prewarm_modules: tuple[str, ...] = ()
 
     def __init__(self, viewer: napari.Viewer, run_text: str) -> None:
         super().__init__(viewer)
@@ -211,6 +240,8 @@ class JobDock(DockWidget):
         self._timer = QTimer(self)
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self._poll)
+        if self.prewarm_modules:
+            prewarm(self.prewarm_modules)
 
     def add_job_rows(self) -> None:
         """Add the Run/Stop row, the progress bar and the status lines (call once)."""
@@ -505,3 +536,135 @@ class ThemedPlot:
             self.canvas.draw_idle()
         except RuntimeError:  # deleted
             pass
+
+
+def theme_colors(viewer: Any) -> dict[str, str]:
+    """Background, text, accent and warning colours of the viewer's napari theme."""
+    try:
+        from napari.utils.theme import get_theme
+
+        theme = get_theme(viewer.theme)
+        return {"background": theme.background.as_hex(), "foreground": theme.foreground.as_hex(),
+                "text": theme.text.as_hex(), "accent": theme.highlight.as_hex(),
+                "warning": theme.warning.as_hex(), "canvas": theme.canvas.as_hex()}
+    except Exception:  # noqa: BLE001 - no theme
+        return {"background": "#ffffff", "foreground": "#dddddd", "text": "#000000",
+                "accent": "#1f77b4", "warning": "#ff7f0e", "canvas": "#ffffff"}
+
+
+class LivePlot(QWidget):
+    """A small line plot painted with Qt (cheap enough to update at every training step).
+
+    Series are lists of ``(x, y)`` points; call :meth:`update` after changing them (Qt
+    coalesces repaints). Colours follow napari's theme.
+    """
+
+    def __init__(self, viewer: Any, xlabel: str = "", ylabel: str = "",
+                 height: int = 160) -> None:
+        super().__init__()
+        self._viewer = viewer
+        self.xlabel, self.ylabel = xlabel, ylabel
+        self.series: list[dict[str, Any]] = []
+        self.setFixedHeight(height)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.colors = theme_colors(viewer)
+        self.n_paints = 0
+        events = getattr(viewer, "events", None)
+        if events is not None and hasattr(events, "theme"):
+            events.theme.connect(self._on_theme)
+
+    def _on_theme(self, *_: Any) -> None:
+        self.colors = theme_colors(self._viewer)
+        try:
+            self.update()
+        except RuntimeError:  # deleted
+            pass
+
+    def add_series(self, name: str, color: str, marker: bool = False, alpha: float = 1.0,
+                   width: float = 1.2) -> list[tuple[float, float]]:
+        """A new series; returns its (mutable) list of points."""
+        points: list[tuple[float, float]] = []
+        self.series.append({"name": name, "color": color, "marker": marker, "alpha": alpha,
+                            "width": width, "points": points})
+        return points
+
+    def clear(self) -> None:
+        """Empty every series."""
+        for s in self.series:
+            s["points"].clear()
+        self.update()
+
+    def paintEvent(self, _event: Any) -> None:  # noqa: N802 - Qt API
+        from qtpy.QtCore import QPointF, QRectF
+        from qtpy.QtGui import QColor, QFont, QPainter, QPen, QPolygonF
+
+        self.n_paints += 1
+        c = self.colors
+        p = QPainter(self)
+        try:
+            p.setRenderHint(QPainter.RenderHint.Antialiasing)
+            p.fillRect(self.rect(), QColor(c["background"]))
+            font = QFont(p.font())
+            font.setPointSizeF(7.5)
+            p.setFont(font)
+            text = QColor(c["text"])
+            w, h = self.width(), self.height()
+            left, right, top, bottom = 44, 8, 18, 26
+            box = QRectF(left, top, max(1, w - left - right), max(1, h - top - bottom))
+            p.setPen(QPen(text, 1))
+            p.drawRect(box)
+            p.drawText(QRectF(0, h - 13, w, 13), Qt.AlignmentFlag.AlignHCenter, self.xlabel)
+            pts = [pt for s in self.series for pt in s["points"] if np.isfinite(pt[1])]
+            # legend
+            x_leg = left + 4
+            for s in self.series:
+                col = QColor(c["text"] if s["color"] == "text" else s["color"])
+                col.setAlphaF(s["alpha"])
+                p.setPen(QPen(col, 2))
+                p.drawLine(QPointF(x_leg, 8), QPointF(x_leg + 12, 8))
+                p.setPen(text)
+                p.drawText(QPointF(x_leg + 15, 11), s["name"])
+                x_leg += 20 + p.fontMetrics().horizontalAdvance(s["name"])
+            if not pts:
+                p.drawText(box, Qt.AlignmentFlag.AlignCenter, self.ylabel)
+                return
+            xs = np.array([pt[0] for pt in pts])
+            ys = np.array([pt[1] for pt in pts])
+            x0, x1 = float(xs.min()), float(xs.max())
+            y0, y1 = float(ys.min()), float(ys.max())
+            if x1 <= x0:
+                x0, x1 = x0 - 0.5, x1 + 0.5
+            if y1 <= y0:
+                y0, y1 = y0 - 0.5 * abs(y0 or 1), y1 + 0.5 * abs(y1 or 1)
+            pad = 0.05 * (y1 - y0)
+            y0, y1 = y0 - pad, y1 + pad
+
+            def map_pt(x: float, y: float) -> QPointF:
+                return QPointF(box.left() + (x - x0) / (x1 - x0) * box.width(),
+                               box.bottom() - (y - y0) / (y1 - y0) * box.height())
+
+            p.setPen(text)
+            for yv in (y0 + pad, y1 - pad):
+                pt = map_pt(x0, yv)
+                p.drawText(QRectF(0, pt.y() - 7, left - 4, 14),
+                           Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
+                           f"{yv:.3g}")
+            for xv in (x0, x1):
+                pt = map_pt(xv, y0)
+                p.drawText(QRectF(pt.x() - 20, box.bottom() + 1, 40, 12),
+                           Qt.AlignmentFlag.AlignHCenter, f"{xv:.3g}")
+            for s in self.series:
+                spts = [pt for pt in s["points"] if np.isfinite(pt[1])]
+                if not spts:
+                    continue
+                col = QColor(c["text"] if s["color"] == "text" else s["color"])
+                col.setAlphaF(s["alpha"])
+                p.setPen(QPen(col, s["width"]))
+                poly = QPolygonF([map_pt(x, y) for x, y in spts])
+                p.drawPolyline(poly)
+                if s["marker"]:
+                    p.setBrush(col)
+                    for q in poly:
+                        p.drawEllipse(q, 2.5, 2.5)
+        finally:
+            p.end()

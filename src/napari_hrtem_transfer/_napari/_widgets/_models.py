@@ -69,16 +69,12 @@ recent_models = _RecentModels()
 def resolve_model(spec: str | os.PathLike) -> Path | None:
     """The checkpoint folder of ``spec`` (``"pretrained"`` or a folder); None if unavailable."""
     if str(spec) == PRETRAINED:
+        from ...segmentation import pretrained_model_dir
+
         try:
-            from ...segmentation import resolve_model as core_resolve
-        except ImportError:
-            return None
-        try:
-            res = core_resolve(PRETRAINED)
+            return pretrained_model_dir()
         except Exception:  # noqa: BLE001 - not shipped in this installation
             return None
-        path = getattr(res, "path", res)
-        return Path(path) if isinstance(path, str | os.PathLike) else None
     return Path(spec)
 
 

@@ -48,6 +48,9 @@ def features_table(result: Any) -> Any:
     table = pd.DataFrame(rows)
     table = table.rename(columns={"index": "frame"})
     table.insert(0, "index", table["frame"].astype(int) + 1)
+    if "ood_score" not in table:
+        table["ood_score"] = np.nan
+        table["caution"] = False
     table["ood_score"] = pd.to_numeric(table["ood_score"], errors="coerce").astype(float)
     return table
 
@@ -63,6 +66,7 @@ class SegmentWidget(JobDock):
     """
 
     job_title = "Segmentation"
+    prewarm_modules = ("torch", "napari_hrtem_transfer.segmentation")
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__(napari_viewer, "Segment")

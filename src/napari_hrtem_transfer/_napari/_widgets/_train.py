@@ -18,7 +18,7 @@ from .._jobs import (
     train_job,
 )
 from .._workers import JobStage
-from ._base import DEFOCUS_TIP, JobDock, ThemedPlot, WrapLabel, notify
+from ._base import DEFOCUS_TIP, JobDock, LivePlot, WrapLabel, notify
 from ._fields import choice_widget, field_info, float_widget, int_widget, widget_message
 from ._models import PRETRAINED, ModelPicker, model_sampling_A, recent_models, resolve_model
 
@@ -46,70 +46,31 @@ TRAIN_LABELS = {
 }
 
 
-class LossPlot(ThemedPlot):
-    """Training loss per step (throttled redraws) and per epoch, and validation loss."""
+class LossPlot(LivePlot):
+    """Training loss per step and per epoch, and validation loss, drawn live.
+
+    A light Qt plot (not matplotlib): painting it costs about a millisecond, so per-step
+    updates never stall napari's event loop while the training thread runs.
+    """
 
     def __init__(self, viewer: napari.Viewer) -> None:
-        super().__init__(viewer, figsize=(3.4, 2.0), min_height=170)
-        self.steps: list[tuple[float, float]] = []
-        self.train_epochs: list[tuple[float, float]] = []
-        self.val_epochs: list[tuple[float, float]] = []
-        c = self.colors
-        (self._l_steps,) = self.ax.plot([], [], lw=0.8, color=c["text"], alpha=0.45,
-                                        label="train (step)")
-        (self._l_train,) = self.ax.plot([], [], marker="o", ms=3, color="C0",
-                                        label="train (epoch)")
-        (self._l_val,) = self.ax.plot([], [], marker="s", ms=3, color="C1", label="validation")
-        self.ax.set_xlabel("epoch", fontsize=8)
-        self.ax.set_ylabel("BCE loss", fontsize=8)
-        self._legend = None
-
-    def apply_theme(self) -> None:  # noqa: D102
-        super().apply_theme()
-        if hasattr(self, "_l_steps"):
-            self._l_steps.set_color(self.colors["text"])
-            if self._legend is not None:
-                self._style_legend()
-
-    def _style_legend(self) -> None:
-        frame = self._legend.get_frame()
-        frame.set_facecolor(self.colors["background"])
-        frame.set_edgecolor(self.colors["text"])
-        for t in self._legend.get_texts():
-            t.set_color(self.colors["text"])
-
-    def clear(self) -> None:
-        """Forget all points."""
-        self.steps.clear()
-        self.train_epochs.clear()
-        self.val_epochs.clear()
-        self._update()
+        super().__init__(viewer, xlabel="epoch", ylabel="BCE loss", height=170)
+        self.steps = self.add_series("train (step)", color="text", alpha=0.45, width=1.0)
+        self.train_epochs = self.add_series("train (epoch)", color="#1f77b4", marker=True,
+                                            width=1.6)
+        self.val_epochs = self.add_series("validation", color="#ff7f0e", marker=True,
+                                          width=1.6)
 
     def add_step(self, epoch_position: float, loss: float) -> None:
         """Training loss of one step, at fractional epoch ``epoch_position``."""
-        self.steps.append((epoch_position, loss))
-        self._update()
+        self.steps.append((float(epoch_position), float(loss)))
+        self.update()
 
     def add_epoch(self, epoch: int, train_loss: float, val_loss: float) -> None:
         """Mean training loss and validation loss after ``epoch`` (1-based)."""
-        self.train_epochs.append((float(epoch), train_loss))
-        self.val_epochs.append((float(epoch), val_loss))
-        self._update()
-
-    def _update(self) -> None:
-        for line, pts in ((self._l_steps, self.steps), (self._l_train, self.train_epochs),
-                          (self._l_val, self.val_epochs)):
-            if pts:
-                x, y = zip(*pts, strict=True)
-                line.set_data(x, y)
-            else:
-                line.set_data([], [])
-        if self._legend is None and (self.steps or self.val_epochs):
-            self._legend = self.ax.legend(fontsize=7)
-            self._style_legend()
-        self.ax.relim()
-        self.ax.autoscale_view()
-        self.request_draw()
+        self.train_epochs.append((float(epoch), float(train_loss)))
+        self.val_epochs.append((float(epoch), float(val_loss)))
+        self.update()
 
 
 class TrainWidget(JobDock):
@@ -123,6 +84,8 @@ class TrainWidget(JobDock):
     """
 
     job_title = "Training"
+    prewarm_modules = ("torch", "napari_hrtem_transfer.training.loop",
+                       "napari_hrtem_transfer.evaluation.ood")
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         from ...training import TrainConfig as T
@@ -174,7 +137,7 @@ class TrainWidget(JobDock):
         self.ood_status = WrapLabel("")
         self.add_row(self.ood_status)
         self.plot = LossPlot(napari_viewer)
-        self.add_row(self.plot.canvas)
+        self.add_row(self.plot)
         self.result: Any = None
         self._last_step: Any = None
         self._start: Any = None
