@@ -9,6 +9,7 @@ them against the real core.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,7 +22,8 @@ from napari_hrtem_transfer.errors import ConfigError, ReaderError
 sys.path.insert(0, str(Path(__file__).parent))
 from _hs_helpers import assert_same_axes, fake_ood, fake_proba  # noqa: E402
 
-DATA = Path("/work/shared/data")
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("HRTEM_TRANSFER_SHARED_DIR") or REPO.parent / "shared") / "data"
 
 
 def _nav2d(lazy=False):
