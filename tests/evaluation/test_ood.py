@@ -218,3 +218,18 @@ def test_proba_from_the_segmentation_is_reused(trained, series, monkeypatch):
     assert again.proba is None and full.proba.shape == (3, 60, 50)
     with pytest.raises(Exception, match="does not match"):
         ood_scores(trained, frames, ref, proba=full.proba[:, :10])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_nm, far_nm", [(-10.0, 20.0), (0.0, -20.0), (10.0, -20.0)])
+def test_far_domain_frames_score_higher_than_held_out_training_frames(series, train_nm, far_nm):
+    from .conftest import train_tiny
+
+    di, dfar = series.defocus_index(train_nm), series.defocus_index(far_nm)
+    model = train_tiny(series, di, np.arange(16), seed=1)
+    ref = fit_ood_reference(model, np.asarray(series.images[di][:16]), save=False)
+    own = ood_scores(model, np.asarray(series.images[di][16:]), ref).score
+    far = ood_scores(model, np.asarray(series.images[dfar][16:]), ref).score
+    # the far domain's frames rank above the training domain's held-out frames
+    assert np.median(far) > np.quantile(own, 0.75)
+    assert np.mean(far[:, None] > own[None, :]) > 0.75  # AUC of far vs own

@@ -777,28 +777,51 @@ def calibrate_caution_level(
     return level, rec
 
 
-def _calibrate_for_checkpoint(sm, ref: OODReference, dataset, cfg: OODFitConfig, doms) -> None:
-    """Set ``ref.caution_level`` from held-out frames of every domain of ``dataset``."""
-    from .metrics import binary_cross_entropy
+#: Fewest held-out frames of the training domain(s) a calibration needs.
+MIN_CALIBRATION_FRAMES = 5
 
+
+def _calibration_plan(sm, dataset, cfg: OODFitConfig, doms) -> tuple[np.ndarray, set] | None:
+    """Held-out images (indices) and training-domain indices for the calibration, or None."""
     data = sm.info.get("data") or {}
     sids = np.asarray(dataset.structure_ids).astype(str)
     val = np.flatnonzero(np.isin(sids, [str(s) for s in data.get("val_structures") or []]))
     train_dom = {dataset.defocus_index(d) for d in doms if _has_domain(dataset, d)}
     n_cal = cfg.calibration_frames_per_domain
-    if dataset.masks is None or not val.size or not train_dom or n_cal < 1:
-        ref.calibration = {"method": "none (no labelled held-out frames)"}
-        return
+    if dataset.masks is None or not train_dom or n_cal < 1:
+        return None
     rng = np.random.default_rng(cfg.seed)
-    sel = np.sort(rng.permutation(val)[: cfg.calibration_frames_per_domain])
+    sel = np.sort(rng.permutation(val)[:n_cal])
+    if sel.size * len(train_dom) < MIN_CALIBRATION_FRAMES:
+        return None
+    return sel, train_dom
+
+
+def _calibrate_for_checkpoint(
+    sm, ref: OODReference, dataset, cfg: OODFitConfig, plan, progress=None, done: int = 0
+) -> None:
+    """Set ``ref.caution_level`` from held-out frames of every domain of ``dataset``."""
+    from .metrics import binary_cross_entropy
+
+    if plan is None:
+        ref.calibration = {
+            "method": f"none (fewer than {MIN_CALIBRATION_FRAMES} labelled held-out frames "
+            "of the training domain): the legacy level 1 applies"
+        }
+        return
+    sel, train_dom = plan
     masks = np.asarray(dataset.masks[sel])
     scores, losses, ind = [], [], []
+    total = done + sel.size * dataset.n_defocus
     for di in range(dataset.n_defocus):
         x = np.asarray(dataset.images[di][sel])
         st = sm.frame_stats(x, want_logits=True, batch_size=cfg.batch_size, tile_px=cfg.tile_px)
         scores.append(ref.score(st.features, st.entropy))
         losses.append(binary_cross_entropy(st.logits, masks))
         ind.append(np.full(sel.size, di in train_dom))
+        done += sel.size
+        if progress is not None:
+            progress(done, total, "calibrating the caution level on held-out frames")
     level, rec = calibrate_caution_level(
         np.concatenate(scores), np.concatenate(losses), np.concatenate(ind)
     )
@@ -887,6 +910,14 @@ def _fit_for_checkpoint(
             )
         items = np.array([(ds.defocus_index(d), i) for d in present for i in idx], dtype=int)
     imgs = ds.images
+    plan = _calibration_plan(sm, ds, cfg, doms)
+    n_cal = 0 if plan is None else plan[0].size * ds.n_defocus
+    n_fit = min(cfg.max_samples, len(items) * (8 if cfg.augment else 1))
+
+    def fit_progress(done: int, _total: int, message: str) -> None:
+        if progress is not None:
+            progress(done, n_fit + n_cal, message)
+
     ref = _fit_stream(
         sm,
         lambda k: imgs[items[k, 0], items[k, 1]],
@@ -896,11 +927,9 @@ def _fit_for_checkpoint(
         entropy_weight=DEFAULT_ENTROPY_WEIGHT,
         stages="default",
         info={"train_defocus_nm": doms, "dataset": str(getattr(ds, "path", None))},
-        progress=progress,
+        progress=fit_progress,
     )
-    if progress is not None:
-        progress(ref.n_images, ref.n_images, "calibrating the caution level")
-    _calibrate_for_checkpoint(sm, ref, ds, cfg, doms)
+    _calibrate_for_checkpoint(sm, ref, ds, cfg, plan, progress, ref.n_images)
     _save(sm, ref, True)
     secs = time.perf_counter() - t0
     doms_txt = ", ".join(f"{d:g}" for d in doms)
