@@ -266,6 +266,53 @@ def test_train_widget_bad_annotation_layers_are_notifications(make_napari_viewer
     assert not (tmp_path / "ft").exists()  # nothing written
 
 
+@pytest.mark.slow
+def test_finetune_on_frames_annotated_in_layers_improves_them(make_napari_viewer, qtbot,
+                                                              tmp_path, tiny_model_dir):
+    """Two frames painted in a Labels layer: the fine-tuned model segments them better."""
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget, TrainWidget
+    from napari_hrtem_transfer._napari._widgets._train import FROM_LAYERS
+    from napari_hrtem_transfer.evaluation.metrics import dice
+    from napari_hrtem_transfer.segmentation import segment
+
+    from .conftest import make_tiny_dataset
+
+    # a session unlike the training data: brighter particles on a darker, noisier film
+    ds = make_tiny_dataset(n_images=4, defocus_nm=(0.0,), seed=7)
+    rng = np.random.default_rng(1)
+    truth = ds.masks
+    frames = rng.poisson(np.where(truth, 90.0, 40.0)).astype(np.float32)
+    viewer = make_napari_viewer()
+    img = viewer.add_image(frames, scale=(1, 0.02, 0.02), units=("pixel", "nm", "nm"),
+                           name="session")
+    painted = np.zeros(frames.shape, np.uint8)
+    painted[[0, 2]] = truth[[0, 2]] * 2  # any non-zero label = particle
+    lab = viewer.add_labels(painted, scale=img.scale, name="annotations")
+    w = TrainWidget(viewer)
+    seg = SegmentWidget(viewer)
+    w.source.value = FROM_LAYERS
+    w.image_layer.value, w.labels_layer.value = img, lab
+    w.model.value = tiny_model_dir
+    w.freeze.value = "none"
+    w.epochs.value = 6
+    w.lr.value = 3e-3
+    w.device.value = "cpu"
+    w.out_dir.value = tmp_path / "ft"
+    w.run_button.click()
+    _wait_idle(qtbot, w, timeout=600_000)
+    assert not w.result.stopped, w.status.value
+    out = str((tmp_path / "ft").resolve())
+    assert "OOD reference: " in w.ood_status.value
+    assert out in list(seg.model.combo.choices)  # offered in Segment at once
+
+    def score(model):
+        res = segment(frames[[0, 2]], model, sampling_A=0.2, ood=False)
+        return float(np.mean([dice(res.labels[i] > 0, truth[[0, 2]][i]) for i in range(2)]))
+
+    before, after = score(tiny_model_dir), score(out)
+    assert after > before + 0.05, (before, after)
+
+
 def test_long_error_wraps_and_docks_fit_a_small_screen(make_napari_viewer, qtbot):
     from napari_hrtem_transfer._napari._widgets import SegmentWidget, SimulateWidget, TrainWidget
 

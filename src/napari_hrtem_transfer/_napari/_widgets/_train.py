@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 FROM_FILE = "simulated dataset (.hspy)"
 FROM_LAYERS = "image + labels layers"
-#: Largest pixel-size ratio between the annotated image and the model accepted here.
-MAX_SAMPLING_RATIO = 4.0
 
 TRAIN_LABELS = {
     "train_defocus_nm": "train defoci [nm]",
@@ -44,6 +42,13 @@ TRAIN_LABELS = {
     "out": "output folder",
     "out_dir": "output folder",
 }
+
+
+def _max_zoom() -> float:
+    """The segmentation core's limit on resampling (one policy, in SegmentConfig)."""
+    from ...segmentation import SegmentConfig
+
+    return float(SegmentConfig().max_zoom)
 
 
 class LossPlot(LivePlot):
@@ -272,10 +277,10 @@ class TrainWidget(JobDock):
             notify("warning", f"'{image.name}' has no pixel size; assuming the model's "
                    f"({model_s:g} Å/px)." if model_s else f"'{image.name}' has no pixel size.")
             sampling = model_s
-        elif model_s and max(sampling / model_s, model_s / sampling) > MAX_SAMPLING_RATIO:
+        elif model_s and max(sampling / model_s, model_s / sampling) > _max_zoom():
             raise ConfigError(
                 f"'image layer': its pixel size {sampling:.3g} Å differs from the model's "
-                f"{model_s:.3g} Å by more than {MAX_SAMPLING_RATIO:g}x. Fix: check the image's "
+                f"{model_s:.3g} Å by more than {_max_zoom():g}x. Fix: check the image's "
                 "calibration (layer scale, in nm) or start from a model trained near this "
                 "pixel size.", "image")
         out = self._out_dir(f"finetuned-{image.name}".replace(" ", "_"))
