@@ -452,7 +452,8 @@ def test_plots_follow_the_theme(make_napari_viewer):
 
 def test_widget_contributions_build_from_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
-    for name in ("Simulate defocus series", "Train / fine-tune", "Segment", "OOD per frame"):
+    for name in ("Simulate defocus series", "Train / fine-tune", "Segment", "OOD per frame",
+                 "Evaluate / explore"):
         dock, widget = viewer.window.add_plugin_dock_widget("napari-hrtem-transfer", name)
         assert widget is not None
 
@@ -480,3 +481,45 @@ def test_train_widget_picks_up_an_opened_dataset(make_napari_viewer, tmp_path, t
     assert str(w.dataset.value) in ("", ".")
     viewer.open(str(path), plugin="napari-hrtem-transfer")
     assert w.dataset.value == path
+
+
+def test_evaluate_panel_shows_the_published_generalization(make_napari_viewer):
+    from napari_hrtem_transfer._napari._widgets import EvaluateWidget
+    from napari_hrtem_transfer._napari._widgets._evaluate import VIEWS
+
+    viewer = make_napari_viewer()
+    w = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    # the study's median generalization after pretraining: 0 nm -> 0.0028, +10 nm -> 0.058
+    assert w.values[0.0] == pytest.approx(0.0028, abs=5e-5)
+    assert w.values[10.0] == pytest.approx(0.058, abs=5e-4)
+    assert "+0 nm → 0.0028" in w.summary.value and "+10 nm → 0.058" in w.summary.value
+    assert len(w.plot.ax.patches) == 5  # one bar per pretraining defocus
+    w.reduction.value = "mean"
+    assert w.values[10.0] != pytest.approx(0.058, abs=5e-4)
+    w.reduction.value = "median"
+    w.view.value = VIEWS[1]
+    m = w.values
+    assert m.values.shape == (5, 11) and np.isnan(m.at(0.0, 0.0))
+    w.freeze.value = "encoder"
+    assert w.values.counts.max() < m.counts.max()  # fewer models per cell when filtered
+
+
+@pytest.mark.slow
+def test_evaluate_two_models_and_jump_to_a_defocus(make_napari_viewer, qtbot, tiny_model_dir,
+                                                   tiny_dataset_path):
+    from napari_hrtem_transfer._napari._widgets import EvaluateWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(tiny_dataset_path), plugin="napari-hrtem-transfer")
+    w = EvaluateWidget(viewer)
+    w.dataset.value = tiny_dataset_path
+    w.before.value = tiny_model_dir
+    w.after.value = tiny_model_dir
+    w.run_button.click()
+    _wait_idle(qtbot, w)
+    assert len(w.results) == 2, w.status.value
+    assert "generalization" in w.status.value and "shift +0" in w.status.value
+    assert len(w._bars) == 2 * 2 * 2  # 2 models x 2 defoci x (loss, Dice)
+    assert w.go_to_defocus(5.0)
+    assert viewer.dims.point[0] == pytest.approx(5.0)

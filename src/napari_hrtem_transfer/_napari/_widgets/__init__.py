@@ -17,6 +17,7 @@ from ._base import (
     breakable,
     format_duration,
 )
+from ._evaluate import EvaluateWidget
 from ._ood import OODView
 from ._segment import SegmentWidget, features_table, frame_labels
 from ._simulate import SimulateWidget
@@ -24,6 +25,7 @@ from ._train import LossPlot, TrainWidget
 
 __all__ = [
     "DockWidget",
+    "EvaluateWidget",
     "JobDock",
     "LivePlot",
     "LossPlot",
