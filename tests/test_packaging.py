@@ -46,6 +46,10 @@ def test_wheel_contains_package_data_and_compare_reference_runs_from_it(tmp_path
         data = ROOT / "src" / "napari_hrtem_transfer" / "data"
         for name in ("paper_defocus_sweep.csv", "CITATION.md", "LICENSE_paper_defocus_sweep.txt"):
             assert z.read(f"napari_hrtem_transfer/data/{name}") == (data / name).read_bytes()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        assert "License-Expression: BSD-3-Clause AND CC-BY-4.0 AND MIT" in meta
+        licence = "licenses/src/napari_hrtem_transfer/data/LICENSE_paper_defocus_sweep.txt"
+        assert any(n.endswith(licence) for n in names)
         ep = next(n for n in names if n.endswith("entry_points.txt"))
         text = z.read(ep).decode()
         assert "[napari.manifest]" in text and "napari_hrtem_transfer:napari.yaml" in text
