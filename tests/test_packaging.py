@@ -54,6 +54,9 @@ def test_wheel_contains_package_data_and_compare_reference_runs_from_it(tmp_path
         text = z.read(ep).decode()
         assert "[napari.manifest]" in text and "napari_hrtem_transfer:napari.yaml" in text
         assert "hrtem-transfer = napari_hrtem_transfer.cli:main" in text
+        # HyperSpy finds the signal types through this entry point and the package's yaml
+        assert "[hyperspy.extensions]\nnapari_hrtem_transfer = napari_hrtem_transfer" in text
+        assert "napari_hrtem_transfer/hyperspy_extension.yaml" in names
 
     # A venv of its own for the wheel; the dependencies come from the test venv through a
     # plain path entry (its .pth files, among them the editable install, are not processed).
