@@ -9,6 +9,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[testing]"
 if [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ] && ! command -v Xvfb > /dev/null; then
     echo "note: no display and no Xvfb: the GUI tests will be skipped (install xvfb to run" \
-         "them, see README 'Tests'; HRTEM_TRANSFER_STRICT=1 makes such skips fail)." >&2
+         "them, see README.md; HRTEM_TRANSFER_STRICT=1 makes such skips fail)." >&2
 fi
 .venv/bin/python -m pytest "$@"

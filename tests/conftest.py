@@ -49,7 +49,7 @@ GUI_FIXTURES = frozenset(
 GUI_SKIP_PREFIX = "GUI test needs a display"
 HOW_TO_ENABLE_GUI = (
     "install Xvfb (Debian/Ubuntu: apt-get install xvfb and the Qt xcb libraries listed in "
-    ".ci/run) or run from a desktop session; see README, 'Tests'"
+    ".ci/run) or run from a desktop session; see README.md, 'Set up and run the tests'"
 )
 #: Skip reasons that mean "this machine lacks something CI has" (failures in strict mode).
 ENVIRONMENT_SKIP = re.compile(
