@@ -947,8 +947,7 @@ def _execute(plan, todo, store, client, progress, should_stop, as_completed):
         close()
         raise SweepInterrupted(result) from None
     finally:
-        if result.interrupted:
-            _cancel(client, futs)
+        _cancel(client, futs)  # whatever ended the loop, nothing keeps running for us
         close()
     result.wall_s = time.perf_counter() - t0
     return result

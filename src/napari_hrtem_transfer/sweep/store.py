@@ -168,7 +168,7 @@ SELECT r.run_key || ':' || d.stage AS model_id, d.stage AS stage, {run_cols},
   {source} AS source
 FROM domain_results d JOIN runs r ON r.run_key = d.run_key
 WHERE r.status = 'done'
-ORDER BY r.rowid, d.stage, d.domain_defocus_nm, d.material""",
+ORDER BY r.run_key, d.stage, d.domain_defocus_nm, d.material""",
         f"""CREATE VIEW {SQLITE_VIEWS["frames"]} AS
 SELECT r.run_key || ':' || f.stage AS model_id, f.stage AS stage, {run_cols},
   f.domain_defocus_nm AS domain_defocus_nm, f.image_index AS image_index,
@@ -176,7 +176,7 @@ SELECT r.run_key || ':' || f.stage AS model_id, f.stage AS stage, {run_cols},
   {source} AS source
 FROM frame_results f JOIN runs r ON r.run_key = f.run_key
 WHERE r.status = 'done'
-ORDER BY r.rowid, f.stage, f.domain_defocus_nm, f.image_index""",
+ORDER BY r.run_key, f.stage, f.domain_defocus_nm, f.image_index""",
     ]
 
 
