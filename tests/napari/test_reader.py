@@ -38,8 +38,9 @@ def _make_layer(layer_data):
 def test_get_reader_accepts_supported_and_declines_others(tmp_path):
     assert napari_get_reader("a.dm4") is read_layers
     assert napari_get_reader(["a.emd", "b.DM3"]) is read_layers
-    assert napari_get_reader("a.png") is None
-    assert napari_get_reader(["a.emd", "b.png"]) is None
+    assert napari_get_reader("a.png") is read_layers  # plain images too (grey)
+    assert napari_get_reader("a.gif") is None
+    assert napari_get_reader(["a.emd", "b.gif"]) is None
     assert napari_get_reader([]) is None
 
 

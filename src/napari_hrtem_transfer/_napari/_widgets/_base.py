@@ -130,6 +130,7 @@ class DockWidget(QScrollArea):
         self.form.native.setSizePolicy(QSizePolicy.Policy.Ignored,
                                        QSizePolicy.Policy.Preferred)
         self.body_layout.addWidget(self.form.native)
+        self.body_layout.addStretch(1)  # rows stay packed at the top; spare height goes here
         self.setWidget(self.body)
         self.body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         app = QApplication.instance()
@@ -151,15 +152,16 @@ class DockWidget(QScrollArea):
 
     def add_row(self, *widgets: QWidget) -> QWidget:
         """Add Qt widgets below the form, side by side; returns the row."""
+        at = self.body_layout.count() - 1  # before the trailing stretch
         if len(widgets) == 1:
-            self.body_layout.addWidget(widgets[0])
+            self.body_layout.insertWidget(at, widgets[0])
             return widgets[0]
         row = QWidget()
         lay = QHBoxLayout(row)
         lay.setContentsMargins(0, 0, 0, 0)
         for w in widgets:
             lay.addWidget(w)
-        self.body_layout.addWidget(row)
+        self.body_layout.insertWidget(at, row)
         return row
 
     def reset_choices(self, *_: Any) -> None:
