@@ -566,8 +566,12 @@ def segment(
             )
 
     ref = _ood_reference(lm, notes) if cfg.ood else None
+    scorer = None
     if ref is not None:
+        from .evaluation._model import ScoringModel
         from .evaluation.ood import ood_scores
+
+        scorer = ScoringModel(lm)
 
     n = int(inp.frames.shape[0])
     labels = np.empty((n, ny, nx), dtype=np.uint8)
@@ -576,38 +580,47 @@ def segment(
     stride = max(1, int(lm.output_stride))
     min_px = max(cfg.min_frame_px, stride)
     tile = max(cfg.tile_size // stride * stride, stride)
+    # small frames are processed several at a time (at most one tile's worth of pixels)
+    zy, zx = (ny, nx) if factor is None else (round(ny * factor), round(nx * factor))
+    per_group = max(1, (tile * tile) // max(1, max(zy, min_px) * max(zx, min_px)))
     small_warned = False
-    for i in range(n):
+    for g0 in range(0, n, per_group):
         if stopped():
-            raise SegmentationStopped(f"stopped after {i} of {n} frames; nothing was written")
-        frame = inp.frames[i]
-        frame = np.asarray(frame.compute() if hasattr(frame, "compute") else frame, np.float32)
-        work = _zoom(frame, factor) if factor is not None else frame
-        work, (wy, wx) = _pad_to(work, min_px)
-        if (wy, wx) != work.shape and not small_warned:
+            raise SegmentationStopped(f"stopped after {g0} of {n} frames; nothing was written")
+        idx = range(g0, min(n, g0 + per_group))
+        chunk = inp.frames[idx.start : idx.stop]
+        chunk = np.asarray(chunk.compute() if hasattr(chunk, "compute") else chunk, np.float32)
+        works = []
+        for frame in chunk:
+            work = _zoom(frame, factor) if factor is not None else frame
+            work, (wy, wx) = _pad_to(work, min_px)
+            works.append(work)
+        if (wy, wx) != works[0].shape and not small_warned:
             small_warned = True
             notes.append(
                 f"frames of {wy}x{wx} px (at the model's pixel size) are smaller than "
                 f"{min_px} px and were reflect-padded; the model sees little context, so "
                 "treat the result with caution"
             )
+        work = np.stack(works)
         p = lm.predict_proba(
-            work[None], tile_size=tile, batch_size=cfg.batch_size, precision=cfg.precision
-        )[0]
-        if ref is not None:
+            work, tile_size=tile, batch_size=cfg.batch_size, precision=cfg.precision
+        )
+        if scorer is not None:
             try:
-                sc = ood_scores(lm, work[None], reference=ref, proba=p[None], tile_px=tile)
-                scores[i] = float(np.asarray(sc.score)[0])
+                sc = ood_scores(scorer, work, reference=ref, proba=p, tile_px=tile)
+                scores[idx.start : idx.stop] = np.asarray(sc.score, dtype=float)
             except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
-                notes.append(f"no OOD score for frame {i}: {type(exc).__name__}: {exc}")
-        p = p[:wy, :wx]
-        if factor is not None:
-            p = np.clip(_zoom(p, 0.0, (ny, nx)), 0.0, 1.0)
-        labels[i] = p >= cfg.threshold
-        if proba_out is not None:
-            proba_out[i] = p
+                notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")
+        for k, i in enumerate(idx):
+            pk = p[k, :wy, :wx]
+            if factor is not None:
+                pk = np.clip(_zoom(pk, 0.0, (ny, nx)), 0.0, 1.0)
+            labels[i] = pk >= cfg.threshold
+            if proba_out is not None:
+                proba_out[i] = pk
         if progress is not None:
-            progress(i + 1, n, f"segmented frame {i + 1}/{n}")
+            progress(idx.stop, n, f"segmented frame {idx.stop}/{n}")
 
     shape = (*inp.nav_shape, ny, nx)
     ood = None

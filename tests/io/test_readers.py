@@ -51,6 +51,7 @@ REAL_FILES = [
     ("tif/rsciio_test_loading_image_saved_with_DM.tif", 1, (1, 68, 68), 1686.75),
     ("tif/rsciio_test_loading_image_saved_with_imageJ.tif", 1, (1, 68, 68), 1686.75),
     ("tif/ucam_HRTEM_soot_ExampleImage.tif", 1, (1, 512, 512), None),
+    ("labels/20221109_Au_UTC_330kx_2640e_0p1596s_03_label.png", 1, (1, 4096, 4096), None),
 ]
 
 
@@ -223,8 +224,8 @@ def test_diffraction_pattern_is_refused_by_default():
 
 @needs_data
 def test_unsupported_real_file_names_supported_formats():
-    with pytest.raises(ReaderError, match=r"'\.png' is not supported.*\.dm4"):
-        read_images(DATA / "labels/20221109_Au_UTC_330kx_2640e_0p1596s_03_label.png")
+    with pytest.raises(ReaderError, match=r"'\.mat' is not supported.*\.dm4"):
+        read_images(DATA / "tif/ucam_HRTEM_soot_ExampleImage_px-nm.mat")
 
 
 # ---------------------------------------------------------------- files made here

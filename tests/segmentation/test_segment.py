@@ -157,7 +157,13 @@ def test_stop_raises_and_progress_counts_frames(tiny_model):
     frames, _ = disc_frames(3, seed=10)
     seen = []
     segment(frames, tiny_model, sampling_A=0.2, progress=lambda d, n, m: seen.append((d, n)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert seen[-1] == (3, 3) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # large frames go one at a time: one progress report per frame
+    seen.clear()
+    segment(
+        frames, tiny_model, sampling_A=0.2, tile_size=64, progress=lambda d, n, m: seen.append(d)
+    )
+    assert seen == [1, 2, 3]
     ev = threading.Event()
     ev.set()
     with pytest.raises(SegmentationStopped):

@@ -140,8 +140,14 @@ def test_segment_npy_hspy_and_tif(models, dataset_path, tmp_path):
     # the OOD file is an output like the others: not replaced without --overwrite
     (tmp_path / "mask.npy").unlink()
     (tmp_path / "mask_proba.npy").unlink()
-    argv = ["segment", "--model", str(ft), str(tmp_path / "in.npy"), "--out",
-            str(tmp_path / "mask.npy")]
+    argv = [
+        "segment",
+        "--model",
+        str(ft),
+        str(tmp_path / "in.npy"),
+        "--out",
+        str(tmp_path / "mask.npy"),
+    ]
     assert main(argv) == 2
     assert not (tmp_path / "mask.npy").exists()
     assert main([*argv, "--overwrite"]) == 0
@@ -342,3 +348,61 @@ def test_segment_converts_rgb_with_a_warning_and_refuses_1d(models, tmp_path, ca
         err = capsys.readouterr().err
         assert rc == 2 and "error:" in err and "Traceback" not in err, err
         assert not (tmp_path / "o.tif").exists()
+
+
+@pytest.mark.slow
+def test_finetune_on_annotated_frames_from_files(models, tmp_path, capsys):
+    """`finetune --images --labels`: a stack and its label file; only painted frames train."""
+    import tifffile
+
+    from napari_hrtem_transfer.training import read_sidecar
+
+    pre, _ = models
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:96, :96]
+    masks = np.zeros((4, 96, 96), bool)
+    for i in range(4):
+        cy, cx = rng.uniform(25, 70, 2)
+        masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < 12**2
+    frames = rng.poisson(200.0 * (1 - 0.3 * masks)).astype(np.float32)
+    labels = np.zeros((4, 96, 96), np.uint8)
+    labels[[1, 3]] = 255 * masks[[1, 3]]  # two frames annotated, exported as 0/255
+    np.save(tmp_path / "frames.npy", frames)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    argv = [
+        "finetune",
+        "--model",
+        str(pre),
+        "--images",
+        str(tmp_path / "frames.npy"),
+        "--labels",
+        str(tmp_path / "labels.tif"),
+        "--sampling",
+        "0.2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--samples-per-epoch",
+        "8",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "ft"),
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "2 annotated frame(s) [1, 3]" in out
+    side = read_sidecar(tmp_path / "ft")
+    assert side["sampling_A"] == pytest.approx(0.2)
+    assert (tmp_path / "ft" / "ood_reference.json").exists()
+    # labels of another shape: exit 2, nothing written
+    tifffile.imwrite(tmp_path / "bad.tif", labels[:, :50])
+    bad = [*argv[:-1], str(tmp_path / "ft2")]
+    bad[bad.index(str(tmp_path / "labels.tif"))] = str(tmp_path / "bad.tif")
+    assert main(bad) == 2
+    assert "shape" in capsys.readouterr().err
+    assert not (tmp_path / "ft2").exists()

@@ -43,138 +43,222 @@ def _defocus_list(values: list[str] | None, flag: str) -> list[float] | str:
     return out
 
 
+#: TrainConfig field -> command-line flag.  Types, choices, defaults and help come from the
+#: config (the one source of every default); flags left out keep the config's default.
+FLAGS: dict[str, str] = {
+    "n_train": "--n-train",
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "lr_decay": "--lr-decay",
+    "samples_per_epoch": "--samples-per-epoch",
+    "val_fraction": "--val-fraction",
+    "split_seed": "--split-seed",
+    "max_val_images": "--max-val-images",
+    "loss": "--loss",
+    "dice_weight": "--dice-weight",
+    "seed": "--seed",
+    "device": "--device",
+    "precision": "--precision",
+    "num_threads": "--threads",
+}
+#: Fields with a hand-written flag (lists, switches, files).
+SPECIAL_FLAGS: dict[str, str] = {
+    "train_defocus_nm": "--defocus",
+    "eval_defocus_nm": "--eval-defocus",
+    "patch_size": "--patch-size",
+    "augment": "--no-augment",
+    "deterministic": "--deterministic",
+    "model": "--arch",
+    "init_from": "--model",
+    "init_which": "--which",
+    "freeze": "--freeze",
+}
+
+
+def _describe(name: str) -> tuple[str, Any]:
+    """(help text, default) of a TrainConfig field."""
+    from ..training.config import TrainConfig
+
+    f = TrainConfig.model_fields[name]
+    text = " ".join((f.description or name).split()).replace("%", "%%")
+    return text, f.default
+
+
+def _flag_kwargs(name: str, finetune: bool = False) -> dict[str, Any]:
+    """argparse keyword arguments derived from a TrainConfig field."""
+    import types
+    import typing
+
+    from ..training.config import TrainConfig
+
+    f = TrainConfig.model_fields[name]
+    text, default = _describe(name)
+    if name == "lr" and finetune:
+        default = f"{default:g}; {TrainConfig.finetune(Path('.'), 'all').lr:g} when fine-tuning"
+    # SUPPRESS: an option left out keeps the config's default (shown in the help text)
+    kw: dict[str, Any] = {
+        "default": argparse.SUPPRESS,
+        "dest": name,
+        "help": f"{text} (default: {default})",
+    }
+    ann = f.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+        ann = args[0]
+    if typing.get_origin(ann) is typing.Literal:
+        kw["choices"] = typing.get_args(ann)
+    elif ann in (int, float):
+        kw["type"] = ann
+    return kw
+
+
 def _add_common(p: argparse.ArgumentParser, finetune: bool) -> None:
-    p.add_argument("--data", required=True, metavar="D", help="simulated dataset (.hspy)")
+    p.add_argument(
+        "--data",
+        required=not finetune,
+        metavar="D",
+        help="simulated dataset (.hspy)"
+        + ("; or give --images and --labels to fine-tune on annotated frames" if finetune else ""),
+    )
+    text, _ = _describe("train_defocus_nm")
     p.add_argument(
         "--defocus",
         nargs="+",
         metavar="NM",
         default=None,
-        help="training domain(s): defocus values in nm (e.g. '-10 -5' or '--defocus=-10,-5') "
-        "or 'all' "
-        "(the mixture baseline)" + ("" if finetune else "; default: all"),
+        help=f"{text} Give defoci in nm ('-10 -5' or '--defocus=-10,-5') or 'all'"
+        + ("" if finetune else " (default: all)"),
     )
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="checkpoint folder to create")
+    text, _ = _describe("eval_defocus_nm")
+    p.add_argument("--eval-defocus", nargs="+", metavar="NM", default=None, help=text)
+    for name, flag in FLAGS.items():
+        p.add_argument(flag, **_flag_kwargs(name, finetune))
+    text, default = _describe("patch_size")
     p.add_argument(
-        "--eval-defocus",
-        nargs="+",
-        metavar="NM",
-        default=None,
-        help="domains whose validation loss is recorded every epoch (default: all)",
+        "--patch-size", type=int, default=None, help=f"{text} 0 = whole images (default: {default})"
     )
-    p.add_argument(
-        "--n-train",
-        type=int,
-        default=None,
-        metavar="N",
-        help="number of training images drawn from the training structures (default: all)",
-    )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--lr", type=float, default=1e-4 if finetune else 1e-3, help="initial learning rate"
-    )
-    p.add_argument("--lr-decay", type=float, default=0.99, help="learning-rate factor per epoch")
-    p.add_argument(
-        "--patch-size",
-        type=int,
-        default=256,
-        help="random crop side in px (multiple of 32); 0 = whole images",
-    )
-    p.add_argument(
-        "--samples-per-epoch",
-        type=int,
-        default=None,
-        help="augmented samples per epoch (default: each training image once)",
-    )
-    p.add_argument(
-        "--val-fraction", type=float, default=0.2, help="fraction of structures held out"
-    )
-    p.add_argument(
-        "--split-seed",
-        type=int,
-        default=0,
-        help="seed of the structure split (keep it equal for pretraining and fine-tuning)",
-    )
-    p.add_argument(
-        "--max-val-images",
-        type=int,
-        default=None,
-        help="at most this many validation structures per domain",
-    )
-    p.add_argument("--loss", choices=("bce", "bce_dice"), default="bce")
-    p.add_argument("--no-augment", action="store_true", help="disable D4 augmentation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    p.add_argument("--no-augment", action="store_true", help="disable the D4 augmentation")
+    text, _ = _describe("deterministic")
+    p.add_argument("--deterministic", action="store_true", help=text)
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
+    p.add_argument(
+        "--no-ood-fit",
+        action="store_true",
+        help="do not fit the label-free OOD reference after training (fit it later with "
+        "'hrtem-transfer evaluate --model MODEL_DIR --data D --fit-ood')",
+    )
 
 
 def _add_pretrain(p: argparse.ArgumentParser) -> None:
+    import typing
+
+    from ..models.config import CompactUNetConfig, ResNet18UNetConfig
+
     _add_common(p, finetune=False)
+    archs = [
+        typing.get_args(c.model_fields["architecture"].annotation)[0]
+        for c in (CompactUNetConfig, ResNet18UNetConfig)
+    ]
     p.add_argument(
         "--arch",
-        choices=("compact", "resnet18"),
-        default="compact",
+        choices=archs,
+        default=archs[0],
         help="compact: CPU-sized U-Net (<2 M parameters); resnet18: the study's 14.3 M U-Net",
     )
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
+    import typing
+
+    from ..training.config import FreezeMode, TrainConfig
+
     p.add_argument(
-        "--model", required=True, metavar="MODEL_DIR", help="pretrained checkpoint folder"
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="checkpoint folder to start from, or 'pretrained' (shipped with the package)",
     )
     p.add_argument(
-        "--which", choices=("best", "last"), default="best", help="checkpoint to start from"
+        "--which",
+        choices=typing.get_args(TrainConfig.model_fields["init_which"].annotation),
+        default=TrainConfig.model_fields["init_which"].default,
+        help="checkpoint to start from",
     )
+    text, default = _describe("freeze")
     p.add_argument(
         "--freeze",
-        choices=("none", "encoder", "decoder", "gradual"),
-        default="none",
-        help="freezing protocol during fine-tuning",
+        choices=typing.get_args(FreezeMode),
+        default=default,
+        help=text,
     )
     _add_common(p, finetune=True)
+    p.add_argument(
+        "--images",
+        metavar="FILE",
+        default=None,
+        help="your own frames (any image file the readers accept) to fine-tune on; with --labels",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        default=None,
+        help="labels of --images, same shape: any non-zero pixel is particle; frames without a "
+        "labelled pixel are not used (image file, .npy or .hspy)",
+    )
+    p.add_argument(
+        "--sampling",
+        type=float,
+        default=None,
+        metavar="A_PER_PX",
+        help="pixel size of --images [Å/px], overriding the file's calibration",
+    )
 
 
-def _config_from_args(args: argparse.Namespace, finetune: bool) -> Any:
+def _model_dir(model: str) -> Path:
+    from ..segmentation import PRETRAINED, pretrained_model_dir
+
+    return pretrained_model_dir() if model == PRETRAINED else Path(model)
+
+
+def _config_from_args(args: argparse.Namespace, finetune: bool, **override: Any) -> Any:
+    from pydantic import ValidationError
+
     from ..training.config import TrainConfig
 
     train_d = _defocus_list(args.defocus, "--defocus")
-    if finetune and train_d == "all" and not args.defocus:
+    if finetune and train_d == "all" and not args.defocus and "train_defocus_nm" not in override:
         raise ConfigError(
             "--defocus: give the target domain(s) of the fine-tuning (or 'all').", "--defocus"
         )
-    kw: dict[str, Any] = dict(
-        train_defocus_nm=train_d,
-        eval_defocus_nm=_defocus_list(args.eval_defocus, "--eval-defocus"),
-        n_train=args.n_train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        patch_size=None if args.patch_size == 0 else args.patch_size,
-        samples_per_epoch=args.samples_per_epoch,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        max_val_images=args.max_val_images,
-        loss=args.loss,
-        augment=not args.no_augment,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-        num_threads=args.threads,
-        deterministic=args.deterministic,
-    )
-    if finetune:
-        kw.update(init_from=Path(args.model), init_which=args.which, freeze=args.freeze)
-    else:
+    kw: dict[str, Any] = {name: getattr(args, name) for name in FLAGS if hasattr(args, name)}
+    kw["train_defocus_nm"] = train_d
+    kw["eval_defocus_nm"] = _defocus_list(args.eval_defocus, "--eval-defocus")
+    if args.patch_size is not None:
+        kw["patch_size"] = None if args.patch_size == 0 else args.patch_size
+    if args.no_augment:
+        kw["augment"] = False
+    if args.deterministic:
+        kw["deterministic"] = True
+    kw.update(override)
+    try:
+        if finetune:
+            init = _model_dir(args.model)
+            train_domains = kw.pop("train_defocus_nm")
+            return TrainConfig.finetune(
+                init, train_domains, freeze=args.freeze, init_which=args.which, **kw
+            )
         kw["model"] = {"architecture": args.arch}
-    return TrainConfig(**kw)
+        return TrainConfig(**kw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err.get("loc") else ""
+        flag = FLAGS.get(name) or SPECIAL_FLAGS.get(name) or name
+        raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')!r})", flag) from None
 
 
 @contextlib.contextmanager
@@ -256,10 +340,52 @@ class _Progress:
         self.close()
 
 
+def _fit_ood(args: argparse.Namespace, out_dir: Path, data: Any, prog: str) -> None:
+    """The end-of-training OOD fit, with its own progress bar; a failure keeps the model."""
+    if args.no_ood_fit:
+        print(
+            f"{prog}: no OOD reference fitted (--no-ood-fit); fit it later with "
+            f"'hrtem-transfer evaluate --model {out_dir} --data DATA --fit-ood'.",
+            file=sys.stderr,
+        )
+        return
+    from ..evaluation.ood import fit_ood_after_training
+
+    bar: Any = None
+
+    def progress(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if args.no_progress:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="OOD reference", unit="img", leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        device = getattr(args, "device", None)
+        res = fit_ood_after_training(out_dir, data, progress=progress, device=device)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(res.message, file=sys.stdout if res.ok else sys.stderr)
+
+
 def _run_training(args: argparse.Namespace, finetune: bool) -> int:
     from ..training.loop import train
 
     prog = f"hrtem-transfer {'finetune' if finetune else 'pretrain'}"
+    images = getattr(args, "images", None)
+    labels = getattr(args, "labels", None)
+    if finetune and (images or labels):
+        return _run_annotation_finetune(args, prog)
+    if args.data is None:
+        raise ConfigError(
+            "--data: give the simulated dataset (.hspy), or --images and --labels to fine-tune "
+            "on your own annotated frames.",
+            "--data",
+        )
     cfg = _config_from_args(args, finetune)
     stop = threading.Event()
     progress = _Progress(show_bar=not args.no_progress)
@@ -282,15 +408,73 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
         f"(val loss {result.best_val_loss:.4f}) in {result.time_s:.0f} s; "
         f"checkpoint {result.out_dir}"
     )
-    # the label-free OOD score needs the training-domain feature distribution of the best model
-    from ..evaluation.ood import fit_ood_reference_for_checkpoint
-    from ..io import load_dataset
+    _fit_ood(args, result.out_dir, args.data, prog)
+    return 0
 
-    print(
-        fit_ood_reference_for_checkpoint(
-            result.out_dir, load_dataset(args.data), device=args.device
+
+def _read_frames(path: str, what: str) -> Any:
+    """One image signal of a file as ExperimentalImage (the first if there are several)."""
+    import warnings
+
+    from ..io.readers import read_images
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = read_images(Path(path).expanduser())
+    for w in caught:
+        print(f"hrtem-transfer finetune: warning: {what}: {w.message}", file=sys.stderr)
+    if len(images) > 1:
+        print(
+            f"hrtem-transfer finetune: note: {path} holds {len(images)} image signals; using "
+            f"the first ({images[0].name}).",
+            file=sys.stderr,
         )
+    return images[0]
+
+
+def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
+    from ..training.annotations import dataset_from_annotations
+    from ..training.checkpoint import read_sidecar
+    from ..training.loop import train
+
+    if not (args.images and args.labels):
+        raise ConfigError("give both --images and --labels (same shape).", "--labels")
+    if args.data is not None:
+        raise ConfigError("give either --data or --images/--labels, not both.", "--data")
+    images = _read_frames(args.images, "--images")
+    labels = _read_frames(args.labels, "--labels")
+    init = _model_dir(args.model)
+    side = read_sidecar(init, args.which)
+    ds = dataset_from_annotations(
+        images.frames(),
+        labels.frames(),
+        sampling_A=args.sampling if args.sampling is not None else images.sampling_A,
+        model_sampling_A=side.get("sampling_A"),
     )
+    for note in ds.info.get("notes", []):
+        print(f"{prog}: note: {note}", file=sys.stderr)
+    ny, nx = ds.images.shape[-2:]
+    override: dict[str, Any] = {"train_defocus_nm": "all", "val_fraction": 0.25}
+    if args.patch_size is None:
+        override["patch_size"] = min(256, (min(ny, nx) // 32) * 32)
+    if not hasattr(args, "samples_per_epoch"):
+        from ..training.annotations import DEFAULT_SAMPLES_PER_EPOCH
+
+        override["samples_per_epoch"] = DEFAULT_SAMPLES_PER_EPOCH
+    cfg = _config_from_args(args, True, **override)
+    print(f"{prog}: fine-tuning on {len(ds.info['frames'])} annotated frame(s) {ds.info['frames']}")
+    stop = threading.Event()
+    progress = _Progress(show_bar=not args.no_progress)
+    try:
+        with _sigint_to_stop(stop, prog):
+            result = train(cfg, ds, args.out, callbacks=[progress], stop=stop, resume=args.resume)
+    finally:
+        progress.close()
+    if result.stopped:
+        print(f"{prog}: stopped; rerun with --resume to continue.", file=sys.stderr)
+        return 130
+    print(f"done: checkpoint {result.out_dir} (val loss {result.best_val_loss:.4f})")
+    _fit_ood(args, result.out_dir, ds, prog)
     return 0
 
 

@@ -6,6 +6,7 @@ Nothing here imports HyperSpy at module import time; it is imported inside the f
 from .dataset import HRTEMDataset, load_dataset, save_dataset
 from .hyperspy_integration import from_signal, to_signal
 from .readers import SUPPORTED_EXTENSIONS, ExperimentalImage, ReaderWarning, read_images
+from .sessions import load_session, read_session
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -14,6 +15,8 @@ __all__ = [
     "ReaderWarning",
     "from_signal",
     "load_dataset",
+    "load_session",
+    "read_session",
     "read_images",
     "save_dataset",
     "to_signal",

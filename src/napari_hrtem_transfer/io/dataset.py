@@ -174,7 +174,7 @@ def _axis(name: str, values: np.ndarray, units: str | None) -> dict:
     return d
 
 
-def to_signal(ds: HRTEMDataset):
+def _dataset_signal(ds: HRTEMDataset):
     """Build the HyperSpy signal that :func:`save_dataset` writes (images + masks in metadata)."""
     import hyperspy.api as hs
 
@@ -188,6 +188,7 @@ def to_signal(ds: HRTEMDataset):
         {"name": "x", "size": nx, "offset": 0.0, "scale": s_nm, "units": "nm"},
     ]
     s = hs.signals.Signal2D(ds.images, axes=axes)
+    s.metadata.Signal.signal_type = "HRTEM_defocus_series"
     if hasattr(ds.images, "dask"):
         s = s.as_lazy()
         s.data = ds.images
@@ -245,7 +246,7 @@ def save_dataset(ds: HRTEMDataset, path: str | os.PathLike, chunks: bool = True)
         raise DatasetError(
             f"{path}: datasets are written as HyperSpy .hspy files; use a name ending in .hspy."
         )
-    s = to_signal(ds)
+    s = _dataset_signal(ds)
     ny, nx = ds.image_shape
     with atomic_path(path) as tmp:
         s.save(tmp, overwrite=True, chunks=(1, 1, ny, nx) if chunks else None)

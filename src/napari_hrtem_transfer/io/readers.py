@@ -16,7 +16,8 @@ extension                  notes
                            calibration tags; RGB is converted to grey
 ``.hspy``                  HyperSpy files, and this package's simulated
                            datasets (one entry per defocus)
-``.npy``                   NumPy arrays (2-D or 3-D, uncalibrated)
+``.npy``                   NumPy arrays (2-D, or stacks (..., ny, nx); uncalibrated)
+``.png``, ``.jpg``         plain images (uncalibrated; e.g. label masks)
 =========================  ====================================================
 
 Calibration
@@ -84,6 +85,9 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".tiff",
     ".hspy",
     ".npy",
+    ".png",
+    ".jpg",
+    ".jpeg",
 )
 
 _UNDEFINED_UNITS = {"", "<undefined>", "undefined", "none", "px", "pixel", "pixels"}
@@ -339,7 +343,12 @@ def read_images(
         images = _read_simulated_dataset(path)
         if images is not None:
             return images
-    signals = _hs_load(path)
+    try:
+        signals = _hs_load(path)
+    except ReaderError:
+        if ext not in (".tif", ".tiff"):
+            raise
+        return [_read_tiff_plain(path)]  # e.g. uint8 stacks RosettaSciIO takes for RGB
     return images_from_signals(signals, path=path, allow_reciprocal=allow_reciprocal)
 
 
@@ -666,6 +675,21 @@ def _find_microscope_info(om: dict) -> dict | None:
     return None
 
 
+def _read_tiff_plain(path: Path) -> ExperimentalImage:
+    """A TIFF that RosettaSciIO cannot parse, read as a plain array with tifffile."""
+    import tifffile
+
+    try:
+        data = tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types
+        raise ReaderError(f"{path}: not a readable TIFF file ({exc}).") from exc
+    image = _array_image(data, path, "tif")
+    image.metadata["reader_notes"].append(
+        f"{path.name}: read as a plain array (tifffile); calibration tags were not read."
+    )
+    return image
+
+
 def _read_npy(path: Path) -> ExperimentalImage:
     try:
         data = np.load(path, allow_pickle=False)
@@ -673,6 +697,10 @@ def _read_npy(path: Path) -> ExperimentalImage:
         raise ReaderError(
             f"{path}: not a readable NumPy array file ({exc}). Save arrays with numpy.save."
         ) from exc
+    return _array_image(data, path, "npy")
+
+
+def _array_image(data: np.ndarray, path: Path, fmt: str) -> ExperimentalImage:
     notes: list[str] = []
     if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
         note = (
@@ -687,7 +715,7 @@ def _read_npy(path: Path) -> ExperimentalImage:
             f"{path}: expected a real 2-D image or a stack (..., ny, nx) of them; got a "
             f"{data.ndim}-D array of shape {data.shape} and dtype {data.dtype}."
         )
-    notes.append(f"{path.name}: .npy files carry no calibration; sampling_A is None.")
+    notes.append(f"{path.name}: no calibration read; sampling_A is None.")
     lead = data.shape[:-2]
     nav_axes = [
         {
@@ -704,7 +732,7 @@ def _read_npy(path: Path) -> ExperimentalImage:
         data=data.reshape(-1, *data.shape[-2:]),
         sampling_A=None,
         axes=[],
-        metadata={"format": "npy", "title": "", "reader_notes": notes, "hyperspy": {}},
+        metadata={"format": fmt, "title": "", "reader_notes": notes, "hyperspy": {}},
         original_metadata={},
         name=path.stem,
         path=path,
