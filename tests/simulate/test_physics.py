@@ -121,6 +121,7 @@ def test_mask_independent_of_defocus_and_dose(small_config):
     assert a["mask"].any()
 
 
+@pytest.mark.slow
 def test_zero_defocus_follows_the_particle_height():
     """Minimum-contrast focus moves with the particle: 2 nm more below it = +2 nm defocus."""
     import ase
@@ -145,6 +146,7 @@ def test_zero_defocus_follows_the_particle_height():
     assert particle_reference(atoms, no_cal)[1] == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("material", ["Au", "CdSe"])
 def test_zero_defocus_is_a_property_of_the_specimen_not_the_microscope(material):
     """The calibrated zero is the particles' focus under the defocus propagator alone.

@@ -197,6 +197,12 @@ class _TrainProgress:
         )
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_protocol(
     out_dir: str | os.PathLike,
     settings: DemoSettings | str = "laptop",
@@ -356,7 +362,11 @@ def run_protocol(
             f"Demo: pretrained at {s.pretrain_defocus_nm:+g} nm, fine-tuned at "
             f"{s.transfer_defocus_nm:+g} nm ({s.freeze} frozen)"
         ),
-        notes=[f"Demo settings: {json.dumps(asdict(s))}"],
+        notes=[
+            f"Demo settings: {json.dumps(asdict(s))}",
+            f"Torch CPU threads: {_torch_threads()} (a seeded run repeats exactly on the same "
+            "machine with the same number of threads).",
+        ],
     )
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all

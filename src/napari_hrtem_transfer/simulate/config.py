@@ -66,7 +66,9 @@ class SimulationConfig(BaseModel):
         True,
         description=(
             "Measure zero defocus per structure as the minimum-contrast focus of the particles "
-            "alone (the study's calibration); False = zero at the exit plane of the cell."
+            "alone under the defocus propagator alone (no Cs, focal spread or aperture: the "
+            "same zero for every microscope; the study's calibration); False = zero at the "
+            "exit plane of the cell."
         ),
     )
     defocus_jitter_nm: float = Field(

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
-#: abTEM settings of every simulation: eager numpy inside one structure's task, and FFTW plans
-#: chosen by FFTW's deterministic heuristics on one thread.  abTEM's default
+#: abTEM settings of every simulation: eager numpy inside one structure's task, and numpy's
+#: FFT (pocketfft), which has no run-time planning.  abTEM's default FFTW with
 #: ``FFTW_MEASURE`` times candidate algorithms and keeps the fastest, so the plan (and the
-#: last bits of every FFT) changed from run to run with the machine's load; those bits
-#: reached the Poisson draw.  ``FFTW_ESTIMATE`` is as fast on these grids (benchmarks/
-#: bench_simulate.py) and gives bitwise identical images run to run on one machine.
+#: last bits of most pixels) changed from run to run with the machine's load, and those bits
+#: reached the Poisson draw.  ``FFTW_ESTIMATE`` would be reproducible too, but abTEM then finds
+#: no FFTW wisdom and builds a new plan for every transform (several times slower); see
+#: ``benchmarks/bench_simulate.py --fft-plans`` for the costs.
 ABTEM_SETTINGS: dict = {
     "dask.lazy": False,
-    "fftw.planning_effort": "FFTW_ESTIMATE",
-    "fftw.threads": 1,
+    "fft": "numpy",
 }
 
 

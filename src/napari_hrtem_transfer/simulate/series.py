@@ -2,7 +2,9 @@
 
 Reproducibility: structure ``i`` draws everything (geometry, orientation, phonons, defocus
 jitter, noise) from ``SeedSequence(config.seed, spawn_key=(i,))``, so the same seed gives
-identical arrays whatever the number of workers or the order tasks finish in.
+identical arrays whatever the number of workers or the order tasks finish in.  The FFTs have
+no timing-dependent planning (:data:`.physics.ABTEM_SETTINGS`), so the arrays are also bitwise
+identical run to run on one machine.
 """
 
 from __future__ import annotations
