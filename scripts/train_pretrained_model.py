@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=1e-3,
     )
     if not (model_dir / "best.json").exists() or (model_dir / "last.json").exists() and (
-        json.loads((model_dir / "last.json").read_text()).get("epoch", 0) < args.epochs
+        json.loads((model_dir / "last.json").read_text()).get("epochs_completed", 0) < args.epochs
     ):
         log(f"pretraining ({args.epochs} epochs, all 11 defoci)")
         t_train = time.perf_counter()
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_ood(model_dir, merged, log)
     log("evaluating on held-out structures")
     evaluation = evaluate_model(model_dir, load_dataset(merged, lazy=True))
-    records = [r for r in evaluation.domains] if hasattr(evaluation, "domains") else []
+    records = evaluation.domains.records()
     (work / "evaluation.json").write_text(json.dumps(_jsonable(records), indent=1))
     if not args.no_install:
         install(model_dir)
@@ -177,7 +177,7 @@ def install(model_dir: Path) -> None:
     tmp.rename(PACKAGE_MODEL)
 
 
-def _jsonable(obj):
+def _jsonable(obj):  # noqa: D103
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -190,18 +190,24 @@ def _jsonable(obj):
 
 
 def write_card(config, data: Path, model_dir: Path, records, args, seconds: float) -> None:
+    """Write the measured per-defocus table into the model card (between the markers)."""
     sidecar = json.loads((model_dir / "best.json").read_text())
-    rows = []
+    ood = json.loads((model_dir / "ood_reference.json").read_text())
+    by_domain: dict[float, dict[str, dict]] = {}
     for r in records:
-        r = _jsonable(r)
-        if not isinstance(r, dict) or "defocus_nm" not in r:
-            continue
-        rows.append(
-            f"| {r['defocus_nm']:+g} | {r.get('dice', float('nan')):.3f} "
-            f"[{r.get('dice_lo', float('nan')):.3f}, {r.get('dice_hi', float('nan')):.3f}] "
-            f"| {r.get('loss', float('nan')):.4f} | {r.get('iou', float('nan')):.3f} "
-            f"| {r.get('n_frames', r.get('n', ''))} |"
-        )
+        by_domain.setdefault(float(r["domain_defocus_nm"]), {})[str(r.get("material"))] = r
+
+    def cell(r) -> str:
+        return f"{r['dice']:.3f} [{r['dice_ci_low']:.2f}, {r['dice_ci_high']:.2f}]"
+
+    mats = sorted({m for d in by_domain.values() for m in d})
+    rows = []
+    for d in sorted(by_domain):
+        cells = [cell(by_domain[d][m]) if m in by_domain[d] else "-" for m in mats]
+        losses = [by_domain[d][m]["loss"] for m in mats if m in by_domain[d]]
+        n = sum(int(by_domain[d][m]["n_images"]) for m in mats if m in by_domain[d])
+        rows.append(f"| {d:+g} | " + " | ".join(cells) + f" | {np.mean(losses):.4f} | {n} |")
+    hist = sidecar.get("history", [])
     text = CARD.read_text() if CARD.exists() else ""
     marker = "<!-- measured -->"
     table = "\n".join(
@@ -209,11 +215,16 @@ def write_card(config, data: Path, model_dir: Path, records, args, seconds: floa
             marker,
             f"Measured by `python scripts/train_pretrained_model.py --n-structures "
             f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "
-            f"{args.samples_per_epoch} --seed {args.seed}` "
-            f"({seconds / 60:.0f} min in all on {sidecar.get('device', 'cpu')}).",
+            f"{args.samples_per_epoch} --seed {args.seed}` ({seconds / 60:.0f} min in all, on a "
+            f"shared 2-core machine; device {sidecar.get('training', {}).get('device', 'cpu')}). "
+            f"Best epoch {int(sidecar.get('best_epoch', 0)) + 1} of {len(hist)}, validation "
+            f"loss (BCE, all defoci) {float(sidecar.get('best_val_loss', float('nan'))):.4f}. "
+            f"OOD reference: {ood.get('n_images') or ood.get('info', {}).get('n_samples')} "
+            f"image-transforms, caution level {ood.get('caution_level')}.",
             "",
-            "| defocus [nm] | Dice [95 % CI] | loss (BCE) | IoU | held-out frames |",
-            "|---|---|---|---|---|",
+            "| defocus [nm] | " + " | ".join(f"Dice {m} [95 % CI]" for m in mats)
+            + " | loss (BCE) | held-out frames |",
+            "|---|" + "---|" * len(mats) + "---|---|",
             *rows,
             marker,
         ]

@@ -49,7 +49,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..segmentation import SegmentConfig
 
     p.add_argument(
-        "input", metavar="INPUT", help="image file (dm3, dm4, emd, ser/emi, mrc, tif, hspy, npy)"
+        "input",
+        metavar="INPUT",
+        nargs="+",
+        help="image file (dm3, dm4, emd, ser/emi, mrc, tif, hspy, npy, png), or a session: a "
+        "folder or several files, stacked into one series (defocus [nm] from the vendor "
+        "metadata where recorded, else acquisition time or order)",
+    )
+    p.add_argument(
+        "--defocus",
+        nargs="+",
+        type=float,
+        metavar="NM",
+        default=None,
+        help="defocus of each file of a session [nm] (abTEM sign: positive = underfocus)",
+    )
+    p.add_argument(
+        "--session-resample",
+        action="store_true",
+        help="resample session frames of other pixel sizes to the most common one",
     )
     p.add_argument(
         "--model",
@@ -100,13 +118,22 @@ def _config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')!r})", flag) from None
 
 
-def _read(path: Path) -> list[Any]:
-    """Every image signal of INPUT as ExperimentalImage; reader warnings go to stderr."""
+def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:
+    """Every image signal of INPUT (or the session) as ExperimentalImage; warnings to stderr."""
     from ..io.readers import read_images
+    from ..io.sessions import read_session
 
+    paths = [Path(p).expanduser() for p in inputs]
+    session = len(paths) > 1 or paths[0].is_dir()
+    if args.defocus is not None and not session:
+        raise ConfigError("--defocus is for sessions (a folder or several files).", "--defocus")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = read_images(path)
+        if session:
+            src = paths if len(paths) > 1 else paths[0]
+            images = [read_session(src, args.defocus, args.session_resample)]
+        else:
+            images = read_images(paths[0])
     for w in caught:
         print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     return images
@@ -203,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out)
     if args.sampling is not None and not args.sampling > 0:
         raise ConfigError(f"--sampling must be a positive pixel size [Å] (got {args.sampling}).")
-    images = _read(Path(args.input).expanduser())
+    images = _read(args.input, args)
+    source = args.input[0] if len(args.input) == 1 else ", ".join(args.input)
     targets = _outputs(out, len(images), args.proba)
     for t in targets:  # refuse before anything is computed or written
         for p in t.values():
@@ -218,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         for note in res.notes:
             if not any(str(w.message) == note for w in caught):
                 print(f"{PROG}: note: {note}", file=sys.stderr)
-        name = image.name or Path(args.input).stem
+        name = image.name or Path(args.input[0]).stem
         _write_array(t["mask"], res.labels, res, f"Particle mask of {name}", image)
         n_frames = max(1, int(res.labels.size // (res.labels.shape[-1] * res.labels.shape[-2])))
         print(
@@ -228,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         if t["proba"] is not None:
             _write_array(t["proba"], res.proba, res, f"Particle probability of {name}", image)
             print(f"wrote {t['proba']}")
-        _write_ood(t["ood"], res, str(Path(args.input)), args)
+        _write_ood(t["ood"], res, source, args)
         if res.ood_score is not None:
             rows = res.frame_table()
             level = res.ood_caution
