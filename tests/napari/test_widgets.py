@@ -304,6 +304,7 @@ def test_finetune_on_frames_annotated_in_layers_improves_them(make_napari_viewer
     out = str((tmp_path / "ft").resolve())
     assert "OOD reference: " in w.ood_status.value
     assert out in list(seg.model.combo.choices)  # offered in Segment at once
+    assert seg.model.value == out
 
     def score(model):
         res = segment(frames[[0, 2]], model, sampling_A=0.2, ood=False)
@@ -392,6 +393,16 @@ def test_segment_fills_features_per_frame_and_the_ood_plot_follows(make_napari_v
     assert view.current_frame == 5
     np.testing.assert_allclose(view.marker.get_xydata(), [[5.0, f["ood_score"][5]]])
     assert "defocus +5 nm" in viewer.text_overlay.text and "OOD" in viewer.text_overlay.text
+    # a model fine-tuned in the Train dock: picked, and the session re-scored with it
+    from napari_hrtem_transfer._napari._widgets._models import recent_models
+
+    recent_models.add(tiny_model_dir)
+    assert w.running and w.model.value == str(tiny_model_dir.resolve())
+    _wait_idle(qtbot, w)
+    from napari_hrtem_transfer._napari._widgets._ood import ood_layers
+
+    assert len(ood_layers(viewer)) == 2
+    assert view.layer is w.added_layers[0] and len(view.points.get_offsets()) == 6
     # RGB layers are refused with a message
     w.image.value = viewer.layers["photo"]
     w.run_button.click()

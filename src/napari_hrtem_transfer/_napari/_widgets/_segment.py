@@ -87,8 +87,11 @@ class SegmentWidget(JobDock):
         self.show_ood = CheckBox(label="show OOD dock", value=True,
                                  tooltip="Open the per-frame OOD plot and ranking after "
                                  "segmenting a stack.")
+        self.rescore = CheckBox(label="re-segment after fine-tuning", value=True,
+                                tooltip="When a model is fine-tuned in the Train dock, segment "
+                                "the last segmented image again with it (new OOD scores).")
         self.form.extend([self.image, *self.model.widgets, self.which, self.threshold,
-                          self.device, self.add_proba, self.show_ood])
+                          self.device, self.add_proba, self.show_ood, self.rescore])
         self.add_row(self.model.card)
         self.add_job_rows()
         self.ood_label = WrapLabel("")
@@ -100,6 +103,21 @@ class SegmentWidget(JobDock):
         self.added_layers: list[Any] = []
         self.ood_view: Any = None
         self._source: Any = None
+        recent_models.changed.connect(self._on_new_model)
+
+    def _on_new_model(self) -> None:
+        """A model was just trained: pick it, and re-score the last segmented image."""
+        if self.closed or not recent_models.paths():
+            return
+        try:
+            self.model.value = recent_models.paths()[0]
+        except RuntimeError:  # deleted
+            return
+        src = self._source
+        if (self.rescore.value and self.result is not None and not self.running
+                and src is not None and src in self._viewer.layers):
+            self.image.value = src
+            self.start()
 
     def _image_layers(self, *_: Any) -> list[tuple[str, Any]]:
         from napari.layers import Image
