@@ -60,8 +60,11 @@ def main() -> None:
 
     def save(widget, name: str) -> None:
         path = args.out / f"napari_{name}.png"
+        from qtpy.QtCore import QRect
+
         body = getattr(widget, "body", widget)  # the whole form, not the scrolled view
-        body.grab().save(str(path))
+        height = min(body.height(), body.sizeHint().height())
+        body.grab(QRect(0, 0, body.width(), height)).save(str(path))
         print(f"wrote {path}", flush=True)
 
     sim = SimulateWidget(viewer)
@@ -72,7 +75,10 @@ def main() -> None:
     train = TrainWidget(viewer)
     viewer.window.add_dock_widget(train, name="Train", area="right", tabify=True)
     train.dataset.value = sample
-    train.model.value = ""  # pretrain on the sample (the shipped model may be absent)
+    from napari_hrtem_transfer._napari._widgets._models import PRETRAINED, resolve_model
+
+    # fine-tune the shipped model on the sample when it is installed, else pretrain on it
+    train.model.value = PRETRAINED if resolve_model(PRETRAINED) is not None else ""
     train.out_dir.value = tmp / "model"
     train.epochs.value = args.epochs
     train.batch_size.value = 4

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +42,6 @@ from .._workers import (
     JobRunner,
     JobStage,
     JobStopped,
-    stop_all_jobs,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def notify(kind: str, message: str) -> None:
 def breakable(text: str) -> str:
     """``text`` with zero-width spaces after path separators and in very long words, so a
     wrapping label can break file paths and identifiers."""
-    text = re.sub(r"([/\\_.,;:=])", "\\1\u200b", text)
+    text = re.sub(r"([/\\_=;])", "\\1\u200b", text)
     return re.sub(r"(\S{40})(?=\S)", "\\1\u200b", text)
 
 
@@ -134,8 +134,15 @@ class DockWidget(QScrollArea):
         self.setWidget(self.body)
         self.body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         app = QApplication.instance()
-        if app is not None:
-            app.aboutToQuit.connect(self.on_closed)
+        if app is not None:  # a weak link: the application must not keep closed docks alive
+            ref = weakref.ref(self)
+
+            def _quit() -> None:
+                dock = ref()
+                if dock is not None:
+                    dock.on_closed()
+
+            app.aboutToQuit.connect(_quit)
 
     # -- size: small minimum so several docks fit a 1280 x 800 screen (the rest scrolls)
     def minimumSizeHint(self):  # noqa: N802 - Qt API
@@ -447,11 +454,6 @@ class JobDock(DockWidget):
         """After the job ended, whatever the outcome."""
 
 
-def stop_jobs_on_quit() -> None:
-    """Stop every job when the application quits (connected once)."""
-    stop_all_jobs()
-
-
 class ThemedPlot:
     """A matplotlib canvas whose colours follow napari's theme; redraws are throttled.
 
@@ -562,10 +564,12 @@ class LivePlot(QWidget):
     """
 
     def __init__(self, viewer: Any, xlabel: str = "", ylabel: str = "",
-                 height: int = 160) -> None:
+                 height: int = 160, logy: bool = False) -> None:
         super().__init__()
         self._viewer = viewer
         self.xlabel, self.ylabel = xlabel, ylabel
+        #: logarithmic y axis (used when every value is positive)
+        self.logy = logy
         self.series: list[dict[str, Any]] = []
         self.setFixedHeight(height)
         self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
@@ -617,6 +621,8 @@ class LivePlot(QWidget):
             p.drawRect(box)
             p.drawText(QRectF(0, h - 13, w, 13), Qt.AlignmentFlag.AlignHCenter, self.xlabel)
             pts = [pt for s in self.series for pt in s["points"] if np.isfinite(pt[1])]
+            log = self.logy and bool(pts) and min(pt[1] for pt in pts) > 0
+            tf = (lambda v: float(np.log10(v))) if log else float
             # legend
             x_leg = left + 4
             for s in self.series:
@@ -631,7 +637,7 @@ class LivePlot(QWidget):
                 p.drawText(box, Qt.AlignmentFlag.AlignCenter, self.ylabel)
                 return
             xs = np.array([pt[0] for pt in pts])
-            ys = np.array([pt[1] for pt in pts])
+            ys = np.array([tf(pt[1]) for pt in pts])
             x0, x1 = float(xs.min()), float(xs.max())
             y0, y1 = float(ys.min()), float(ys.max())
             if x1 <= x0:
@@ -650,7 +656,7 @@ class LivePlot(QWidget):
                 pt = map_pt(x0, yv)
                 p.drawText(QRectF(0, pt.y() - 7, left - 4, 14),
                            Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
-                           f"{yv:.3g}")
+                           f"{10 ** yv if log else yv:.3g}")
             for xv in (x0, x1):
                 pt = map_pt(xv, y0)
                 p.drawText(QRectF(pt.x() - 20, box.bottom() + 1, 40, 12),
@@ -662,7 +668,7 @@ class LivePlot(QWidget):
                 col = QColor(c["text"] if s["color"] == "text" else s["color"])
                 col.setAlphaF(s["alpha"])
                 p.setPen(QPen(col, s["width"]))
-                poly = QPolygonF([map_pt(x, y) for x, y in spts])
+                poly = QPolygonF([map_pt(x, tf(y)) for x, y in spts])
                 p.drawPolyline(poly)
                 if s["marker"]:
                     p.setBrush(col)

@@ -59,7 +59,8 @@ class LossPlot(LivePlot):
     """
 
     def __init__(self, viewer: napari.Viewer) -> None:
-        super().__init__(viewer, xlabel="epoch", ylabel="BCE loss", height=170)
+        super().__init__(viewer, xlabel="epoch (loss on a log scale)", ylabel="BCE loss",
+                         height=170, logy=True)
         self.steps = self.add_series("train (step)", color="text", alpha=0.45, width=1.0)
         self.train_epochs = self.add_series("train (epoch)", color="#1f77b4", marker=True,
                                             width=1.6)
