@@ -61,6 +61,7 @@ def test_resnet18_matches_the_study():
     assert [b.conv2[0].out_channels for b in model.decoder.blocks] == [256, 128, 64, 32, 16]
 
 
+@pytest.mark.slow
 def test_compact_is_small_with_large_receptive_field():
     torch.manual_seed(0)
     model = build_model("compact")

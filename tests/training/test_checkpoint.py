@@ -52,6 +52,7 @@ def _save(model_dir, arch="compact", which="best"):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["compact", "resnet18"])
 def test_round_trip_gives_identical_outputs(tmp_path, arch):
     model = _save(tmp_path / "m", arch)

@@ -61,6 +61,7 @@ def models(dataset_path, tmp_path_factory):
     return pre, ft
 
 
+@pytest.mark.slow
 def test_pretrain_and_finetune_write_checkpoints(models, capsys):
     from napari_hrtem_transfer.training import read_sidecar
 
@@ -72,6 +73,7 @@ def test_pretrain_and_finetune_write_checkpoints(models, capsys):
     assert s_ft["training"]["config"]["lr"] == 1e-4  # fine-tuning default
 
 
+@pytest.mark.slow
 def test_epoch_summary_lines(dataset_path, tmp_path, capsys):
     assert (
         main(
@@ -95,6 +97,7 @@ def test_epoch_summary_lines(dataset_path, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_segment_npy_hspy_and_tif(models, dataset_path, tmp_path):
     import hyperspy.api as hs
     import tifffile

@@ -95,6 +95,7 @@ def _image(size, seed=2):
     return img
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch",
     [

@@ -49,6 +49,7 @@ def _weights(model_dir, which):
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_overfits_one_small_batch(dataset_path, small_config, tmp_path):
     cfg = small_config.model_copy(
         update=dict(
