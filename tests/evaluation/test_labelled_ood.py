@@ -29,6 +29,7 @@ def reference(series, trained, tmp_path_factory):
     return ref, d
 
 
+@pytest.mark.slow
 def test_score_is_higher_far_from_training_domain(series, trained, reference):
     ref, _ = reference
     res = evaluate_model(trained, series, ood_reference=ref, structures=HELD_OUT, n_boot=200)
