@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("pretrained_work"))
     p.add_argument("--n-structures", type=int, default=40, help="per material")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--samples-per-epoch", type=int, default=384)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--workers", type=int, default=1)

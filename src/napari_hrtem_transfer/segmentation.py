@@ -580,6 +580,9 @@ def segment(
     stride = max(1, int(lm.output_stride))
     min_px = max(cfg.min_frame_px, stride)
     tile = max(cfg.tile_size // stride * stride, stride)
+    # prediction tiles must hold the model's reach on both sides of their useful centre
+    reach = -(-int(getattr(lm.model, "receptive_field", 0)) // stride) * stride
+    pred_tile = max(tile, 2 * reach + stride)
     # small frames are processed several at a time (at most one tile's worth of pixels)
     zy, zx = (ny, nx) if factor is None else (round(ny * factor), round(nx * factor))
     per_group = max(1, (tile * tile) // max(1, max(zy, min_px) * max(zx, min_px)))
@@ -604,11 +607,11 @@ def segment(
             )
         work = np.stack(works)
         p = lm.predict_proba(
-            work, tile_size=tile, batch_size=cfg.batch_size, precision=cfg.precision
+            work, tile_size=pred_tile, batch_size=cfg.batch_size, precision=cfg.precision
         )
         if scorer is not None:
             try:
-                sc = ood_scores(scorer, work, reference=ref, proba=p, tile_px=tile)
+                sc = ood_scores(scorer, work, reference=ref, proba=p, tile_px=pred_tile)
                 scores[idx.start : idx.stop] = np.asarray(sc.score, dtype=float)
             except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
                 notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")

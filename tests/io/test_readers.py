@@ -357,11 +357,16 @@ def test_simulated_dataset_gives_one_entry_per_defocus(tmp_path):
 
 
 def test_wrong_extension_is_refused(tmp_path):
-    p = tmp_path / "x.jpg"
-    p.write_bytes(b"\xff\xd8")
+    p = tmp_path / "x.bmp"
+    p.write_bytes(b"BM")
     with pytest.raises(ReaderError, match="not supported"):
         read_images(p)
     assert not is_supported(p)
+    # a broken file of a supported type is named, with what to check
+    q = tmp_path / "x.jpg"
+    q.write_bytes(b"\xff\xd8")
+    with pytest.raises(ReaderError, match="could not read this file"):
+        read_images(q)
     assert is_supported("a/B.DM4")
 
 
