@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from napari_hrtem_transfer.errors import ConfigError  # noqa: E402

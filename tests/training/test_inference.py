@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torch
 
 from napari_hrtem_transfer.errors import ConfigError  # noqa: E402

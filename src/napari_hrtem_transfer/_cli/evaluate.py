@@ -107,8 +107,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         const="auto",
         default=None,
         metavar="CSV",
-        help="also show the study's published table (paper_defocus_sweep.csv; found "
-        "automatically if no path is given)",
+        help="also show the study's published table (paper_defocus_sweep.csv; the copy "
+        "that ships with the package if no path is given)",
     )
 
 
@@ -205,8 +205,8 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
         "--csv",
         type=Path,
         default=None,
-        help="the published table paper_defocus_sweep.csv (default: found next to the "
-        "repository in shared/reference/, or $HRTEM_TRANSFER_REFERENCE_CSV)",
+        help="the published table paper_defocus_sweep.csv (default: the copy that ships "
+        "with the package, or $HRTEM_TRANSFER_REFERENCE_CSV)",
     )
     p.add_argument(
         "--results",
