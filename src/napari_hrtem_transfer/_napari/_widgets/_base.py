@@ -152,10 +152,11 @@ class DockWidget(QScrollArea):
         return hint
 
     def sizeHint(self):  # noqa: N802 - Qt API
-        hint = self.body.sizeHint()
-        hint.setWidth(self.preferred_width)
-        hint.setHeight(min(hint.height() + 4, 420))
-        return hint
+        # constant: a hint following the contents (a message growing by a line) would make
+        # the main window re-lay out its docks and the canvas at every status update
+        from qtpy.QtCore import QSize
+
+        return QSize(self.preferred_width, 420)
 
     def add_row(self, *widgets: QWidget) -> QWidget:
         """Add Qt widgets below the form, side by side; returns the row."""
@@ -191,11 +192,13 @@ class DockWidget(QScrollArea):
 _PREWARMED: set[str] = set()
 
 
-def prewarm(modules: tuple[str, ...]) -> None:
-    """Import ``modules`` on a background thread, once per process.
+def prewarm(modules: tuple[Any, ...]) -> None:
+    """Import ``modules`` (names, or callables to run) on a background thread, once each.
 
-    Importing torch loads large shared libraries while holding the GIL (about a second on a
-    busy 2-core machine); doing it when a dock opens keeps that pause out of the first run.
+    Importing torch loads large shared libraries, and its first optimiser step imports about
+    a thousand more modules (torch._dynamo, sympy, ...), all while holding the GIL (up to a
+    second each on a busy 2-core machine); doing it when a dock opens keeps these pauses out
+    of the run the user watches.
     """
     todo = tuple(m for m in modules if m not in _PREWARMED)
     if not todo:
@@ -207,7 +210,7 @@ def prewarm(modules: tuple[str, ...]) -> None:
 
         for m in todo:
             try:
-                importlib.import_module(m)
+                m() if callable(m) else importlib.import_module(m)
             except Exception:  # noqa: BLE001 - the job itself will report a real problem
                 pass
 
@@ -220,7 +223,7 @@ class JobDock(DockWidget):
     #: what the job is called in napari's "tasks running" close dialog
     job_title = "job"
     #: modules the job needs, imported in the background when the dock opens
-    prewarm_modules: tuple[str, ...] = ()
+    prewarm_modules: tuple[Any, ...] = ()
 
     def __init__(self, viewer: napari.Viewer, run_text: str) -> None:
         super().__init__(viewer)

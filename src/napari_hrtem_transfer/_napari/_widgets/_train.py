@@ -44,6 +44,16 @@ TRAIN_LABELS = {
 }
 
 
+def warm_optimizer() -> None:
+    """One Adam step on a scalar: triggers torch's lazy imports of its first step."""
+    import torch
+
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=1e-3)
+    (w * 2).sum().backward()
+    opt.step()
+
+
 def _max_zoom() -> float:
     """The segmentation core's limit on resampling (one policy, in SegmentConfig)."""
     from ...segmentation import SegmentConfig
@@ -90,8 +100,9 @@ class TrainWidget(JobDock):
     """
 
     job_title = "Training"
-    prewarm_modules = ("torch", "napari_hrtem_transfer.training.loop",
-                       "napari_hrtem_transfer.evaluation.ood")
+    prewarm_modules = ("torch", "dask.array", "scipy.ndimage", "hyperspy.api", "distributed",
+                       "napari_hrtem_transfer.training.loop",
+                       "napari_hrtem_transfer.evaluation.ood", warm_optimizer)
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         from ...training import TrainConfig as T
