@@ -66,134 +66,146 @@ def _inverse_d4(y: np.ndarray, code: int) -> np.ndarray:
 
 
 def prepare(args) -> int:
-    from napari_hrtem_transfer.evaluation._model import ScoringModel
-    from napari_hrtem_transfer.evaluation.metrics import binary_cross_entropy, dice
     from napari_hrtem_transfer.io import load_dataset
-    from napari_hrtem_transfer.training import TrainConfig, load_checkpoint, train
-    from napari_hrtem_transfer.training.data import d4
 
     ds = load_dataset(args.data, lazy=False)
     for d_train in args.train_defocus:
         name = "all" if d_train == "all" else f"{float(d_train):g}nm"
         mdir = args.out / f"pre_{name}"
         domains = "all" if d_train == "all" else [float(d_train)]
-        if not (mdir / "best.json").is_file():
-            tc = TrainConfig(
-                train_defocus_nm=domains,
-                eval_defocus_nm=domains,
-                epochs=args.epochs,
-                batch_size=8,
-                lr=2e-3,
-                patch_size=args.patch_size,
-                samples_per_epoch=args.samples_per_epoch,
-                seed=args.seed,
-                num_threads=args.threads,
-            )
-            t = time.time()
-            res = train(tc, ds, mdir)
-            (mdir / "train_time.json").write_text(json.dumps({"seconds": time.time() - t}))
-            print(f"pretrained {name} in {time.time() - t:.0f} s (val {res.best_val_loss:.4f})")
-        if (mdir / "frames.npz").is_file() and not args.force:
+        lock = args.out / f".preparing_{name}"
+        if lock.exists():  # another process is preparing this model
             continue
-        lm = load_checkpoint(mdir, device="cpu")
-        sm = ScoringModel(lm)
-        info = lm.info["data"]
-        sids = np.asarray(ds.structure_ids).astype(str)
-        va = np.flatnonzero(np.isin(sids, info["val_structures"]))
-        items = np.asarray(info["train_items"], int).reshape(-1, 2)
-        # training image-transforms (all of them; caps are emulated by sub-sampling)
-        t0 = time.perf_counter()
-        tf, te, tcode, titem = [], [], [], []
-        for code in range(8):
-            for k in range(0, len(items), 16):
-                it = items[k : k + 16]
-                x = np.stack([d4(np.asarray(ds.images[d, i]), code) for d, i in it])
-                st = sm.frame_stats(x, batch_size=8)
-                tf.append(st.features)
-                te.append(st.entropy)
-                tcode += [code] * len(it)
-                titem += list(range(k, k + len(it)))
-        t_train = time.perf_counter() - t0
-        # held-out frames of every domain
-        rows = {
-            k: []
-            for k in (
-                "domain",
-                "image",
-                "loss",
-                "dice",
-                "t_forward",
-                "t_entropy_stats",
-                "t_tta",
-                "tta_std",
-                "tta_mi",
-                "ent_mean",
-                "ent_q90",
-                "ent_q99",
-                "ent_boundary",
-                "ent_uncertain_frac",
-                "fg_frac",
-            )
-        }
-        feats = []
-        masks = np.asarray(ds.masks)
-        for di in range(ds.n_defocus):
-            for n_done, i in enumerate(va):
-                x = np.asarray(ds.images[di, i])
-                t = time.perf_counter()
-                st = sm.frame_stats(x, want_logits=True)
-                t_fwd = time.perf_counter() - t
-                z = st.logits[0]
-                p = 1 / (1 + np.exp(-z.astype(np.float64)))
-                t = time.perf_counter()
-                es = entropy_statistics(p)
-                t_es = time.perf_counter() - t
-                tta_std = tta_mi = t_tta = float("nan")
-                if args.tta_per_domain is None or n_done < args.tta_per_domain:
-                    t = time.perf_counter()
-                    xs = np.stack([d4(x, c) for c in range(1, 8)])
-                    zz = lm.predict_logits(xs, precision="fp32")
-                    ps = [p] + [
-                        _inverse_d4(1 / (1 + np.exp(-zz[c - 1].astype(np.float64))), c)
-                        for c in range(1, 8)
-                    ]
-                    ps = np.stack(ps)
-                    pm = ps.mean(0)
-                    tta_std = float(ps.std(0).mean())
-                    tta_mi = float(_entropy_map(pm).mean() - _entropy_map(ps).mean())
-                    t_tta = time.perf_counter() - t + t_fwd
-                feats.append(st.features[0])
-                for k, v in (
-                    ("domain", di),
-                    ("image", int(i)),
-                    ("loss", float(binary_cross_entropy(z, masks[i]))),
-                    ("dice", float(dice(z > 0, masks[i]))),
-                    ("t_forward", t_fwd),
-                    ("t_entropy_stats", t_es),
-                    ("t_tta", t_tta),
-                    ("tta_std", tta_std),
-                    ("tta_mi", tta_mi),
-                    *es.items(),
-                ):
-                    rows[k].append(v)
-            print(f"{name}: domain {ds.defocus_nm[di]:g} nm done", flush=True)
-        np.savez(
-            mdir / "frames.npz",
-            features=np.stack(feats),
-            train_features=np.concatenate(tf),
-            train_entropy=np.concatenate(te),
-            train_code=np.asarray(tcode),
-            train_item=np.asarray(titem),
-            train_domain=items[np.asarray(titem), 0],
-            stage_sizes=np.asarray(sm.stage_sizes),
-            defocus_nm=np.asarray(ds.defocus_nm, float),
-            train_domains=np.asarray([ds.defocus_index(v) for v in info["train_defocus_nm"]], int),
-            t_train_fit=t_train,
-            image_px=np.asarray(ds.image_shape),
-            **{k: np.asarray(v) for k, v in rows.items()},
-        )
-        print(f"wrote {mdir / 'frames.npz'}")
+        lock.touch()
+        try:
+            _prepare_one(args, ds, d_train, name, mdir, domains)
+        finally:
+            lock.unlink()
     return 0
+
+
+def _prepare_one(args, ds, d_train, name, mdir, domains) -> None:
+    from napari_hrtem_transfer.evaluation._model import ScoringModel
+    from napari_hrtem_transfer.evaluation.metrics import binary_cross_entropy, dice
+    from napari_hrtem_transfer.training import TrainConfig, load_checkpoint, train
+    from napari_hrtem_transfer.training.data import d4
+
+    if not (mdir / "best.json").is_file():
+        tc = TrainConfig(
+            train_defocus_nm=domains,
+            eval_defocus_nm=domains,
+            epochs=args.epochs,
+            batch_size=8,
+            lr=2e-3,
+            patch_size=args.patch_size,
+            samples_per_epoch=args.samples_per_epoch,
+            seed=args.seed,
+            num_threads=args.threads,
+        )
+        t = time.time()
+        res = train(tc, ds, mdir)
+        (mdir / "train_time.json").write_text(json.dumps({"seconds": time.time() - t}))
+        print(f"pretrained {name} in {time.time() - t:.0f} s (val {res.best_val_loss:.4f})")
+    if (mdir / "frames.npz").is_file() and not args.force:
+        return
+    lm = load_checkpoint(mdir, device="cpu")
+    sm = ScoringModel(lm)
+    info = lm.info["data"]
+    sids = np.asarray(ds.structure_ids).astype(str)
+    va = np.flatnonzero(np.isin(sids, info["val_structures"]))
+    items = np.asarray(info["train_items"], int).reshape(-1, 2)
+    # training image-transforms (all of them; caps are emulated by sub-sampling)
+    t0 = time.perf_counter()
+    tf, te, tcode, titem = [], [], [], []
+    for code in range(8):
+        for k in range(0, len(items), 16):
+            it = items[k : k + 16]
+            x = np.stack([d4(np.asarray(ds.images[d, i]), code) for d, i in it])
+            st = sm.frame_stats(x, batch_size=8)
+            tf.append(st.features)
+            te.append(st.entropy)
+            tcode += [code] * len(it)
+            titem += list(range(k, k + len(it)))
+    t_train = time.perf_counter() - t0
+    # held-out frames of every domain
+    rows = {
+        k: []
+        for k in (
+            "domain",
+            "image",
+            "loss",
+            "dice",
+            "t_forward",
+            "t_entropy_stats",
+            "t_tta",
+            "tta_std",
+            "tta_mi",
+            "ent_mean",
+            "ent_q90",
+            "ent_q99",
+            "ent_boundary",
+            "ent_uncertain_frac",
+            "fg_frac",
+        )
+    }
+    feats = []
+    masks = np.asarray(ds.masks)
+    for di in range(ds.n_defocus):
+        for n_done, i in enumerate(va):
+            x = np.asarray(ds.images[di, i])
+            t = time.perf_counter()
+            st = sm.frame_stats(x, want_logits=True)
+            t_fwd = time.perf_counter() - t
+            z = st.logits[0]
+            p = 1 / (1 + np.exp(-z.astype(np.float64)))
+            t = time.perf_counter()
+            es = entropy_statistics(p)
+            t_es = time.perf_counter() - t
+            tta_std = tta_mi = t_tta = float("nan")
+            if args.tta_per_domain is None or n_done < args.tta_per_domain:
+                t = time.perf_counter()
+                xs = np.stack([d4(x, c) for c in range(1, 8)])
+                zz = lm.predict_logits(xs, precision="fp32")
+                ps = [p] + [
+                    _inverse_d4(1 / (1 + np.exp(-zz[c - 1].astype(np.float64))), c)
+                    for c in range(1, 8)
+                ]
+                ps = np.stack(ps)
+                pm = ps.mean(0)
+                tta_std = float(ps.std(0).mean())
+                tta_mi = float(_entropy_map(pm).mean() - _entropy_map(ps).mean())
+                t_tta = time.perf_counter() - t + t_fwd
+            feats.append(st.features[0])
+            for k, v in (
+                ("domain", di),
+                ("image", int(i)),
+                ("loss", float(binary_cross_entropy(z, masks[i]))),
+                ("dice", float(dice(z > 0, masks[i]))),
+                ("t_forward", t_fwd),
+                ("t_entropy_stats", t_es),
+                ("t_tta", t_tta),
+                ("tta_std", tta_std),
+                ("tta_mi", tta_mi),
+                *es.items(),
+            ):
+                rows[k].append(v)
+        print(f"{name}: domain {ds.defocus_nm[di]:g} nm done", flush=True)
+    np.savez(
+        mdir / "frames.npz",
+        features=np.stack(feats),
+        train_features=np.concatenate(tf),
+        train_entropy=np.concatenate(te),
+        train_code=np.asarray(tcode),
+        train_item=np.asarray(titem),
+        train_domain=items[np.asarray(titem), 0],
+        stage_sizes=np.asarray(sm.stage_sizes),
+        defocus_nm=np.asarray(ds.defocus_nm, float),
+        train_domains=np.asarray([ds.defocus_index(v) for v in info["train_defocus_nm"]], int),
+        t_train_fit=t_train,
+        image_px=np.asarray(ds.image_shape),
+        **{k: np.asarray(v) for k, v in rows.items()},
+    )
+    print(f"wrote {mdir / 'frames.npz'}")
 
 
 # ------------------------------------------------------------------------------- table
@@ -280,6 +292,23 @@ def feature_score(run: Run, rows: np.ndarray, which: str, per_domain: bool = Fal
     return np.min(scores, axis=0)
 
 
+def mahalanobis_score(run: Run, rows: np.ndarray, which: str, shrinkage: float = 0.2):
+    """Shrunk-correlation Mahalanobis distance / median training distance - 1 (moved here
+    from the library: it never beat the diagonal distance)."""
+    cols = run.cols(which)
+    ftr = run.z["train_features"][rows][:, cols]
+    mean, sd = ftr.mean(0), ftr.std(0)
+    sd = np.maximum(sd, max(1e-3 * float(np.median(sd[sd > 0])), 1e-8))
+    z = (ftr - mean) / sd
+    prec = np.linalg.inv((1 - shrinkage) * (z.T @ z) / len(z) + shrinkage * np.eye(z.shape[1]))
+
+    def dist(f):
+        zz = (f[:, cols] - mean) / sd
+        return np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", zz, prec, zz) / zz.shape[1], 0))
+
+    return dist(run.z["features"]) / np.median(dist(run.z["train_features"][rows])) - 1
+
+
 def entropy_ref(run: Run, rows: np.ndarray) -> float:
     return float(np.median(run.z["train_entropy"][rows]))
 
@@ -303,19 +332,36 @@ def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, s
             feature_score(run, rows, "all", per_domain=True),
             "forward",
         )
+    out["features[all] shrunk Mahalanobis"] = (mahalanobis_score(run, rows, "all"), "forward")
     out["entropy mean"] = (e, "forward")
     for k in ("ent_q90", "ent_q99", "ent_boundary", "ent_uncertain_frac"):
         out[f"entropy {k[4:]}"] = (z[k], "forward+entropy_stats")
     out["TTA D4 std"] = (z["tta_std"], "tta")
     out["TTA D4 mutual information"] = (z["tta_mi"], "tta")
     fa = feature_score(run, rows, "all")
-    for w in (0.5, 1.0, 2.0, 4.0):
+    for w in (0.5, 1.0, 2.0, 4.0, 8.0):
         out[f"features[all] + {w:g}*entropy"] = (fa + w * e, "forward")
         out[f"features[shallow3] + {w:g}*entropy"] = (f3 + w * e, "forward")
+    for w in (2.0, 4.0, 8.0):
+        out[f"features[shallow3] + {w:g}*max(entropy,0)"] = (f3 + w * np.maximum(e, 0), "forward")
     # rank-free combination: the entropy's and the distance's log ratios to training
     d_all = fa + 1
     out["log(dist ratio) + log(entropy ratio)"] = (np.log(d_all) + np.log(e + 1), "forward")
     return out
+
+
+def isotonic_level(score: np.ndarray, bad: np.ndarray) -> float:
+    """The score at which P(bad | score), fitted non-decreasing, first reaches 1/2."""
+    from scipy.optimize import isotonic_regression
+
+    order = np.argsort(score, kind="stable")
+    fitted = isotonic_regression(bad[order].astype(float), increasing=True).x
+    hit = np.flatnonzero(fitted >= 0.5)
+    if not hit.size:
+        return float("inf")
+    k = int(hit[0])
+    s = score[order]
+    return float(s[k] if k == 0 else 0.5 * (s[k] + s[k - 1]))
 
 
 def table(args) -> int:
@@ -411,6 +457,32 @@ def table(args) -> int:
             d, f = r.evaluate(s)
             cells.append(f"{d:.2f} / {f:.2f} (n={len(rows)})")
         lines.append(f"| {cap or 'full'} | " + " | ".join(cells) + " |")
+    # the caution level of the chosen score: calibrated on half of the held-out structures
+    # (even image index), checked on the other half
+    from napari_hrtem_transfer.evaluation.ood import calibrate_caution_level
+
+    lines += ["", f"Caution level of '{args.chosen}' (calibrated on even, checked on odd images):"]
+    lines += ["", "| run | level | bad frames flagged (recall) | flagged frames bad (precision) |"]
+    lines.append("|---|---|---|---|")
+    for r in runs:
+        c = candidates(r)
+        if args.chosen not in c:
+            continue
+        sc, z = c[args.chosen][0], r.z
+        ind = np.isin(z["domain"], z["train_domains"])
+        even = z["image"] % 2 == 0
+        q95, rec = calibrate_caution_level(sc[even], z["loss"][even], ind[even])
+        level = isotonic_level(sc[even], z["loss"][even] > rec["loss_threshold"])
+        odd = ~even
+        bad = z["loss"][odd] > rec["loss_threshold"]
+        for lv, how in ((level, "isotonic"), (q95, "q95 in-domain")):
+            flag = sc[odd] > lv
+            recall = np.mean(flag[bad]) if bad.any() else float("nan")
+            prec = np.mean(bad[flag]) if flag.any() else float("nan")
+            lines.append(
+                f"| {r.name} {how} | {lv:.2f} | {recall:.2f} ({bad.sum()} bad) | {prec:.2f} "
+                f"({flag.sum()} flagged) |"
+            )
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -447,6 +519,7 @@ def main(argv=None) -> int:
     b.add_argument("--cap-features", default="shallow3")
     b.add_argument("--cap-weight", type=float, default=1.0)
     b.add_argument("--cap-excess", action="store_true", default=True)
+    b.add_argument("--chosen", default="features[shallow3] + 4*entropy")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         args.train_defocus = [v if v == "all" else float(v) for v in args.train_defocus]

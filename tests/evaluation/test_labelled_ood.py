@@ -130,11 +130,13 @@ def test_reference_scale_hand_computed():
     s = ref.score(feat, entropy=np.array([0.3, 0.05]))
     assert s[0] == pytest.approx((np.sqrt(4.5) - 1) + 0.5 * (0.3 / 0.1 - 1))
     assert s[1] == pytest.approx(np.sqrt(4.5) - 1)  # low entropy never lowers the score
-    mix = fit_reference_from_features(
-        f, entropy=np.full(4, 0.1), entropy_weight=0.5, entropy_mode="mix"
+    signed = fit_reference_from_features(
+        f, entropy=np.full(4, 0.1), entropy_weight=0.5, entropy_mode="signed"
     )
-    s = mix.score(feat, entropy=np.array([0.3, 0.05]))
-    assert s[1] == pytest.approx(0.5 * (np.sqrt(4.5) - 1) + 0.5 * (0.05 / 0.1 - 1))
+    s = signed.score(feat, entropy=np.array([0.3, 0.05]))
+    assert s[1] == pytest.approx((np.sqrt(4.5) - 1) + 0.5 * (0.05 / 0.1 - 1))
+    with pytest.raises(ConfigError):
+        fit_reference_from_features(f, entropy=np.full(4, 0.1), entropy_mode="mix")
     with pytest.raises(ConfigError):
         fit_reference_from_features(f, entropy_weight=0.5)
 

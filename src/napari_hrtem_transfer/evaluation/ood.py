@@ -85,7 +85,9 @@ __all__ = [
 #: File names of the stored reference, in the model folder.
 OOD_ARRAYS = "ood_reference.safetensors"
 OOD_JSON = "ood_reference.json"
-METHODS = ("diag", "mahalanobis")
+METHODS = ("diag",)
+#: How the entropy enters the score: "excess" adds ``w * max(e, 0)``, "signed" adds ``w * e``.
+ENTROPY_MODES = ("excess", "signed")
 #: Default distance method, chosen by measurement (see module docstring).
 DEFAULT_METHOD = "diag"
 #: Encoder stages pooled into the features by default (0 = highest resolution).
@@ -137,11 +139,10 @@ class OODReference:
     Attributes
     ----------
     method
-        ``"diag"`` or ``"mahalanobis"``.
+        ``"diag"``: per-feature standardisation (the only method; others are candidates in
+        ``benchmarks/ood_candidates.py``).
     mean, scale
         Mean and standard deviation of each pooled feature over the training images, (D,).
-    precision
-        Inverse of the shrunk correlation matrix (D, D) for ``"mahalanobis"``, else None.
     distance_ref
         Median distance of the training images (the unit of the score).
     entropy_ref
@@ -163,7 +164,6 @@ class OODReference:
     method: str
     mean: np.ndarray
     scale: np.ndarray
-    precision: np.ndarray | None = None
     distance_ref: float = 1.0
     entropy_ref: float = 1.0
     entropy_weight: float = DEFAULT_ENTROPY_WEIGHT
@@ -207,11 +207,7 @@ class OODReference:
                 f"({self.mean.size} features): was the reference fitted on another model?"
             )
         z = (f - self.mean) / self.scale
-        if self.method == "mahalanobis" and self.precision is not None:
-            d2 = np.einsum("ni,ij,nj->n", z, self.precision, z) / z.shape[1]
-        else:
-            d2 = np.mean(z * z, axis=1)
-        return np.sqrt(np.maximum(d2, 0.0))
+        return np.sqrt(np.mean(z * z, axis=1))
 
     def score(self, features: np.ndarray, entropy: np.ndarray | None = None) -> np.ndarray:
         """The readable OOD score (N,): ~0 for training-like frames, growing with distance."""
@@ -221,10 +217,7 @@ class OODReference:
             if entropy is None:
                 raise ConfigError("this OOD reference mixes in the predictive entropy; pass it.")
             e = np.asarray(entropy, float) / self.entropy_ref - 1.0
-            if self.entropy_mode == "mix":
-                s = (1 - w) * s + w * e
-            else:
-                s = s + w * np.maximum(e, 0.0)
+            s = s + w * (e if self.entropy_mode == "signed" else np.maximum(e, 0.0))
         return s
 
     # storage --------------------------------------------------------------------------
@@ -238,8 +231,6 @@ class OODReference:
         d = Path(model_dir)
         d.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean.astype(np.float64), "scale": self.scale.astype(np.float64)}
-        if self.precision is not None:
-            arrays["precision"] = self.precision.astype(np.float64)
         if self.columns is not None:
             arrays["columns"] = np.asarray(self.columns, dtype=np.int64)
         with atomic_path(d / OOD_ARRAYS) as tmp:
@@ -287,11 +278,18 @@ class OODReference:
         except Exception as exc:  # noqa: BLE001 - corrupted file of any kind
             raise CheckpointError(f"cannot read the OOD reference in {d}: {exc}") from exc
         caution = meta.get("caution_level")
+        if meta.get("method") not in METHODS or meta.get("entropy_mode", "excess") not in (
+            ENTROPY_MODES
+        ):
+            raise CheckpointError(
+                f"the OOD reference in {d} uses a score this version no longer computes "
+                f"({meta.get('method')!r}, {meta.get('entropy_mode')!r}); fit it again with "
+                f"'hrtem-transfer evaluate --model {d} --data TRAINING.hspy --fit-ood'."
+            )
         return cls(
             method=meta["method"],
             mean=arrays["mean"],
             scale=arrays["scale"],
-            precision=arrays.get("precision"),
             distance_ref=float(meta["distance_ref"]),
             entropy_ref=float(meta.get("entropy_ref", 1.0)),
             entropy_weight=float(meta.get("entropy_weight", 0.0)),
@@ -347,7 +345,6 @@ def fit_reference_from_features(
     entropy: np.ndarray | None = None,
     method: str = DEFAULT_METHOD,
     entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
-    shrinkage: float = 0.2,
     info: dict | None = None,
     columns: np.ndarray | None = None,
     entropy_mode: str = "excess",
@@ -361,11 +358,9 @@ def fit_reference_from_features(
     entropy
         Mean predictive entropy of each training image [nats], (N,).
     method
-        ``"diag"`` or ``"mahalanobis"``.
+        ``"diag"``.
     entropy_weight
-        Weight of the entropy in the score (``"mix"``: in [0, 1]; ``"excess"``: in [0, 10]).
-    shrinkage
-        Weight ``a`` of the identity in the shrunk correlation (``"mahalanobis"`` only).
+        Weight of the entropy in the score, in [0, 10].
     info
         Provenance stored with the reference.
     columns
@@ -373,13 +368,13 @@ def fit_reference_from_features(
     entropy_mode
         ``"excess"``: ``score = feature_score + w * max(entropy_score, 0)`` (uncertainty can
         raise the score but a confidently wrong model cannot hide a feature shift);
-        ``"mix"``: ``(1 - w) * feature_score + w * entropy_score``.
+        ``"signed"``: ``feature_score + w * entropy_score``.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown OOD method {method!r}; choose one of {', '.join(METHODS)}.")
-    if entropy_mode not in ("excess", "mix"):
-        raise ConfigError(f"entropy_mode must be 'excess' or 'mix'; got {entropy_mode!r}.")
-    if not 0 <= entropy_weight <= (1 if entropy_mode == "mix" else 10):
+    if entropy_mode not in ENTROPY_MODES:
+        raise ConfigError(f"entropy_mode must be 'excess' or 'signed'; got {entropy_mode!r}.")
+    if not 0 <= entropy_weight <= 10:
         raise ConfigError(
             f"entropy_weight out of range for mode {entropy_mode!r}: {entropy_weight}."
         )
@@ -397,17 +392,10 @@ def fit_reference_from_features(
     # infinitely far; floor their scale at a small fraction of the typical feature scale
     floor = max(1e-3 * float(np.median(sd[sd > 0])) if np.any(sd > 0) else 1e-6, 1e-8)
     scale = np.maximum(sd, floor)
-    precision = None
-    if method == "mahalanobis":
-        z = (f - mean) / scale
-        corr = (z.T @ z) / f.shape[0]
-        a = float(np.clip(shrinkage, 1e-3, 1.0))
-        precision = np.linalg.inv((1 - a) * corr + a * np.eye(corr.shape[0]))
     ref = OODReference(
         method=method,
         mean=mean,
         scale=scale,
-        precision=precision,
         n_images=int(f.shape[0]),
         entropy_weight=float(entropy_weight),
         info=dict(info or {}),
@@ -720,60 +708,59 @@ def ood_scores(
 
 # ---------------------------------------------------------------------- calibration
 def calibrate_caution_level(
-    score: np.ndarray, loss: np.ndarray, in_domain: np.ndarray, quantile: float = 0.95
+    score: np.ndarray, loss: np.ndarray | None, in_domain: np.ndarray, quantile: float = 0.95
 ) -> tuple[float, dict]:
-    """The "treat with caution" level from held-out frames with known loss.
+    """The "treat with caution" level from held-out frames.
 
-    A frame is *bad* when its loss exceeds the ``quantile`` of the training domain's
-    held-out losses.  The probability of *bad* given the score is fitted as a non-decreasing
-    function of the score (isotonic regression); the level is the score at which it first
-    reaches 1/2 (midway between that frame's score and the next lower one).  When no score
-    reaches 1/2 (no held-out frame was worse than the training domain), the level is the
-    ``quantile`` of the training domain's held-out scores, or the highest score checked if
-    that is higher.
+    The level is the ``quantile`` of the scores of the training domain's held-out frames: a
+    frame above it is less typical than 95 % of unseen frames like the training data (a
+    5 % false-alarm rate in the training domain).  Chosen by measurement over the level at
+    which the fraction of *bad* frames (loss above the training domain's ``quantile``) reaches
+    one half (isotonic regression): the per-frame rank correlation of score and loss is weak,
+    so that level flagged almost nothing (``benchmarks/ood_candidates.py``).  With losses,
+    the record says how well the level separates bad frames on these frames (recall: bad
+    frames flagged; precision: flagged frames bad).
 
     Parameters
     ----------
-    score, loss
-        OOD score and loss of held-out frames (N,), from all domains of a dataset.
+    score
+        OOD score of held-out frames (N,), from all domains of a dataset.
+    loss
+        Their loss (N,), or None (unlabelled).
     in_domain
         Which of them belong to the training domain(s) (N,) bool.
     quantile
-        Quantile of the training domain's loss that defines a bad frame.
+        Quantile of the training domain's held-out scores (and losses).
 
     Returns
     -------
     (level, record)
     """
-    from scipy.optimize import isotonic_regression
-
     score = np.asarray(score, float)
-    loss = np.asarray(loss, float)
     in_domain = np.asarray(in_domain, bool)
-    ok = np.isfinite(score) & np.isfinite(loss)
-    score, loss, in_domain = score[ok], loss[ok], in_domain[ok]
-    if not in_domain.any():
+    ok = np.isfinite(score)
+    if not (ok & in_domain).any():
         raise ConfigError("calibration needs held-out frames of the training domain.")
-    thr = float(np.quantile(loss[in_domain], quantile))
-    bad = (loss > thr).astype(float)
-    order = np.argsort(score, kind="stable")
-    s_sorted = score[order]
-    fitted = isotonic_regression(bad[order], increasing=True).x
-    rec = {
-        "method": "isotonic P(loss > training-domain q) = 1/2",
+    level = float(np.quantile(score[ok & in_domain], quantile))
+    rec: dict[str, Any] = {
+        "method": f"{quantile:g} quantile of the training domain's held-out scores",
         "quantile": quantile,
-        "loss_threshold": thr,
-        "n_frames": int(score.size),
-        "n_in_domain": int(in_domain.sum()),
-        "n_bad": int(bad.sum()),
+        "n_frames": int(ok.sum()),
+        "n_in_domain": int((ok & in_domain).sum()),
     }
-    hit = np.flatnonzero(fitted >= 0.5)
-    if hit.size:
-        k = int(hit[0])
-        level = s_sorted[k] if k == 0 else 0.5 * (s_sorted[k] + s_sorted[k - 1])
-        return float(level), rec
-    level = max(float(np.quantile(score[in_domain], quantile)), float(s_sorted[-1]))
-    rec["method"] = "no held-out frame worse than the training domain: highest score checked"
+    if loss is not None:
+        loss = np.asarray(loss, float)
+        ok &= np.isfinite(loss)
+        thr = float(np.quantile(loss[ok & in_domain], quantile))
+        bad = ok & (loss > thr)
+        flag = ok & (score > level)
+        rec.update(
+            loss_threshold=thr,
+            n_bad=int(bad.sum()),
+            n_flagged=int(flag.sum()),
+            recall=float(np.mean(flag[bad])) if bad.any() else None,
+            precision=float(np.mean(bad[flag])) if flag.any() else None,
+        )
     return level, rec
 
 

@@ -233,7 +233,7 @@ def run_protocol(
     from ..simulate import SimulationConfig, simulate_dataset
     from ..training import TrainConfig, train
     from .labelled import evaluate_model
-    from .ood import fit_ood_reference_for_checkpoint
+    from .ood import fit_ood_after_training
     from .report import write_evaluation_report
 
     if isinstance(settings, str):
@@ -313,7 +313,7 @@ def run_protocol(
     )
     pre_dir = out / "pretrained"
     train(pre_cfg, ds, pre_dir, callbacks=[_TrainProgress(log, "pretrain")])
-    fit_ood_reference_for_checkpoint(pre_dir, ds, device=device)
+    log(fit_ood_after_training(pre_dir, ds, device=device).message)
     timings["pretrain"] = time.perf_counter() - t
 
     # 3. fine-tune --------------------------------------------------------------------
@@ -339,7 +339,7 @@ def run_protocol(
     )
     ft_dir = out / "finetuned"
     train(ft_cfg, ds, ft_dir, callbacks=[_TrainProgress(log, "fine-tune")])
-    fit_ood_reference_for_checkpoint(ft_dir, ds, device=device)
+    log(fit_ood_after_training(ft_dir, ds, device=device).message)
     timings["finetune"] = time.perf_counter() - t
 
     # 4. evaluate ---------------------------------------------------------------------
