@@ -311,6 +311,7 @@ def test_finetune_on_frames_annotated_in_layers_improves_them(make_napari_viewer
         return float(np.mean([dice(res.labels[i] > 0, truth[[0, 2]][i]) for i in range(2)]))
 
     before, after = score(tiny_model_dir), score(out)
+    print(f"Dice on the annotated frames: start model {before:.3f}, fine-tuned {after:.3f}")
     assert after > before + 0.05, (before, after)
 
 
