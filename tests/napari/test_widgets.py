@@ -535,3 +535,28 @@ def test_evaluate_two_models_and_jump_to_a_defocus(make_napari_viewer, qtbot, ti
     assert len(w._bars) == 2 * 2 * 2  # 2 models x 2 defoci x (loss, Dice)
     assert w.go_to_defocus(5.0)
     assert viewer.dims.point[0] == pytest.approx(5.0)
+
+
+@pytest.mark.slow
+def test_the_shipped_model_is_the_default_with_its_card(make_napari_viewer, qtbot):
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget, TrainWidget
+    from napari_hrtem_transfer._napari._widgets._models import PRETRAINED, resolve_model
+
+    if resolve_model(PRETRAINED) is None:
+        pytest.skip("this installation ships no pretrained model")
+    viewer = make_napari_viewer()
+    train, seg = TrainWidget(viewer), SegmentWidget(viewer)
+    assert train.model.value == PRETRAINED and seg.model.value == PRETRAINED
+    card = seg.model.card.value
+    assert card.startswith("shipped pretrained model: compact U-Net")
+    assert "at 0.2 Å/px" in card and "OOD reference: yes" in card
+    assert "best validation loss 0.0" in card
+    # segments a frame with it, scores included
+    img = viewer.add_image(np.random.default_rng(0).poisson(50.0, (2, 96, 96)).astype(np.float32),
+                           scale=(1, 0.02, 0.02), units=("pixel", "nm", "nm"))
+    seg.image.value = img
+    seg.run_button.click()
+    _wait_idle(qtbot, seg)
+    (labels,) = seg.added_layers
+    assert labels.data.shape == img.data.shape and len(labels.features) == 2
+    assert np.all(np.isfinite(labels.features["ood_score"]))

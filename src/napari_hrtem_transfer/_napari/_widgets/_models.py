@@ -97,8 +97,10 @@ def model_card(spec: str | os.PathLike, which: str = "best") -> str:
     samp = side.get("sampling_A")
     best = side.get("best_val_loss")
     n_epochs = side.get("epochs_completed", "?")
+    epochs_text = f"best checkpoint after {n_epochs} epoch(s)"
     try:  # the run's total (the best checkpoint may be from an earlier epoch)
         n_epochs = read_sidecar(path, "last").get("epochs_completed", n_epochs)
+        epochs_text = f"{n_epochs} epoch(s)"
     except Exception:  # noqa: BLE001 - shipped models may carry only "best"
         pass
     best_epoch = side.get("best_epoch")
@@ -107,7 +109,7 @@ def model_card(spec: str | os.PathLike, which: str = "best") -> str:
         f"{arch} U-Net, {side.get('stage', '?')}",
         f"trained on defoci {dom_txt} nm at {samp:g} Å/px" if samp else
         f"trained on defoci {dom_txt} nm",
-        f"{n_epochs} epoch(s); best validation loss "
+        f"{epochs_text}; best validation loss "
         + (f"{best:.4f}" if isinstance(best, int | float) else "?")
         + (f" (epoch {best_epoch + 1})" if isinstance(best_epoch, int) else ""),
         "OOD reference: " + ("yes" if (path / "ood_reference.json").is_file() else
