@@ -130,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         patch_size=256,
         lr=1e-3,
     )
-    if not (model_dir / "best.json").exists() or (model_dir / "last.json").exists() and (
-        json.loads((model_dir / "last.json").read_text()).get("epochs_completed", 0) < args.epochs
+    if (
+        not (model_dir / "best.json").exists()
+        or (model_dir / "last.json").exists()
+        and (
+            json.loads((model_dir / "last.json").read_text()).get("epochs_completed", 0)
+            < args.epochs
+        )
     ):
         log(f"pretraining ({args.epochs} epochs, all 11 defoci)")
         t_train = time.perf_counter()
@@ -165,7 +170,12 @@ def fit_ood(model_dir: Path, data: Path, log) -> None:
 def install(model_dir: Path) -> None:
     """Copy the best checkpoint and its OOD reference into the package (atomic per file)."""
     sidecar = json.loads((model_dir / "best.json").read_text())
-    files = ["best.json", sidecar["weights_file"], "ood_reference.json", "ood_reference.safetensors"]
+    files = [
+        "best.json",
+        sidecar["weights_file"],
+        "ood_reference.json",
+        "ood_reference.safetensors",
+    ]
     tmp = PACKAGE_MODEL.with_name(PACKAGE_MODEL.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -205,9 +215,11 @@ def write_card(config, data: Path, model_dir: Path, records, args, seconds: floa
     for d in sorted(by_domain):
         cells = [cell(by_domain[d][m]) if m in by_domain[d] else "-" for m in mats]
         losses = [by_domain[d][m]["loss"] for m in mats if m in by_domain[d]]
-        n = sum(int(by_domain[d][m]["n_images"]) for m in mats if m in by_domain[d])
+        per_material = [m for m in mats if m in by_domain[d] and m != "all"]
+        n = sum(int(by_domain[d][m]["n_images"]) for m in per_material)
         rows.append(f"| {d:+g} | " + " | ".join(cells) + f" | {np.mean(losses):.4f} | {n} |")
-    hist = sidecar.get("history", [])
+    hist = json.loads((model_dir / "last.json").read_text()).get("history", [])
+    train_min = sum(float(h.get("time_s", 0.0)) for h in hist) / 60
     text = CARD.read_text() if CARD.exists() else ""
     marker = "<!-- measured -->"
     table = "\n".join(
@@ -215,14 +227,15 @@ def write_card(config, data: Path, model_dir: Path, records, args, seconds: floa
             marker,
             f"Measured by `python scripts/train_pretrained_model.py --n-structures "
             f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "
-            f"{args.samples_per_epoch} --seed {args.seed}` ({seconds / 60:.0f} min in all, on a "
-            f"shared 2-core machine; device {sidecar.get('training', {}).get('device', 'cpu')}). "
+            f"{args.samples_per_epoch} --seed {args.seed}` (training {train_min:.0f} min on a "
+            f"shared, heavily loaded 2-core CPU machine; this call {seconds / 60:.0f} min). "
             f"Best epoch {int(sidecar.get('best_epoch', 0)) + 1} of {len(hist)}, validation "
             f"loss (BCE, all defoci) {float(sidecar.get('best_val_loss', float('nan'))):.4f}. "
             f"OOD reference: {ood.get('n_images') or ood.get('info', {}).get('n_samples')} "
             f"image-transforms, caution level {ood.get('caution_level')}.",
             "",
-            "| defocus [nm] | " + " | ".join(f"Dice {m} [95 % CI]" for m in mats)
+            "| defocus [nm] | "
+            + " | ".join(f"Dice {m} [95 % CI]" for m in mats)
             + " | loss (BCE) | held-out frames |",
             "|---|" + "---|" * len(mats) + "---|---|",
             *rows,
