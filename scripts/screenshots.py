@@ -107,8 +107,17 @@ def main() -> None:
     wait(lambda: True)
     save(ev, "evaluate")
 
-    seg.ood_view.parent().raise_() if seg.ood_view is not None else None
-    wait(lambda: True)
+    if seg.ood_view is not None:
+        seg.ood_view.parent().raise_()
+    try:  # close the notification toasts covering the canvas overlay
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()
+    except ImportError:
+        pass
+    t_end = time.monotonic() + 1.0
+    wait(lambda: time.monotonic() > t_end)
     path = args.out / "napari_window.png"
     viewer.screenshot(str(path), canvas_only=False, flash=False)
     print(f"wrote {path}", flush=True)
