@@ -432,13 +432,11 @@ def test_typed_dataset_file_still_reads_everywhere(registered, tmp_path):
     import hyperspy.api as hs
 
     from napari_hrtem_transfer.hyperspy import HRTEMDefocusSeries, LazyHRTEMDefocusSeries
-    from napari_hrtem_transfer.io.dataset import load_dataset, to_signal
+    from napari_hrtem_transfer.io.dataset import load_dataset, save_dataset
     from napari_hrtem_transfer.io.readers import read_images
 
     ds = _dataset()
-    s = to_signal(ds)
-    s.metadata.Signal.signal_type = "HRTEM_defocus_series"  # the requested one-line change
-    s.save(tmp_path / "typed.hspy")
+    save_dataset(ds, tmp_path / "typed.hspy")  # writes the signal type
     assert type(hs.load(tmp_path / "typed.hspy")) is HRTEMDefocusSeries
     lazy = hs.load(tmp_path / "typed.hspy", lazy=True)
     assert type(lazy) is LazyHRTEMDefocusSeries

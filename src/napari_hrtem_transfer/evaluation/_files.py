@@ -1,27 +1,17 @@
-"""Atomic writers for report files (temporary name, then rename)."""
+"""Atomic writers for report files (temporary name, then rename).
+
+Text and bytes go through the one implementation in :mod:`napari_hrtem_transfer.io._atomic`;
+only the matplotlib figure writer lives here.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ..io._atomic import atomic_path
+from ..io._atomic import atomic_path, write_bytes_atomic, write_text_atomic
 
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` under a temporary name, then rename it."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` under a temporary name, then rename it."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
+__all__ = ["savefig_atomic", "write_bytes_atomic", "write_text_atomic"]
 
 
 def savefig_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
