@@ -148,7 +148,7 @@ class OODView(DockWidget):
             self.summary.set_message(
                 f"{layer.name}: {len(scores)} frame(s); OOD median {np.nanmedian(scores):.2f}, "
                 f"max {np.nanmax(scores):.2f}; {n_bad} above the caution level "
-                f"{self.caution:g} (0 ≈ like the training data).")
+                f"{self.caution:.3g} (0 ≈ like the training data).")
         else:
             self.summary.set_message(f"{layer.name}: no OOD scores ("
                                      + "; ".join(meta.get("notes", [])) + ")")
@@ -275,7 +275,7 @@ class OODView(DockWidget):
         text = f"{self.frame_text(int(row['frame']))} · OOD {s:.2f}"
         caution = bool(row.get("caution"))
         if caution:
-            text += f" · {CAUTION_WORD} (> {self.caution:g})"
+            text += f" · {CAUTION_WORD} (> {self.caution:.3g})"
         ov = self._viewer.text_overlay
         ov.text = text
         ov.visible = True

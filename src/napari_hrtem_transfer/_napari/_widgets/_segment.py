@@ -206,7 +206,7 @@ class SegmentWidget(JobDock):
             self.ood_label.set_message(
                 f"OOD score per frame: median {np.nanmedian(scores):.2f}, max "
                 f"{np.nanmax(scores):.2f}; {n_bad} of {len(scores)} frame(s) above the "
-                f"caution level {meta['ood']['caution']:g} (0 ≈ like the training data).")
+                f"caution level {meta['ood']['caution']:.3g} (0 ≈ like the training data).")
         else:
             self.ood_label.set_message(next((n for n in meta["notes"] if "OOD" in n),
                                             "no OOD score"))
