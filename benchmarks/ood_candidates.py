@@ -321,7 +321,7 @@ def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, s
     e = z["ent_mean"] / e_ref - 1
     out: dict[str, tuple[np.ndarray, str]] = {}
     f3 = feature_score(run, rows, "shallow3")
-    out["DEFAULT before: features[stages 0-2] + 1*max(entropy,0)"] = (
+    out["previous default: features[shallow3] + 1*max(entropy,0)"] = (
         f3 + np.maximum(e, 0),
         "forward",
     )
@@ -344,6 +344,15 @@ def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, s
         out[f"features[shallow3] + {w:g}*entropy"] = (f3 + w * e, "forward")
     for w in (2.0, 4.0, 8.0):
         out[f"features[shallow3] + {w:g}*max(entropy,0)"] = (f3 + w * np.maximum(e, 0), "forward")
+    # the entropy standardised by the training images' robust spread (MAD)
+    etr = z["train_entropy"][rows]
+    mad = 1.4826 * np.median(np.abs(etr - np.median(etr)))
+    ez = (z["ent_mean"] - np.median(etr)) / max(mad, 1e-12)
+    for w in (0.1, 0.25, 0.5):
+        out[f"features[shallow3] + {w:g}*max(entropy z,0)"] = (
+            f3 + w * np.maximum(ez, 0),
+            "forward",
+        )
     # rank-free combination: the entropy's and the distance's log ratios to training
     d_all = fa + 1
     out["log(dist ratio) + log(entropy ratio)"] = (np.log(d_all) + np.log(e + 1), "forward")
@@ -420,7 +429,11 @@ def table(args) -> int:
         + ", ".join(sorted(set(cost_key.values())))
     )
     # combinations chosen on one half of the grid, checked on the other
-    combos = [k for k in names if "*entropy" in k or k.startswith("features[")]
+    combos = [
+        k
+        for k in names
+        if ("entropy" in k or k.startswith("features[")) and all(k in results[r.name] for r in runs)
+    ]
     half_a = [r for r in runs if "laptop" in r.name] or runs[::2]
     half_b = [r for r in runs if r not in half_a] or runs[1::2]
 
@@ -517,9 +530,9 @@ def main(argv=None) -> int:
     b.add_argument("runs", type=Path, nargs="+")
     b.add_argument("--out", type=Path)
     b.add_argument("--cap-features", default="shallow3")
-    b.add_argument("--cap-weight", type=float, default=1.0)
+    b.add_argument("--cap-weight", type=float, default=2.0)
     b.add_argument("--cap-excess", action="store_true", default=True)
-    b.add_argument("--chosen", default="features[shallow3] + 4*entropy")
+    b.add_argument("--chosen", default="features[shallow3] + 2*max(entropy,0)")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         args.train_defocus = [v if v == "all" else float(v) for v in args.train_defocus]

@@ -125,7 +125,9 @@ def test_reference_scale_hand_computed():
     with pytest.raises(ConfigError):
         fit_reference_from_features(f, method="knn")
     # entropy excess at weight 0.5: entropies 0.1 in training -> entropy_ref 0.1
-    ref = fit_reference_from_features(f, entropy=np.full(4, 0.1), entropy_weight=0.5)
+    ref = fit_reference_from_features(
+        f, entropy=np.full(4, 0.1), entropy_weight=0.5, entropy_mode="excess"
+    )
     feat = np.array([[3.0, 10.0], [3.0, 10.0]])
     s = ref.score(feat, entropy=np.array([0.3, 0.05]))
     assert s[0] == pytest.approx((np.sqrt(4.5) - 1) + 0.5 * (0.3 / 0.1 - 1))
