@@ -392,13 +392,3 @@ def _bounds(starts: list[int], tile: int, size: int, stride: int) -> list[tuple[
         b.append(int(round(mid / stride)) * stride)
     b.append(size)
     return list(zip(b[:-1], b[1:], strict=True))
-
-
-def pool_features(f):
-    """Mean and standard deviation over space of a feature map (N, C, h, w) -> (N, 2C)."""
-    import torch
-
-    f = f.float()
-    mean = f.mean(dim=(2, 3))
-    std = f.std(dim=(2, 3), unbiased=False)
-    return torch.cat([mean, std], dim=1)
