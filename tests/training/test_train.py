@@ -295,3 +295,22 @@ def test_deterministic_runs_are_bitwise_identical(dataset_path, small_config, tm
             assert sa["weights_sha256"] == sb["weights_sha256"], (x, which)
         assert sa["optimizer_sha256"] == sb["optimizer_sha256"]
     assert runs["a"].history[-1]["train_loss"] != runs["fta"].history[-1]["train_loss"]
+
+
+def test_stop_at_the_end_of_an_epoch_skips_validation_and_resumes_exactly(
+    dataset_path, small_config, tmp_path
+):
+    """A Stop after an epoch's last step returns before the validation pass (no waiting)."""
+    cfg = small_config.model_copy(update=dict(epochs=2))
+    full = train(cfg, dataset_path, tmp_path / "full")
+    ev = threading.Event()
+    rec = Recorder(stop_after=3, event=ev)  # 3 steps/epoch: the stop comes after the last one
+    part = train(cfg, dataset_path, tmp_path / "part", callbacks=[rec], stop=ev)
+    assert part.stopped and part.epochs_completed == 0 and not rec.epochs
+    side = read_sidecar(tmp_path / "part", "last")
+    assert side["resume"]["epoch"] == 0 and side["resume"]["step"] == 3
+    resumed = train(cfg, dataset_path, tmp_path / "part", resume=True)
+    for a, b in zip(full.history, resumed.history, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+    wa, wb = _weights(tmp_path / "full", "last"), _weights(tmp_path / "part", "last")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

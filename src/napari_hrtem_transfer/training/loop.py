@@ -516,6 +516,9 @@ def _run_epoch(run: _Run, epoch: int, should_stop: Callable[[], bool]) -> bool:
                 images_per_s=n / max(dt, 1e-9),
             ),
         )
+    if should_stop():  # before the validation pass: a Stop (or a closed window) waits no longer
+        _save_last(run, epoch, len(batches))
+        return True
     _end_epoch(run, epoch, lr, frozen, t_epoch)
     return False
 
