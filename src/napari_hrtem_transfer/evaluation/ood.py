@@ -50,8 +50,10 @@ series they let the entropy noise of training-domain frames outscore in-focus fr
 goal of issue 13 (>= 0.8 per domain, >= 0.6 per frame) is not reached.  On the study-preset
 data the losses of all domains but in focus are nearly equal (0.033-0.057 at 0 nm,
 0.038-0.049 at +10 nm, in focus 0.057 and 0.205), so per-domain ranks are mostly noise; the
-feature distance ranks them backwards there and entropy statistics (boundary entropy
-0.80/0.53 at +10 nm) do better: the next candidate for the default.  Per frame the loss
+feature distance ranks them backwards there (at -10 nm too: default -0.42/0.02) and entropy
+statistics do better (boundary entropy 0.80/0.53 at +10 nm, 0.54/0.45 at -10 nm; chosen on
+the study half of the grid, it gives 0.07-0.92 per domain on the laptop half): the next
+candidate for the default.  Per frame the loss
 follows the content (particle number and size).  MC dropout is not available (the U-Nets
 have no dropout).  A capped fit (192 samples, the default of :class:`OODFitConfig`) ranks
 within 0.03 of the full fit (all images x 8 transforms, up to 4488) in every setting
