@@ -278,16 +278,6 @@ class _Frames:
     name: str
 
 
-def _stop_fn(stop: StopRequest) -> Callable[[], bool]:
-    if stop is None:
-        return lambda: False
-    if isinstance(stop, threading.Event):
-        return stop.is_set
-    if callable(stop):
-        return lambda: bool(stop())
-    raise ConfigError(f"stop must be a threading.Event or a callable (got {stop!r})", "stop")
-
-
 def _default_axes(shape: tuple[int, ...], sampling_A: float | None) -> list[dict[str, Any]]:
     nav = [
         {
@@ -517,6 +507,8 @@ def segment(
         err = exc.errors()[0]
         fld = ".".join(str(p) for p in err.get("loc", ())) or "options"
         raise ConfigError(f"{fld}: {err.get('msg')} (got {err.get('input')!r})", fld) from None
+    from .training.loop import _stop_fn  # one definition of a stop request
+
     stopped = _stop_fn(stop)
     inp = _as_frames(data, sampling_A, axes)
     notes: list[str] = []
