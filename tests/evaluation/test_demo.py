@@ -177,10 +177,10 @@ def test_evaluate_cli_sampling_mismatch(demo, tmp_path, capsys):
 def test_demo_records_aggregate_beside_the_published_table(demo, tmp_path, capsys):
     from pathlib import Path
 
-    ref = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
-    csv_path = ref / "paper_defocus_sweep.csv"
-    if not csv_path.is_file():
-        pytest.skip("published table not available")
+    from napari_hrtem_transfer.evaluation.reference import packaged_reference_csv
+
+    csv_path = Path(str(packaged_reference_csv()))  # ships with the package: never skipped
+    assert csv_path.is_file()
     out = tmp_path / "cmp"
     code = main(
         [

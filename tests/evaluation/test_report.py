@@ -10,11 +10,13 @@ import pytest
 
 from napari_hrtem_transfer.cli import main
 from napari_hrtem_transfer.evaluation.labelled import EvaluationResult
+from napari_hrtem_transfer.evaluation.reference import packaged_reference_csv
 from napari_hrtem_transfer.evaluation.report import write_evaluation_report, write_reference_report
 from napari_hrtem_transfer.evaluation.table import ResultTable
 
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE_CSV = REPO.parent / "shared" / "reference" / "paper_defocus_sweep.csv"
+# the published table ships with the package, so these tests never skip
+REFERENCE_CSV = Path(str(packaged_reference_csv()))
 DEFOCI = [-10.0, -5.0, 0.0, 5.0, 10.0]
 
 
@@ -177,8 +179,7 @@ def test_cli_evaluate_missing_model_exit_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_compare_reference_published(tmp_path, capsys):
-    if not REFERENCE_CSV.is_file():
-        pytest.skip("published table not available")
+    assert REFERENCE_CSV.is_file()
     code = main(
         [
             "compare-reference",

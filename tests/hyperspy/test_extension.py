@@ -84,10 +84,7 @@ def test_entry_point_registration(fake_distribution):
 
 def test_installed_entry_point():
     names = {ep.name for ep in importlib.metadata.entry_points(group="hyperspy.extensions")}
-    if ENTRY_POINT[0] not in names:
-        pytest.skip(
-            "the hyperspy.extensions entry point is not installed yet (pyproject.toml: "
-            '[project.entry-points."hyperspy.extensions"] napari_hrtem_transfer = '
-            '"napari_hrtem_transfer", then reinstall)'
-        )
+    assert ENTRY_POINT[0] in names, (
+        "the hyperspy.extensions entry point is not installed (reinstall the package)"
+    )
     _check(_run(PROBE))

@@ -388,8 +388,7 @@ def test_simulated_file_loads_with_the_type(registered, tmp_path):
 
     path = save_dataset(_dataset(), tmp_path / "sim.hspy")
     s = hs.load(path)
-    if s.metadata.get_item("Signal.signal_type", "") != "HRTEM_defocus_series":
-        pytest.skip("io/dataset.py does not yet write signal_type (change requested from the lead)")
+    assert s.metadata.get_item("Signal.signal_type", "") == "HRTEM_defocus_series"
     assert isinstance(s, HRTEMDefocusSeries)
 
 

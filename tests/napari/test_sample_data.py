@@ -23,10 +23,7 @@ def test_defocus_series_loader_on_a_dataset_file(tmp_path, tiny_dataset):
 
 
 def test_packaged_defocus_series_if_present():
-    try:
-        path = _sample_data.sample_path(_sample_data.DEFOCUS_SERIES_FILE)
-    except DatasetError:
-        pytest.skip("sample_data/defocus_series_small.hspy not written yet")
+    path = _sample_data.sample_path(_sample_data.DEFOCUS_SERIES_FILE)  # must be packaged
     layers = _sample_data.defocus_series_small()
     images, kwargs, _ = layers[0]
     assert images.ndim == 4 and images.shape[0] >= 2

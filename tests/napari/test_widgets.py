@@ -542,8 +542,7 @@ def test_the_shipped_model_is_the_default_with_its_card(make_napari_viewer, qtbo
     from napari_hrtem_transfer._napari._widgets import SegmentWidget, TrainWidget
     from napari_hrtem_transfer._napari._widgets._models import PRETRAINED, resolve_model
 
-    if resolve_model(PRETRAINED) is None:
-        pytest.skip("this installation ships no pretrained model")
+    assert resolve_model(PRETRAINED) is not None, "the package must ship its pretrained model"
     viewer = make_napari_viewer()
     train, seg = TrainWidget(viewer), SegmentWidget(viewer)
     assert train.model.value == PRETRAINED and seg.model.value == PRETRAINED
