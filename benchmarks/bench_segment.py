@@ -109,7 +109,7 @@ def main() -> int:
     if not args.skip_finetune:
         import tempfile
 
-        from napari_hrtem_transfer.training.annotations import finetune_on_annotations
+        from napari_hrtem_transfer.annotations import finetune_on_annotations
 
         imgs, masks = frames(5, 512, seed=3)
 

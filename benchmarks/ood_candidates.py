@@ -20,7 +20,26 @@ Two steps, so that the costly part (training, forward passes) runs once:
                  python benchmarks/ood_candidates.py table /tmp/ood_bench/*/pre_* \
                      --out /tmp/ood_bench/table.md
 
-MC dropout is not a candidate: the U-Nets of this project have no dropout layer.
+``extras``   (second round) re-runs the held-out frames and training images of prepared
+             runs and stores more statistics of the probability maps (entropy on the predicted
+             boundary, width of the uncertain band, foreground fraction, ...) and the
+             predicted masks (for the defocus-series consistency candidates)::
+
+                 python benchmarks/ood_candidates.py extras /tmp/ood_bench/study/pre_* \
+                     --data /tmp/ood_bench/study32.hspy
+
+``external`` prepares a run for a model trained elsewhere (the shipped model): every image
+             of ``--data`` is held out, the training images come from ``--train-data``::
+
+                 python benchmarks/ood_candidates.py external --model pretrained \
+                     --data study32.hspy --train-data mixture.hspy --max-images 16 \
+                     --out /tmp/ood_bench/study
+
+The table also gives the noise ceiling of the per-domain column (how well the domains' mean
+losses on half of the images rank those on the other half) and the mean loss per domain.
+``benchmarks/bench_ood_evaluate.py`` measures the chosen score through
+``hrtem-transfer evaluate``.  MC dropout is not a candidate: the U-Nets of this project have
+no dropout layer.
 """
 
 from __future__ import annotations
@@ -33,22 +52,16 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_hrtem_transfer.evaluation._model import _entropy_map, boundary_mask
 
 # ----------------------------------------------------------------------------- prepare
-def _entropy_map(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
 
 
 def entropy_statistics(proba: np.ndarray) -> dict[str, float]:
     """Spatial statistics of one frame's predictive entropy map [nats]."""
     h = _entropy_map(proba)
     pred = proba > 0.5
-    edge = np.zeros_like(pred)
-    edge[1:, :] |= pred[1:, :] != pred[:-1, :]
-    edge[:-1, :] |= pred[1:, :] != pred[:-1, :]
-    edge[:, 1:] |= pred[:, 1:] != pred[:, :-1]
-    edge[:, :-1] |= pred[:, 1:] != pred[:, :-1]
+    edge = boundary_mask(pred)
     return {
         "ent_mean": float(h.mean()),
         "ent_q90": float(np.quantile(h, 0.90)),
@@ -208,6 +221,169 @@ def _prepare_one(args, ds, d_train, name, mdir, domains) -> None:
     print(f"wrote {mdir / 'frames.npz'}")
 
 
+# ------------------------------------------------------------------------------ extras
+def map_statistics(proba: np.ndarray) -> dict[str, float]:
+    """More spatial statistics of one probability map (issue 13, second round)."""
+    from scipy import ndimage
+
+    h = _entropy_map(proba)
+    pred = proba > 0.5
+    edge = boundary_mask(pred)
+    n_edge = int(edge.sum())
+    band = ndimage.binary_dilation(edge, iterations=3) if n_edge else edge
+    _, n_comp = ndimage.label(pred)
+    return {
+        "x_ent_boundary": float(h[edge].mean()) if n_edge else float("nan"),
+        "x_ent_band_px": float(h.sum() / n_edge) if n_edge else float("nan"),
+        "x_ent_boundary_d3": float(h[band].mean()) if n_edge else 0.0,
+        "x_ent_interior": float(h[~band].mean()) if (~band).any() else 0.0,
+        "x_boundary_frac": n_edge / pred.size,
+        "x_fg_frac": float(pred.mean()),
+        "x_n_comp": float(n_comp),
+        "x_ent_mean": float(h.mean()),
+    }
+
+
+def _stats_of(lm, frames: np.ndarray):
+    """Probability maps of frames (N, H, W) and their statistics."""
+    z = lm.predict_logits(frames, precision="fp32")
+    rows, masks = [], []
+    for k in range(len(frames)):
+        p = 1 / (1 + np.exp(-z[k].astype(np.float64)))
+        rows.append(map_statistics(p))
+        masks.append(p > 0.5)
+    return z, rows, masks
+
+
+def extras(args) -> int:
+    """Second round of candidates: re-run the held-out frames and the training images of
+    each prepared run, store more map statistics and the predicted masks (for the
+    defocus-series consistency scores) in ``extras.npz``."""
+    from napari_hrtem_transfer.io import load_dataset
+    from napari_hrtem_transfer.training import load_checkpoint
+
+    ds = load_dataset(args.data, lazy=False)
+    for mdir in args.runs:
+        out = mdir / "extras.npz"
+        if out.is_file() and not args.force:
+            continue
+        z = dict(np.load(mdir / "frames.npz"))
+        lm = load_checkpoint(mdir, device="cpu")
+        t0 = time.perf_counter()
+        rows, masks = [], []
+        for d, i in zip(z["domain"], z["image"], strict=True):
+            _, r, m = _stats_of(lm, np.asarray(ds.images[int(d), int(i)])[None])
+            rows += r
+            masks += m
+        t_frames = (time.perf_counter() - t0) / len(rows)
+        items = np.asarray(lm.info["data"]["train_items"], int).reshape(-1, 2)
+        rng = np.random.default_rng(0)
+        if len(items) > args.max_train:
+            items = items[np.sort(rng.choice(len(items), args.max_train, replace=False))]
+        trows = []
+        for k in range(0, len(items), 8):
+            x = np.stack([np.asarray(ds.images[d, i]) for d, i in items[k : k + 8]])
+            trows += _stats_of(lm, x)[1]
+        keys = list(rows[0])
+        np.savez_compressed(
+            out,
+            masks=np.packbits(np.stack(masks), axis=-1),
+            mask_shape=np.asarray(masks[0].shape),
+            t_frame=t_frames,
+            **{k: np.array([r[k] for r in rows]) for k in keys},
+            **{"train_" + k: np.array([r[k] for r in trows]) for k in keys},
+        )
+        print(f"wrote {out} ({len(rows)} frames, {len(trows)} training images)", flush=True)
+    return 0
+
+
+def external(args) -> int:
+    """Prepare a run for a model trained elsewhere (the shipped model): every image of
+    ``--data`` is held out; the training images come from ``--train-data``."""
+    from napari_hrtem_transfer.evaluation._model import ScoringModel
+    from napari_hrtem_transfer.evaluation.metrics import binary_cross_entropy, dice
+    from napari_hrtem_transfer.io import load_dataset
+    from napari_hrtem_transfer.segmentation import pretrained_model_dir
+
+    mdir = pretrained_model_dir() if args.model == "pretrained" else Path(args.model)
+    lm = __import__("napari_hrtem_transfer.training", fromlist=["x"]).load_checkpoint(
+        mdir, device="cpu"
+    )
+    sm = ScoringModel(lm)
+    ds = load_dataset(args.data, lazy=False)
+    tr = load_dataset(args.train_data, lazy=False)
+    items = np.asarray(lm.info["data"]["train_items"], int).reshape(-1, 2)
+    rng = np.random.default_rng(0)
+    items = items[np.sort(rng.choice(len(items), min(args.max_train, len(items)), replace=False))]
+    tf, te, trows = [], [], []
+    for k in range(0, len(items), 8):
+        x = np.stack([np.asarray(tr.images[d, i]) for d, i in items[k : k + 8]])
+        st = sm.frame_stats(x, batch_size=8)
+        tf.append(st.features)
+        te.append(st.entropy)
+        trows += _stats_of(lm, x)[1]
+    n_img = min(args.max_images, ds.n_images)
+    masks = np.asarray(ds.masks)
+    rows = {k: [] for k in ("domain", "image", "loss", "dice", "t_forward")}
+    feats, xrows, xmasks = [], [], []
+    for di in range(ds.n_defocus):
+        for i in range(n_img):
+            x = np.asarray(ds.images[di, i])
+            t = time.perf_counter()
+            st = sm.frame_stats(x, want_logits=True)
+            rows["t_forward"].append(time.perf_counter() - t)
+            zz = st.logits[0]
+            p = 1 / (1 + np.exp(-zz.astype(np.float64)))
+            xrows.append(map_statistics(p))
+            xmasks.append(p > 0.5)
+            feats.append(st.features[0])
+            rows["domain"].append(di)
+            rows["image"].append(i)
+            rows["loss"].append(float(binary_cross_entropy(zz, masks[i])))
+            rows["dice"].append(float(dice(zz > 0, masks[i])))
+        print(f"{args.name}: domain {ds.defocus_nm[di]:g} nm done", flush=True)
+    out = args.out / f"pre_{args.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(feats)
+    nan = np.full(n, np.nan)
+    legacy = {k.removeprefix("x_"): np.array([r[k] for r in xrows]) for k in xrows[0]}
+    np.savez(
+        out / "frames.npz",
+        features=np.stack(feats),
+        train_features=np.concatenate(tf),
+        train_entropy=np.concatenate(te),
+        train_code=np.zeros(len(items), int),
+        train_item=np.arange(len(items)),
+        train_domain=items[:, 0],
+        stage_sizes=np.asarray(sm.stage_sizes),
+        defocus_nm=np.asarray(ds.defocus_nm, float),
+        train_domains=np.arange(ds.n_defocus),
+        t_train_fit=0.0,
+        image_px=np.asarray(ds.image_shape),
+        t_entropy_stats=np.zeros(n),
+        t_tta=nan,
+        tta_std=nan,
+        tta_mi=nan,
+        ent_q90=nan,
+        ent_q99=nan,
+        ent_uncertain_frac=nan,
+        **{k: legacy[k] for k in ("ent_mean", "ent_boundary", "fg_frac")},
+        **{k: np.asarray(v) for k, v in rows.items()},
+    )
+    keys = list(xrows[0])
+    np.savez_compressed(
+        out / "extras.npz",
+        masks=np.packbits(np.stack(xmasks), axis=-1),
+        mask_shape=np.asarray(xmasks[0].shape),
+        t_frame=float(np.median(rows["t_forward"])),
+        train_n_px=float(np.prod(tr.image_shape)),
+        **{k: np.array([r[k] for r in xrows]) for k in keys},
+        **{"train_" + k: np.array([r[k] for r in trows]) for k in keys},
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------- table
 def spearman(a, b) -> float:
     from scipy.stats import spearmanr
@@ -229,6 +405,8 @@ class Run:
         sizes = self.z["stage_sizes"]
         self.cuts = np.cumsum([0, *sizes])
         self.n_domains = len(self.z["defocus_nm"])
+        ex = path / "extras.npz"
+        self.x = dict(np.load(ex)) if ex.is_file() else None
 
     def cols(self, which: str) -> np.ndarray:
         c = self.cuts
@@ -253,6 +431,8 @@ class Run:
         from napari_hrtem_transfer.evaluation.ood import sample_transforms
 
         n_items = int(self.z["train_item"].max()) + 1
+        if (self.z["train_code"] == 0).all():  # an external run: untransformed images only
+            return np.arange(min(len(self.z["train_code"]), cap or 10**9))
         if cap is None:
             return np.arange(len(self.z["train_item"]))
         groups = np.zeros(n_items, int)
@@ -356,6 +536,115 @@ def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, s
     # rank-free combination: the entropy's and the distance's log ratios to training
     d_all = fa + 1
     out["log(dist ratio) + log(entropy ratio)"] = (np.log(d_all) + np.log(e + 1), "forward")
+    if run.x is not None:
+        from napari_hrtem_transfer.evaluation.ood import fit_reference_from_features
+
+        cols = run.cols("shallow3")
+        ref = fit_reference_from_features(z["train_features"][rows][:, cols], None, "diag", 0.0)
+        f3_train = ref.score(z["train_features"][rows][:, cols])
+        out.update(extra_candidates(run, f3, f3_train))
+    return out
+
+
+def _robust_z(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """(v - median(ref)) / (1.4826 MAD(ref)): a value in units of the training spread
+    (finite values of ``ref`` only; NaN in ``v``, no predicted boundary, gives 0)."""
+    ref = ref[np.isfinite(ref)]
+    med = float(np.median(ref))
+    mad = 1.4826 * float(np.median(np.abs(ref - med)))
+    z = (v - med) / max(mad, 1e-4)
+    return np.where(np.isfinite(z), z, 0.0)
+
+
+def series_scores(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: 1 - Dice with the leave-one-out majority mask of the same image's other
+    defoci, and |log(foreground fraction / median over the series)|."""
+    x, z = run.x, run.z
+    shape = tuple(int(v) for v in x["mask_shape"])
+    masks = np.unpackbits(x["masks"], axis=-1, count=shape[-1]).astype(bool)
+    dis = np.full(len(masks), np.nan)
+    fgd = np.full(len(masks), np.nan)
+    fg = x["x_fg_frac"]
+    for i in np.unique(z["image"]):
+        idx = np.flatnonzero(z["image"] == i)
+        stack = masks[idx].astype(np.float32)
+        total = stack.sum(0)
+        for j, k in enumerate(idx):
+            others = (total - stack[j]) / (len(idx) - 1)
+            cons = others > 0.5
+            inter = np.logical_and(masks[k], cons).sum()
+            denom = masks[k].sum() + cons.sum()
+            dis[k] = 1 - 2 * inter / denom if denom else 0.0
+            med = np.median(np.delete(fg[idx], j))
+            fgd[k] = abs(np.log((fg[k] + 1e-3) / (med + 1e-3)))
+    return dis, fgd
+
+
+def extra_candidates(
+    run: Run, f3: np.ndarray, f3_train: np.ndarray
+) -> dict[str, tuple[np.ndarray, str]]:
+    x = run.x
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    names = {
+        "x_ent_boundary": "boundary entropy (recomputed)",
+        "x_ent_band_px": "entropy band width [px] (sum H / boundary px)",
+        "x_ent_boundary_d3": "entropy on the boundary band (3 px)",
+        "x_ent_interior": "entropy away from the boundary",
+        "x_boundary_frac": "boundary pixel fraction",
+    }
+    for k, label in names.items():
+        out[label] = (x[k], "forward")
+    fg_shift = np.abs(np.log((x["x_fg_frac"] + 1e-3) / (np.median(x["train_x_fg_frac"]) + 1e-3)))
+    out["|log(fg fraction / training median)|"] = (fg_shift, "forward")
+    bz = _robust_z(x["x_ent_boundary"], x["train_x_ent_boundary"])
+    # the library's band width: summed entropy / (boundary pixels + 1), so that a frame
+    # without a predicted boundary (a model that finds nothing) gets all its entropy
+    n_px = float(np.prod(run.z["image_px"]))
+    n_px_train = float(x["train_n_px"]) if "train_n_px" in x else n_px
+
+    def band(pre):
+        n = n_px if pre == "x_" else n_px_train
+        return x[pre + "ent_mean"] * n / (x[pre + "boundary_frac"] * n + 1)
+
+    wz = _robust_z(band("x_"), band("train_x_"))
+    for w in (0.1, 0.25, 0.5, 1.0):
+        out[f"boundary entropy z + {w:g}*features[shallow3]"] = (bz + w * f3, "forward")
+        out[f"boundary entropy z + {w:g}*max(features[shallow3],0)"] = (
+            bz + w * np.maximum(f3, 0),
+            "forward",
+        )
+    out["boundary entropy z + band width z"] = (bz + wz, "forward")
+    out["band width z"] = (wz, "forward")
+    for w in (0.25, 0.5, 1.0, 2.0, 3.0):
+        out[f"band width z + {w:g}*max(features[shallow3],0)"] = (
+            wz + w * np.maximum(f3, 0),
+            "forward",
+        )
+        out[f"boundary entropy z + band width z + {w:g}*max(features[shallow3],0)"] = (
+            bz + wz + w * np.maximum(f3, 0),
+            "forward",
+        )
+    out["mean(boundary entropy z, band width z)"] = (0.5 * (bz + wz), "forward")
+    fz = np.maximum(_robust_z(f3, f3_train), 0)
+    lwz = _robust_z(np.log(band("x_")), np.log(band("train_x_")))
+    for w in (0.5, 1.0):
+        out[f"boundary entropy z + log band width z + {w:g}*max(features z,0)"] = (
+            bz + lwz + w * fz,
+            "forward",
+        )
+    for w in (0.25, 0.5, 1.0):
+        out[f"boundary entropy z + band width z + {w:g}*max(features z,0)"] = (
+            bz + wz + w * fz,
+            "forward",
+        )
+    dis, fgd = series_scores(run)
+    out["series: 1 - Dice with the other defoci's majority"] = (dis, "forward")
+    out["series: |log(fg / series median)|"] = (fgd, "forward")
+    for w in (0.25, 0.5, 1.0, 2.0):
+        out[f"boundary entropy z + {w:g}*series disagreement z"] = (
+            bz + w * _robust_z(dis, dis),
+            "forward",
+        )
     return out
 
 
@@ -414,6 +703,38 @@ def table(args) -> int:
             + f" | {np.nanmean(d):.2f} / {np.nanmean(f):.2f}"
             + f" | {np.nanmin(d):.2f} / {np.nanmin(f):.2f} |"
         )
+    # how reproducible is the truth itself?  Domain mean losses of half of the images vs
+    # the other half: no label-free score can rank domains better than the loss of other
+    # frames of the same domains does (the noise ceiling of the per-domain column)
+    cells = []
+    for r in runs:
+        im, dom, loss = r.z["image"], r.z["domain"], r.z["loss"]
+        ims = np.unique(im)
+        rng = np.random.default_rng(0)
+        vals = []
+        for _ in range(200):
+            a = np.isin(im, rng.permutation(ims)[: len(ims) // 2])
+            la = [loss[(dom == k) & a].mean() for k in range(r.n_domains)]
+            lb = [loss[(dom == k) & ~a].mean() for k in range(r.n_domains)]
+            vals.append(spearman(la, lb))
+        cells.append(
+            f"{np.median(vals):.2f} [{np.quantile(vals, 0.1):.2f}, {np.quantile(vals, 0.9):.2f}]"
+        )
+    lines += [
+        "",
+        "Noise ceiling of the per-domain column: Spearman of the domains' mean loss on half "
+        "of the images vs the other half (median [10 %, 90 %] over 200 random halvings)",
+        "",
+        "| | " + " | ".join(r.name for r in runs) + " |",
+        "|" + "---|" * (len(runs) + 1),
+        "| truth split-half | " + " | ".join(cells) + " |",
+        "",
+        "Mean loss per domain (" + ", ".join(f"{v:g}" for v in runs[0].z["defocus_nm"]) + " nm):",
+        "",
+    ]
+    for r in runs:
+        ml = [r.z["loss"][r.z["domain"] == k].mean() for k in range(r.n_domains)]
+        lines.append(f"- {r.name}: " + " ".join(f"{v:.3f}" for v in ml))
     lines += ["", "Cost per frame [ms] (median; forward = one pass with features and logits)", ""]
     lines.append("| cost | " + " | ".join(r.name for r in runs) + " |")
     lines.append("|" + "---|" * (len(runs) + 1))
@@ -532,8 +853,27 @@ def main(argv=None) -> int:
     b.add_argument("--cap-features", default="shallow3")
     b.add_argument("--cap-weight", type=float, default=2.0)
     b.add_argument("--cap-excess", action="store_true", default=True)
-    b.add_argument("--chosen", default="features[shallow3] + 2*max(entropy,0)")
+    b.add_argument(
+        "--chosen", default="boundary entropy z + log band width z + 0.5*max(features z,0)"
+    )
+    c = sub.add_parser("extras")
+    c.add_argument("runs", type=Path, nargs="+")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--max-train", type=int, default=64)
+    c.add_argument("--force", action="store_true")
+    e = sub.add_parser("external")
+    e.add_argument("--model", default="pretrained")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--train-data", type=Path, required=True)
+    e.add_argument("--name", default="shipped")
+    e.add_argument("--max-train", type=int, default=192)
+    e.add_argument("--max-images", type=int, default=10**6)
+    e.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.cmd == "extras":
+        return extras(args)
+    if args.cmd == "external":
+        return external(args)
     if args.cmd == "prepare":
         args.train_defocus = [v if v == "all" else float(v) for v in args.train_defocus]
         args.out.mkdir(parents=True, exist_ok=True)

@@ -131,9 +131,11 @@ class SegmentationResult:
     proba
         float32 particle probability, same shape, or None when not requested.
     ood_score
-        float64 array of the navigation shape (``()`` for a single image): 0 for
-        training-like frames, growing with the distance from the training data; None when
-        the model has no OOD reference (see ``notes``).
+        float64 array of the navigation shape (``()`` for a single image): about 0 for
+        training-like frames, growing as the model gets less sure of the particle edges (or
+        finds none) and as the input looks less like its training images
+        (:mod:`napari_hrtem_transfer.evaluation.ood`); None when the model has no OOD
+        reference (see ``notes``).
     ood_caution
         The model's "treat with caution" level of the OOD score.
     axes

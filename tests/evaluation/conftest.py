@@ -24,8 +24,13 @@ def weak_phase_series(
     sampling_A: float = 0.5,
     dose: float = 400.0,
     seed: int = 0,
+    amplitude_contrast: float = 0.0,
 ) -> HRTEMDataset:
-    """A labelled synthetic defocus series (see module docstring)."""
+    """A labelled synthetic defocus series (see module docstring).
+
+    ``amplitude_contrast`` is the amplitude-contrast ratio A of the particles: the transfer
+    function becomes ``sqrt(1 - A^2) sin(chi) + A cos(chi)`` (A ~ 0.1 for heavy atoms), so
+    that they keep a little contrast in focus."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(float)
     k = np.fft.fftfreq(size, d=sampling_A)
@@ -55,7 +60,9 @@ def weak_phase_series(
             df = (df_nm + rng.normal(0, 0.5)) * 10.0  # [Å]
             chi = np.pi * LAMBDA_A * df * k2 + 0.5 * np.pi * 5e4 * LAMBDA_A**3 * k2**2
             env = np.exp(-((np.pi * 10.0 * LAMBDA_A) ** 2) * k2**2 / 2)
-            img = 1.0 - 2.0 * np.real(np.fft.ifft2(F[i] * np.sin(chi) * env))
+            a = float(amplitude_contrast)
+            ctf = np.sqrt(1.0 - a * a) * np.sin(chi) + a * np.cos(chi)
+            img = 1.0 - 2.0 * np.real(np.fft.ifft2(F[i] * ctf * env))
             lam = np.clip(img, 0, None) * dose * sampling_A**2
             plane.append(rng.poisson(lam).astype(np.uint16))
             act.append(df / 10.0)

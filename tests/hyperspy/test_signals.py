@@ -288,9 +288,9 @@ def test_finetune_passes_frames_and_returns_the_folder(registered, monkeypatch, 
         )
         return types.SimpleNamespace(out_dir=out_dir)
 
-    fake = types.ModuleType("napari_hrtem_transfer.training.annotations")
+    fake = types.ModuleType("napari_hrtem_transfer.annotations")
     fake.finetune_on_annotations = finetune_on_annotations
-    monkeypatch.setitem(sys.modules, "napari_hrtem_transfer.training.annotations", fake)
+    monkeypatch.setitem(sys.modules, "napari_hrtem_transfer.annotations", fake)
     s = _nav2d()
     labels = s._deepcopy_with_new_data(np.zeros(s.data.shape, np.uint8))
     labels.data[1, 2, 2:4, 2:4] = 1

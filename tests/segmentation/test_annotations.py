@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_hrtem_transfer.errors import ConfigError
-from napari_hrtem_transfer.segmentation import segment
-from napari_hrtem_transfer.training.annotations import (
+from napari_hrtem_transfer.annotations import (
     dataset_from_annotations,
     finetune_on_annotations,
 )
+from napari_hrtem_transfer.errors import ConfigError
+from napari_hrtem_transfer.segmentation import segment
 
 
 def _new_microscope(n: int = 5, size: int = 96, seed: int = 0):

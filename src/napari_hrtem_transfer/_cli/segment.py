@@ -208,7 +208,8 @@ def _write_ood(path: Path, res: Any, source: str, args: argparse.Namespace) -> N
         "model": res.provenance.get("model"),
         "weights_sha256": res.provenance.get("weights_sha256"),
         "meaning": "label-free OOD score per frame: about 0 for training-like frames, growing "
-        "with the distance from the training data; above 'caution_level': treat with caution",
+        "as the model gets less sure of the particle edges (or finds none) and as the input "
+        "looks less like its training images; above 'caution_level': treat with caution",
         "caution_level": res.ood_caution,
         "frames": res.frame_table(),
         "notes": res.notes,

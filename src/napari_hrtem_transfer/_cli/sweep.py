@@ -67,11 +67,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """Validate, then run the sweep; print a summary."""
+    from ..errors import ConfigError
     from ..sweep.config import load_sweep_config
     from ..sweep.runner import SweepInterrupted, _read_status, plan_sweep, run_sweep
     from ..sweep.store import check_database
-
-    from ..errors import ConfigError
 
     cfg = load_sweep_config(args.config)
     if args.workers is not None and args.workers < 1:

@@ -433,7 +433,7 @@ def _read_frames(path: str, what: str) -> Any:
 
 
 def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
-    from ..training.annotations import dataset_from_annotations
+    from ..annotations import dataset_from_annotations
     from ..training.checkpoint import read_sidecar
     from ..training.loop import train
 
@@ -458,7 +458,7 @@ def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
     if args.patch_size is None:
         override["patch_size"] = min(256, (min(ny, nx) // 32) * 32)
     if not hasattr(args, "samples_per_epoch"):
-        from ..training.annotations import DEFAULT_SAMPLES_PER_EPOCH
+        from ..annotations import DEFAULT_SAMPLES_PER_EPOCH
 
         override["samples_per_epoch"] = DEFAULT_SAMPLES_PER_EPOCH
     cfg = _config_from_args(args, True, **override)

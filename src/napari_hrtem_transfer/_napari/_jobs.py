@@ -291,7 +291,8 @@ def _ood_stage(report: Report) -> Callable[..., None]:
 
 def _report_ood_result(report: Report, res: Any) -> None:
     ok = bool(getattr(res, "ok", False))
-    _emit(report, JobStage("ood", "done" if ok else "failed", str(getattr(res, "message", res))))
+    state = "done" if ok else ("skipped" if getattr(res, "error", None) == "stopped" else "failed")
+    _emit(report, JobStage("ood", state, str(getattr(res, "message", res))))
 
 
 def train_job(
@@ -324,7 +325,8 @@ def train_job(
         _emit(report, JobStage("ood", "running",
                                "fitting the OOD reference on the training images"))
         _report_ood_result(report, fit_ood_after_training(result.out_dir, data,
-                                                          progress=_ood_stage(report)))
+                                                          progress=_ood_stage(report),
+                                                          stop=stop))
     return result
 
 
@@ -385,11 +387,11 @@ def finetune_layers_job(
     """Fine-tune ``model`` on the frames of an image layer annotated in a Labels layer.
 
     A thin call of
-    :func:`napari_hrtem_transfer.training.annotations.finetune_on_annotations` (frames
+    :func:`napari_hrtem_transfer.annotations.finetune_on_annotations` (frames
     without painted pixels are dropped, the split is by frame, the OOD reference is fitted at
     the end and reported as the ``"ood"`` :class:`JobStage`). Returns the ``TrainResult``.
     """
-    from ..training.annotations import finetune_on_annotations
+    from ..annotations import finetune_on_annotations
 
     _emit(report, JobStage("device", "running", device_description(device)))
     images = images.compute() if hasattr(images, "compute") else images

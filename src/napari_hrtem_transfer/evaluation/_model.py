@@ -54,6 +54,15 @@ class FrameStats:
         its standard deviation, stages from shallow to deep (valid, unpadded region only).
     entropy
         Mean binary predictive entropy per frame [nats] (N,).
+    boundary_entropy
+        Mean predictive entropy on the predicted particle boundary per frame [nats] (N,)
+        (pixels whose 4-neighbourhood holds both classes at the 0.5 threshold); NaN for a
+        frame with no predicted boundary (no particle, or all particle).
+    band_width_px
+        Width of the uncertain band around the predicted particle edges [px] (N,): the
+        frame's summed predictive entropy [nats] / (boundary pixels + 1).  A frame without
+        a predicted boundary (a model that finds nothing) gets all its entropy: the "+ 1"
+        makes the value grow continuously as the predicted particles shrink to nothing.
     proba
         Particle probability (N, H, W) float32, when asked for and computed here.
     logits
@@ -64,6 +73,8 @@ class FrameStats:
     entropy: np.ndarray
     proba: np.ndarray | None = None
     logits: np.ndarray | None = None
+    boundary_entropy: np.ndarray | None = None
+    band_width_px: np.ndarray | None = None
 
 
 class _Moments:
@@ -102,6 +113,68 @@ def _entropy_mean_chunked(p: np.ndarray, rows: int = 512) -> float:
     for r in range(0, p.shape[0], rows):
         total += _entropy_sum(p[r : r + rows])
     return total / p.size
+
+
+def _entropy_map(p: np.ndarray) -> np.ndarray:
+    """Binary entropy [nats] of probabilities ``p`` (any shape), float64."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p))
+
+
+def boundary_mask(pred: np.ndarray) -> np.ndarray:
+    """Pixels of a binary map (..., H, W) with a 4-neighbour of the other class (bool)."""
+    pred = np.asarray(pred, dtype=bool)
+    edge = np.zeros_like(pred)
+    dy = pred[..., 1:, :] != pred[..., :-1, :]
+    dx = pred[..., :, 1:] != pred[..., :, :-1]
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    return edge
+
+
+def _boundary_sums(p: np.ndarray, rows: int = 512) -> tuple[float, int]:
+    """Sum of the entropy [nats] on the predicted boundary of a probability map (H, W) and
+    the number of boundary pixels, a block of rows (plus a one-row halo) at a time."""
+    total, count = 0.0, 0
+    h = p.shape[0]
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        a, b = max(r0 - 1, 0), min(r1 + 1, h)
+        block = np.asarray(p[a:b])
+        edge = boundary_mask(block > 0.5)[r0 - a : r0 - a + (r1 - r0)]
+        if edge.any():
+            total += float(_entropy_map(block[r0 - a : r0 - a + (r1 - r0)][edge]).sum())
+            count += int(edge.sum())
+    return total, count
+
+
+def boundary_statistics(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the mean predictive entropy [nats] on the predicted particle boundary and
+    the width of the uncertain band around it [px] (summed entropy per boundary pixel).
+
+    Parameters
+    ----------
+    proba
+        Particle probability (N, H, W) or (H, W).
+
+    Returns
+    -------
+    (boundary_entropy, band_width_px)
+        Two (N,) float64 arrays (see :class:`FrameStats`); the boundary entropy is NaN for
+        a frame without a predicted boundary.
+    """
+    p = np.asarray(proba)
+    p = p[None] if p.ndim == 2 else p
+    bnd = np.full(len(p), np.nan)
+    band = np.empty(len(p))
+    for i in range(len(p)):
+        total, count = _boundary_sums(p[i])
+        if count:
+            bnd[i] = total / count
+        band[i] = _entropy_mean_chunked(p[i]) * p[i].size / (count + 1)
+    return bnd, band
 
 
 class ScoringModel:
@@ -304,6 +377,7 @@ class ScoringModel:
 
         feats = np.zeros((n, 0))
         ent_sum = np.zeros(n)
+        b_sum, b_cnt = np.zeros(n), np.zeros(n, np.int64)
         out_p = np.empty((n, h, w), np.float32) if want_proba else None
         out_z = np.empty((n, h, w), np.float32) if want_logits else None
         moments: list[list[_Moments]] | None = None
@@ -344,7 +418,14 @@ class ScoringModel:
                     zz = logits[j, a0 - y0 : ya1 - y0, b0 - x0 : xb1 - x0]
                     pp = 1.0 / (1.0 + np.exp(-zz.astype(np.float64)))
                     if pr is None:
-                        ent_sum[i] += _entropy_sum(pp)
+                        hh = _entropy_map(pp)
+                        ent_sum[i] += float(hh.sum())
+                        # the boundary from the tile's whole unpadded part, so that pixels
+                        # on the responsibility region's edge see their neighbours
+                        zt = logits[j, : min(ty, h - y0), : min(tx, w - x0)] > 0
+                        edge = boundary_mask(zt)[a0 - y0 : ya1 - y0, b0 - x0 : xb1 - x0]
+                        b_sum[i] += float(hh[edge].sum())
+                        b_cnt[i] += int(edge.sum())
                     if out_p is not None:
                         out_p[i, a0:ya1, b0:xb1] = pp
                     if out_z is not None:
@@ -358,9 +439,12 @@ class ScoringModel:
             feats = np.stack([np.concatenate([mm.pooled() for mm in fm]) for fm in moments])
         if pr is not None:
             ent = np.array([_entropy_mean_chunked(pr[i]) for i in range(n)])
+            bnd, band = boundary_statistics(pr)
         else:
             ent = ent_sum / (h * w)
-        return FrameStats(feats.astype(np.float64), ent, out_p, out_z)
+            bnd = np.where(b_cnt > 0, b_sum / np.maximum(b_cnt, 1), np.nan)
+            band = ent_sum / (b_cnt + 1)
+        return FrameStats(feats.astype(np.float64), ent, out_p, out_z, bnd, band)
 
     def run(self, images, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, H, W) and pooled encoder features (N, D) of raw images (N, H, W).

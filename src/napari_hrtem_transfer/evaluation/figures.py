@@ -233,6 +233,7 @@ def plot_domain_metrics(results: dict[str, ResultTable], path: str | os.PathLike
     """Loss, Dice and median OOD score per domain (with bootstrap CIs) for one or two models."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    ood_values: list[np.ndarray] = []
     for (label, t), c in zip(
         results.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False
     ):
@@ -255,6 +256,7 @@ def plot_domain_metrics(results: dict[str, ResultTable], path: str | os.PathLike
                 )
         if "ood_score" in t and np.isfinite(t["ood_score"]).any():
             axes[2].plot(d[o], t["ood_score"][o], marker="o", ms=3, color=c, label=label)
+            ood_values.append(np.asarray(t["ood_score"], dtype=float))
     for ax, yl in zip(
         axes, ("loss (BCE) ± 95% CI", "Dice ± 95% CI", "median OOD score"), strict=True
     ):
@@ -262,12 +264,23 @@ def plot_domain_metrics(results: dict[str, ResultTable], path: str | os.PathLike
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
     axes[2].axhline(0, color="k", lw=0.6)
+    if ood_values:
+        _symlog_if_wide(axes[2], np.concatenate(ood_values))
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
             break
     fig.tight_layout()
     return savefig_atomic(fig, path)
+
+
+def _symlog_if_wide(ax, values, axis: str = "y", linthresh: float = 1.0) -> None:
+    """A symmetric log axis when some OOD scores are far above the rest (a frame in which
+    the model finds no particle can score 100x a typical frame)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and np.max(np.abs(v)) > 20 * linthresh:
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh)
 
 
 def plot_ood_vs_loss(frames: ResultTable, path: str | os.PathLike, title: str = "") -> Path:
@@ -284,6 +297,7 @@ def plot_ood_vs_loss(frames: ResultTable, path: str | os.PathLike, title: str = 
     )
     cb = fig.colorbar(sc, ax=ax)
     cb.set_label("defocus [nm]")
+    _symlog_if_wide(ax, frames["ood_score"], axis="x")
     ax.set_xlabel("label-free OOD score (0 = training-like)")
     ax.set_ylabel("true loss (BCE)")
     ax.set_title(title, fontsize=10)

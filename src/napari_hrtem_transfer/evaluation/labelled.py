@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
-from .metrics import binary_cross_entropy, bootstrap_ci, dice, iou, predictive_entropy
+from .metrics import binary_cross_entropy, bootstrap_ci, dice, iou
 from .table import ResultTable
 
 __all__ = ["EvaluationResult", "evaluate_model", "model_provenance"]
@@ -344,9 +344,9 @@ def evaluate_model(
     )
     for di in range(ds.n_defocus):
         imgs = np.asarray(ds.images[di][sel])[:, oy : oy + cy, ox : ox + cx]
-        logits, feats = sm.run(imgs, batch_size=batch_size)
+        st = sm.frame_stats(imgs, want_logits=True, batch_size=batch_size)
+        logits, feats, ent = st.logits, st.features, st.entropy
         proba = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        ent = predictive_entropy(proba)
         pred = logits > 0
         if labelled:
             loss = binary_cross_entropy(logits, masks)
@@ -354,7 +354,7 @@ def evaluate_model(
             jac = iou(pred, masks)
         else:
             loss = dsc = jac = np.full(sel.size, np.nan)
-        score = ref.score(feats, ent) if ref is not None else np.full(sel.size, np.nan)
+        score = ref.score_stats(st) if ref is not None else np.full(sel.size, np.nan)
         dist = ref.distance(feats) if ref is not None else np.full(sel.size, np.nan)
         dnm = float(ds.defocus_nm[di])
         actual = np.asarray(ds.actual_defocus_nm)[di, sel]

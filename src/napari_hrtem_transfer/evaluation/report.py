@@ -294,8 +294,9 @@ def write_evaluation_report(
     rep.text(
         "Loss (mean binary cross-entropy), Dice and IoU over the evaluated frames of each "
         "defocus domain, with 95% bootstrap confidence intervals; the label-free OOD score "
-        "(median over frames: about 0 for training-like frames, growing with distance from "
-        "the training data). Defocus in nm, abTEM sign (positive = underfocus)."
+        "(median over frames: about 0 for training-like frames, growing as the model gets "
+        "less sure of the particle edges or finds none, and as the input looks less like its "
+        "training images). Defocus in nm, abTEM sign (positive = underfocus)."
     )
     for label, t in tables.items():
         tt = t.where(material="all") if "material" in t else t

@@ -30,7 +30,7 @@ NODE = "HRTEM_transfer"
 
 MASK_QUANTITY = "Particle mask (1 = particle)"
 PROBA_QUANTITY = "Particle probability"
-OOD_QUANTITY = "OOD score (0 = training-like, > 1 = far from the training data)"
+OOD_QUANTITY = "OOD score (0 = training-like; treat with caution above the model's caution level)"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -475,7 +475,7 @@ def finetune(
         kwargs["epochs"] = int(epochs)
     if freeze is not None:
         kwargs["freeze"] = freeze
-    from ..training.annotations import finetune_on_annotations  # loads torch
+    from ..annotations import finetune_on_annotations  # loads torch
 
     result = finetune_on_annotations(
         images, truth, model=model, out_dir=Path(out), sampling_A=px, **kwargs

@@ -191,7 +191,7 @@ class HRTEM(Signal2D):
     ):
         """Fine-tune a model on the annotated frames of this signal.
 
-        Calls :func:`napari_hrtem_transfer.training.annotations.finetune_on_annotations`.
+        Calls :func:`napari_hrtem_transfer.annotations.finetune_on_annotations`.
 
         Parameters
         ----------
@@ -201,7 +201,7 @@ class HRTEM(Signal2D):
         model, freeze, epochs
             Starting model, which part stays frozen (``"none"``, ``"encoder"``,
             ``"decoder"``, ``"gradual"``), number of epochs; None: the defaults of
-            :func:`~napari_hrtem_transfer.training.annotations.finetune_on_annotations`.
+            :func:`~napari_hrtem_transfer.annotations.finetune_on_annotations`.
         out
             Folder for the new checkpoint.
         **kwargs

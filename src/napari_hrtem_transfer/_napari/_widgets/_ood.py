@@ -179,6 +179,11 @@ class OODView(DockWidget):
         self.points = ax.scatter(x, y, s=14, color="C0", picker=True, pickradius=5, zorder=3,
                                  label="frame")
         ax.axhline(self.caution, ls="--", lw=0.8, color=c["warning"], label="caution")
+        # a frame in which the model finds no particle can score 100x the caution level:
+        # a symmetric log axis keeps the others readable
+        lin = max(abs(self.caution), 1.0)
+        if np.isfinite(y).any() and np.nanmax(np.abs(y)) > 20 * lin:
+            ax.set_yscale("symlog", linthresh=lin)
         (self.marker,) = ax.plot([], [], "o", ms=11, mfc="none", mec=c["warning"], mew=2,
                                  zorder=4, label="current")
         ax.set_xlabel(self.xlabel, fontsize=8)

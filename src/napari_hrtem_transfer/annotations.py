@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = [
     "AnnotationFinetuneResult",
@@ -35,11 +35,11 @@ MAX_PATCH_PX = 256
 
 def _array(x: Any, what: str) -> tuple[np.ndarray, tuple[int, ...], float | None]:
     """(frames (n, ny, nx), navigation shape, sampling_A) of an array/ExperimentalImage/signal."""
-    from ..io.readers import ExperimentalImage
+    from .io.readers import ExperimentalImage
 
     sampling = None
     if hasattr(x, "axes_manager") and hasattr(x, "data"):
-        from ..io.readers import images_from_signals
+        from .io.readers import images_from_signals
 
         x = images_from_signals(x)[0]
     if isinstance(x, ExperimentalImage):
@@ -91,8 +91,8 @@ def dataset_from_annotations(
     ConfigError
         Shapes differ, no frame is annotated, frames too small, indices outside the stack.
     """
-    from ..io.dataset import HRTEMDataset
-    from ..segmentation import SegmentConfig, _zoom
+    from .io.dataset import HRTEMDataset
+    from .segmentation import SegmentConfig, _zoom
 
     frames, nav, s_img = _array(images, "images")
     lab, lab_nav, _ = _array(labels, "labels")
@@ -242,10 +242,10 @@ def finetune_on_annotations(
     **train_options
         Other :class:`~napari_hrtem_transfer.training.TrainConfig` fields.
     """
-    from ..segmentation import PRETRAINED, pretrained_model_dir
-    from .checkpoint import read_sidecar
-    from .config import TrainConfig
-    from .loop import train
+    from .segmentation import PRETRAINED, pretrained_model_dir
+    from .training.checkpoint import read_sidecar
+    from .training.config import TrainConfig
+    from .training.loop import train
 
     init = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
     if not (init / "best.json").is_file():
@@ -278,9 +278,11 @@ def finetune_on_annotations(
     result = train(config, ds, out_dir, callbacks=callbacks, stop=stop)
     ood = None
     if not result.stopped:
-        from ..evaluation import ood as ood_mod
+        from .evaluation import ood as ood_mod
 
-        ood = ood_mod.fit_ood_after_training(result.out_dir, ds, progress=ood_progress)
+        ood = ood_mod.fit_ood_after_training(
+            result.out_dir, ds, progress=ood_progress, stop=stop
+        )
     return AnnotationFinetuneResult(
         train=result, ood=ood, n_frames=len(ds.info["frames"]), notes=list(ds.info["notes"])
     )
