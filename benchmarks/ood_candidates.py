@@ -627,6 +627,18 @@ def extra_candidates(
     out["mean(boundary entropy z, band width z)"] = (0.5 * (bz + wz), "forward")
     fz = np.maximum(_robust_z(f3, f3_train), 0)
     lwz = _robust_z(np.log(band("x_")), np.log(band("train_x_")))
+    out["max(boundary entropy z,0) + max(log band width z,0) + 0.5*max(features z,0)"] = (
+        np.maximum(bz, 0) + np.maximum(lwz, 0) + 0.5 * fz,
+        "forward",
+    )
+    for c in (2.0, 3.0, 5.0):
+        out[
+            f"max(boundary entropy z,-{c:g}) + max(log band width z,-{c:g}) + 0.5*max(features z,0)"
+        ] = (np.maximum(bz, -c) + np.maximum(lwz, -c) + 0.5 * fz, "forward")
+    out["max(boundary entropy z + log band width z, 0) + 0.5*max(features z,0)"] = (
+        np.maximum(bz + lwz, 0) + 0.5 * fz,
+        "forward",
+    )
     for w in (0.5, 1.0):
         out[f"boundary entropy z + log band width z + {w:g}*max(features z,0)"] = (
             bz + lwz + w * fz,
@@ -749,6 +761,40 @@ def table(args) -> int:
         + "; candidates' cost keys: "
         + ", ".join(sorted(set(cost_key.values())))
     )
+    # training seeds: runs whose folder is "<preset>_s<seed>" repeat "<preset>" with another
+    # training seed; mean +- sd over the seeds of each setting, for the main candidates
+    groups: dict[str, list] = {}
+    for r in runs:
+        preset, _, rest = r.path.parent.name.partition("_s")
+        groups.setdefault(f"{preset}:{r.path.name.removeprefix('pre_')}", []).append(r)
+    if any(len(v) > 1 for v in groups.values()):
+        keys = [
+            "previous default: features[shallow3] + 1*max(entropy,0)",
+            "features[shallow3] + 2*max(entropy,0)",
+            "entropy mean",
+            "entropy boundary",
+            "TTA D4 std",
+            args.chosen,
+        ]
+        multi = [g for g, v in groups.items() if len(v) > 1]
+        lines += [
+            "",
+            "Across training seeds (mean ± sd over the seeds of each setting; n = seeds), "
+            "per domain / per frame:",
+            "",
+            "| score | " + " | ".join(f"{g} (n={len(groups[g])})" for g in multi) + " |",
+            "|" + "---|" * (len(multi) + 1),
+        ]
+        for k in keys:
+            cells = []
+            for g in multi:
+                v = np.array([results[r.name].get(k, (np.nan, np.nan)) for r in groups[g]])
+                if np.isnan(v).all():
+                    cells.append("–")
+                    continue
+                m, sd = np.nanmean(v, axis=0), np.nanstd(v, axis=0, ddof=1)
+                cells.append(f"{m[0]:.2f} ± {sd[0]:.2f} / {m[1]:.2f} ± {sd[1]:.2f}")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     # combinations chosen on one half of the grid, checked on the other
     combos = [
         k
@@ -854,7 +900,8 @@ def main(argv=None) -> int:
     b.add_argument("--cap-weight", type=float, default=2.0)
     b.add_argument("--cap-excess", action="store_true", default=True)
     b.add_argument(
-        "--chosen", default="boundary entropy z + log band width z + 0.5*max(features z,0)"
+        "--chosen",
+        default="max(boundary entropy z,-3) + max(log band width z,-3) + 0.5*max(features z,0)",
     )
     c = sub.add_parser("extras")
     c.add_argument("runs", type=Path, nargs="+")

@@ -373,6 +373,10 @@ def test_uncertainty_reference_hand_computed_and_stored(tmp_path):
     # a band twice as wide: ln 2 / spread
     s = ref.score(feat[:1], boundary_entropy=[0.64], band_width_px=[2 * w0])
     assert s[0] == pytest.approx(np.log(2) / 1.4826)
+    # unusually sharp edges lower the score by at most 3 per term (z clipped at -3), so
+    # they cannot cancel a feature shift
+    s = ref.score(feat, boundary_entropy=[0.0, 0.0], band_width_px=[w0 / 1e3, w0 / 1e3])
+    assert s[0] == pytest.approx(-6.0) and s[1] == pytest.approx(-6.0 + 0.5 * zf)
     with pytest.raises(ConfigError, match="boundary"):
         ref.score(feat)
     ref.save(tmp_path)

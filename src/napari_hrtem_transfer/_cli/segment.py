@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
                     if k not in ("frame", "ood_score", "caution") and not k.endswith("_index")
                 )
                 flag = (
-                    "  <- treat with caution (far from the training data)" if row["caution"] else ""
+                    "  <- treat with caution (unlike the training data)" if row["caution"] else ""
                 )
                 print(
                     f"  frame {row['frame']}{f' ({where})' if where else ''}: "

@@ -328,7 +328,8 @@ class ScoringModel:
         batch_size: int = 4,
         overlap_px: int | None = None,
     ) -> FrameStats:
-        """Pooled encoder features and mean predictive entropy of raw frames (N, H, W).
+        """Pooled encoder features, mean predictive entropy and boundary statistics of raw
+        frames (N, H, W) (see :class:`FrameStats`).
 
         Parameters
         ----------
