@@ -631,6 +631,11 @@ def extra_candidates(
         np.maximum(bz, 0) + np.maximum(lwz, 0) + 0.5 * fz,
         "forward",
     )
+    for w in (1.0, 2.0, 3.0):
+        out[
+            f"max(boundary entropy z,-3) + max(log band width z,-3) + "
+            f"{w:g}*max(features[shallow3],0)"
+        ] = (np.maximum(bz, -3) + np.maximum(lwz, -3) + w * np.maximum(f3, 0), "forward")
     for c in (2.0, 3.0, 5.0):
         out[
             f"max(boundary entropy z,-{c:g}) + max(log band width z,-{c:g}) + 0.5*max(features z,0)"
@@ -901,7 +906,9 @@ def main(argv=None) -> int:
     b.add_argument("--cap-excess", action="store_true", default=True)
     b.add_argument(
         "--chosen",
-        default="max(boundary entropy z,-3) + max(log band width z,-3) + 0.5*max(features z,0)",
+        default=(
+            "max(boundary entropy z,-3) + max(log band width z,-3) + 2*max(features[shallow3],0)"
+        ),
     )
     c = sub.add_parser("extras")
     c.add_argument("runs", type=Path, nargs="+")

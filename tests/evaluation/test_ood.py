@@ -354,7 +354,7 @@ def test_uncertainty_reference_hand_computed_and_stored(tmp_path):
     b = np.array([0.60, 0.62, 0.64, 0.66, 0.68])  # median 0.64, MAD 0.02
     w = np.exp([2.0, 3.0, 4.0, np.nan, 5.0])  # ln w: NaN ignored, median 3.5, MAD 1.0
     ref = fit_reference_from_features(f, boundary_entropy=b, band_width_px=w)
-    assert ref.kind == "uncertainty" and ref.feature_weight == pytest.approx(0.5)
+    assert ref.kind == "uncertainty" and ref.feature_weight == pytest.approx(2.0)
     assert ref.boundary_ref == pytest.approx(0.64)
     assert ref.boundary_spread == pytest.approx(1.4826 * 0.02)
     assert ref.log_band_ref == pytest.approx(3.5)
@@ -362,12 +362,14 @@ def test_uncertainty_reference_hand_computed_and_stored(tmp_path):
     feat = np.array([[0.0, 10.0], [3.0, 10.0]])  # at the mean; far in feature 0
     w0 = np.exp(3.5)
     s = ref.score(feat, boundary_entropy=np.array([0.64, np.nan]), band_width_px=[w0, w0])
-    d = ref.distance(feat)
-    zf = (d[1] - ref.distance_ref) / ref.distance_spread
+    # training distances: 4 corners at rms z = 1/sqrt(0.8) (the median), the centre at 0;
+    # (3, 10): rms z = 3/sqrt(1.6) -> relative distance 3/sqrt(2) - 1
+    rel = 3 / np.sqrt(2) - 1
+    assert ref.distance(feat)[1] / ref.distance_ref - 1 == pytest.approx(rel)
     # nothing unusual -> 0 (the distance term counts only above the training median);
     # no predicted boundary adds nothing through the boundary entropy
     assert s[0] == pytest.approx(0.0)
-    assert s[1] == pytest.approx(0.5 * zf) and zf > 0
+    assert s[1] == pytest.approx(2.0 * rel)
     s = ref.score(feat[:1], boundary_entropy=[0.64 + 3 * 1.4826 * 0.02], band_width_px=[w0])
     assert s[0] == pytest.approx(3.0)
     # a band twice as wide: ln 2 / spread
@@ -376,14 +378,14 @@ def test_uncertainty_reference_hand_computed_and_stored(tmp_path):
     # unusually sharp edges lower the score by at most 3 per term (z clipped at -3), so
     # they cannot cancel a feature shift
     s = ref.score(feat, boundary_entropy=[0.0, 0.0], band_width_px=[w0 / 1e3, w0 / 1e3])
-    assert s[0] == pytest.approx(-6.0) and s[1] == pytest.approx(-6.0 + 0.5 * zf)
+    assert s[0] == pytest.approx(-6.0) and s[1] == pytest.approx(-6.0 + 2.0 * rel)
     with pytest.raises(ConfigError, match="boundary"):
         ref.score(feat)
     ref.save(tmp_path)
     back = OODReference.load(tmp_path)
     assert back.kind == "uncertainty"
     keys = ("boundary_ref", "boundary_spread", "log_band_ref", "log_band_spread")
-    for k in (*keys, "distance_spread"):
+    for k in (*keys, "distance_ref", "feature_weight"):
         assert getattr(back, k) == pytest.approx(getattr(ref, k))
     meta = json.loads((tmp_path / OOD_JSON).read_text())
     assert meta["format_version"] == "3" and meta["entropy_weight"] == 0.0
