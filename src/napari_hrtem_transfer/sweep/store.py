@@ -193,6 +193,12 @@ def _read_version(conn: sqlite3.Connection) -> int | None:
     return int(row[0]) if row and row[0] is not None else None
 
 
+def _writable(path: Path) -> bool:
+    """May this process write ``path`` (a file or folder)?  One place, so that tests can
+    emulate an ordinary user's permissions when they run as root."""
+    return os.access(path, os.W_OK)
+
+
 def check_database(path: str | os.PathLike, flag: str = "--db") -> Path:
     """Check that a results database can be written by a sweep, changing nothing.
 
@@ -212,7 +218,7 @@ def check_database(path: str | os.PathLike, flag: str = "--db") -> Path:
             "or choose another path.",
             flag,
         )
-    if not os.access(parent, os.W_OK):
+    if not _writable(parent):
         raise ConfigError(
             f"{flag} {p}: the folder {parent} is read-only (SQLite writes its journal beside "
             "the database); choose a writable folder.",
@@ -220,7 +226,7 @@ def check_database(path: str | os.PathLike, flag: str = "--db") -> Path:
         )
     if not p.exists():
         return p.resolve()
-    if not os.access(p, os.W_OK):
+    if not _writable(p):
         raise ConfigError(
             f"{flag} {p} is read-only; make it writable (chmod u+w {p}) or give another file.",
             flag,
