@@ -547,13 +547,12 @@ def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, s
 
 
 def _robust_z(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """(v - median(ref)) / (1.4826 MAD(ref)): a value in units of the training spread
-    (finite values of ``ref`` only; NaN in ``v``, no predicted boundary, gives 0)."""
-    ref = ref[np.isfinite(ref)]
-    med = float(np.median(ref))
-    mad = 1.4826 * float(np.median(np.abs(ref - med)))
-    z = (v - med) / max(mad, 1e-4)
-    return np.where(np.isfinite(z), z, 0.0)
+    """(v - median(ref)) / (1.4826 MAD(ref)), as the library scores (finite values of
+    ``ref`` only; NaN in ``v``, no predicted boundary, gives 0)."""
+    from napari_hrtem_transfer.evaluation.ood import _median_spread
+    from napari_hrtem_transfer.evaluation.ood import _robust_z as library_z
+
+    return library_z(v, *_median_spread(ref))
 
 
 def series_scores(run: Run) -> tuple[np.ndarray, np.ndarray]:

@@ -199,3 +199,20 @@ def test_cli_compare_reference_published(tmp_path, capsys):
     assert "report:" in out
     s = json.loads((tmp_path / "ref" / "summary.json").read_text())
     assert s["reference_pair"]["pretrain_defocus_nm"] == 10.0
+
+
+def test_ood_axes_turn_symlog_when_one_frame_scores_far_above_the_rest(tmp_path):
+    """A frame in which the model finds nothing can score ~40 where the others score ~1:
+    the OOD axis becomes a symmetric log axis so that the others stay readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_hrtem_transfer.evaluation.figures import _symlog_if_wide
+
+    fig, (a, b) = plt.subplots(1, 2)
+    _symlog_if_wide(a, [0.2, -1.0, 1.5, np.nan])
+    _symlog_if_wide(b, [0.2, -1.0, 1.5, 41.0], axis="x")
+    assert a.get_yscale() == "linear" and b.get_xscale() == "symlog"
+    plt.close(fig)

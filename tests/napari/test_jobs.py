@@ -160,6 +160,28 @@ def test_train_job_reports_typed_updates_and_stops(tmp_path, tiny_dataset_path, 
     assert (tmp_path / "m" / "last.json").is_file()
 
 
+def test_stop_during_the_ood_fit_skips_it_and_keeps_the_checkpoint(
+    tmp_path, tiny_dataset_path, tiny_train_kwargs
+):
+    """Stop pressed once training has finished, while the OOD reference is being fitted:
+    nothing of the reference is written, the stage says how to fit it later."""
+    stop = threading.Event()
+    seen = []
+
+    def report(update):
+        seen.append(update)
+        if isinstance(update, JobStage) and update.name == "ood" and update.state == "running":
+            stop.set()
+
+    config = build_train_config(**{**tiny_train_kwargs, "epochs": 1})
+    result = train_job(report, config, tiny_dataset_path, tmp_path / "m", stop=stop)
+    assert not result.stopped  # training itself had finished
+    assert seen[-1].name == "ood" and seen[-1].state == "skipped"
+    assert "--fit-ood" in seen[-1].message and "usable" in seen[-1].message
+    assert (tmp_path / "m" / "best.json").is_file()
+    assert not (tmp_path / "m" / "ood_reference.json").exists()
+
+
 def test_segment_job_is_a_thin_caller_of_the_core(monkeypatch):
     import napari_hrtem_transfer.segmentation as seg
 

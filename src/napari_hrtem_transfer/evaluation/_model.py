@@ -167,13 +167,18 @@ def boundary_statistics(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     p = np.asarray(proba)
     p = p[None] if p.ndim == 2 else p
+    return _boundary_from_maps(p, [_entropy_mean_chunked(p[i]) for i in range(len(p))])
+
+
+def _boundary_from_maps(p: np.ndarray, mean_entropy) -> tuple[np.ndarray, np.ndarray]:
+    """Boundary statistics of probability maps (N, H, W) whose mean entropies are known."""
     bnd = np.full(len(p), np.nan)
     band = np.empty(len(p))
     for i in range(len(p)):
         total, count = _boundary_sums(p[i])
         if count:
             bnd[i] = total / count
-        band[i] = _entropy_mean_chunked(p[i]) * p[i].size / (count + 1)
+        band[i] = float(mean_entropy[i]) * p[i].size / (count + 1)
     return bnd, band
 
 
@@ -440,7 +445,7 @@ class ScoringModel:
             feats = np.stack([np.concatenate([mm.pooled() for mm in fm]) for fm in moments])
         if pr is not None:
             ent = np.array([_entropy_mean_chunked(pr[i]) for i in range(n)])
-            bnd, band = boundary_statistics(pr)
+            bnd, band = _boundary_from_maps(pr, ent)
         else:
             ent = ent_sum / (h * w)
             bnd = np.where(b_cnt > 0, b_sum / np.maximum(b_cnt, 1), np.nan)

@@ -632,7 +632,7 @@ def _fit_stream(
     cfg: OODFitConfig,
     *,
     method: str,
-    entropy_weight: float,
+    feature_weight: float,
     stages,
     info: dict,
     progress: ProgressCallback | None,
@@ -668,11 +668,12 @@ def _fit_stream(
         f,
         np.concatenate(ents),
         method,
-        entropy_weight,
+        0.0,
         info=info,
         columns=columns,
         boundary_entropy=np.concatenate(bnds),
         band_width_px=np.concatenate(bands),
+        feature_weight=feature_weight,
     )
     ref.weights_sha256 = sm.info.get("weights_sha256")
     return ref
@@ -683,7 +684,7 @@ def fit_ood_reference(
     images,
     *,
     method: str = DEFAULT_METHOD,
-    entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
     stages: str | tuple[int, ...] = "default",
     augment: bool | None = None,
     save: bool | str | os.PathLike = True,
@@ -705,8 +706,9 @@ def fit_ood_reference(
         Model folder, loaded checkpoint or torch module with ``encoder_features``.
     images
         Raw training images (N, H, W) (electron counts, as the model receives them).
-    method, entropy_weight
-        See :func:`fit_reference_from_features`.
+    method, feature_weight
+        See :func:`fit_reference_from_features` (the fit from images always gives the
+        default "uncertainty" score).
     stages
         Encoder stages whose pooled features enter the distance, 0 = first (highest
         resolution): a tuple of indices, ``"all"``, ``"all-but-deepest"`` or ``"default"``
@@ -740,7 +742,7 @@ def fit_ood_reference(
         np.zeros(len(x), int),
         cfg,
         method=method,
-        entropy_weight=entropy_weight,
+        feature_weight=feature_weight,
         stages=stages,
         info=dict(info or {}),
         progress=progress,
@@ -1021,17 +1023,6 @@ class OODFitStopped(Exception):
     """The fit was stopped by the caller (internal: :func:`fit_ood_after_training` reports it)."""
 
 
-def _stop_callable(stop) -> Callable[[], bool] | None:
-    """A ``threading.Event``, a callable returning bool, or None -> a callable or None."""
-    if stop is None:
-        return None
-    if hasattr(stop, "is_set"):
-        return stop.is_set
-    if callable(stop):
-        return lambda: bool(stop())
-    raise ConfigError(f"stop must be a threading.Event or a callable returning bool; got {stop!r}.")
-
-
 @dataclass
 class OODFitResult:
     """What :func:`fit_ood_after_training` did.
@@ -1116,7 +1107,7 @@ def _fit_for_checkpoint(
         items[:, 0],
         cfg,
         method=DEFAULT_METHOD,
-        entropy_weight=DEFAULT_ENTROPY_WEIGHT,
+        feature_weight=DEFAULT_FEATURE_WEIGHT,
         stages="default",
         info={"train_defocus_nm": doms, "dataset": str(getattr(ds, "path", None))},
         progress=fit_progress,
@@ -1231,7 +1222,9 @@ def fit_ood_after_training(
     """
     t0 = time.perf_counter()
     cfg = config or OODFitConfig()
-    should_stop = _stop_callable(stop)
+    from ..training.loop import _stop_fn  # the one stop convention (Event or callable)
+
+    should_stop = None if stop is None else _stop_fn(stop)
     try:
         return _fit_for_checkpoint(model_dir, data, which, device, True, cfg, progress, should_stop)
     except OODFitStopped as exc:
