@@ -216,3 +216,66 @@ def test_ood_axes_turn_symlog_when_one_frame_scores_far_above_the_rest(tmp_path)
     _symlog_if_wide(b, [0.2, -1.0, 1.5, 41.0], axis="x")
     assert a.get_yscale() == "linear" and b.get_xscale() == "symlog"
     plt.close(fig)
+
+
+def test_sample_frames_get_a_scale_bar_of_a_round_length(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_hrtem_transfer.evaluation.figures import _scale_bar, plot_samples
+
+    # 128 px at 0.2 A/px = 2.56 nm wide: a fifth is 0.51 nm -> a 0.5 nm bar of 25 px
+    fig, ax = plt.subplots()
+    ax.imshow(np.zeros((128, 128)))
+    assert _scale_bar(ax, (128, 128), 0.2) == pytest.approx(0.5)
+    (line,) = ax.lines
+    x = line.get_xdata()
+    assert x[1] - x[0] == pytest.approx(25.0)
+    assert [t.get_text() for t in ax.texts] == ["0.5 nm"]
+    # 512 px at 0.555 A/px = 28.4 nm: a 5 nm bar
+    assert _scale_bar(ax, (512, 512), 0.555) == pytest.approx(5.0)
+    plt.close(fig)
+
+    rng = np.random.default_rng(0)
+    sample = {
+        "defocus_nm": 10.0,
+        "image": rng.normal(size=(64, 64)),
+        "proba": rng.uniform(size=(64, 64)),
+        "mask": None,
+        "ood_score": 0.1,
+        "dice": 0.9,
+        "sampling_A": 0.2,
+    }
+    assert plot_samples([sample], tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_generalization_legend_covers_neither_bars_nor_shift_labels(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_hrtem_transfer.evaluation import figures
+
+    seen = {}
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        r = fig.canvas.get_renderer()
+        legend = ax.get_legend().get_window_extent(r)
+        seen["overlaps"] = [
+            t.get_text() for t in ax.texts if t.get_window_extent(r).overlaps(legend)
+        ]
+        # outside the axes: it can cover neither a bar nor a label, whatever the values
+        seen["outside"] = legend.x0 >= ax.get_window_extent(r).x1
+        plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(figures, "savefig_atomic", keep)
+    # the demo's figure: one model, generalization 0.036 -> 0.082
+    figures.plot_generalization(["this model"], [0.036], [0.082], tmp_path / "g.png")
+    assert seen["overlaps"] == []
+    assert seen["outside"]

@@ -224,7 +224,8 @@ def plot_generalization(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("generalization (lower = better)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    # the legend sits outside the axes: inside, it covered the shift labels above the bars
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.margins(y=0.15)
     return savefig_atomic(fig, path)
 
@@ -305,6 +306,33 @@ def plot_ood_vs_loss(frames: ResultTable, path: str | os.PathLike, title: str = 
     return savefig_atomic(fig, path)
 
 
+def _scale_bar(ax, shape: tuple[int, ...], sampling_A: float) -> float:
+    """Draw a white scale bar (1-2-5 x 10^k nm, about a fifth of the width) at the bottom left.
+
+    Returns its length [nm].
+    """
+    ny, nx = int(shape[0]), int(shape[1])
+    width_nm = nx * sampling_A / 10.0
+    target = width_nm / 5.0
+    exp = np.floor(np.log10(target))
+    length_nm = max(
+        (m * 10.0**exp for m in (1.0, 2.0, 5.0) if m * 10.0**exp <= target), default=10.0**exp
+    )
+    px = length_nm * 10.0 / sampling_A
+    x0, y0 = 0.05 * nx, 0.92 * ny
+    ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt")
+    ax.text(
+        x0 + px / 2,
+        y0 - 0.03 * ny,
+        f"{length_nm:g} nm",
+        color="white",
+        ha="center",
+        va="bottom",
+        fontsize=7,
+    )
+    return float(length_nm)
+
+
 def plot_samples(samples: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Sample frames with the predicted mask overlaid (and the ground truth outlined)."""
     plt = _plt()
@@ -325,6 +353,8 @@ def plot_samples(samples: Sequence[dict], path: str | os.PathLike, title: str = 
             parts.append(f"Dice {s['dice']:.2f}")
         ax.set_title(", ".join(parts), fontsize=8)
         ax.set_axis_off()
+        if s.get("sampling_A"):
+            _scale_bar(ax, img.shape, float(s["sampling_A"]))
     for ax in axes[0][len(samples) :]:
         ax.set_axis_off()
     fig.suptitle(title or "predicted mask (yellow), ground truth (cyan outline)", fontsize=9)

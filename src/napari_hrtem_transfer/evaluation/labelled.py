@@ -403,6 +403,7 @@ def evaluate_model(
                     "ood_score": float(score[k]),
                     "dice": float(dsc[k]),
                     "structure_id": sids[sel[k]],
+                    "sampling_A": float(ds.sampling_A),
                 }
             )
         if progress is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ._files import write_text_atomic
 
 __all__ = ["DEMO_PRESETS", "DemoResult", "DemoSettings", "run_protocol"]
 
@@ -363,7 +364,15 @@ def run_protocol(
             f"{s.transfer_defocus_nm:+g} nm ({s.freeze} frozen)"
         ),
         notes=[
-            f"Demo settings: {json.dumps(asdict(s))}",
+            (
+                f"Demo settings: {s.n_structures} CdSe structures x {len(s.defocus_nm)} defoci "
+                f"({min(s.defocus_nm):+g}...{max(s.defocus_nm):+g} nm), "
+                f"{s.image_size_px} px at {s.sampling_A:g} A/px; pretraining "
+                f"{s.pretrain_epochs} epochs at {s.pretrain_defocus_nm:+g} nm, fine-tuning "
+                f"{s.transfer_epochs} epochs on {s.n_transfer or 'all'} images at "
+                f"{s.transfer_defocus_nm:+g} nm ({s.freeze} frozen); seed {s.seed}. "
+                "Every setting: summary.json ('demo_settings')."
+            ),
             f"Torch CPU threads: {_torch_threads()} (a seeded run repeats exactly on the same "
             "machine with the same number of threads).",
         ],
@@ -371,6 +380,6 @@ def run_protocol(
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
     summary = json.loads((rep_dir / "summary.json").read_text())
+    summary["demo_settings"] = asdict(s)
+    write_text_atomic(rep_dir / "summary.json", json.dumps(summary, indent=1, default=float))
     return DemoResult(out, page, data_path, pre_dir, ft_dir, timings, summary)
-
-
