@@ -111,3 +111,75 @@ class MissingDependencyError(HrtemTransferError, ImportError):
         super().__init__(f"{purpose} needs the package '{package}', which is not installed. "
                          f"Install it with: {hint}")
         self.package = package
+
+
+def _location(loc: Iterable[object]) -> str:
+    """A pydantic error location as a config path: ``grid.freeze[1]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def config_error_from_validation(
+    exc: Exception,
+    names: Mapping[str, str] | None = None,
+    *,
+    source: str | None = None,
+    first_only: bool = False,
+) -> ConfigError:
+    """One :class:`ConfigError` from a pydantic ``ValidationError``: the conversion of every job.
+
+    Each problem reads ``location: message (got value)``, problems joined by ``"; "``.
+
+    Parameters
+    ----------
+    exc
+        A ``pydantic.ValidationError`` (anything with pydantic's ``errors()`` list).
+    names
+        Config field -> a front end's name for it (``{"image_size_px": "--size"}``): the
+        location of a problem is shown with it, and field names standing alone in the
+        messages are reworded (see :func:`reword`; only names with an underscore, which
+        cannot be ordinary words).  Default: the config's own field names.
+    source
+        What was validated (a file name): prefixes the message.
+    first_only
+        Report only the first problem.
+
+    Returns
+    -------
+    ConfigError
+        ``field`` is the first problem's (renamed) top-level field, ``fields`` all of them.
+        Raise it ``from None``: the pydantic traceback says nothing more to a user.
+    """
+    names = dict(names or {})
+    identifiers = [k for k in names if "_" in k]
+    errors = list(exc.errors())  # type: ignore[attr-defined]
+    if first_only:
+        errors = errors[:1]
+    parts: list[str] = []
+    fields: list[str] = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        top = str(loc[0]) if loc else ""
+        shown = names.get(top, top)
+        where = _location((shown, *loc[1:])) if loc else ""
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if identifiers:
+            msg = reword(msg, names, identifiers)
+        if err.get("type") == "missing":
+            msg = "is missing; give a value"
+        else:
+            got = err.get("input")
+            if not isinstance(got, (dict, list)) and "got" not in msg:
+                msg += f" (got {got!r})"
+        parts.append(f"{where}: {msg}" if where else msg)
+        if shown and shown not in fields:
+            fields.append(shown)
+    text = "; ".join(parts) or str(exc)
+    if source:
+        text = f"{source}: {text}"
+    return ConfigError(text, fields[0] if fields else None, fields=fields)
