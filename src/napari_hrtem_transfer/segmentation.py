@@ -278,138 +278,27 @@ class _Frames:
     sampling_A: float | None
     metadata: dict[str, Any]
     name: str
-
-
-def _default_axes(shape: tuple[int, ...], sampling_A: float | None) -> list[dict[str, Any]]:
-    nav = [
-        {
-            "name": "frame" if len(shape) == 3 else f"axis{k}",
-            "size": int(n),
-            "scale": 1.0,
-            "offset": 0.0,
-            "units": None,
-            "navigate": True,
-        }
-        for k, n in enumerate(shape[:-2])
-    ]
-    scale, units = (1.0, None) if sampling_A is None else (sampling_A / 10.0, "nm")
-    sig = [
-        {
-            "name": n,
-            "size": int(s),
-            "scale": scale,
-            "offset": 0.0,
-            "units": units,
-            "navigate": False,
-        }
-        for n, s in zip(("y", "x"), shape[-2:], strict=True)
-    ]
-    return nav + sig
-
-
-def _sampling_from_axes(axes: list[dict[str, Any]]) -> float | None:
-    from .io.readers import length_unit_to_A
-
-    factor = length_unit_to_A(axes[-1].get("units"))
-    if factor is None:
-        return None
-    return float(axes[-1].get("scale", 1.0)) * factor
-
-
-def _check_units(axes: list[dict[str, Any]], name: str) -> None:
-    from .io.readers import _unit_kind, normalise_units
-
-    for ax in axes[-2:]:
-        kind = _unit_kind(normalise_units(ax.get("units")))
-        if kind in ("reciprocal", "angle"):
-            raise ConfigError(
-                f"{name}: the image axes are in '{ax.get('units')}', i.e. a diffraction pattern "
-                "or another reciprocal-space signal. The models segment real-space HRTEM "
-                "images; open a real-space image instead.",
-                "data",
-            )
+    model: Any = None  # the io.frames.Frames these came from
 
 
 def _as_frames(data: Any, sampling_A: float | None, axes: list[dict] | None) -> _Frames:
-    from .io.readers import ExperimentalImage
+    """Any input through the one frames model (:func:`.io.frames.as_frames`)."""
+    from .io.frames import as_frames
 
-    if hasattr(data, "axes_manager") and hasattr(data, "data"):  # a HyperSpy signal
-        from .io.readers import images_from_signals
-
-        (image,) = images_from_signals(data, allow_reciprocal=True)[:1]
-        if not axes:
-            axes = image.full_axes
-        data = image
-    if isinstance(data, ExperimentalImage):
-        meta = dict(data.metadata)
-        name = data.name or "image"
-        full = axes or data.full_axes
-        s = sampling_A if sampling_A is not None else data.sampling_A
-        if s is None and meta.get("reciprocal_sampling"):
-            _check_units(full, name)
-        return _Frames(data.data, data.nav_shape, full, s, meta, name)
-    arr = data
-    if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
-        arr = np.asarray(arr)
-    shape = tuple(int(v) for v in arr.shape)
-    if getattr(arr.dtype, "names", None) or (
-        len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4
-    ):
-        raise ConfigError(
-            f"an array of shape {shape} looks like an RGB(A) colour image; convert it to grey "
-            "first (or read the file with napari_hrtem_transfer.io.read_images, which does).",
-            "data",
-        )
-    if len(shape) < 2:
-        raise ConfigError(
-            f"need an image (ny, nx) or a stack (..., ny, nx); got shape {shape}.", "data"
-        )
-    if np.dtype(arr.dtype).kind not in "biuf":
-        raise ConfigError(f"images must be real numbers; got dtype {arr.dtype}.", "data")
-    if axes is not None:
-        axes = [dict(a) for a in axes]
-        if len(axes) != len(shape):
-            raise ConfigError(
-                f"{len(axes)} axes given for data of shape {shape}; give one axis dict per "
-                "dimension (navigation axes first, then y and x).",
-                "axes",
-            )
-        _check_units(axes, "data")
-        if sampling_A is None:
-            sampling_A = _sampling_from_axes(axes)
-    else:
-        axes = _default_axes(shape, sampling_A)
-    ny, nx = shape[-2:]
-    frames = arr.reshape(-1, ny, nx)
-    return _Frames(frames, shape[:-2], axes, sampling_A, {}, "data")
-
-
-def _acquisition_warning(meta: dict[str, Any], name: str) -> str | None:
-    mode = str(meta.get("acquisition_mode") or "").upper()
-    title = str(meta.get("title") or "")
-    if mode == "STEM" or _STEM_WORDS.search(title):
-        what = f"acquisition mode {mode}" if mode == "STEM" else f"detector '{title}'"
-        return (
-            f"{name}: {what}: this looks like a STEM image. The models are trained on HRTEM "
-            "(phase-contrast) images; STEM contrast differs, so the segmentation is likely "
-            "wrong and the OOD score will say so."
-        )
-    return None
-
-
-# ----------------------------------------------------------------------------- numerics
+    f = as_frames(data, sampling_A, axes)
+    return _Frames(
+        f.data, f.nav_shape, f.full_axes, f.sampling_A, dict(f.metadata), f.name or "image", f
+    )
 
 
 def _zoom(frame: np.ndarray, factor: float, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Resample one frame by ``factor`` (linear); with ``shape``, to exactly that shape."""
-    from scipy import ndimage
+    from .io.frames import zoom
 
-    if shape is None:
-        shape = (max(1, round(frame.shape[0] * factor)), max(1, round(frame.shape[1] * factor)))
-    zy, zx = shape[0] / frame.shape[0], shape[1] / frame.shape[1]
-    return ndimage.zoom(
-        frame.astype(np.float32, copy=False), (zy, zx), order=1, mode="nearest", grid_mode=True
-    ).astype(np.float32, copy=False)
+    return zoom(frame, factor, shape)
+
+
+# ----------------------------------------------------------------------------- numerics
 
 
 def _pad_to(frame: np.ndarray, min_px: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -513,9 +402,10 @@ def segment(
 
     stopped = _stop_fn(stop)
     inp = _as_frames(data, sampling_A, axes)
+    from .io.frames import check_zoom, input_warnings
+
     notes: list[str] = []
-    warn = _acquisition_warning(inp.metadata, inp.name)
-    if warn:
+    for warn in input_warnings(inp.model):
         notes.append(warn)
         warnings.warn(warn, SegmentationWarning, stacklevel=2)
 
@@ -542,18 +432,14 @@ def segment(
             notes.append(msg)
             warnings.warn(msg, SegmentationWarning, stacklevel=2)
         else:
-            big = max(ny, nx) * ratio
-            if ratio > cfg.max_zoom or ratio < 1.0 / cfg.max_zoom or big > cfg.max_resampled_px:
-                raise ConfigError(
-                    f"{inp.name}: pixel size {inp.sampling_A:.4g} Å/px is {ratio:.3g} times the "
-                    f"model's {model_s:.4g} Å/px; resampling by more than x{cfg.max_zoom:g} "
-                    f"(or to frames over {cfg.max_resampled_px} px) is refused. This model is "
-                    f"for images near {model_s:.4g} Å/px: use a model trained at this pixel "
-                    "size (simulate with sampling_A / --sampling), or segment without "
-                    "resampling (resample=False / --no-resample) if you know better.",
-                    "resample",
-                )
-            factor = ratio
+            factor = check_zoom(
+                inp.sampling_A,
+                model_s,
+                (ny, nx),
+                inp.name,
+                max_zoom=cfg.max_zoom,
+                max_resampled_px=cfg.max_resampled_px,
+            )
             notes.append(
                 f"resampled frames from {inp.sampling_A:.4g} to the model's {model_s:.4g} Å/px "
                 f"(zoom x{ratio:.3g}) and the probabilities back to the input grid"

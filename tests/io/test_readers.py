@@ -107,10 +107,39 @@ def test_tia_values_match_between_emi_and_ser():
     ser = _read(DATA / "tia_ser_emi/128x128-TEM_search_1.ser")[0]
     np.testing.assert_array_equal(emi.data, ser.data)
     assert emi.data.min() == 255 and emi.data.max() == pytest.approx(1.417e4, rel=1e-3)
-    # only the .emi has the microscope conditions
+    # the .ser given alone is read through the .emi beside it: the same microscope
+    # conditions (issue 18: a .ser alone was not recognised as STEM)
     assert emi.metadata["energy_eV"] == pytest.approx(200e3)
     assert emi.metadata["acquisition_mode"] == "TEM"
-    assert "energy_eV" not in ser.metadata
+    assert ser.metadata["energy_eV"] == pytest.approx(200e3)
+    assert ser.metadata["acquisition_mode"] == "TEM"
+    assert ser.path.suffix == ".ser"
+
+
+@needs_data
+def test_ser_alone_is_stem_when_its_emi_says_so(tmp_path):
+    """A STEM .emi/.ser pair (the shared TEM pair with the mode and camera tag edited in
+    place, same byte lengths): the .ser alone is STEM, and the segmentation input warns."""
+    from napari_hrtem_transfer.io.frames import as_frames, input_warnings
+
+    src = DATA / "tia_ser_emi"
+    raw = (src / "128x128-TEM_search.emi").read_bytes()
+    assert raw.count(b"<Value> TEM uP") == 1
+    # STEM with a camera would make RosettaSciIO guess a diffraction pattern: no camera
+    stem = raw.replace(b"<Value> TEM uP", b"<Value>STEM uP")
+    stem = stem.replace(b"CameraNamePath", b"DetectorNameXX")
+    (tmp_path / "scan.emi").write_bytes(stem)
+    (tmp_path / "scan_1.ser").write_bytes((src / "128x128-TEM_search_1.ser").read_bytes())
+    (emi,) = _read(tmp_path / "scan.emi")
+    (ser,) = _read(tmp_path / "scan_1.ser")
+    assert emi.metadata["acquisition_mode"] == "STEM"
+    assert ser.metadata["acquisition_mode"] == "STEM"
+    assert any("STEM" in w for w in input_warnings(as_frames(ser)))
+    # without its .emi, a .ser has no mode (and nothing is guessed)
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "scan_1.ser").write_bytes((tmp_path / "scan_1.ser").read_bytes())
+    (bare,) = _read(tmp_path / "alone" / "scan_1.ser")
+    assert "acquisition_mode" not in bare.metadata
 
 
 @needs_data
@@ -333,27 +362,30 @@ def test_uncalibrated_scale_without_units_warns(tmp_path):
     assert im.sampling_A is None
 
 
-def test_simulated_dataset_gives_one_entry_per_defocus(tmp_path):
+def test_simulated_dataset_is_one_defocus_by_image_stack(tmp_path):
+    """Issue 18: a simulated series is one entry with the file's defocus x image navigation
+    (it was one entry per defocus, the defocus left in the title)."""
     from napari_hrtem_transfer.io import HRTEMDataset, save_dataset
 
     rng = np.random.default_rng(1)
     images = rng.poisson(40, (3, 2, 16, 16)).astype(np.uint16)
     ds = HRTEMDataset(
         images=images,
-        defocus_nm=[-10.0, 0.0, 10.0],
+        defocus_nm=[-10.0, 0.0, 12.5],
         sampling_A=0.2,
         masks=rng.random((2, 16, 16)) > 0.5,
         dose_e_per_A2=400.0,
     )
     path = save_dataset(ds, tmp_path / "sim.hspy")
-    out = read_images(path)
-    assert [im.metadata["defocus_nm"] for im in out] == [-10.0, 0.0, 10.0]
-    for i, im in enumerate(out):
-        assert im.data.shape == (2, 16, 16)
-        np.testing.assert_array_equal(im.data, images[i])
-        assert im.sampling_A == pytest.approx(0.2)
-        assert im.metadata["simulated"] is True
-        assert im.axes[0]["name"] == "image"
+    (im,) = read_images(path)
+    assert im.nav_shape == (3, 2)
+    assert [a["name"] for a in im.nav_axes] == ["defocus", "image"]
+    assert im.nav_axes[0]["units"] == "nm"
+    np.testing.assert_array_equal(im.nav_axes[0]["axis"], [-10.0, 0.0, 12.5])
+    assert im.metadata["defocus_nm"] == [-10.0, 0.0, 12.5]
+    np.testing.assert_array_equal(im.frames(), images)
+    assert im.sampling_A == pytest.approx(0.2)
+    assert im.metadata["simulated"] is True
 
 
 def test_wrong_extension_is_refused(tmp_path):

@@ -15,7 +15,7 @@ extension                  notes
 ``.tif``, ``.tiff``        TIFF incl. DigitalMicrograph, ImageJ and TVIPS
                            calibration tags; RGB is converted to grey
 ``.hspy``                  HyperSpy files, and this package's simulated
-                           datasets (one entry per defocus)
+                           datasets (one defocus x image stack)
 ``.npy``                   NumPy arrays (2-D, or stacks (..., ny, nx); uncalibrated)
 ``.png``, ``.jpg``         plain images (uncalibrated; e.g. label masks)
 =========================  ====================================================
@@ -51,21 +51,37 @@ DigitalMicrograph "Cs(mm)" tag, only when non-zero: DM writes 0 when it is not k
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ReaderError
+from .frames import (
+    ExperimentalImage,
+    Frames,
+    ReaderWarning,
+    axis_from_values,
+    length_unit_to_A,
+    normalise_units,
+    trailing_rgb_to_grey,
+)
+from .frames import NotAnImage as _NotAnImage
+from .frames import axis_dict as _axis_dict
+from .frames import calibration as _calibration
+from .frames import to_grey as _to_grey
+from .frames import unit_kind as _unit_kind
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "ExperimentalImage",
+    "Frames",
     "ReaderWarning",
     "is_supported",
     "length_unit_to_A",
@@ -90,197 +106,7 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (
     ".jpeg",
 )
 
-_UNDEFINED_UNITS = {"", "<undefined>", "undefined", "none", "px", "pixel", "pixels"}
-
-# Length units -> factor to Ångström.  Keys are compared after normalise_units().
-_LENGTH_TO_A: dict[str, float] = {
-    "pm": 1e-2,
-    "Å": 1.0,
-    "A": 1.0,
-    "ang": 1.0,
-    "angstrom": 1.0,
-    "nm": 10.0,
-    "µm": 1e4,
-    "um": 1e4,
-    "micron": 1e4,
-    "mm": 1e7,
-    "m": 1e10,
-}
-
-_ANGLE_UNITS = {"rad", "mrad", "µrad", "urad", "deg", "°", "degree", "degrees"}
-
-# ITU-R BT.601 luma weights (what Pillow's convert("L") uses).
-_LUMA = {"R": 0.299, "G": 0.587, "B": 0.114}
-
-
-class ReaderWarning(UserWarning):
-    """Something in a file was skipped, guessed or converted; the message says what."""
-
-
-@dataclass
-class ExperimentalImage:
-    """Grey-level frames read from one signal of an experimental file.
-
-    Attributes
-    ----------
-    data
-        Array (n_frames, ny, nx), float32, the file's intensities (counts, not
-        standardised). A single image has ``n_frames == 1``; stacks and series keep
-        their navigation axes flattened in array order.
-    sampling_A
-        Pixel size [Å/px] (the x pixel size when pixels are not square), or None when
-        the file has no real-space calibration.
-    axes
-        Three rosettasciio-style axis dicts (``name``, ``size``, ``scale``, ``offset``,
-        ``units``, ``navigate``) describing ``data``'s axes (frame, y, x) as stored in
-        the file; ``units`` is None where the file has none (never ``"<undefined>"``).
-    metadata
-        Flat dict of plain values: see the module docstring for the keys; always has
-        ``format``, ``title``, ``reader_notes`` (list of str) and ``hyperspy`` (the
-        signal's HyperSpy metadata as a dict, empty for ``.npy``).
-    original_metadata
-        The vendor tags as HyperSpy reports them.
-    name
-        Human-readable name (file stem plus signal title or index).
-    path
-        File the image was read from, or None.
-    nav_axes
-        The file's navigation axes as axis dicts, in array order (outermost first), exactly
-        as stored (names, units, scales, offsets; ``axis`` values for non-uniform axes such
-        as a defocus series): ``[]`` for a single image, one entry for a stack, two for a
-        defocus x image series.  ``data`` holds the frames flattened in C order;
-        :attr:`nav_shape` and :meth:`frames` restore the navigation shape.
-    """
-
-    data: np.ndarray
-    sampling_A: float | None
-    axes: list[dict[str, Any]]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    original_metadata: dict[str, Any] = field(default_factory=dict)
-    name: str = ""
-    path: Path | None = None
-    nav_axes: list[dict[str, Any]] | None = None
-
-    def __post_init__(self) -> None:
-        data = np.asarray(self.data)
-        if data.ndim == 2:
-            data = data[None]
-        if data.ndim != 3:
-            raise ReaderError(
-                f"{self.name or 'image'}: data must have shape (n_frames, ny, nx); "
-                f"got shape {data.shape}."
-            )
-        self.data = np.ascontiguousarray(data, dtype=np.float32)
-        if self.sampling_A is not None:
-            s = float(self.sampling_A)
-            if not (math.isfinite(s) and s > 0):
-                raise ReaderError(
-                    f"{self.name or 'image'}: sampling_A must be a positive pixel size [Å]; "
-                    f"got {self.sampling_A!r}."
-                )
-            self.sampling_A = s
-        if len(self.axes) != 3:
-            self.axes = _default_axes(self.data.shape, self.sampling_A)
-        if self.nav_axes is None:
-            n = self.data.shape[0]
-            self.nav_axes = [] if n == 1 else [dict(self.axes[0])]
-        self.nav_axes = [dict(a) for a in self.nav_axes]
-        if int(np.prod(self.nav_shape, dtype=np.int64)) != self.data.shape[0]:
-            raise ReaderError(
-                f"{self.name or 'image'}: navigation axes of shape {self.nav_shape} do not "
-                f"match {self.data.shape[0]} frames."
-            )
-
-    @property
-    def nav_shape(self) -> tuple[int, ...]:
-        """Navigation shape in array order (``()`` for a single image)."""
-        return tuple(int(a["size"]) for a in self.nav_axes or [])
-
-    @property
-    def full_axes(self) -> list[dict[str, Any]]:
-        """Navigation axes then the y and x signal axes, in array order."""
-        return [dict(a) for a in self.nav_axes or []] + [dict(self.axes[1]), dict(self.axes[2])]
-
-    def frames(self) -> np.ndarray:
-        """``data`` with its navigation shape restored: ``nav_shape + (ny, nx)``."""
-        return self.data.reshape(*self.nav_shape, *self.image_shape)
-
-    @property
-    def n_frames(self) -> int:
-        """Number of frames."""
-        return int(self.data.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """(ny, nx) in pixels."""
-        return (int(self.data.shape[1]), int(self.data.shape[2]))
-
-    @property
-    def sampling_nm(self) -> float | None:
-        """Pixel size [nm/px], or None when uncalibrated."""
-        return None if self.sampling_A is None else self.sampling_A / 10.0
-
-    @property
-    def is_calibrated(self) -> bool:
-        """Whether the image has a real-space pixel size."""
-        return self.sampling_A is not None
-
-
 # ----------------------------------------------------------------------------- units
-
-
-def normalise_units(units: Any) -> str | None:
-    """Return ``units`` as a clean string, or None if the axis has no units.
-
-    HyperSpy's ``"<undefined>"`` (its ``t.Undefined``), empty strings and pixel units all
-    become None. The micro sign variants (µ U+00B5, μ U+03BC) become "µ", and the
-    Ångström sign (Å U+212B) becomes "Å".
-    """
-    if units is None:
-        return None
-    text = str(units).strip()
-    if text.lower() in _UNDEFINED_UNITS:
-        return None
-    # Berkeley EMD files written by ncempy spell units with an underscore: "n_m", "1/n_m"
-    text = re.sub(r"\b([pnuµμ])_m\b", r"\1m", text)
-    return text.replace("\u03bc", "\u00b5").replace("\u212b", "\u00c5")
-
-
-def length_unit_to_A(units: Any) -> float | None:
-    """Factor converting one ``units`` of length to Ångström, or None if not a length.
-
-    Examples
-    --------
-    >>> length_unit_to_A("nm"), length_unit_to_A("um"), length_unit_to_A("pm")
-    (10.0, 10000.0, 0.01)
-    >>> length_unit_to_A("1/nm") is None
-    True
-    """
-    u = normalise_units(units)
-    if u is None:
-        return None
-    if u in _LENGTH_TO_A:
-        return _LENGTH_TO_A[u]
-    low = u.lower()
-    if low in ("å", "angstrom", "angstroms", "ang"):
-        return 1.0
-    if low in ("nm", "um", "µm", "pm", "mm", "micron", "microns"):
-        return _LENGTH_TO_A.get(low, 1e4)
-    return None
-
-
-def _unit_kind(units: str | None) -> str:
-    """Classify a (normalised) unit: 'none', 'length', 'reciprocal', 'angle' or 'other'."""
-    if units is None:
-        return "none"
-    if length_unit_to_A(units) is not None:
-        return "length"
-    low = units.lower().replace(" ", "")
-    if low.startswith("1/") or low.endswith(("^-1", "-1", "⁻¹")):
-        return "reciprocal"
-    if low in _ANGLE_UNITS:
-        return "angle"
-    return "other"
 
 
 # ----------------------------------------------------------------------------- public API
@@ -308,8 +134,9 @@ def read_images(
     Returns
     -------
     list of ExperimentalImage
-        One entry per image signal (a Velox file with four detectors gives four); one
-        entry per defocus for this package's simulated ``.hspy`` datasets.
+        One entry per image signal (a Velox file with four detectors gives four); a
+        simulated ``.hspy`` dataset of this package gives one entry whose navigation is
+        ``defocus`` [nm] x ``image``.
 
     Raises
     ------
@@ -357,11 +184,13 @@ def images_from_signals(
     *,
     path: Path | None = None,
     allow_reciprocal: bool = False,
+    lazy: bool = False,
 ) -> list[ExperimentalImage]:
     """Convert one HyperSpy signal or a list of signals to ExperimentalImage objects.
 
     Non-image signals are skipped with a :class:`ReaderWarning`; see :func:`read_images`
-    for the parameters and errors.
+    for the parameters and errors. With ``lazy=True`` a lazy signal's frames stay a dask
+    array (read frame by frame later); otherwise they are computed.
     """
     signal_list = list(signals) if isinstance(signals, list | tuple) else [signals]
     where = str(path) if path is not None else "signal"
@@ -371,7 +200,9 @@ def images_from_signals(
         label = _signal_label(signal, i, len(signal_list))
         try:
             images.append(
-                _signal_to_image(signal, path=path, label=label, allow_reciprocal=allow_reciprocal)
+                _signal_to_image(
+                    signal, path=path, label=label, allow_reciprocal=allow_reciprocal, lazy=lazy
+                )
             )
         except _NotAnImage as exc:
             skipped.append(f"{label}: {exc}")
@@ -392,28 +223,120 @@ def images_from_signals(
 # ----------------------------------------------------------------------------- internals
 
 
-class _NotAnImage(Exception):
-    """Internal: this signal is not a real-space image (message says why)."""
+@contextlib.contextmanager
+def _quiet_rsciio() -> Any:
+    """Silence HyperSpy's and RosettaSciIO's loggers around a read.
+
+    On a file it cannot parse, HyperSpy logs "please report this error to the RosettaSciIO
+    developers" (in red) before raising; our own :class:`ReaderError` says what is wrong
+    and what to do, so theirs is dropped.
+    """
+    names = ("hyperspy.io", "hyperspy.io_plugins", "rsciio")
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with warnings.catch_warnings():
+            # rosettasciio warns about vendor quirks that are not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        for lg, was in zip(loggers, before, strict=True):
+            lg.disabled = was
 
 
-def _hs_load(path: Path) -> Any:
+def _tia_companion(path: Path) -> tuple[Path, int] | None:
+    """The ``.emi`` next to a TIA ``x_N.ser`` and the ser's index among its data files."""
+    m = re.match(r"^(.*)_(\d+)$", path.stem)
+    if path.suffix.lower() != ".ser" or not m:
+        return None
+    for ext in (".emi", ".EMI"):
+        emi = path.with_name(m.group(1) + ext)
+        if emi.is_file():
+            return emi, int(m.group(2)) - 1
+    return None
+
+
+def _hs_load(path: Path, *, lazy: bool = False) -> Any:
     try:
         import hyperspy.api as hs
     except ImportError as exc:  # pragma: no cover - hyperspy is a base dependency
         from ..errors import MissingDependencyError
 
         raise MissingDependencyError("hyperspy", "Reading microscope files") from exc
+    ext = path.suffix.lower()
+    companion = _tia_companion(path)
     try:
-        with warnings.catch_warnings():
-            # rosettasciio warns about vendor quirks that are not the user's business
-            warnings.simplefilter("ignore", UserWarning)
-            return hs.load(path, lazy=False)
+        with _quiet_rsciio():
+            if companion is not None:
+                # the .emi holds the microscope metadata (mode, energy, defocus): read the
+                # .ser through it, as if the user had given the .emi
+                emi, index = companion
+                signals = hs.load(emi, lazy=lazy)
+                if isinstance(signals, list) and 0 <= index < len(signals):
+                    return signals[index]
+                if not isinstance(signals, list) and index == 0:
+                    return signals
+            if ext != ".mrc":
+                return hs.load(path, lazy=lazy)
+            with _closing_files("rsciio.mrc._api"):
+                signals = hs.load(path, lazy=False)
+            return _in_memory(signals)
     except Exception as exc:  # noqa: BLE001 - rosettasciio raises many types
+        hint = (
+            " A TIA .ser file needs its companion .emi for the metadata; keep them together."
+            if ext in (".ser", ".emi")
+            else ""
+        )
         raise ReaderError(
             f"{path}: HyperSpy/RosettaSciIO could not read this file "
             f"({type(exc).__name__}: {exc}). Check that the file is complete and of the "
-            "type its extension says; a TIA .ser file needs its companion .emi for metadata."
+            f"type its extension says.{hint}"
         ) from exc
+
+
+@contextlib.contextmanager
+def _closing_files(module_name: str) -> Any:
+    """Close the files a reader module opens and leaves open (RosettaSciIO's MRC reader
+    opens the header with ``open()`` and never closes it: "ResourceWarning: unclosed
+    file")."""
+    import builtins
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:  # pragma: no cover - another rosettasciio layout
+        yield
+        return
+    opened: list[Any] = []
+
+    def _open(*args: Any, **kwargs: Any) -> Any:
+        f = builtins.open(*args, **kwargs)
+        opened.append(f)
+        return f
+
+    had = "open" in vars(module)
+    previous = vars(module).get("open")
+    module.open = _open
+    try:
+        yield
+    finally:
+        if had:
+            module.open = previous
+        else:
+            del module.open
+        for f in opened:
+            with contextlib.suppress(Exception):
+                f.close()
+
+
+def _in_memory(signals: Any) -> Any:
+    """Memory-mapped data copied into memory (no file stays mapped after the read)."""
+    for s in signals if isinstance(signals, list) else [signals]:
+        if isinstance(s.data, np.memmap):
+            s.data = np.array(s.data)
+    return signals
 
 
 def _signal_label(signal: Any, index: int, n: int) -> str:
@@ -423,115 +346,8 @@ def _signal_label(signal: Any, index: int, n: int) -> str:
     return f"signal {index}" if n > 1 else ""
 
 
-def _axis_dict(ax: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "name": None if normalise_units(ax.name) is None else str(ax.name),
-        "size": int(ax.size),
-        "navigate": bool(ax.navigate),
-        "units": normalise_units(ax.units),
-    }
-    if getattr(ax, "is_uniform", True):
-        d["scale"] = float(ax.scale)
-        d["offset"] = float(ax.offset)
-    else:
-        values = np.asarray(ax.axis, dtype=float)
-        d["axis"] = values
-        d["scale"] = float(np.mean(np.diff(values))) if values.size > 1 else 1.0
-        d["offset"] = float(values[0]) if values.size else 0.0
-    return d
-
-
-def _default_axes(shape: tuple[int, ...], sampling_A: float | None) -> list[dict[str, Any]]:
-    n, ny, nx = (int(v) for v in shape)
-    if sampling_A is None:
-        scale, units = 1.0, None
-    else:
-        scale, units = float(sampling_A) / 10.0, "nm"
-    return [
-        {"name": "frame", "size": n, "scale": 1.0, "offset": 0.0, "units": None, "navigate": True},
-        {"name": "y", "size": ny, "scale": scale, "offset": 0.0, "units": units, "navigate": False},
-        {"name": "x", "size": nx, "scale": scale, "offset": 0.0, "units": units, "navigate": False},
-    ]
-
-
-def _to_grey(data: np.ndarray, label: str, notes: list[str]) -> np.ndarray:
-    """Structured RGB(A) or trailing-channel arrays -> float32 grey (BT.601 luma)."""
-    names = data.dtype.names
-    if names:
-        channels = [n for n in names if n.upper() in _LUMA]
-        if len(channels) != 3:
-            raise _NotAnImage(f"structured pixel type {data.dtype} is not RGB")
-        grey = sum(_LUMA[n.upper()] * data[n].astype(np.float32) for n in channels)
-        note = (
-            f"{label}: RGB colour image converted to grey "
-            "(0.299 R + 0.587 G + 0.114 B); use the raw detector file if you have it."
-        )
-        notes.append(note)
-        warnings.warn(note, ReaderWarning, stacklevel=4)
-        return np.asarray(grey, dtype=np.float32)
-    if np.iscomplexobj(data):
-        raise _NotAnImage("complex-valued data (an FFT or exit wave?), not an intensity image")
-    return np.asarray(data)
-
-
-def _calibration(
-    y: dict[str, Any], x: dict[str, Any], label: str, notes: list[str], allow_reciprocal: bool
-) -> float | None:
-    """Pixel size [Å] from the y and x axis dicts (see module docstring for the rules)."""
-    ky, kx = _unit_kind(y["units"]), _unit_kind(x["units"])
-    name = label
-    if "reciprocal" in (ky, kx) or "angle" in (ky, kx):
-        units = x["units"] if kx in ("reciprocal", "angle") else y["units"]
-        if not allow_reciprocal:
-            raise _NotAnImage(
-                f"axes are in '{units}', i.e. a diffraction pattern or other "
-                "reciprocal-space signal; the segmentation models need a real-space image"
-            )
-        note = f"{name}: axes in '{units}' (reciprocal space); no real-space pixel size."
-        notes.append(note)
-        warnings.warn(note, ReaderWarning, stacklevel=4)
-        return None
-    sy = y["scale"] * length_unit_to_A(y["units"]) if ky == "length" else None
-    sx = x["scale"] * length_unit_to_A(x["units"]) if kx == "length" else None
-    for kind, ax in ((ky, y), (kx, x)):
-        if kind == "other":
-            note = (
-                f"{name}: axis '{ax['name']}' has units '{ax['units']}', which are not a "
-                "length; treated as uncalibrated."
-            )
-            notes.append(note)
-            warnings.warn(note, ReaderWarning, stacklevel=4)
-        elif kind == "none" and not math.isclose(ax["scale"], 1.0):
-            note = (
-                f"{name}: axis '{ax['name']}' has scale {ax['scale']:g} but no units; "
-                "treated as uncalibrated."
-            )
-            notes.append(note)
-            warnings.warn(note, ReaderWarning, stacklevel=4)
-    for s in (sy, sx):
-        if s is not None and not (math.isfinite(s) and s > 0):
-            notes.append(f"{name}: non-positive pixel size {s!r} Å ignored.")
-            return None
-    if sy is not None and sx is not None:
-        if not math.isclose(sy, sx, rel_tol=1e-3):
-            note = (
-                f"{name}: pixels are not square (y {sy:.6g} Å, x {sx:.6g} Å); using the x "
-                "pixel size. Resample the image to square pixels before segmenting."
-            )
-            notes.append(note)
-            warnings.warn(note, ReaderWarning, stacklevel=4)
-        return float(sx)
-    if sx is not None or sy is not None:
-        s = sx if sx is not None else sy
-        note = f"{name}: only one axis is calibrated; using {s:.6g} Å for both."
-        notes.append(note)
-        warnings.warn(note, ReaderWarning, stacklevel=4)
-        return float(s)
-    return None
-
-
 def _signal_to_image(
-    signal: Any, *, path: Path | None, label: str, allow_reciprocal: bool
+    signal: Any, *, path: Path | None, label: str, allow_reciprocal: bool, lazy: bool = False
 ) -> ExperimentalImage:
     am = signal.axes_manager
     sig_dim = int(am.signal_dimension)
@@ -546,7 +362,9 @@ def _signal_to_image(
         raise _NotAnImage(f"a {sig_dim}-D signal, not an image")
     notes: list[str] = []
     display = label or (path.name if path is not None else "signal")
-    data = np.asarray(signal.data)
+    data = signal.data
+    if not (lazy and getattr(signal, "_lazy", False)):
+        data = np.asarray(data)
     data = _to_grey(data, display, notes)
     y_ax, x_ax = (_axis_dict(a) for a in am.signal_axes[::-1])
     nav_axes = [_axis_dict(a) for a in am.navigation_axes[::-1]]
@@ -595,6 +413,13 @@ def _signal_to_image(
         name=name,
         path=path,
         nav_axes=nav_axes,
+        sampling_source=(
+            "none"
+            if sampling is None
+            else f"signal axes of {path.name if path is not None else 'the signal'} "
+            f"({x_ax['units']})"
+        ),
+        provenance={"reader": "hyperspy", "file": str(path) if path is not None else None},
     )
 
 
@@ -703,13 +528,7 @@ def _read_npy(path: Path) -> ExperimentalImage:
 def _array_image(data: np.ndarray, path: Path, fmt: str) -> ExperimentalImage:
     notes: list[str] = []
     if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
-        note = (
-            f"{path.name}: (ny, nx, {data.shape[-1]}) array read as RGB(A) and converted to grey."
-        )
-        notes.append(note)
-        warnings.warn(note, ReaderWarning, stacklevel=3)
-        w = np.array([_LUMA["R"], _LUMA["G"], _LUMA["B"]], dtype=np.float32)
-        data = data[..., :3].astype(np.float32) @ w
+        data = trailing_rgb_to_grey(data, path.name, notes)
     if data.ndim < 2 or data.dtype.kind not in "biuf":
         raise ReaderError(
             f"{path}: expected a real 2-D image or a stack (..., ny, nx) of them; got a "
@@ -737,11 +556,17 @@ def _array_image(data: np.ndarray, path: Path, fmt: str) -> ExperimentalImage:
         name=path.stem,
         path=path,
         nav_axes=nav_axes,
+        sampling_source="none",
+        provenance={"reader": fmt, "file": str(path)},
     )
 
 
 def _read_simulated_dataset(path: Path) -> list[ExperimentalImage] | None:
-    """Read a simulated ``.hspy`` dataset, one entry per defocus; None if not one."""
+    """Read a simulated ``.hspy`` dataset as one defocus x image stack; None if not one.
+
+    The navigation is the file's: ``defocus`` [nm] (non-uniform values kept) outermost,
+    then ``image``; ``metadata["defocus_nm"]`` lists the defocus values.
+    """
     import h5py
 
     try:
@@ -758,37 +583,48 @@ def _read_simulated_dataset(path: Path) -> list[ExperimentalImage] | None:
     from .dataset import load_dataset
 
     ds = load_dataset(path, lazy=False)
-    images = []
-    for i, d in enumerate(ds.defocus_nm):
-        note = (
-            f"simulated defocus plane {i} of {ds.n_defocus}; the ground-truth masks are in "
-            "the dataset (napari_hrtem_transfer.io.load_dataset)."
-        )
-        metadata = {
-            "format": "hspy",
-            "title": f"defocus {d:+g} nm",
-            "reader_notes": [note],
-            "hyperspy": {},
-            "simulated": True,
-            "defocus_nm": float(d),
-            "energy_eV": float(ds.energy_eV),
-            "dose_e_per_A2": ds.dose_e_per_A2,
-            "sampling_A_y": float(ds.sampling_A),
-            "sampling_A_x": float(ds.sampling_A),
-            "structure_ids": ds.structure_ids.tolist(),
-            "materials": ds.materials.tolist(),
-        }
-        images.append(
-            ExperimentalImage(
-                data=np.asarray(ds.images[i]),
-                sampling_A=ds.sampling_A,
-                axes=[],
-                metadata=metadata,
-                original_metadata={"HRTEM_transfer": ds.info},
-                name=f"{path.stem} [defocus {d:+g} nm]",
-                path=path,
-            )
-        )
-        images[-1].axes[0]["name"] = "image"
-        images[-1].nav_axes = [dict(images[-1].axes[0])] if ds.n_images > 1 else []
-    return images
+    note = (
+        f"simulated defocus series: {ds.n_defocus} defocus plane(s) x {ds.n_images} image(s); "
+        "the ground-truth masks are in the dataset (napari_hrtem_transfer.io.load_dataset)."
+    )
+    defocus = [float(d) for d in ds.defocus_nm]
+    metadata = {
+        "format": "hspy",
+        "title": str(ds.info.get("title", "simulated defocus series")),
+        "reader_notes": [note],
+        "hyperspy": {},
+        "simulated": True,
+        "defocus_nm": defocus,
+        "energy_eV": float(ds.energy_eV),
+        "dose_e_per_A2": ds.dose_e_per_A2,
+        "sampling_A_y": float(ds.sampling_A),
+        "sampling_A_x": float(ds.sampling_A),
+        "structure_ids": ds.structure_ids.tolist(),
+        "materials": ds.materials.tolist(),
+    }
+    nav = [
+        axis_from_values("defocus", defocus, "nm"),
+        {
+            "name": "image",
+            "size": int(ds.n_images),
+            "scale": 1.0,
+            "offset": 0.0,
+            "units": None,
+            "navigate": True,
+        },
+    ]
+    images = np.asarray(ds.images)
+    ny, nx = images.shape[-2:]
+    image = ExperimentalImage(
+        data=images.reshape(-1, ny, nx),
+        sampling_A=ds.sampling_A,
+        axes=[],
+        metadata=metadata,
+        original_metadata={"HRTEM_transfer": ds.info},
+        name=path.stem,
+        path=path,
+        nav_axes=nav,
+        sampling_source=f"simulated dataset {path.name} (sampling_A)",
+        provenance={"reader": "simulated dataset", "file": str(path)},
+    )
+    return [image]
