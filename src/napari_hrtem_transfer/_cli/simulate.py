@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import Flag, add_config_flags, overrides_from_args
+
 HELP = (
     "Simulate an HRTEM defocus series of nanoparticles on amorphous carbon with abTEM "
     "(multislice with frozen phonons, then a CTF per defocus, Poisson noise) and exact "
@@ -11,101 +13,85 @@ HELP = (
 )
 
 
+#: SimulationConfig field -> its command-line option.  Types, nargs and the help text's
+#: defaults (per preset) come from the config (the one source of every default); help is
+#: written here only where the flag's unit or words differ from the field's description.
+#: Fields without a flag are set with --config FILE.
+FLAGS: dict[str, Flag] = {
+    "material": Flag("--material"),
+    "n_structures": Flag("--n-structures"),
+    "image_size_px": Flag("--size"),
+    "sampling_A": Flag("--sampling"),
+    "sim_sampling_A": Flag("--sim-sampling", help="Multislice sampling [Å] (at most --sampling)"),
+    "n_phonons": Flag("--phonons"),
+    "defocus_nm": Flag("--defocus", metavar="NM", nargs="*"),
+    "defocus_jitter_nm": Flag("--defocus-jitter"),
+    "dose_e_per_A2": Flag(
+        "--dose",
+        help="Electron dose [e/Å²] (Poisson noise); stored images are counts per pixel; "
+        "--no-noise for noise-free intensity",
+    ),
+    "energy_eV": Flag("--voltage", scale=1e3, help="Acceleration voltage [kV]"),  # kV -> eV
+    "Cs_A": Flag("--cs", scale=1e7, help="Spherical aberration Cs [mm]"),  # mm -> Å
+    "focal_spread_A": Flag("--focal-spread"),
+    "semiangle_cutoff_mrad": Flag(
+        "--aperture", help="Objective aperture semi-angle [mrad]; none = no aperture"
+    ),
+    "radius_nm": Flag(
+        "--radius", metavar="NM", help="Particle radius range [nm]: MIN MAX (or one value)"
+    ),
+    "particles_per_image": Flag(
+        "--particles",
+        metavar="N",
+        help="Particles per image: MIN MAX (or one value; 0 0 = carbon film only)",
+    ),
+    "substrate_thickness_nm": Flag(
+        "--substrate-thickness",
+        metavar="NM",
+        help="Amorphous-carbon thickness range [nm]: MIN MAX (or one value; 0 = none)",
+    ),
+    "stacking_faults": Flag(
+        "--stacking-faults",
+        metavar="N",
+        help="Stacking faults per particle: MIN MAX (or one value); wurtzite and fcc only",
+    ),
+    "seed": Flag("--seed"),
+}
+
+#: The preset used when neither --preset nor --config is given.
+DEFAULT_PRESET = "laptop"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..simulate.config import MATERIALS, PRESETS
+    from ..simulate.config import PRESETS, SimulationConfig
 
     p.add_argument("--out", required=True, help="Output file, ending in .hspy.")
     p.add_argument(
         "--preset",
-        default="laptop",
+        default=argparse.SUPPRESS,
         choices=sorted(PRESETS),
-        help="Starting values: 'laptop' (256 px, 2 phonons, seconds per structure) or "
-        "'study' (the published settings: 512 px, 8 phonons, 11 defoci -25..25 nm).",
+        help=f"Starting values (default: {DEFAULT_PRESET}): 'laptop' (256 px, 2 phonons, "
+        "seconds per structure) or 'study' (the published settings: 512 px, 8 phonons, "
+        "11 defoci -25..25 nm).",
     )
-    p.add_argument("--material", default=None, help=f"Particle lattice: {', '.join(MATERIALS)}.")
     p.add_argument(
-        "--n-structures", type=int, default=None, help="Number of structures (images per defocus)."
-    )
-    p.add_argument("--size", type=int, default=None, help="Image width and height [px].")
-    p.add_argument("--sampling", type=float, default=None, help="Output pixel size [Å/px].")
-    p.add_argument("--sim-sampling", type=float, default=None, help="Multislice sampling [Å].")
-    p.add_argument("--phonons", type=int, default=None, help="Frozen-phonon configurations.")
-    p.add_argument(
-        "--defocus",
-        type=float,
-        nargs="*",
+        "--config",
         default=None,
-        metavar="NM",
-        help="Nominal defoci [nm]; positive = underfocus (abTEM: defocus = -C10).",
+        metavar="TOML",
+        help="Starting values from a simulation config file (napari_hrtem_transfer.config."
+        "save_config, or --save-config); the options below override it.",
     )
-    p.add_argument(
-        "--defocus-jitter",
-        type=float,
-        default=None,
-        help="Standard deviation of each image's defocus around the nominal value [nm].",
-    )
-    p.add_argument(
-        "--dose",
-        type=float,
-        default=None,
-        help="Electron dose [e/Å²] (Poisson noise); stored images are counts per pixel.",
-    )
+    presets = {name: SimulationConfig.from_preset(name) for name in PRESETS}
+    defaults = {f: {n: getattr(c, f) for n, c in presets.items()} for f in FLAGS}
+    add_config_flags(p, SimulationConfig, FLAGS, defaults)
     p.add_argument(
         "--no-noise", action="store_true", help="Store noise-free intensity instead of counts."
     )
-    p.add_argument("--voltage", type=float, default=None, help="Acceleration voltage [kV].")
     p.add_argument(
-        "--cs",
-        type=float,
+        "--save-config",
         default=None,
-        help="Spherical aberration Cs [mm] (default 0.005 mm = 5 µm).",
-    )
-    p.add_argument(
-        "--focal-spread",
-        type=float,
-        default=None,
-        help="Focal spread [Å] (partial temporal coherence).",
-    )
-    p.add_argument(
-        "--aperture",
-        type=float,
-        default=None,
-        help="Objective aperture semi-angle [mrad]; default none.",
-    )
-    p.add_argument(
-        "--radius",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="NM",
-        help="Particle radius range [nm]: MIN MAX (or one value).",
-    )
-    p.add_argument(
-        "--particles",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="N",
-        help="Particles per image: MIN MAX (or one value).",
-    )
-    p.add_argument(
-        "--substrate-thickness",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="NM",
-        help="Amorphous-carbon thickness range [nm]: MIN MAX (or one value; 0 = none).",
-    )
-    p.add_argument(
-        "--stacking-faults",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="N",
-        help="Stacking faults per particle: MIN MAX (or one value); wurtzite and fcc only.",
-    )
-    p.add_argument(
-        "--seed", type=int, default=None, help="Master seed; the same seed gives identical files."
+        metavar="TOML",
+        help="Also write the resolved settings to this config file (for --config).",
     )
     p.add_argument(
         "--workers",
@@ -130,79 +116,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
 
 
-#: config field -> (command-line flag, argparse dest, factor from the flag's unit to the field's)
-FLAGS: dict[str, tuple[str, str, float]] = {
-    "material": ("--material", "material", 1),
-    "n_structures": ("--n-structures", "n_structures", 1),
-    "image_size_px": ("--size", "size", 1),
-    "sampling_A": ("--sampling", "sampling", 1),
-    "sim_sampling_A": ("--sim-sampling", "sim_sampling", 1),
-    "n_phonons": ("--phonons", "phonons", 1),
-    "defocus_nm": ("--defocus", "defocus", 1),
-    "defocus_jitter_nm": ("--defocus-jitter", "defocus_jitter", 1),
-    "dose_e_per_A2": ("--dose", "dose", 1),
-    "energy_eV": ("--voltage", "voltage", 1e3),  # kV -> eV
-    "Cs_A": ("--cs", "cs", 1e7),  # mm -> Å
-    "focal_spread_A": ("--focal-spread", "focal_spread", 1),
-    "semiangle_cutoff_mrad": ("--aperture", "aperture", 1),
-    "radius_nm": ("--radius", "radius", 1),
-    "particles_per_image": ("--particles", "particles", 1),
-    "substrate_thickness_nm": ("--substrate-thickness", "substrate_thickness", 1),
-    "stacking_faults": ("--stacking-faults", "stacking_faults", 1),
-    "seed": ("--seed", "seed", 1),
-}
-
-
 #: arguments of the core functions that are not config fields -> their command-line flags
 ARGUMENT_FLAGS: dict[str, str] = {"path": "--out", "device": "--device", "workers": "--workers"}
 
 
 def flag_names() -> dict[str, str]:
     """Config fields and core arguments -> command-line flags (for rewording core errors)."""
-    return {**{field: flag for field, (flag, _, _) in FLAGS.items()}, **ARGUMENT_FLAGS}
+    return {**{field: spec.flag for field, spec in FLAGS.items()}, **ARGUMENT_FLAGS}
+
+
+def _start(args: argparse.Namespace):
+    """The starting config: --config FILE, or a preset (validated, before any override)."""
+    from ..errors import ConfigError
+
+    preset = getattr(args, "preset", None)
+    if args.config is None:
+        return None, preset or DEFAULT_PRESET
+    if preset is not None:
+        raise ConfigError(
+            "give either --config or --preset, not both (the file holds every starting value)",
+            "--preset",
+            fields=("--preset", "--config"),
+        )
+    from ..config import load_config
+
+    try:
+        return load_config(args.config, "simulation"), None
+    except ConfigError as exc:
+        # the file names config fields, not flags: keep its words (reword nothing)
+        raise ConfigError(f"--config: {exc}", "--config") from None
 
 
 def config_from_args(args: argparse.Namespace):
-    """Turn parsed options into a validated :class:`SimulationConfig` (flags -> fields)."""
-    from ..errors import ConfigError, reword
+    """Turn parsed options into a validated :class:`SimulationConfig` (flags -> fields).
+
+    Starting values come from ``--config FILE`` or ``--preset`` (default laptop); every
+    option given overrides them.
+    """
+    from ..errors import ConfigError, config_error_from_validation
     from ..simulate.config import SimulationConfig
 
-    overrides = {}
-    for field, (_, dest, scale) in FLAGS.items():
-        value = getattr(args, dest)
-        overrides[field] = value * scale if value is not None and scale != 1 else value
-    flags = flag_names()
-    # free text names fields only by their identifiers (with an underscore): reword those
-    identifiers = [f for f in flags if "_" in f]
-    if args.defocus is not None and len(args.defocus) == 0:
+    defocus = getattr(args, "defocus", None)
+    if defocus is not None and len(defocus) == 0:
         raise ConfigError(
             "--defocus was given without values; give at least one defocus in nm, "
             "e.g. --defocus -5 0 5",
             "--defocus",
         )
-    if args.dose is not None and args.dose <= 0:
+    dose = getattr(args, "dose", None)
+    if dose is not None and dose <= 0:
         raise ConfigError(
-            f"--dose must be a positive number of electrons per Å² (got {args.dose:g}); "
+            f"--dose must be a positive number of electrons per Å² (got {dose:g}); "
             "the study used 400 e/Å², or use --no-noise for noise-free images",
             "--dose",
         )
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (got {args.workers})", "--workers")
+    base, preset = _start(args)
+    overrides = overrides_from_args(args, FLAGS)
     from pydantic import ValidationError
 
     try:
-        cfg = SimulationConfig.from_preset(args.preset, **overrides)
+        if base is None:
+            cfg = SimulationConfig.from_preset(preset, **overrides)
+        else:
+            cfg = SimulationConfig.model_validate({**base.model_dump(), **overrides})
         if args.no_noise:
             cfg.dose_e_per_A2 = None
     except ValidationError as exc:
-        msgs, fields = [], []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err.get("loc") else ""
-            msg = reword(err["msg"].removeprefix("Value error, "), flags, identifiers)
-            msgs.append(f"{flags.get(field, field)}: {msg}" if field else msg)
-            fields.append(flags.get(field, field) if field else None)
-        named = [f for f in fields if f]
-        raise ConfigError("; ".join(msgs), named[0] if named else None, fields=named) from None
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1 (got {args.workers})", "--workers")
+        raise config_error_from_validation(exc, flag_names()) from None
     return cfg
 
 
@@ -233,6 +215,11 @@ def _run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     if args.figure:
         check_writable(args.figure, "--figure")
+    if args.save_config:
+        from ..config import save_config
+
+        check_writable(args.save_config, "--save-config")
+        print(f"wrote {save_config(cfg, args.save_config)}")
     client = None
     if args.scheduler:
         from distributed import Client
