@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "evaluate",
     "demo",
     "sweep",
+    "export",
 )
 
 EPILOG = (

@@ -240,15 +240,28 @@ _CACHE_LOCK = threading.Lock()
 def resolve_model(model: Any = PRETRAINED, which: str = "best", device: str = "auto") -> Any:
     """A :class:`~napari_hrtem_transfer.training.LoadedModel` for ``model``.
 
-    ``model`` is ``"pretrained"`` (the shipped model), a checkpoint folder, or an already
-    loaded model (returned as is).  Loaded folders are cached by path, file time and device,
-    so repeated calls from a GUI do not reload the weights.
+    ``model`` is ``"pretrained"`` (the shipped model), a checkpoint folder, a bioimage.io
+    model package (``.zip``, ``rdf.yaml``/``bioimageio.yaml``: unpacked once into a cache
+    folder by :func:`napari_hrtem_transfer.bioimageio.import_bioimageio`, which refuses
+    architectures that are not ours and pickles), or an already loaded model (returned as
+    is).  Loaded folders are cached by path, file time and device, so repeated calls from a
+    GUI do not reload the weights.
     """
     if hasattr(model, "predict_proba") and hasattr(model, "info"):
         return model
     from .training import load_checkpoint
 
     path = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
+    from .bioimageio import import_bioimageio, is_bioimageio_package
+
+    if is_bioimageio_package(path):
+        if which != "best":
+            raise ConfigError(
+                f"{path}: a bioimage.io package holds one checkpoint; use which='best' "
+                f"(got {which!r}).",
+                "which",
+            )
+        path = import_bioimageio(path)
     sidecar = path / f"{which}.json"
     key = (
         str(path.resolve()),
