@@ -5,6 +5,11 @@ Sign convention (abTEM): ``defocus = -C10``; positive defocus is underfocus.  Le
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 
 #: abTEM settings of every simulation: eager numpy inside one structure's task, and numpy's
@@ -14,17 +19,46 @@ import numpy as np
 #: reached the Poisson draw.  ``FFTW_ESTIMATE`` would be reproducible too, but abTEM then finds
 #: no FFTW wisdom and builds a new plan for every transform (several times slower); see
 #: ``benchmarks/bench_simulate.py --fft-plans`` for the costs.
+#: They hold only while the simulator works (:func:`abtem_settings`); the user's abTEM session
+#: keeps its own configuration.
 ABTEM_SETTINGS: dict = {
     "dask.lazy": False,
     "fft": "numpy",
 }
 
 
-def _abtem():
+_settings_lock = threading.Lock()
+_settings_users = 0
+_settings_applied: Any = None
+
+
+@contextlib.contextmanager
+def abtem_settings() -> Iterator[Any]:
+    """Yield the ``abtem`` module with :data:`ABTEM_SETTINGS` in force; restore the old ones.
+
+    Every function of this module that calls abTEM runs inside it, and
+    :func:`~.series.simulate_structure` holds it around the whole structure.  abTEM's
+    configuration is one per process, so the settings are counted: the first user (of any
+    thread) applies them, the last one out restores what was there before.  Simulations in
+    several threads of one process (a dask cluster with ``processes=False``) therefore never
+    lose them half-way, and nesting is harmless.  While any simulation runs, abTEM calls of
+    other threads see these settings too.
+    """
+    global _settings_users, _settings_applied
     import abtem
 
-    abtem.config.set(ABTEM_SETTINGS)
-    return abtem
+    with _settings_lock:
+        if _settings_users == 0:
+            _settings_applied = abtem.config.set(ABTEM_SETTINGS)  # applied now, undone on exit
+        _settings_users += 1
+    try:
+        yield abtem
+    finally:
+        with _settings_lock:
+            _settings_users -= 1
+            if _settings_users == 0:
+                _settings_applied.__exit__(None, None, None)
+                _settings_applied = None
 
 
 def exit_waves(atoms, config, phonon_seed: int, device: str = "cpu"):
@@ -46,23 +80,26 @@ def exit_waves(atoms, config, phonon_seed: int, device: str = "cpu"):
     abtem.Waves
         Ensemble (n_phonons, ny, nx) at ``config.sampling_A`` [Å/px].
     """
-    abtem = _abtem()
-    if config.n_phonons > 1 and config.phonon_sigma_A > 0:
-        model = abtem.FrozenPhonons(
-            atoms, num_configs=config.n_phonons, sigmas=config.phonon_sigma_A, seed=phonon_seed
+    with abtem_settings() as abtem:
+        if config.n_phonons > 1 and config.phonon_sigma_A > 0:
+            model = abtem.FrozenPhonons(
+                atoms,
+                num_configs=config.n_phonons,
+                sigmas=config.phonon_sigma_A,
+                seed=phonon_seed,
+            )
+        else:
+            model = atoms
+        potential = abtem.Potential(
+            model,
+            gpts=config.sim_gpts,
+            slice_thickness=config.slice_thickness_A,
+            projection="infinite",
+            device=device,
         )
-    else:
-        model = atoms
-    potential = abtem.Potential(
-        model,
-        gpts=config.sim_gpts,
-        slice_thickness=config.slice_thickness_A,
-        projection="infinite",
-        device=device,
-    )
-    waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
-    n = config.image_size_px
-    return waves.downsample(gpts=(n, n))
+        waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+        n = config.image_size_px
+        return waves.downsample(gpts=(n, n))
 
 
 def make_ctf(config, defocus_A: np.ndarray, microscope: bool = True):
@@ -71,16 +108,17 @@ def make_ctf(config, defocus_A: np.ndarray, microscope: bool = True):
     With ``microscope=False`` the CTF is the defocus propagator alone: no spherical
     aberration, focal spread or objective aperture (free-space propagation by ``-defocus_A``).
     """
-    abtem = _abtem()
-    if not microscope:
-        return abtem.CTF(energy=config.energy_eV, defocus=np.asarray(defocus_A, dtype=float))
-    return abtem.CTF(
-        energy=config.energy_eV,
-        semiangle_cutoff=config.semiangle_cutoff_mrad if config.semiangle_cutoff_mrad else np.inf,
-        focal_spread=config.focal_spread_A,
-        aberration_coefficients={"C30": config.Cs_A},
-        defocus=np.asarray(defocus_A, dtype=float),
-    )
+    with abtem_settings() as abtem:
+        if not microscope:
+            return abtem.CTF(energy=config.energy_eV, defocus=np.asarray(defocus_A, dtype=float))
+        cutoff = config.semiangle_cutoff_mrad if config.semiangle_cutoff_mrad else np.inf
+        return abtem.CTF(
+            energy=config.energy_eV,
+            semiangle_cutoff=cutoff,
+            focal_spread=config.focal_spread_A,
+            aberration_coefficients={"C30": config.Cs_A},
+            defocus=np.asarray(defocus_A, dtype=float),
+        )
 
 
 def defocus_series(waves, config, defocus_A: np.ndarray, microscope: bool = True) -> np.ndarray:
@@ -94,10 +132,11 @@ def defocus_series(waves, config, defocus_A: np.ndarray, microscope: bool = True
     numpy.ndarray
         float32 intensities (n_defocus, ny, nx), vacuum = 1.
     """
-    images = waves.apply_ctf(make_ctf(config, defocus_A, microscope)).intensity()
-    if any(type(ax).__name__ == "FrozenPhononsAxis" for ax in images.ensemble_axes_metadata):
-        images = images.reduce_ensemble()
-    arr = np.asarray(images.array)
+    with abtem_settings():
+        images = waves.apply_ctf(make_ctf(config, defocus_A, microscope)).intensity()
+        if any(type(ax).__name__ == "FrozenPhononsAxis" for ax in images.ensemble_axes_metadata):
+            images = images.reduce_ensemble()
+        arr = np.asarray(images.array)
     if hasattr(arr, "get"):  # cupy
         arr = arr.get()
     arr = arr.reshape(len(np.atleast_1d(defocus_A)), *arr.shape[-2:])
@@ -152,24 +191,24 @@ def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.
     """
     from scipy import ndimage
 
-    abtem = _abtem()
-    from abtem.core.energy import energy2sigma
+    with abtem_settings() as abtem:
+        from abtem.core.energy import energy2sigma
 
-    potential = abtem.Potential(
-        particle_atoms,
-        gpts=config.sim_gpts,
-        slice_thickness=config.slice_thickness_A,
-        projection="infinite",
-        device=device,
-    )
-    waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
-    offset_A = 0.0
-    if config.calibrate_zero_defocus and len(particle_atoms):
-        n = config.image_size_px
-        cell_z = float(particle_atoms.cell.lengths()[2])
-        offset_A = min_contrast_defocus(waves.downsample(gpts=(n, n)), config, cell_z + 50.0)
-    wave = waves.array
-    projected = potential.project().array
+        potential = abtem.Potential(
+            particle_atoms,
+            gpts=config.sim_gpts,
+            slice_thickness=config.slice_thickness_A,
+            projection="infinite",
+            device=device,
+        )
+        waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+        offset_A = 0.0
+        if config.calibrate_zero_defocus and len(particle_atoms):
+            n = config.image_size_px
+            cell_z = float(particle_atoms.cell.lengths()[2])
+            offset_A = min_contrast_defocus(waves.downsample(gpts=(n, n)), config, cell_z + 50.0)
+        wave = waves.array
+        projected = potential.project().array
     if hasattr(wave, "get"):
         wave, projected = wave.get(), projected.get()
     phase_po = energy2sigma(config.energy_eV) * np.asarray(projected, dtype=np.float64)

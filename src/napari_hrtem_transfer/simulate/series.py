@@ -41,7 +41,13 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
         ``zero_defocus_offset_nm`` (that zero relative to the exit plane), ``n_particles``,
         ``radii_nm``, ``substrate_thickness_nm``, ``n_atoms``, ``index``.
     """
-    from .physics import apply_dose, defocus_series, exit_waves, particle_reference
+    from .physics import (
+        abtem_settings,
+        apply_dose,
+        defocus_series,
+        exit_waves,
+        particle_reference,
+    )
     from .structures import build_specimen
 
     if isinstance(config, dict):
@@ -50,7 +56,8 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
     spec = build_specimen(config, rng)
     nominal = np.asarray(config.defocus_nm, dtype=float)
     actual_nm = nominal + rng.normal(0.0, config.defocus_jitter_nm, nominal.size)
-    with _single_threaded_dask():
+    # abTEM's settings only for this structure's work: the user's session keeps its own
+    with _single_threaded_dask(), abtem_settings():
         mask, zero_A = particle_reference(spec.particle_atoms, config, device=device)
         waves = exit_waves(spec.atoms, config, phonon_seed, device=device)
         # defoci are relative to the particles' minimum-contrast focus; the CTF needs them
