@@ -17,14 +17,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "napari_hrtem_transfer"
 
 
 def test_manifest_entry_point_and_installed_resources():
     eps = [ep for ep in entry_points(group="napari.manifest") if ep.name == "napari-hrtem-transfer"]
     assert len(eps) == 1 and eps[0].value == "napari_hrtem_transfer:napari.yaml"
     pkg = files("napari_hrtem_transfer")
-    assert (pkg / "napari.yaml").read_bytes() == (ROOT / "napari.yaml").read_bytes()
+    assert (pkg / "napari.yaml").read_bytes() == (PKG / "napari.yaml").read_bytes()
     assert (pkg / "sample_data" / "defocus_series_small.hspy").is_file()
+
+
+def test_package_resources_are_real_files_and_the_root_layout_points_at_them():
+    """A checkout without symlinks (Windows) must still have a working package: the manifest
+    and the sample data are real files inside it; the root names only point there."""
+    assert (PKG / "napari.yaml").is_file() and not (PKG / "napari.yaml").is_symlink()
+    folder = PKG / "sample_data"
+    assert folder.is_dir() and not folder.is_symlink()
+    assert not any(f.is_symlink() for f in folder.iterdir())
+    assert {"defocus_series_small.hspy", "hrtem_soot_ucam_como.tif"} <= {
+        f.name for f in folder.iterdir()
+    }
+    for name in ("napari.yaml", "sample_data"):
+        root = ROOT / name
+        assert root.resolve() == (PKG / name).resolve(), f"{root} must lead to {PKG / name}"
 
 
 @pytest.mark.slow
@@ -39,17 +55,20 @@ def test_wheel_contains_package_data_and_compare_reference_runs_from_it(tmp_path
     (wheel,) = wheels.glob("napari_hrtem_transfer-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        assert z.read("napari_hrtem_transfer/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
-        for f in (ROOT / "sample_data").iterdir():
+        assert z.read("napari_hrtem_transfer/napari.yaml") == (PKG / "napari.yaml").read_bytes()
+        for f in (PKG / "sample_data").iterdir():
             if f.is_file() and not f.name.startswith("."):
                 assert f"napari_hrtem_transfer/sample_data/{f.name}" in names, f.name
-        data = ROOT / "src" / "napari_hrtem_transfer" / "data"
+        data = PKG / "data"
         for name in ("paper_defocus_sweep.csv", "CITATION.md", "LICENSE_paper_defocus_sweep.txt"):
             assert z.read(f"napari_hrtem_transfer/data/{name}") == (data / name).read_bytes()
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         assert "License-Expression: BSD-3-Clause AND CC-BY-4.0 AND MIT" in meta
-        licence = "licenses/src/napari_hrtem_transfer/data/LICENSE_paper_defocus_sweep.txt"
-        assert any(n.endswith(licence) for n in names)
+        for licence in (
+            "licenses/src/napari_hrtem_transfer/data/LICENSE_paper_defocus_sweep.txt",
+            "licenses/src/napari_hrtem_transfer/sample_data/LICENSE_hrtem_soot_ucam_como.txt",
+        ):
+            assert any(n.endswith(licence) for n in names), licence
         ep = next(n for n in names if n.endswith("entry_points.txt"))
         text = z.read(ep).decode()
         assert "[napari.manifest]" in text and "napari_hrtem_transfer:napari.yaml" in text
