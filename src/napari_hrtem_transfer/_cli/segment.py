@@ -119,7 +119,8 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:
-    """Every image signal of INPUT (or the session) as ExperimentalImage; warnings to stderr."""
+    """Every image signal of INPUT (or the session) as Frames; warnings to stderr."""
+    from ..errors import ReaderError
     from ..io.readers import read_images
     from ..io.sessions import read_session
 
@@ -131,15 +132,24 @@ def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:
         warnings.simplefilter("always")
         if session:
             src = paths if len(paths) > 1 else paths[0]
-            images = [read_session(src, args.defocus, args.session_resample)]
+            try:
+                images = [read_session(src, args.defocus, args.session_resample)]
+            except ReaderError as exc:
+                # the library's advice names the Python argument; give the flag
+                text = str(exc).replace(
+                    "resample=True (command line: --session-resample)", "--session-resample"
+                )
+                raise ReaderError(text) from None
         else:
             images = read_images(paths[0])
     for w in caught:
+        if issubclass(w.category, ResourceWarning | DeprecationWarning):
+            continue
         print(f"{PROG}: warning: {w.message}", file=sys.stderr)
     return images
 
 
-def _outputs(out: Path, n: int, proba: bool) -> list[dict[str, Path | None]]:
+def _outputs(out: Path, n: int, proba: bool, ood: bool) -> list[dict[str, Path | None]]:
     res = []
     for k in range(n):
         base = out if n == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
@@ -147,62 +157,15 @@ def _outputs(out: Path, n: int, proba: bool) -> list[dict[str, Path | None]]:
             {
                 "mask": base,
                 "proba": base.with_name(f"{base.stem}_proba{base.suffix}") if proba else None,
-                "ood": base.with_name(f"{base.stem}.ood.json"),
+                "ood": base.with_name(f"{base.stem}.ood.json") if ood else None,
             }
         )
     return res
 
 
-def _clean_axes(axes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("name", "size", "scale", "offset", "units", "navigate", "axis")
-    return [{k: v for k, v in a.items() if k in keep and v is not None} for a in axes]
-
-
-def _write_array(path: Path, arr: Any, res: Any, title: str, image: Any) -> None:
-    """Write atomically; ``.hspy`` keeps every axis, the metadata and the provenance."""
-    import numpy as np
-
-    from ..io._atomic import atomic_path
-
-    suffix = path.suffix.lower()
-    with atomic_path(path) as tmp:
-        if suffix == ".npy":
-            np.save(tmp, arr)
-        elif suffix in (".tif", ".tiff"):
-            import tifffile
-
-            kw: dict[str, Any] = {}
-            if res.sampling_A:
-                nm = res.sampling_A / 10.0
-                kw = {
-                    "resolution": (1.0 / nm, 1.0 / nm),
-                    "imagej": True,
-                    "metadata": {"unit": "nm"},
-                }
-            flat = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim > 3 else arr
-            tifffile.imwrite(tmp, flat, **kw)
-        else:
-            import hyperspy.api as hs
-
-            axes = _clean_axes(res.axes)
-            for a in axes:
-                a.setdefault("navigate", False)
-            for a in axes[: arr.ndim - 2]:
-                a["navigate"] = True
-            s = hs.signals.Signal2D(arr, axes=axes)
-            s.metadata.General.title = title
-            s.metadata.set_item("Signal.quantity", title.split(" of ")[0])
-            energy = (image.metadata or {}).get("energy_eV")
-            if energy:
-                s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", energy / 1e3)
-            s.metadata.set_item("HRTEM_transfer.provenance_json", json.dumps(res.provenance))
-            s.metadata.set_item("HRTEM_transfer.source", str(image.path or image.name))
-            s.save(tmp, overwrite=True)
-
-
-def _write_ood(path: Path, res: Any, source: str, args: argparse.Namespace) -> None:
-    from ..io._atomic import atomic_path
-
+def _ood_doc(res: Any, source: str, image: Any) -> dict[str, Any]:
+    """The ``.ood.json`` document: every frame_table row, the caution level, all notes."""
+    input_notes = list(getattr(image, "notes", None) or [])
     doc = {
         "input": source,
         "model": res.provenance.get("model"),
@@ -210,75 +173,148 @@ def _write_ood(path: Path, res: Any, source: str, args: argparse.Namespace) -> N
         "meaning": "label-free OOD score per frame: about 0 for training-like frames, growing "
         "as the model gets less sure of the particle edges (or finds none) and as the input "
         "looks less like its training images; above 'caution_level': treat with caution",
-        "caution_level": res.ood_caution,
+        "caution_level": getattr(res, "ood_caution", None),
         "frames": res.frame_table(),
-        "notes": res.notes,
+        "notes": input_notes + [n for n in res.notes if n not in input_notes],
+        "input_notes": input_notes,
         "provenance": res.provenance,
     }
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(doc, indent=1, default=float))
+    domain = getattr(res, "imaging_domain", None)
+    if domain is not None:
+        doc["imaging_domain"] = domain
+    if getattr(image, "sources", None):
+        doc["frame_files"] = list(image.sources)
+    return doc
+
+
+def _json_default(value: Any) -> Any:
+    import dataclasses
+
+    import numpy as np
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _coordinates(row: dict[str, Any]) -> str:
+    """A frame's navigation coordinates from its frame_table row: 'defocus_nm -5, image 0'."""
+    keys = list(row)
+    out = []
+    for k, key in enumerate(keys):
+        if key.endswith("_index") and k + 1 < len(keys):
+            coord = keys[k + 1]
+            value = row[coord]
+            shown = f"{value:g}" if isinstance(value, int | float) else str(value)
+            out.append(f"{coord} {shown}")
+    return ", ".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
     """Segment INPUT; see the module docstring."""
-    from ..io._atomic import check_writable
+    from ..io._atomic import AtomicGroup, check_writable, deferred_interrupt
+    from ..io.writers import RESULT_SUFFIXES, write_result
     from ..segmentation import SegmentationWarning, segment
 
     cfg = _config(args)
     out = Path(args.out).expanduser()
-    if out.suffix.lower() not in (".hspy", ".tif", ".tiff", ".npy"):
+    if out.suffix.lower() not in RESULT_SUFFIXES:
         raise ConfigError(f"--out {out}: choose a name ending in .hspy, .tif or .npy.", "--out")
     check_writable(out)
     if args.sampling is not None and not args.sampling > 0:
         raise ConfigError(f"--sampling must be a positive pixel size [Å] (got {args.sampling}).")
     images = _read(args.input, args)
     source = args.input[0] if len(args.input) == 1 else ", ".join(args.input)
-    targets = _outputs(out, len(images), args.proba)
+    targets = _outputs(out, len(images), args.proba, cfg.ood)
     for t in targets:  # refuse before anything is computed or written
         for p in t.values():
             if p is not None and p.exists() and not args.overwrite:
                 raise ConfigError(f"{p} exists; use --overwrite to replace it.", "--overwrite")
-    for image, t in zip(images, targets, strict=True):
+    results = []
+    for image in images:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SegmentationWarning)
             res = segment(image, args.model, sampling_A=args.sampling, config=cfg)
         for w in caught:
+            if issubclass(w.category, ResourceWarning | DeprecationWarning):
+                continue
             print(f"{PROG}: warning: {w.message}", file=sys.stderr)
         for note in res.notes:
             if not any(str(w.message) == note for w in caught):
                 print(f"{PROG}: note: {note}", file=sys.stderr)
-        name = image.name or Path(args.input[0]).stem
-        _write_array(t["mask"], res.labels, res, f"Particle mask of {name}", image)
-        n_frames = max(1, int(res.labels.size // (res.labels.shape[-1] * res.labels.shape[-2])))
-        print(
-            f"wrote {t['mask']} (shape {res.labels.shape}, {n_frames} frame(s), "
-            f"{100 * res.labels.mean():.1f}% particle)"
-        )
-        if t["proba"] is not None:
-            _write_array(t["proba"], res.proba, res, f"Particle probability of {name}", image)
-            print(f"wrote {t['proba']}")
-        _write_ood(t["ood"], res, source, args)
-        if res.ood_score is not None:
-            rows = res.frame_table()
-            level = res.ood_caution
-            for row in rows[:20]:
-                where = ", ".join(
-                    f"{k} {v:g}"
-                    for k, v in row.items()
-                    if k not in ("frame", "ood_score", "caution") and not k.endswith("_index")
+        results.append(res)
+    # every output is written under a temporary name and renamed at the end, all together;
+    # Ctrl-C while writing leaves none of them (exit 130)
+    with deferred_interrupt() as check, AtomicGroup() as group:
+        for image, res, t in zip(images, results, targets, strict=True):
+            name = image.name or Path(args.input[0]).stem
+            common = {
+                "axes": res.axes,
+                "sampling_A": res.sampling_A,
+                "source": image,
+                "provenance": res.provenance,
+            }
+            write_result(
+                t["mask"],
+                res.labels,
+                title=f"Particle mask of {name}",
+                quantity="Particle mask",
+                to=group.path(t["mask"]),
+                **common,
+            )
+            check()
+            if t["proba"] is not None:
+                write_result(
+                    t["proba"],
+                    res.proba,
+                    title=f"Particle probability of {name}",
+                    quantity="Particle probability",
+                    to=group.path(t["proba"]),
+                    **common,
                 )
-                flag = (
-                    "  <- treat with caution (unlike the training data)" if row["caution"] else ""
-                )
-                print(
-                    f"  frame {row['frame']}{f' ({where})' if where else ''}: "
-                    f"OOD score {row['ood_score']:.2f}{flag}"
-                )
-            if len(rows) > 20:
-                print(
-                    f"  ... {len(rows) - 20} more frames; max OOD score "
-                    f"{max(r['ood_score'] for r in rows):.2f}"
-                )
-            print(f"  (caution level of this model: {level:.2f})")
-        print(f"wrote {t['ood']}")
+                check()
+            if t["ood"] is not None:
+                text = json.dumps(_ood_doc(res, source, image), indent=1, default=_json_default)
+                group.path(t["ood"]).write_text(text)
+                check()
+    for res, t in zip(results, targets, strict=True):
+        _report(res, t)
     return 0
+
+
+def _report(res: Any, t: dict[str, Path | None]) -> None:
+    n_frames = max(1, int(res.labels.size // (res.labels.shape[-1] * res.labels.shape[-2])))
+    print(
+        f"wrote {t['mask']} (shape {res.labels.shape}, {n_frames} frame(s), "
+        f"{100 * res.labels.mean():.1f}% particle)"
+    )
+    if t["proba"] is not None:
+        print(f"wrote {t['proba']}")
+    if res.ood_score is not None:
+        rows = res.frame_table()
+        for row in rows[:20]:
+            where = _coordinates(row)
+            caution = row.get("caution")
+            flag = "  <- treat with caution (unlike the training data)" if caution else ""
+            print(
+                f"  frame {row['frame']}{f' ({where})' if where else ''}: "
+                f"OOD score {row['ood_score']:.2f}{flag}"
+            )
+        if len(rows) > 20:
+            print(
+                f"  ... {len(rows) - 20} more frames; max OOD score "
+                f"{max(r['ood_score'] for r in rows):.2f}"
+            )
+        if res.ood_caution is not None:
+            print(f"  (caution level of this model: {res.ood_caution:.2f})")
+    if t["ood"] is not None:
+        print(f"wrote {t['ood']}")

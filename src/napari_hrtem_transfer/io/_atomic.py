@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -125,3 +125,76 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = True)
         ``path``.
     """
     return write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)
+
+
+class AtomicGroup:
+    """Several files written under temporary names and renamed together at the end.
+
+    Use as a context manager: :meth:`path` gives the temporary name to write a final file
+    to; when the block ends without an exception every file is renamed into place, and when
+    it raises (a ``KeyboardInterrupt`` included) every temporary file is removed, so that a
+    run leaves either all its outputs or none of them.
+    """
+
+    def __init__(self, *, fsync: bool = False) -> None:
+        self.fsync = fsync
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """The temporary sibling to write ``final`` to (same suffix)."""
+        final = Path(final)
+        tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
+        self._pending.append((tmp, final))
+        return tmp
+
+    def __enter__(self) -> AtomicGroup:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for tmp, final in self._pending:
+                    if self.fsync:
+                        _fsync_file(tmp)
+                    os.replace(tmp, final)
+                if self.fsync and self._pending:
+                    _fsync_dir(self._pending[0][1].parent)
+        finally:
+            for tmp, _ in self._pending:
+                if tmp.exists():
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], None]]:
+    """Hold Ctrl-C (SIGINT) while files are written; yield ``check()`` to act on it.
+
+    A Ctrl-C that arrives inside a library's write (h5py, tifffile) can be raised in a
+    finaliser, where Python only prints "Exception ignored ..." and the program carries on
+    as if nothing had happened.  Inside this block SIGINT only sets a flag; ``check()``
+    raises :class:`KeyboardInterrupt` at a point of our choosing (between files), and the
+    block's end raises it if ``check()`` was not called since.  Outside the main thread it
+    does nothing (signals are delivered to the main thread only).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    hit: list[int] = []
+
+    def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        hit.append(signum)
+
+    def check() -> None:
+        if hit:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, _handler)
+    try:
+        yield check
+        check()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -26,7 +26,9 @@ from .readers import ExperimentalImage, images_from_signals, length_unit_to_A
 __all__ = ["from_signal", "to_signal"]
 
 
-def from_signal(signal: Any, *, allow_reciprocal: bool = False) -> ExperimentalImage:
+def from_signal(
+    signal: Any, *, allow_reciprocal: bool = False, compute: bool = True
+) -> ExperimentalImage:
     """Convert a HyperSpy ``Signal2D`` (image or image stack) to an :class:`ExperimentalImage`.
 
     Parameters
@@ -34,9 +36,12 @@ def from_signal(signal: Any, *, allow_reciprocal: bool = False) -> ExperimentalI
     signal
         A HyperSpy signal with two signal axes. Navigation axes become frames (flattened
         in array order; the axes are kept in ``axes[0]["navigation_axes"]`` so that
-        :func:`to_signal` restores them). Lazy signals are computed.
+        :func:`to_signal` restores them). Lazy signals are computed, unless
+        ``compute=False``: the frames then stay a dask array, read frame by frame.
     allow_reciprocal
         Accept axes in reciprocal units (diffraction patterns); ``sampling_A`` is then None.
+    compute
+        Compute a lazy signal (the default); False keeps it lazy.
 
     Returns
     -------
@@ -55,10 +60,19 @@ def from_signal(signal: Any, *, allow_reciprocal: bool = False) -> ExperimentalI
             f"from_signal takes one signal; got a list of {len(signal)}. Convert them one "
             "by one, or use napari_hrtem_transfer.io.readers.images_from_signals."
         )
-    if getattr(signal, "_lazy", False):
+    lazy = bool(getattr(signal, "_lazy", False))
+    if lazy and compute:
         signal = signal.deepcopy()
         signal.compute()
-    return images_from_signals(signal, path=None, allow_reciprocal=allow_reciprocal)[0]
+        lazy = False
+    (image, *_) = images_from_signals(
+        signal, path=None, allow_reciprocal=allow_reciprocal, lazy=lazy
+    )
+    session = ((image.metadata.get("hyperspy") or {}).get("HRTEM_transfer") or {}).get("session")
+    files = (session or {}).get("files")
+    if files is not None and len(files) == image.n_frames:
+        image.sources = [str(f) for f in files]  # a session: the file of each frame
+    return image
 
 
 # ----------------------------------------------------------------------------- to_signal

@@ -46,15 +46,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReaderError
+from .frames import RESAMPLING
 from .readers import SUPPORTED_EXTENSIONS, ExperimentalImage, ReaderWarning, read_images
 
 __all__ = ["SessionFrame", "load_session", "read_session", "session_files"]
 
 #: Relative difference of pixel sizes still counted as "the same" [-].
-SAMPLING_RTOL = 0.01
+SAMPLING_RTOL = RESAMPLING.same_pixel_rtol
 
-#: Largest resampling zoom factor (either way) that ``resample=True`` applies.
-MAX_RESAMPLE_ZOOM = 4.0
+#: Largest resampling zoom factor (either way) that ``resample=True`` applies: the one
+#: resampling limit (:class:`~napari_hrtem_transfer.io.frames.ResampleConfig`).
+MAX_RESAMPLE_ZOOM = RESAMPLING.max_zoom
 
 # DigitalMicrograph defocus tags carry their unit in the name, e.g. "Defocus (nm)".
 _DM_UNIT_TO_NM = {"nm": 1.0, "um": 1e3, "µm": 1e3, "a": 0.1, "å": 0.1, "pm": 1e-3}
@@ -246,7 +248,7 @@ def _resample(
     cannot be resampled (uncalibrated, or a zoom beyond :data:`MAX_RESAMPLE_ZOOM`) are left
     out with a warning naming them. Order is kept.
     """
-    from scipy import ndimage
+    from .frames import zoom as resample
 
     calibrated = [f.sampling_A for f in frames if f.sampling_A is not None]
     if not calibrated:
@@ -275,7 +277,7 @@ def _resample(
             )
             continue
         if not math.isclose(zoom, 1.0, rel_tol=SAMPLING_RTOL):
-            f.data = ndimage.zoom(f.data, zoom, order=1).astype(np.float32)
+            f.data = resample(f.data, zoom)
             note = f"{f.name}: resampled from {f.sampling_A:.5g} to {ref.sampling_A:.5g} Å/px."
             f.notes.append(note)
             notes.append(note)
@@ -433,8 +435,9 @@ def read_session(
             raise ReaderError(
                 "session frames differ in pixel size or shape: "
                 + "; ".join(_describe(f) for f in frames)
-                + ". Pass resample=True to resample them to the most common pixel size "
-                "and crop to the common size, or leave the odd files out."
+                + ". Pass resample=True (command line: --session-resample) to resample "
+                "them to the most common pixel size and crop to the common size, or leave "
+                "the odd files out."
             )
         frames, ref_frame = _resample(frames, notes)
 
@@ -519,6 +522,13 @@ def read_session(
         name=title,
         path=Path(root) if root is not None else None,
         nav_axes=[dict(nav)],
+        sampling_source=(
+            "none"
+            if ref_frame.sampling_A is None
+            else f"{ref_frame.path.name} ({ref_frame.image.sampling_source})"
+        ),
+        sources=[str(f.path) for f in frames],
+        provenance={"reader": "session", "files": [str(f.path) for f in frames]},
     )
 
 
