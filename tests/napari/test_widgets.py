@@ -444,6 +444,75 @@ def test_ood_view_ranking_click_and_caution_overlay(make_napari_viewer, qtbot):
     assert "OOD 0.40" in viewer.text_overlay.text
 
 
+def _ood_layer(viewer, n=6, **extra):
+    import pandas as pd
+
+    img = viewer.add_image(np.zeros((n, 16, 16)), axis_labels=("frame", "y", "x"), name="stack")
+    scores = np.linspace(0.2, 3.0, n)
+    feats = pd.DataFrame({"index": np.arange(n) + 1, "frame": np.arange(n),
+                          "frame_index": np.arange(n), "ood_score": scores,
+                          "caution": scores > 1.0, **extra})
+    return img, viewer.add_labels(
+        np.zeros((n, 16, 16), np.uint8), features=feats, name="stack segmentation",
+        metadata={"ood": {"nav_axes": ["frame"], "caution": 1.0,
+                          "imaging_domain": {"defocus_nm_range": [-10.0, 10.0]}}})
+
+
+def test_ood_view_slider_moves_only_the_marker_and_a_deleted_layer_leaves_nothing(
+        make_napari_viewer):
+    import time
+
+    from napari_hrtem_transfer._napari._widgets import OODView
+    from napari_hrtem_transfer._napari._widgets._ood import NO_LAYER_TEXT
+
+    viewer = make_napari_viewer()
+    _, lab = _ood_layer(viewer)
+    view = OODView(viewer)
+    viewer.window.add_dock_widget(view)
+    assert view.layer is lab and view.xlabel == "frame"
+    view.plot.canvas.draw()  # the first full draw caches the background
+    draws, blits = view.plot.n_draws, view.n_marker_blits
+    t0 = time.perf_counter()
+    for k in range(6):
+        viewer.dims.set_current_step(0, k)
+        assert view.current_frame == k
+        np.testing.assert_allclose(view.marker.get_xydata(), [[k, lab.features["ood_score"][k]]])
+    per_step_ms = 1000 * (time.perf_counter() - t0) / 6
+    print(f"OOD dock: {per_step_ms:.1f} ms per slider step")
+    assert view.plot.n_draws == draws  # no full redraw of the figure per step
+    assert view.n_marker_blits >= blits + 5
+    assert viewer.text_overlay.text.startswith("#5")
+    # deleting the layer: no stale plot, summary, ranking or canvas text
+    viewer.layers.remove(lab)
+    assert view.layer is None and view.rows == []
+    assert view.summary.value == NO_LAYER_TEXT and view.suggest.value == ""
+    assert view.table.rowCount() == 0 and viewer.text_overlay.text == ""
+    assert not view.plot.ax.collections and not view.plot.ax.lines
+
+
+def test_ood_view_draws_the_verdict_estimated_defocus_training_range_and_reasons(
+        make_napari_viewer):
+    from napari_hrtem_transfer._napari._widgets import OODView
+
+    viewer = make_napari_viewer()
+    est = [-20.0, -5.0, None, 0.0, 5.0, 30.0]
+    reasons = ["defocus -20 nm outside the training range", "", "", "", "",
+               "defocus +30 nm outside the training range; boundary blurred"]
+    _, lab = _ood_layer(viewer, estimated_defocus_nm=est, reasons=reasons)
+    view = OODView(viewer)
+    assert view.xcol == "estimated_defocus_nm" and view.xlabel == "estimated defocus [nm]"
+    x = view.points.get_offsets()[:, 0]
+    np.testing.assert_allclose(x, [-20, -5, np.nan, 0, 5, 30])
+    (span,) = [p for p in view.plot.ax.patches if p.get_label() == "model's training defoci"]
+    assert (span.get_x(), span.get_x() + span.get_width()) == (-10.0, 10.0)
+    viewer.dims.set_current_step(0, 5)
+    text = viewer.text_overlay.text
+    assert "estimated defocus +30 nm" in text
+    assert "– defocus +30 nm outside the training range" in text and "– boundary blurred" in text
+    viewer.dims.set_current_step(0, 3)
+    assert "–" not in viewer.text_overlay.text  # in domain: no reasons
+
+
 def test_plots_follow_the_theme(make_napari_viewer):
     from matplotlib.colors import to_hex
     from napari.utils.theme import get_theme
@@ -460,6 +529,37 @@ def test_plots_follow_the_theme(make_napari_viewer):
     assert dark[0] != light[0] and dark[1] != light[1]
     assert light == (get_theme("light").background.as_hex(),) * 2
     assert dark == (get_theme("dark").background.as_hex(),) * 2
+
+
+def test_every_panel_and_the_canvas_text_follow_the_theme(make_napari_viewer):
+    """The Evaluate figure's second (Dice) panel and the OOD canvas text follow the theme."""
+    from matplotlib.colors import to_hex
+    from napari.utils.theme import get_theme
+
+    from napari_hrtem_transfer._napari._widgets import EvaluateWidget, OODView
+
+    viewer = make_napari_viewer()
+    viewer.theme = "dark"
+    ev = EvaluateWidget(viewer)
+    fig = ev.plot.figure
+    fig.clear()
+    ax1, ax2 = fig.add_subplot(211), fig.add_subplot(212)
+    ev.plot.ax = ax1
+    for ax in (ax1, ax2):
+        ev.plot.style_axes(ax)
+    _, lab = _ood_layer(viewer)
+    view = OODView(viewer)
+    viewer.dims.set_current_step(0, 0)  # score 0.2: not a caution frame
+    viewer.theme = "light"
+    light = get_theme("light")
+    for ax in (ax1, ax2):
+        assert to_hex(ax.get_facecolor()) == light.background.as_hex()
+        assert to_hex(ax.xaxis.label.get_color()) == light.text.as_hex()
+    # the canvas text: napari's contrast with the canvas (None), or the theme's warning colour
+    assert viewer.text_overlay.color is None
+    viewer.dims.set_current_step(0, 5)
+    assert to_hex(viewer.text_overlay.color) == light.warning.as_hex()
+    assert to_hex(view.plot.ax.get_facecolor()) == light.background.as_hex()
 
 
 def test_widget_contributions_build_from_the_manifest(make_napari_viewer):

@@ -10,10 +10,12 @@ pixel size [Å] inside, [nm] as napari layer scale.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +384,10 @@ def finetune_layers_job(
     epochs: int,
     lr: float | None,
     device: str = "auto",
+    batch_size: int | None = None,
+    patch_size: int | None = None,
+    seed: int | None = None,
+    resume: bool = False,
     stop: threading.Event | None = None,
 ) -> Any:
     """Fine-tune ``model`` on the frames of an image layer annotated in a Labels layer.
@@ -389,17 +395,34 @@ def finetune_layers_job(
     A thin call of
     :func:`napari_hrtem_transfer.annotations.finetune_on_annotations` (frames
     without painted pixels are dropped, the split is by frame, the OOD reference is fitted at
-    the end and reported as the ``"ood"`` :class:`JobStage`). Returns the ``TrainResult``.
+    the end and reported as the ``"ood"`` :class:`JobStage`). ``batch_size``, ``patch_size``
+    [px] and ``seed`` are passed on when given (None: the core's choice); ``resume``
+    continues a stopped run in ``out_dir`` (see :func:`annotations_can_resume`). Returns the
+    ``TrainResult``.
     """
     from ..annotations import finetune_on_annotations
 
     _emit(report, JobStage("device", "running", device_description(device)))
     images = images.compute() if hasattr(images, "compute") else images
     labels = labels.compute() if hasattr(labels, "compute") else labels
-    result = finetune_on_annotations(
-        np.asarray(images), np.asarray(labels), model=model, out_dir=out_dir,
-        sampling_A=sampling_A, freeze=freeze, epochs=int(epochs), lr=lr, device=device,
-        callbacks=[_OODStageCallback(report)], stop=stop, ood_progress=_ood_stage(report))
+    options: dict[str, Any] = {}
+    if batch_size:
+        options["batch_size"] = int(batch_size)
+    if patch_size:
+        options["patch_size"] = int(patch_size)
+    if seed is not None:
+        options["seed"] = int(seed)
+    if resume:
+        if not annotations_can_resume():
+            raise ConfigError("resuming a fine-tuning on annotated frames is not supported by "
+                              "this version; untick 'resume' to start a new run.", "resume")
+        options["resume"] = True
+    with forward_warnings(report):
+        result = finetune_on_annotations(
+            np.asarray(images), np.asarray(labels), model=model, out_dir=out_dir,
+            sampling_A=sampling_A, freeze=freeze, epochs=int(epochs), lr=lr, device=device,
+            callbacks=[_OODStageCallback(report)], stop=stop, ood_progress=_ood_stage(report),
+            **options)
     for note in result.notes:
         _emit(report, JobStage("notes", "done", note))
     if result.train.stopped:
@@ -408,6 +431,16 @@ def finetune_layers_job(
     elif result.ood is not None:
         _report_ood_result(report, result.ood)
     return result.train
+
+
+def annotations_can_resume() -> bool:
+    """Whether the core's ``finetune_on_annotations`` takes ``resume`` (continue a stopped
+    fine-tuning in its folder)."""
+    import inspect
+
+    from ..annotations import finetune_on_annotations
+
+    return "resume" in inspect.signature(finetune_on_annotations).parameters
 
 
 # ------------------------------------------------------------------------- segmentation
@@ -519,11 +552,51 @@ def segment_job(
     options: dict[str, Any] = dict(which=which, device=device, ood=ood, probabilities=True)
     if threshold is not None:
         options["threshold"] = float(threshold)
+    with forward_warnings(report):
+        try:
+            return segment(images, model, sampling_A=sampling_A, axes=axes,
+                           progress=progress, stop=stop, **options)
+        except SegmentationStopped as exc:
+            raise JobStopped(f"segmentation stopped: {exc}; no layer was added") from exc
+
+
+#: Name of the :class:`JobStage` that carries one warning of the core to the GUI.
+WARNING_STAGE = "warning"
+
+
+#: Warning categories meant for developers, not forwarded to the user.
+_DEV_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ResourceWarning, ImportWarning)
+
+
+@contextlib.contextmanager
+def forward_warnings(report: Report) -> Iterator[list[str]]:
+    """Record every warning raised inside (all of them, every time: Python's once-per-place
+    filter is off) and report each as a ``JobStage("warning", "done", message)``.
+
+    The warnings are reported when the block ends, also when it raises; developer warnings
+    (deprecations, resources) are left out and a repeated message is reported once. Without
+    a ``report`` they are issued again as warnings (a direct call in a script keeps them).
+    Yields the list of the messages reported (filled when the block ends).
+    """
+    messages: list[str] = []
+    caught_list: list[warnings.WarningMessage] = []
     try:
-        return segment(images, model, sampling_A=sampling_A, axes=axes, progress=progress,
-                       stop=stop, **options)
-    except SegmentationStopped as exc:
-        raise JobStopped(f"segmentation stopped: {exc}; no layer was added") from exc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield messages
+            finally:
+                caught_list = list(caught)
+    finally:
+        for w in caught_list:
+            text = str(w.message)
+            if issubclass(w.category, _DEV_WARNINGS) or text in messages:
+                continue
+            messages.append(text)
+            if report is not None:
+                _emit(report, JobStage(WARNING_STAGE, "done", text))
+            else:
+                warnings.warn(text, w.category, stacklevel=3)
 
 
 def result_frame_table(result: Any) -> list[dict[str, Any]]:

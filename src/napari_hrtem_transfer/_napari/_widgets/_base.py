@@ -108,8 +108,9 @@ class DockWidget(QScrollArea):
     """A dock: a magicgui form (``self.form``) and extra Qt rows, in a vertical scroll area.
 
     Closing the dock (its "x": napari takes the widget out of its dock) calls
-    :meth:`on_closed`; closing the viewer calls it through napari's task-status manager
-    (registered while a job runs) and through the window's ``destroyed`` signal.
+    :meth:`on_closed`; so does closing the viewer's window (an event filter on the top-level
+    Qt window: once it is closed and hidden) and quitting the application. Only public Qt and
+    napari API is used.
     """
 
     #: width the dock asks for [px]; narrower docks scroll nothing but wrap their text
@@ -180,9 +181,32 @@ class DockWidget(QScrollArea):
         if ev.type() == QEvent.Type.ParentChange:
             if self.parent() is not None:
                 self._was_docked = True
+                self._watch_window()
             elif self._was_docked:  # napari took us out of our dock: the dock was closed
                 self.on_closed()
         return super().event(ev)
+
+    def _watch_window(self) -> None:
+        top = self.window()
+        if top is self or top is getattr(self, "_top_window", None):
+            return
+        self._top_window = top
+        top.installEventFilter(self)
+
+    def eventFilter(self, obj: Any, ev: QEvent) -> bool:  # noqa: N802 - Qt API
+        if obj is getattr(self, "_top_window", None) and ev.type() == QEvent.Type.Close:
+            # the close may still be refused (napari's confirmation): judge after it
+            QTimer.singleShot(0, self._after_window_close)
+        return False
+
+    def _after_window_close(self) -> None:
+        top = getattr(self, "_top_window", None)
+        try:
+            gone = top is None or not top.isVisible()
+        except RuntimeError:  # deleted
+            gone = True
+        if gone:
+            self.on_closed()
 
     def on_closed(self) -> None:
         """The dock or the viewer was closed; subclasses stop their work here."""
@@ -248,7 +272,8 @@ class JobDock(DockWidget):
         self.state = "idle"  # idle | running | stopping | finished | stopped | failed
         self._t0 = 0.0
         self._fraction = 0.0
-        self._task_id: Any = None
+        self._eta_fraction, self._t_eta = 0.0, 0.0
+        self._left_at_eta: float | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self._poll)
@@ -285,13 +310,13 @@ class JobDock(DockWidget):
         self.progress.setFormat("%p%")
         self._fraction = 0.0
         self._t0 = time.monotonic()
+        self._eta_fraction, self._t_eta, self._left_at_eta = 0.0, self._t0, None
         self.time_label.set_message("starting…")
         self.run_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         stop_event = threading.Event()
         self.runner = JobRunner(job, *args, stop=stop_event, **kwargs)
         self.runner.stop_event = stop_event  # the event the job checks
-        self._register_task()
         self.runner.start()
         self._timer.start()
 
@@ -325,41 +350,7 @@ class JobDock(DockWidget):
             self._timer.stop()
         except RuntimeError:  # already deleted with the window
             pass
-        self._update_task("cancelled")
         return ended
-
-    # -- napari's task status (the close dialog lists running tasks and cancels them)
-    def _register_task(self) -> None:
-        window = getattr(self._viewer, "window", None)
-        register = getattr(window, "_register_task_status", None)
-        if register is None:
-            return
-        try:
-            from napari.utils.task_status import Status
-
-            self._task_id = register("napari-hrtem-transfer", Status.BUSY,
-                                     f"{self.job_title} running",
-                                     cancel_callback=self._cancel_from_napari)
-        except Exception:  # noqa: BLE001 - a private napari API; the other paths remain
-            self._task_id = None
-
-    def _cancel_from_napari(self) -> bool:
-        self.closed = True
-        return self._stop_and_wait()
-
-    def _update_task(self, state: str, text: str = "") -> None:
-        if self._task_id is None:
-            return
-        try:
-            from napari.utils.task_status import Status
-
-            status = {"running": Status.BUSY, "done": Status.COMPLETED,
-                      "failed": Status.FAILED, "cancelled": Status.CANCELLED}[state]
-            self._viewer.window._update_task_status(self._task_id, status, text)
-        except Exception:  # noqa: BLE001
-            pass
-        if state != "running":
-            self._task_id = None
 
     # -- updates (GUI thread, from the timer)
     def _poll(self) -> None:
@@ -388,7 +379,6 @@ class JobDock(DockWidget):
             self.runner = None
             self.run_button.setEnabled(True)
             self.stop_button.setEnabled(False)
-            self._update_task("done" if isinstance(self.last_outcome, JobDone) else "failed")
             self.on_finished()
 
     def _dispatch(self, update: Any) -> None:
@@ -418,10 +408,27 @@ class JobDock(DockWidget):
         else:
             self.on_other(update)
 
-    def set_fraction(self, fraction: float) -> None:
-        """Progress in [0, 1] (drives the bar and the ETA)."""
+    def set_fraction(self, fraction: float, eta: float | None = None) -> None:
+        """Progress in [0, 1] (drives the bar and the ETA).
+
+        ``eta`` is the fraction of *this run's* work done, when it differs from the bar's
+        (a resumed training starts at its checkpoint's epoch). The time left is estimated
+        when the fraction changes, from the rate of the work done so far, and counts down
+        between updates (it never grows while a step runs).
+        """
         self._fraction = max(0.0, min(1.0, float(fraction)))
         self.progress.setValue(int(round(1000 * self._fraction)))
+        f = self._fraction if eta is None else max(0.0, min(1.0, float(eta)))
+        if f != self._eta_fraction:
+            now = time.monotonic()
+            self._eta_fraction, self._t_eta = f, now
+            self._left_at_eta = (now - self._t0) * (1.0 - f) / f if 0.0 < f < 1.0 else None
+
+    def time_left(self) -> float | None:
+        """Estimated seconds left (None before the first progress or when done)."""
+        if self._left_at_eta is None:
+            return None
+        return max(0.0, self._left_at_eta - (time.monotonic() - self._t_eta))
 
     def set_status(self, text: str) -> None:
         """Show ``text`` in the wrapping status line."""
@@ -430,8 +437,8 @@ class JobDock(DockWidget):
     def _update_time(self) -> None:
         elapsed = time.monotonic() - self._t0
         text = f"{format_duration(elapsed)} elapsed"
-        if self.state in ("running", "stopping") and 0.0 < self._fraction < 1.0:
-            left = elapsed * (1.0 - self._fraction) / self._fraction
+        left = self.time_left()
+        if self.state in ("running", "stopping") and left is not None:
             text += f" · about {format_duration(left)} left"
         elif self.state == "stopping":
             text += " · stopping"
@@ -484,6 +491,8 @@ class ThemedPlot:
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self._draw_now)
         self.n_draws = 0
+        #: called after a theme change (redraw what depends on the colours)
+        self.on_theme_change: list[Any] = []
         self.apply_theme()
         events = getattr(viewer, "events", None)
         if events is not None and hasattr(events, "theme"):
@@ -492,6 +501,8 @@ class ThemedPlot:
     def _on_theme(self, *_: Any) -> None:
         try:
             self.apply_theme()
+            for redraw in list(self.on_theme_change):
+                redraw()
         except RuntimeError:  # canvas deleted
             return
         self.request_draw(now=True)
@@ -510,7 +521,9 @@ class ThemedPlot:
             bg, fg, text, accent, warn = "#ffffff", "#dddddd", "#000000", "#1f77b4", "#ff7f0e"
         self.colors = {"background": bg, "foreground": fg, "text": text, "accent": accent,
                        "warning": warn}
-        self.style_axes(self.ax)
+        self.figure.patch.set_facecolor(bg)
+        for ax in self.figure.axes or [self.ax]:  # every panel, colour bars included
+            self.style_axes(ax)
 
     def style_axes(self, ax: Any) -> None:
         """Colour ``ax`` (and the figure) with the theme."""
@@ -523,6 +536,12 @@ class ThemedPlot:
         ax.xaxis.label.set_color(c["text"])
         ax.yaxis.label.set_color(c["text"])
         ax.title.set_color(c["text"])
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.get_frame().set_facecolor(c["background"])
+            legend.get_frame().set_edgecolor(c["text"])
+            for t in legend.get_texts():
+                t.set_color(c["text"])
 
     def request_draw(self, now: bool = False) -> None:
         """Redraw soon (at most every ``min_interval_ms``)."""

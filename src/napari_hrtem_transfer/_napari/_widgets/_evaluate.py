@@ -111,6 +111,9 @@ class EvaluateWidget(JobDock):
         self.source.changed.connect(lambda *_: self._load_table())
         self.records.changed.connect(lambda *_: self._load_table())
         self.plot.canvas.mpl_connect("pick_event", self._on_pick)
+        self.plot.on_theme_change.append(self._redraw_for_theme)
+        #: what the figure shows: "view" (the explorer) or "evaluation" (before/after)
+        self.showing = "view"
         self.records.visible = False
         self._load_table()
 
@@ -170,6 +173,7 @@ class EvaluateWidget(JobDock):
 
         if self._table is None:
             return
+        self.showing = "view"
         red = self.reduction.value
         try:
             t = self._filtered()
@@ -187,6 +191,15 @@ class EvaluateWidget(JobDock):
         except Exception as exc:  # noqa: BLE001 - e.g. the records lack a column
             self.summary.set_message(f"this view needs other records: {exc}")
             return
+
+    def _redraw_for_theme(self) -> None:
+        """Draw the figure again in the new theme's colours (bars, error bars, legend)."""
+        if self.closed:
+            return
+        if self.showing == "evaluation" and self.results:
+            self._plot_results(self.results)
+        else:
+            self.show_view()
 
     def _draw_bars(self, values: dict[float, float], title: str) -> None:
         ax = self.plot.ax
@@ -243,9 +256,13 @@ class EvaluateWidget(JobDock):
 
     def on_done(self, results: list[Any]) -> None:
         """Per-defocus loss and Dice before/after, with confidence intervals."""
+        self.results = results
+        self._plot_results(results)
+
+    def _plot_results(self, results: list[Any]) -> None:
         from ...evaluation.metrics import generalization
 
-        self.results = results
+        self.showing = "evaluation"
         self.plot.figure.clear()
         ax_l = self.plot.figure.add_subplot(211)
         ax_d = self.plot.figure.add_subplot(212, sharex=ax_l)
@@ -275,6 +292,7 @@ class EvaluateWidget(JobDock):
             lines.append(f"{res.model_id}: generalization {gen:.3g}")
         ax_d.set_xlabel("defocus [nm] (click a bar: go there)", fontsize=8)
         ax_l.legend(fontsize=7)
+        self.plot.style_axes(ax_l)  # the legend too
         if len(results) == 2:
             from ...evaluation.metrics import shift
 

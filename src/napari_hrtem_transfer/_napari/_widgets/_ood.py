@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     import napari
 
 CAUTION_WORD = "treat with caution"
+#: Column of the frame table with the defocus the model estimates for a frame [nm] (or None).
+ESTIMATED = "estimated_defocus_nm"
+#: Separator of a frame's reasons in the features table (one string per cell).
+REASON_SEP = "; "
+NO_LAYER_TEXT = "Segment a stack to see per-frame OOD scores here."
 
 
 def ood_layers(viewer: napari.Viewer) -> list[Any]:
@@ -40,18 +45,33 @@ def ood_layers(viewer: napari.Viewer) -> list[Any]:
 
 def x_column(features: Any, nav_axes: list[str]) -> tuple[str, str]:
     """The column to plot against and its axis label: the defocus [nm] if there is one, else
+    the model's estimated defocus [nm] (an experimental stack without a defocus axis), else
     the last navigation axis' coordinate, else the flat frame index."""
     cols = [c for c in features.columns if not c.endswith("_index")]
     for c in cols:
         if c.startswith("defocus"):
             unit = c[len("defocus_"):] if c.startswith("defocus_") else ""
             return c, f"defocus [{unit}]" if unit else "defocus"
+    if ESTIMATED in features.columns:
+        est = np.asarray(features[ESTIMATED], dtype=float)  # None -> nan
+        if np.isfinite(est).any():
+            return ESTIMATED, "estimated defocus [nm]"
     for name in reversed(nav_axes):
         for c in cols:
             if c == name or c.startswith(name + "_"):
                 unit = c[len(name) + 1:]
                 return c, f"{name} [{unit}]" if unit else name
     return "frame", "frame"
+
+
+def frame_reasons(row: dict[str, Any]) -> list[str]:
+    """Why a frame is out of domain, in words (empty when in domain or not known)."""
+    r = row.get("reasons")
+    if r is None or (isinstance(r, float) and not np.isfinite(r)):
+        return []
+    if isinstance(r, str):
+        return [p for p in (x.strip() for x in r.split(REASON_SEP)) if p]
+    return [str(x) for x in r if str(x).strip()]
 
 
 class OODView(DockWidget):
@@ -70,7 +90,7 @@ class OODView(DockWidget):
         self.n_suggest = SpinBox(label="suggest", value=5, min=1, max=100,
                                  tooltip="How many frames to suggest for annotation.")
         self.form.extend([self.layer_combo, self.n_suggest])
-        self.summary = WrapLabel("Segment a stack to see per-frame OOD scores here.")
+        self.summary = WrapLabel(NO_LAYER_TEXT)
         self.add_row(self.summary)
         self.plot = ThemedPlot(napari_viewer, figsize=(3.4, 2.2), min_height=190,
                                min_interval_ms=50)
@@ -88,14 +108,23 @@ class OODView(DockWidget):
         self.table.cellClicked.connect(self._on_row)
         self.add_row(self.table)
         self.layer: Any = None
+        self._owns_overlay = False
         self.rows: list[dict[str, Any]] = []
         self.points: Any = None
         self.marker: Any = None
         self.current_frame: int | None = None
         self.plot.canvas.mpl_connect("pick_event", self._on_pick)
+        self.plot.canvas.mpl_connect("draw_event", self._on_canvas_draw)
+        self._background: Any = None
+        self.n_marker_blits = 0
+        self.nav_axes: list[str] = []
+        self.caution = 1.0
+        self.training_range_nm: tuple[float, float] | None = None
+        self.xcol, self.xlabel = "frame", "frame"
         self.layer_combo.changed.connect(lambda v: self.set_layer(v))
         self.n_suggest.changed.connect(lambda *_: self._fill_table())
         napari_viewer.dims.events.current_step.connect(self._on_dims)
+        self.plot.on_theme_change.append(self._on_theme)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             ev.connect(self._on_layers)
         self._on_layers()
@@ -116,7 +145,20 @@ class OODView(DockWidget):
         super().on_closed()
         try:
             self._viewer.dims.events.current_step.disconnect(self._on_dims)
-            self._viewer.text_overlay.visible = False
+        except Exception:  # noqa: BLE001 - the viewer is going away
+            pass
+        self._clear_overlay()
+
+    def _clear_overlay(self) -> None:
+        """Empty the canvas text (never hide it: see below)."""
+        # Hiding napari's text overlay in the same event-loop turn as a layer is removed,
+        # then showing it again, makes vispy's next draw segfault in glDrawArrays (napari
+        # 0.9, vispy 0.17, Mesa: segment -> delete the result -> segment again). An empty
+        # text draws nothing and never touches the overlay's visibility.
+        try:
+            ov = self._viewer.text_overlay
+            if self._owns_overlay and ov.text:
+                ov.text = ""
         except Exception:  # noqa: BLE001 - the viewer is going away
             pass
 
@@ -126,11 +168,16 @@ class OODView(DockWidget):
         self.layer = layer
         if layer is None:
             self.rows = []
+            self.current_frame = None
+            self.points = self.marker = None
             self.plot.ax.clear()
             self.plot.style_axes(self.plot.ax)
             self.plot.request_draw(now=True)
             self.table.setRowCount(0)
-            self._viewer.text_overlay.visible = False
+            self.ranking = []
+            self.summary.set_message(NO_LAYER_TEXT)
+            self.suggest.set_message("")
+            self._clear_overlay()
             return
         if self.layer_combo.value is not layer:
             self.layer_combo.reset_choices()
@@ -139,8 +186,11 @@ class OODView(DockWidget):
         feats = layer.features
         self.rows = feats.to_dict("records")
         meta = layer.metadata.get("ood", {})
-        self.nav_axes: list[str] = list(meta.get("nav_axes", []))
+        self.nav_axes = list(meta.get("nav_axes", []))
         self.caution = float(meta.get("caution", 1.0))
+        rng = (meta.get("imaging_domain") or {}).get("defocus_nm_range")
+        self.training_range_nm = (tuple(float(v) for v in rng[:2])
+                                  if rng is not None and len(rng) >= 2 else None)
         self.xcol, self.xlabel = x_column(feats, self.nav_axes)
         scores = np.asarray(feats["ood_score"], dtype=float)
         n_bad = int(np.nansum(scores > self.caution))
@@ -157,12 +207,18 @@ class OODView(DockWidget):
         self._on_dims()
 
     def _draw(self) -> None:
+        """Draw the whole figure (a new layer or theme); slider steps only move the marker."""
         ax = self.plot.ax
         ax.clear()
         self.plot.style_axes(ax)
+        self._background = None
         c = self.plot.colors
-        x = np.asarray([r[self.xcol] for r in self.rows], dtype=float)
+        x = np.asarray([r.get(self.xcol) for r in self.rows], dtype=float)
         y = np.asarray([r["ood_score"] for r in self.rows], dtype=float)
+        rng = self.training_range_nm
+        if rng is not None and self.xlabel.startswith(("defocus", "estimated defocus")):
+            ax.axvspan(rng[0], rng[1], color=c["accent"], alpha=0.15, lw=0,
+                       label="model's training defoci")
         # one line per image along the defocus axis (2-D navigation: defocus x image)
         other = [a for a in self.nav_axes if not self.xcol.startswith(a)]
         if self.xcol.startswith("defocus") and other:
@@ -184,11 +240,51 @@ class OODView(DockWidget):
         lin = max(abs(self.caution), 1.0)
         if np.isfinite(y).any() and np.nanmax(np.abs(y)) > 20 * lin:
             ax.set_yscale("symlog", linthresh=lin)
+        # the current frame: an animated artist, drawn over a cached background (blit)
         (self.marker,) = ax.plot([], [], "o", ms=11, mfc="none", mec=c["warning"], mew=2,
-                                 zorder=4, label="current")
+                                 zorder=4, label="current", animated=True)
+        if self.current_frame is not None and self.current_frame < len(self.rows):
+            row = self.rows[self.current_frame]
+            self.marker.set_data([row.get(self.xcol)], [row["ood_score"]])
         ax.set_xlabel(self.xlabel, fontsize=8)
         ax.set_ylabel("OOD score", fontsize=8)
         self.plot.request_draw(now=True)
+
+    def _on_canvas_draw(self, _event: Any = None) -> None:
+        """After a full draw: cache the background, then draw the marker over it."""
+        canvas = self.plot.canvas
+        try:
+            self._background = canvas.copy_from_bbox(self.plot.figure.bbox)
+        except Exception:  # noqa: BLE001 - a backend without blitting: full draws
+            self._background = None
+        self._draw_marker(restore=False)
+
+    def _draw_marker(self, restore: bool = True) -> bool:
+        """Redraw only the current-frame marker (blit); False if a full draw is needed."""
+        marker, bg = self.marker, self._background
+        if marker is None or bg is None or marker.axes is None:
+            return False
+        canvas = self.plot.canvas
+        try:
+            if restore:
+                canvas.restore_region(bg)
+            marker.axes.draw_artist(marker)
+            canvas.blit(self.plot.figure.bbox)
+        except Exception:  # noqa: BLE001 - deleted canvas or no renderer yet
+            return False
+        self.n_marker_blits += 1
+        return True
+
+    def _on_theme(self, *_: Any) -> None:
+        if self.closed:
+            return
+        try:
+            if self.rows:
+                self._draw()
+                if self.current_frame is not None:
+                    self._update_overlay(self.rows[self.current_frame])
+        except RuntimeError:  # deleted
+            pass
 
     def _fill_table(self) -> None:
         if not self.rows:
@@ -211,11 +307,12 @@ class OODView(DockWidget):
             + "; ".join(self.frame_text(i) for i in order[:k]))
 
     def frame_text(self, i: int) -> str:
-        """A frame's position in words: flat index and coordinates."""
+        """A frame's position in words: flat index and navigation coordinates."""
         row = self.rows[i]
         parts = [f"#{int(row['frame'])}"]
         for c, v in row.items():
-            if c in ("frame", "index", "ood_score", "caution") or c.endswith("_index"):
+            if c.endswith("_index") or not any(c == a or c.startswith(a + "_")
+                                               for a in self.nav_axes):
                 continue
             if isinstance(v, int | float | np.floating) and np.isfinite(v):
                 name, _, unit = c.partition("_")
@@ -266,25 +363,36 @@ class OODView(DockWidget):
         if self.closed or not self.rows:
             return
         frame = self.frame_at_slider()
-        if frame is None:
+        if frame is None or frame >= len(self.rows):
             return
         self.current_frame = frame
         row = self.rows[frame]
         if self.marker is not None:
-            self.marker.set_data([row[self.xcol]], [row["ood_score"]])
-            self.plot.request_draw()
+            self.marker.set_data([row.get(self.xcol)], [row["ood_score"]])
+            if not self._draw_marker():
+                self.plot.request_draw()
         self._update_overlay(row)
 
     def _update_overlay(self, row: dict[str, Any]) -> None:
         s = float(row["ood_score"])
         text = f"{self.frame_text(int(row['frame']))} · OOD {s:.2f}"
+        est = row.get(ESTIMATED)
+        if self.xcol == ESTIMATED and est is not None and np.isfinite(float(est)):
+            text += f" · estimated defocus {float(est):+.3g} nm"
         caution = bool(row.get("caution"))
         if caution:
             text += f" · {CAUTION_WORD} (> {self.caution:.3g})"
+        reasons = frame_reasons(row)
+        if reasons:
+            text += "\n" + "\n".join(f"– {r}" for r in reasons)
         ov = self._viewer.text_overlay
-        ov.text = text
-        ov.visible = True
+        # colour: napari's contrast with the canvas (follows the theme), the theme's warning
+        # colour above the caution level
         try:
-            ov.color = self.plot.colors["warning"] if caution else self.plot.colors["text"]
+            ov.color = self.plot.colors["warning"] if caution else None
         except Exception:  # noqa: BLE001 - older napari: no colour
             pass
+        ov.text = text
+        self._owns_overlay = True
+        if not ov.visible:  # made visible once; afterwards only its text changes
+            ov.visible = True

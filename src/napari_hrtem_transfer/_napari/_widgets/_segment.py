@@ -9,9 +9,17 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox
 
 from ...errors import ConfigError
-from .._jobs import axes_from_layer, layer_sampling_A, result_frame_table, segment_job
+from .._jobs import (
+    WARNING_STAGE,
+    axes_from_layer,
+    layer_sampling_A,
+    result_frame_table,
+    segment_job,
+)
+from .._workers import JobStage
 from ._base import JobDock, WrapLabel, notify
 from ._models import PRETRAINED, ModelPicker, recent_models, resolve_model
+from ._ood import ESTIMATED, REASON_SEP
 
 if TYPE_CHECKING:
     import napari
@@ -52,7 +60,31 @@ def features_table(result: Any) -> Any:
         table["ood_score"] = np.nan
         table["caution"] = False
     table["ood_score"] = pd.to_numeric(table["ood_score"], errors="coerce").astype(float)
+    if ESTIMATED in table:  # float or None per frame -> float (nan: no estimate)
+        table[ESTIMATED] = pd.to_numeric(table[ESTIMATED], errors="coerce").astype(float)
+    if "reasons" in table:  # a list of words per frame -> one string per cell
+        table["reasons"] = [
+            REASON_SEP.join(str(x) for x in r) if isinstance(r, list | tuple) else
+            ("" if r is None or (isinstance(r, float) and r != r) else str(r))
+            for r in table["reasons"]]
     return table
+
+
+def _imaging_domain(result: Any) -> dict[str, Any] | None:
+    """The model's imaging domain (training defocus range [nm], energy [eV], Cs [mm],
+    pixel size [Å]) as plain JSON values, when the result carries one."""
+    dom = getattr(result, "imaging_domain", None)
+    if not dom:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in dict(dom).items():
+        if isinstance(v, list | tuple | np.ndarray):
+            out[k] = [float(x) for x in v]
+        elif isinstance(v, int | float | np.floating | np.integer):
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
 
 
 class SegmentWidget(JobDock):
@@ -100,6 +132,8 @@ class SegmentWidget(JobDock):
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh)
         self.result: Any = None
+        #: the warnings and notes of the last run, each shown as a notification
+        self.warnings_shown: list[str] = []
         self.added_layers: list[Any] = []
         self.ood_view: Any = None
         self._source: Any = None
@@ -146,6 +180,7 @@ class SegmentWidget(JobDock):
                    "score. Fix: fine-tune it in the Train dock (the reference is fitted at the "
                    "end) or fit one with napari_hrtem_transfer.evaluation.fit_ood_reference.")
         self._source = layer
+        self.warnings_shown = []
         self.ood_label.set_message("")
         self.device_label.set_message("")
         return segment_job, (layer.data, model if model == PRETRAINED else str(path)), {
@@ -184,8 +219,11 @@ class SegmentWidget(JobDock):
             "label_values": "particles of flat frame k have the value k + 1",
             "ood": {"nav_axes": [a.get("name") for a in axes[: len(nav_shape)]],
                     "caution": 1.0 if caution is None else float(caution),
-                    "notes": [n for n in getattr(result, "notes", []) if "OOD" in n]},
+                    "notes": [n for n in getattr(result, "notes", []) if "OOD" in n],
+                    "imaging_domain": _imaging_domain(result)},
         }
+        if src.metadata.get("defocus_nm") is not None:  # a non-uniform defocus axis' values
+            meta["defocus_nm"] = list(src.metadata["defocus_nm"])
         layer = self._viewer.add_labels(frame_labels(labels), name=f"{src.name} segmentation",
                                         metadata=meta, opacity=0.5, features=features,
                                         **common)
@@ -213,12 +251,19 @@ class SegmentWidget(JobDock):
         frac = float((labels > 0).mean()) if labels.size else 0.0
         self.set_fraction(1.0)
         self.set_status(f"done: {100 * frac:.1f}% of pixels labelled particle")
+        # every note of the core reaches the user, every run (warnings came as stages)
         for note in meta["notes"]:
-            if "resampl" in note or "differs" in note or "no pixel size" in note or (
-                    "STEM" in note or "HAADF" in note):
+            if note not in self.warnings_shown:
+                self.warnings_shown.append(note)
                 notify("info", note)
         if self.show_ood.value and np.isfinite(scores).any():
             self._show_ood(layer)
+
+    def on_stage(self, stage: JobStage) -> None:  # noqa: D102
+        super().on_stage(stage)
+        if stage.name == WARNING_STAGE and stage.message not in self.warnings_shown:
+            self.warnings_shown.append(stage.message)
+            notify("warning", stage.message)
 
     def _show_ood(self, layer: Any) -> None:
         from ._ood import OODView

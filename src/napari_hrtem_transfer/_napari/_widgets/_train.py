@@ -11,6 +11,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, LineEdit
 
 from ...errors import ConfigError
 from .._jobs import (
+    annotations_can_resume,
     build_train_config,
     check_annotation_layers,
     finetune_layers_job,
@@ -159,6 +160,7 @@ class TrainWidget(JobDock):
         self._last_step: Any = None
         self._start: Any = None
         self._t_start_pos = 0.0
+        self._auto_out: str | None = None
         self.source.changed.connect(self._on_source)
         self._on_source(self.source.value)
         events = napari_viewer.layers.events
@@ -189,10 +191,18 @@ class TrainWidget(JobDock):
         layers = value == FROM_LAYERS
         for w in (self.image_layer, self.labels_layer):
             w.visible = layers
-        for w in (self.dataset, self.defocus_nm, self.n_train, self.resume):
+        for w in (self.dataset, self.defocus_nm, self.n_train):
             w.visible = not layers
+        # batch size, patch and seed are used in both modes (passed on to the core)
+        self.resume.visible = not layers or self._layers_can_resume()
         if layers and self.freeze.value == "none":
             self.freeze.value = "encoder"  # a few annotated frames: keep the features
+
+    def _layers_can_resume(self) -> bool:
+        try:
+            return annotations_can_resume()
+        except Exception:  # noqa: BLE001 - the core's API decides; without it no resume
+            return False
 
     def _suggest_dataset(self, event: Any = None, layer: Any = None) -> None:
         """Fill in the dataset file of a simulated series opened in the viewer."""
@@ -235,15 +245,33 @@ class TrainWidget(JobDock):
                               exc.field) from exc
 
     def _out_dir(self, default_name: str) -> str:
+        """The output folder: the user's, else a new one in the user data folder.
+
+        A folder this dock chose for an earlier run is replaced by a new one unless the run
+        is resumed (so Train after a finished run never meets a non-empty folder).
+        """
         out = str(self.out_dir.value)
-        if out not in ("", "."):
+        resuming = bool(self.resume.value) and self.resume.visible
+        if out not in ("", ".") and (out != self._auto_out or resuming):
             return out
         from platformdirs import user_data_dir
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(user_data_dir("napari-hrtem-transfer")) / "models" / f"{default_name}-{stamp}"
+        root = Path(user_data_dir("napari-hrtem-transfer")) / "models"
+        path = root / f"{default_name}-{stamp}"
+        k = 1
+        while path.exists():
+            k += 1
+            path = root / f"{default_name}-{stamp}-{k}"
         self.out_dir.value = path
+        self._auto_out = str(path)
         return str(path)
+
+    def _check_resume_folder(self, out: str) -> None:
+        if not (Path(out) / "last.json").is_file():
+            raise ConfigError(f"'resume': {out} holds no stopped run (no last.json). Fix: "
+                              "pick the stopped run's folder in 'output folder', or untick "
+                              "'resume'.", "resume")
 
     def _prepare(self) -> tuple[Any, tuple, dict]:
         if self.source.value == FROM_LAYERS:
@@ -256,6 +284,8 @@ class TrainWidget(JobDock):
                                   "as …) or pick image + labels layers as data.", "dataset")
             config = self.config()
             out = self._out_dir(Path(data).stem)
+            if self.resume.value:
+                self._check_resume_folder(out)
             job = (train_job, (config, data, out), {"resume": self.resume.value})
         self.plot.clear()
         self.result = None
@@ -296,14 +326,20 @@ class TrainWidget(JobDock):
                 "calibration (layer scale, in nm) or start from a model trained near this "
                 "pixel size.", "image")
         out = self._out_dir(f"finetuned-{image.name}".replace(" ", "_"))
-        if Path(out).is_dir() and any(Path(out).iterdir()):
+        resume = bool(self.resume.value) and self.resume.visible
+        if resume:
+            self._check_resume_folder(out)
+        elif Path(out).is_dir() and any(Path(out).iterdir()):
             raise ConfigError(f"'output folder': {out} is not empty. Fix: choose an empty or "
-                              "new folder; nothing was overwritten.", "out_dir")
+                              "new folder (or clear the field: a new one is made); nothing "
+                              "was overwritten.", "out_dir")
         return finetune_layers_job, (image.data, labels.data), {
             "model": str(resolve_model(model)) if model != PRETRAINED else PRETRAINED,
             "out_dir": out, "sampling_A": sampling, "freeze": self.freeze.value,
             "epochs": self.epochs.value, "lr": self.lr.value or None,
-            "device": self.device.value,
+            "device": self.device.value, "batch_size": self.batch_size.value,
+            "patch_size": self.patch_size.value or None, "seed": self.seed.value,
+            "resume": resume,
         }
 
     # -- updates
@@ -364,26 +400,27 @@ class TrainWidget(JobDock):
                      f"{st.n_steps})" if st is not None else f"epoch {n + 1} of {total}")
             self.state = "stopped"
             self.progress.setFormat(f"stopped at {where.split(' (')[0]}")
-            self.set_status(f"stopped at {where}; {n} epoch(s) completed{best}. A resumable "
-                            f"checkpoint is in {result.out_dir}: tick 'resume' and Train to "
-                            "continue.")
+            if self.resume.visible:
+                how = (f"A resumable checkpoint is in {result.out_dir}: tick 'resume' (the "
+                       "output folder is kept) and Train to continue.")
+            else:
+                how = (f"The checkpoint so far is in {result.out_dir}; fine-tuning on layers "
+                       "cannot be resumed here: Train again starts a new run in a new folder.")
+            self.set_status(f"stopped at {where}; {n} epoch(s) completed{best}. {how}")
         else:
             self.set_fraction(1.0)
             self.set_status(f"finished {n} epoch(s){best}.")
         self._result_text = self.status.value
-
-    def set_fraction(self, fraction: float, eta: float | None = None) -> None:  # noqa: D102
-        super().set_fraction(fraction)
-        if eta is not None:
-            self._fraction = max(0.0, min(1.0, eta))
 
     def on_done(self, result: Any) -> None:  # noqa: D102
         self.result = result
         out = Path(result.out_dir)
         if result.stopped:
             self.state = "stopped"
-            notify("info", f"Training stopped; resumable checkpoint in {out}")
+            notify("info", f"Training stopped; {'resumable ' if self.resume.visible else ''}"
+                   f"checkpoint in {out}")
             return
+        self.resume.value = False  # a finished run has nothing to resume
         if (out / "best.json").is_file():
             recent_models.add(out)
             self.model.refresh()
