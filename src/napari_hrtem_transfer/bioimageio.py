@@ -136,8 +136,9 @@ class BioimageioExportConfig(BaseModel):
     which: str = Field(default="best", pattern="^(best|last)$")
     """Which checkpoint of the model folder to export."""
 
-    name: str | None = Field(default=None, max_length=128)
-    """Package name (default: from the model and its training stage)."""
+    name: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9_+\- ()]+$")
+    """Package name: letters, digits, spaces and _+-() only (bioimage.io's rule; default:
+    from the model and its training stage)."""
 
     description: str | None = Field(default=None, max_length=1024)
     """One-paragraph description (default: generated from the checkpoint)."""
@@ -629,7 +630,7 @@ def export_bioimageio(
     name = cfg.name or (
         "HRTEM nanoparticle U-Net (napari-hrtem-transfer pretrained)"
         if is_pretrained
-        else f"HRTEM nanoparticle U-Net ({arch}, {stage}, napari-hrtem-transfer)"
+        else f"HRTEM nanoparticle U-Net - {arch} {stage} (napari-hrtem-transfer)"
     )
     description = cfg.description or (
         f"Segments nanoparticles in HRTEM phase-contrast images at {sampling:g} Å/px "
