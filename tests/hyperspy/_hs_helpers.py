@@ -38,12 +38,16 @@ def assert_same_axes(a, b, *, signal_only: bool = False) -> None:
                 assert x[key] == y[key], f"axis {i} ({x['name']}): {key} {x[key]!r} != {y[key]!r}"
 
 
+#: The stand-in model's caution level of the OOD score (not the core's fallback of 1.0).
+FAKE_CAUTION = 2.5
+
+
 @dataclass
 class FakeResult:
     labels: np.ndarray
     proba: np.ndarray | None
     ood_score: np.ndarray | None
-    ood_caution: float | None = 1.0
+    ood_caution: float | None = FAKE_CAUTION
     axes: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)

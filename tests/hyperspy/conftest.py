@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hs_helpers import FakeResult, fake_ood, fake_proba  # noqa: E402
+from _hs_helpers import FAKE_CAUTION, FakeResult, fake_ood, fake_proba  # noqa: E402
 
 
 @pytest.fixture
@@ -85,7 +85,10 @@ def fake_core(monkeypatch):
             notes=["fake core"],
         )
 
-    module = SimpleNamespace(segment=segment)
+    def _ood_reference(loaded, notes):
+        return SimpleNamespace(caution_level=FAKE_CAUTION)
+
+    module = SimpleNamespace(segment=segment, _ood_reference=_ood_reference)
     monkeypatch.setattr(_core, "_core", lambda: module)
     module.calls = calls
     return module

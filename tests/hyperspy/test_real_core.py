@@ -121,6 +121,74 @@ def test_lazy_equals_eager_with_the_real_core(registered, tiny_model):
     assert_same_axes(eager, m_lazy)
 
 
+def test_lazy_and_eager_ood_score_record_the_models_caution_level(registered):
+    """Issue 18: a lazy ood_score recorded caution_level 1.0 (a fallback) where the shipped
+    model's is 4.39. Both must record the level of the model's OOD reference."""
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer.evaluation.ood import load_ood_reference
+    from napari_hrtem_transfer.segmentation import pretrained_model_dir, resolve_model
+
+    loaded = resolve_model("pretrained", device="cpu")
+    ref = load_ood_reference(pretrained_model_dir(), loaded.info.get("weights_sha256"))
+    level = float(ref.caution_level)
+    assert np.isfinite(level) and level != 1.0
+    frames, _ = _discs(2, size=64, seed=9)
+    s = hs.signals.Signal2D(frames)
+    for ax in s.axes_manager.signal_axes:
+        ax.scale, ax.units = loaded.sampling_A / 10.0, "nm"
+    s.set_signal_type("HRTEM")
+    lazy = s.as_lazy()
+    o_lazy = lazy.ood_score(device="cpu")  # recorded before anything is computed
+    o_eager = s.ood_score(device="cpu")
+    for o in (o_eager, o_lazy):
+        assert o.metadata.HRTEM_transfer.ood.caution_level == pytest.approx(level)
+    o_lazy.compute()
+    np.testing.assert_allclose(o_lazy.data, o_eager.data, rtol=1e-5)
+
+
+def test_lazy_stack_at_a_wrong_pixel_size_is_refused_at_call_time(registered, tiny_model):
+    """Issue 18: refused only at compute(), naming the frame "data"; now at the call,
+    naming the signal."""
+    from napari_hrtem_transfer.errors import ConfigError
+
+    lazy, _ = _series(lazy=True)
+    for ax in lazy.axes_manager.signal_axes:
+        ax.scale = 2.0  # nm: 100x the model's pixel size
+    lazy.metadata.General.title = "far too coarse"
+    for method in (lazy.segment, lazy.ood_score):
+        with pytest.raises(ConfigError, match="signal 'far too coarse'.*resampling by more"):
+            method(model=tiny_model)
+
+
+def test_nonuniform_defocus_hspy_survives_the_methods(registered, tiny_model, tmp_path):
+    """A plain HyperSpy defocus x image .hspy with a non-uniform defocus axis: mask and OOD
+    map keep its axes, eagerly and lazily."""
+    import hyperspy.api as hs
+    from hyperspy.axes import DataAxis, UniformDataAxis
+
+    frames, _ = _discs(6, seed=7)
+    s = hs.signals.Signal2D(
+        frames.reshape(3, 2, 64, 64),
+        axes=[
+            DataAxis(axis=[-12.0, 0.0, 7.5], name="defocus", units="nm", navigate=True),
+            UniformDataAxis(size=2, name="image", navigate=True),
+            UniformDataAxis(size=64, scale=0.02, offset=1.0, units="nm", name="y"),
+            UniformDataAxis(size=64, scale=0.02, offset=-2.0, units="nm", name="x"),
+        ],
+    )
+    s.save(tmp_path / "series.hspy")
+    for lazy in (False, True):
+        t = hs.load(tmp_path / "series.hspy", lazy=lazy)
+        t.set_signal_type("HRTEM")
+        mask = t.segment(model=tiny_model)
+        assert_same_axes(t, mask)
+        ood = t.ood_score(model=tiny_model)
+        ax = ood.axes_manager["defocus"]
+        assert not ax.is_uniform
+        np.testing.assert_array_equal(ax.axis, [-12.0, 0.0, 7.5])
+
+
 def test_pretrained_model_on_a_single_image(registered):
     from napari_hrtem_transfer.segmentation import pretrained_model_dir
 

@@ -20,7 +20,7 @@ import pytest
 from napari_hrtem_transfer.errors import ConfigError, ReaderError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _hs_helpers import assert_same_axes, fake_ood, fake_proba  # noqa: E402
+from _hs_helpers import FAKE_CAUTION, assert_same_axes, fake_ood, fake_proba  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("HRTEM_TRANSFER_SHARED_DIR") or REPO.parent / "shared") / "data"
@@ -197,7 +197,10 @@ def test_ood_score_is_a_map_over_the_navigation_axes(registered, fake_core):
         np.testing.assert_array_equal(a.axis, b.axis)
     np.testing.assert_allclose(ood.data, fake_ood(s.data))
     assert ood.metadata.Signal.quantity.startswith("OOD score")
-    assert ood.metadata.HRTEM_transfer.ood.caution_level == 1.0
+    # the model's caution level, eagerly and lazily (a lazy signal recorded 1.0: issue 18)
+    assert ood.metadata.HRTEM_transfer.ood.caution_level == FAKE_CAUTION
+    lazy = s.as_lazy().ood_score()
+    assert lazy.metadata.HRTEM_transfer.ood.caution_level == FAKE_CAUTION
     ood.plot()  # plottable as a map
 
 
@@ -442,4 +445,6 @@ def test_typed_dataset_file_still_reads_everywhere(registered, tmp_path):
     np.testing.assert_array_equal(lazy.masks.data.compute()[2], ds.masks)
     back = load_dataset(tmp_path / "typed.hspy", lazy=False)
     np.testing.assert_array_equal(back.images, ds.images)
-    assert len(read_images(tmp_path / "typed.hspy")) == 3
+    (series,) = read_images(tmp_path / "typed.hspy")  # one defocus x image stack
+    assert series.nav_shape == (ds.n_defocus, ds.n_images)
+    np.testing.assert_array_equal(series.frames(), ds.images)

@@ -126,6 +126,63 @@ def _resolve_model(model: Any, which: str, device: str) -> Any:
     return model if resolve is None else resolve(model, which=which, device=device)
 
 
+def _check_lazy(s: Any, loaded: Any, px: float | None, name: str) -> None:
+    """What the core checks on the whole input, done at call time for a lazy signal.
+
+    A lazy signal reaches the core chunk by chunk when it is computed; its pixel size is
+    checked against the model here (a refusal names the signal, not "data"), and the
+    input warnings (STEM, a label mask) are given now, once.
+    """
+    from ..io.frames import check_zoom, input_warnings
+    from ..io.hyperspy_integration import from_signal
+
+    seg = _core()
+    config = getattr(seg, "SegmentConfig", None)
+    cfg = config() if config is not None else None
+    model_s = getattr(loaded, "sampling_A", None)
+    if cfg is not None and px and model_s and abs(px / model_s - 1.0) > cfg.resample_tolerance:
+        if cfg.resample:
+            ny, nx = s.data.shape[-2:]
+            check_zoom(
+                px,
+                model_s,
+                (int(ny), int(nx)),
+                f"signal '{name}'",
+                max_zoom=cfg.max_zoom,
+                max_resampled_px=cfg.max_resampled_px,
+            )
+    category = getattr(seg, "SegmentationWarning", UserWarning)
+    frames = from_signal(s, allow_reciprocal=True, compute=False)
+    frames.name = f"signal '{name}'"
+    for text in input_warnings(frames):
+        warnings.warn(text, category, stacklevel=4)
+
+
+def _caution_level(loaded: Any, name: str, model: Any) -> float:
+    """The model's caution level of the OOD score (what the core records), at call time.
+
+    Raises
+    ------
+    ConfigError
+        If the model has no usable OOD reference (as the eager path does).
+    """
+    seg = _core()
+    notes: list[str] = []
+    find = getattr(seg, "_ood_reference", None)
+    ref = find(loaded, notes) if find is not None else None
+    if ref is None:
+        why = "; ".join(notes) or "no OOD reference"
+        raise ConfigError(
+            f"no OOD score for signal '{name}' with model {model!r}: {why}. Fit a reference "
+            "with 'hrtem-transfer finetune' (it fits one at the end) or "
+            "napari_hrtem_transfer.evaluation.fit_ood_reference_for_checkpoint."
+        )
+    level = getattr(ref, "caution_level", None)
+    if level is None or not np.isfinite(float(level)):
+        return 1.0  # the core's own fallback for a reference without a level
+    return float(level)
+
+
 def _options(threshold: float | None, **kw: Any) -> dict[str, Any]:
     """Core options; a None threshold is left to the core's default (SegmentConfig)."""
     if threshold is not None:
@@ -230,6 +287,7 @@ def segment(
     seg = _core()
     if s._lazy:
         loaded = _resolve_model(model, which, device)
+        _check_lazy(s, loaded, px, name)
         dtype = np.float32 if probabilities else np.uint8
 
         def block(frames: np.ndarray) -> np.ndarray:
@@ -328,6 +386,8 @@ def ood_score(
     caution = None
     if s._lazy:
         loaded = _resolve_model(model, which, device)
+        _check_lazy(s, loaded, px, name)
+        caution = _caution_level(loaded, name, model)
         data = _whole_frames(s.data)
         nd = data.ndim
 
