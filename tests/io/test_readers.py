@@ -279,6 +279,36 @@ def test_corrupt_file_gives_reader_error(tmp_path):
         _read(bad)
 
 
+@pytest.mark.parametrize("ext", [".dm3", ".dm4", ".emd"])
+def test_unreadable_file_gives_only_our_message(tmp_path, ext, caplog, capfd):
+    """Issue 18: HyperSpy's red "please report this error to the RosettaSciIO developers"
+    line and a .ser/.emi hint came before our own error for a broken dm3/dm4/emd."""
+    import logging
+
+    bad = tmp_path / f"broken{ext}"
+    bad.write_bytes(b"this is not a microscope file" * 10)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ReaderError) as info:
+        read_images(bad)
+    message = str(info.value)
+    assert "could not read" in message and str(bad) in message
+    assert ".ser" not in message and ".emi" not in message
+    assert not [r for r in caplog.records if "RosettaSciIO" in r.getMessage()]
+    assert "RosettaSciIO developers" not in capfd.readouterr().err
+
+
+@needs_data
+def test_mrc_leaves_no_file_open():
+    """Issue 18: reading an .mrc printed "ResourceWarning: unclosed file"."""
+    import gc
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (im,) = read_images(DATA / "mrc/ncem_temp_SYNTHETIC.mrc")
+        gc.collect()
+    assert im.data.shape == (3, 128, 128)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_spectrum_is_refused(tmp_path):
     import hyperspy.api as hs
 
