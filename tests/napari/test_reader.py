@@ -194,3 +194,50 @@ def test_every_real_file_becomes_valid_napari_layers(rel):
         assert all(u in ("nm", "pixel", "1/nm") for u in kwargs["units"]), kwargs["units"]
         layer = _make_layer(layer_data)
         assert layer.data.shape == data.shape
+
+
+def _defocus_series_hspy(path, defocus_nm, uniform):
+    """A plain HyperSpy defocus x image file (not this package's dataset format)."""
+    import hyperspy.api as hs
+
+    data = np.random.default_rng(0).poisson(50, (len(defocus_nm), 6, 32, 32)).astype(np.float32)
+    s = hs.signals.Signal2D(data)
+    image_ax, defocus_ax = s.axes_manager.navigation_axes  # HyperSpy order: fastest first
+    image_ax.name = "image"
+    defocus_ax.name, defocus_ax.units = "defocus", "nm"
+    if uniform:
+        defocus_ax.offset, defocus_ax.scale = defocus_nm[0], defocus_nm[1] - defocus_nm[0]
+    else:
+        defocus_ax.convert_to_non_uniform_axis()
+        defocus_ax.axis = np.asarray(defocus_nm, float)
+    for ax, name in zip(s.axes_manager.signal_axes, ("x", "y"), strict=True):
+        ax.name, ax.units, ax.scale = name, "nm", 0.02
+    s.save(path)
+    return data
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_plain_hspy_defocus_by_image_keeps_its_defocus_axis(tmp_path, uniform):
+    defocus = [-5.0, 0.0, 5.0] if uniform else [-8.0, 0.0, 12.0]
+    data = _defocus_series_hspy(tmp_path / "series.hspy", defocus, uniform)
+    ((layer_data, kwargs, kind),) = _read(tmp_path / "series.hspy")
+    assert kind == "image" and np.shape(layer_data) == (3, 6, 32, 32)  # not 18 flat frames
+    np.testing.assert_array_equal(np.asarray(layer_data), data)
+    assert kwargs["axis_labels"] == ("defocus", "image", "y", "x")
+    assert kwargs["metadata"]["defocus_nm"] == defocus
+    if uniform:  # the slider shows the defocus [nm]
+        assert kwargs["scale"][:2] == (5.0, 1.0) and kwargs["translate"][0] == -5.0
+        assert kwargs["units"][:2] == ("nm", "pixel")
+    else:  # a non-uniform axis cannot be a scale: the index, values in the metadata
+        assert kwargs["scale"][:2] == (1.0, 1.0) and kwargs["units"][:2] == ("pixel", "pixel")
+    layer = _make_layer((layer_data, kwargs, kind))
+    assert layer.ndim == 4 and "defocus" in layer.axis_labels
+    # what the Segment dock gives the core: the defocus of every frame [nm]
+    from napari_hrtem_transfer._napari._jobs import axes_from_layer
+
+    axes = axes_from_layer(layer)
+    assert [a["name"] for a in axes] == ["defocus", "image", "y", "x"]
+    assert axes[0]["units"] == "nm"
+    coords = (axes[0]["axis"] if "axis" in axes[0]
+              else [axes[0]["offset"] + i * axes[0]["scale"] for i in range(3)])
+    np.testing.assert_allclose(coords, defocus)

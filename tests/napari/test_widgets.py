@@ -659,3 +659,65 @@ def test_the_shipped_model_is_the_default_with_its_card(make_napari_viewer, qtbo
     (labels,) = seg.added_layers
     assert labels.data.shape == img.data.shape and len(labels.features) == 2
     assert np.all(np.isfinite(labels.features["ood_score"]))
+
+
+@pytest.fixture
+def notifications(monkeypatch):
+    """Every napari notification the docks show: a list of (kind, message)."""
+    from napari.utils import notifications as n
+
+    shown = []
+    for kind in ("error", "warning", "info"):
+        monkeypatch.setattr(n, f"show_{kind}", lambda msg, kind=kind: shown.append((kind, msg)))
+    return shown
+
+
+def test_a_plain_hspy_defocus_series_is_segmented_with_its_defocus(make_napari_viewer, qtbot,
+                                                                   tmp_path, notifications):
+    """A HyperSpy defocus x image file with a non-uniform defocus axis, opened with the
+    plugin's reader: the features carry each frame's defocus [nm], the OOD dock plots it."""
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget
+
+    from .test_reader import _defocus_series_hspy
+
+    defocus = [-8.0, 0.0, 12.0]
+    _defocus_series_hspy(tmp_path / "series.hspy", defocus, uniform=False)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(tmp_path / "series.hspy", plugin="napari-hrtem-transfer")
+    assert layer.ndim == 4 and layer.axis_labels[:2] == ("defocus", "image")
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image.value = layer
+    w.run_button.click()
+    _wait_idle(qtbot, w)
+    (labels,) = w.added_layers
+    f = labels.features
+    np.testing.assert_allclose(f["defocus_nm"], np.repeat(defocus, 6))
+    assert list(f["image_index"]) == list(range(6)) * 3
+    assert w.ood_view is not None  # the shipped model has an OOD reference
+    assert w.ood_view.xlabel == "defocus [nm]"
+    np.testing.assert_allclose(w.ood_view.points.get_offsets()[:, 0], np.repeat(defocus, 6))
+    # whatever the core noted (none at the model's pixel size): each one was shown
+    for note in labels.metadata["notes"]:
+        assert any(note == m for _, m in notifications), (note, notifications)
+
+
+def test_every_core_warning_is_a_notification_every_time(make_napari_viewer, qtbot,
+                                                         notifications):
+    """Two uncalibrated images: the 'pixel size is unknown' warning of the core is shown
+    for each (not once per session, not through a string filter)."""
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    w = SegmentWidget(viewer)
+    w.show_ood.value = False
+    for k in range(2):
+        img = viewer.add_image(rng.poisson(40, (64, 64)).astype(np.float32), name=f"raw {k}")
+        w.image.value = img
+        w.run_button.click()
+        _wait_idle(qtbot, w)
+        unknown = [m for kind, m in notifications
+                   if kind == "warning" and "pixel size is unknown" in m]
+        assert len(unknown) == k + 1, notifications
+        assert w.warnings_shown and unknown[-1] in w.warnings_shown

@@ -128,12 +128,33 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
     else:
         yx_scale, yx_units = (1.0, 1.0), ("pixel", "pixel")
     frame_name = image.axes[0].get("name") or "frame"
+    nav = _navigation_axes(image)
+    translate: tuple[float, ...] | None = None
     if image.n_frames == 1:
         data = image.data[0]
         scale, units, labels = yx_scale, yx_units, ("y", "x")
+    elif nav is not None:  # several navigation axes (defocus x image, ...): kept, not flattened
+        axes = [_layer_axis(a, k) for k, a in enumerate(nav)]
+        data = image.data.reshape(*(int(a["size"]) for a in nav), *image.data.shape[-2:])
+        scale = (*(a["scale"] for a in axes), *yx_scale)
+        translate = (*(a["translate"] for a in axes), 0.0, 0.0)
+        units = (*(a["units"] for a in axes), *yx_units)
+        labels = (*(a["label"] for a in axes), "y", "x")
+        for a in axes:
+            if a["defocus_nm"] is not None:
+                meta["defocus_nm"] = a["defocus_nm"]
+                meta["defocus_convention"] = "abTEM: defocus = -C10, positive = underfocus"
+            elif a["values"] is not None:
+                meta.setdefault("axis_values", {})[a["label"]] = a["values"]
     else:
+        single = _layer_axis(image.axes[0], 0)
         data = image.data
-        scale, units, labels = (1.0, *yx_scale), ("pixel", *yx_units), (frame_name, "y", "x")
+        scale, units = (single["scale"], *yx_scale), (single["units"], *yx_units)
+        labels = (single["label"] if single["defocus_nm"] is not None else frame_name, "y", "x")
+        if single["translate"]:
+            translate = (single["translate"], 0.0, 0.0)
+        if single["defocus_nm"] is not None:
+            meta["defocus_nm"] = single["defocus_nm"]
     meta.update(
         {
             "sampling_A": image.sampling_A,
@@ -152,7 +173,57 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
         "colormap": "gray",
         "contrast_limits": _robust_limits(data),
     }
+    if translate is not None:
+        kwargs["translate"] = translate
     return (data, kwargs, "image")
+
+
+#: Length units of a defocus axis -> nm.
+_TO_NM = {"nm": 1.0, "nanometer": 1.0, "µm": 1e3, "um": 1e3, "micrometer": 1e3, "Å": 0.1,
+          "A": 0.1, "angstrom": 0.1, "pm": 1e-3, "picometer": 1e-3}
+
+
+def _navigation_axes(image: ExperimentalImage) -> list[dict[str, Any]] | None:
+    """The navigation axes of an image whose frames are a flattened grid (slowest first),
+    when there are several and their sizes multiply to the number of frames."""
+    nav = image.axes[0].get("navigation_axes")
+    if not nav or len(nav) < 2:
+        return None
+    if int(np.prod([int(a["size"]) for a in nav])) != int(image.n_frames):
+        return None
+    return [dict(a) for a in nav]
+
+
+def _layer_axis(ax: dict[str, Any], k: int) -> dict[str, Any]:
+    """A navigation axis as a napari layer axis.
+
+    A defocus axis in a length unit becomes a calibrated axis in nm when its values are evenly
+    spaced and increasing (the slider shows the defocus); otherwise (a non-uniform defocus
+    axis cannot be a layer scale) the layer axis is the index and the values [nm] go into
+    ``defocus_nm`` (the layer's metadata; the Segment dock gives each frame its defocus from
+    them). Other axes are frame indices (their non-uniform values kept in ``values``).
+    """
+    name = str(ax.get("name") or ("frame" if k == 0 else f"axis{k}"))
+    size = int(ax.get("size", 1))
+    values = ax.get("axis")
+    if values is None:
+        values = float(ax.get("offset", 0.0)) + float(ax.get("scale", 1.0)) * np.arange(size)
+    values = np.asarray(values, dtype=float)
+    out: dict[str, Any] = {"label": name, "scale": 1.0, "translate": 0.0, "units": "pixel",
+                           "defocus_nm": None, "values": None}
+    factor = _TO_NM.get(str(ax.get("units") or "").strip())
+    if name.lower().startswith("defocus") and factor is not None and values.size == size:
+        nm = values * factor
+        out["label"] = "defocus"
+        out["defocus_nm"] = [float(v) for v in nm]
+        steps = np.diff(nm)
+        if nm.size > 1 and steps[0] > 0 and np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9):
+            out.update(scale=float(steps[0]), translate=float(nm[0]), units="nm")
+        elif nm.size == 1:
+            out.update(translate=float(nm[0]), units="nm")
+    elif ax.get("axis") is not None:
+        out["values"] = [float(v) for v in values]
+    return out
 
 
 def _pint_units(units: str | None) -> str:
