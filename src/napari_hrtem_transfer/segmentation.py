@@ -137,7 +137,25 @@ class SegmentationResult:
         (:mod:`napari_hrtem_transfer.evaluation.ood`); None when the model has no OOD
         reference (see ``notes``).
     ood_caution
-        The model's "treat with caution" level of the OOD score.
+        The model's calibrated "treat with caution" level of the OOD score.
+    ood_flag
+        bool array of the navigation shape: the verdict's caution flag per frame (score above
+        ``ood_caution`` or a physics reason); None without an OOD reference.
+    ood_reasons
+        Per frame (flat, frame order), short strings naming each cause of a flag and its
+        value; empty lists for frames in domain.
+    estimated_defocus_nm
+        float64 array of the navigation shape: each frame's defocus estimated from its Thon
+        rings [nm] (abTEM sign; the magnitude where the sign is not determined); NaN where
+        there are no rings.
+    defocus_sign_determined
+        bool array of the navigation shape: whether the estimate's sign is known.
+    ood_components
+        Per frame (flat), the verdict's component values (network terms, power-spectrum
+        distance, CTF overlap, ...; see ``docs/ood_score.md``).
+    imaging_domain
+        The model's training imaging domain: ``defocus_nm_range``, ``energy_eV``, ``Cs_mm``,
+        ``focal_spread_A``, ``dose_e_per_A2``, ``sampling_A`` (None without a reference).
     axes
         The input's axes, navigation then y, x (rosettasciio-style dicts), unchanged.
     sampling_A, model_sampling_A
@@ -160,6 +178,12 @@ class SegmentationResult:
     resampled: float | None = None
     notes: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    ood_flag: np.ndarray | None = None
+    ood_reasons: list[list[str]] | None = None
+    estimated_defocus_nm: np.ndarray | None = None
+    defocus_sign_determined: np.ndarray | None = None
+    ood_components: list[dict[str, Any]] | None = None
+    imaging_domain: dict[str, Any] | None = None
 
     @property
     def nav_shape(self) -> tuple[int, ...]:
@@ -167,10 +191,13 @@ class SegmentationResult:
         return tuple(self.labels.shape[:-2])
 
     def frame_table(self) -> list[dict[str, Any]]:
-        """One row per frame: navigation indices and coordinates, OOD score, caution flag.
+        """One row per frame: navigation indices and coordinates, and the OOD verdict.
 
         Coordinates are named ``<axis>_<units>`` (e.g. ``defocus_nm``, ``time_s``) or the
-        axis name when it has no units; non-uniform axes give their stored values.
+        axis name when it has no units; non-uniform axes give their stored values.  With an
+        OOD reference each row has ``ood_score``, ``caution`` (the verdict's flag),
+        ``reasons`` (list of strings, empty in domain), ``estimated_defocus_nm`` (number or
+        None), ``defocus_sign_determined`` and ``ood_components`` (dict).
         """
         nav_axes = self.axes[: len(self.nav_shape)]
         rows = []
@@ -188,8 +215,25 @@ class SegmentationResult:
                 row[key] = _coordinate(ax, int(i))
             if scores is not None:
                 row["ood_score"] = float(scores[flat])
-                level = 1.0 if self.ood_caution is None else float(self.ood_caution)
-                row["caution"] = bool(scores[flat] > level)
+                if self.ood_flag is not None:
+                    row["caution"] = bool(np.asarray(self.ood_flag).reshape(-1)[flat])
+                else:
+                    level = math.inf if self.ood_caution is None else float(self.ood_caution)
+                    row["caution"] = bool(scores[flat] > level)
+                row["reasons"] = list(self.ood_reasons[flat]) if self.ood_reasons else []
+                d = (
+                    None
+                    if self.estimated_defocus_nm is None
+                    else float(np.asarray(self.estimated_defocus_nm).reshape(-1)[flat])
+                )
+                row["estimated_defocus_nm"] = d if d is not None and math.isfinite(d) else None
+                row["defocus_sign_determined"] = bool(
+                    self.defocus_sign_determined is not None
+                    and np.asarray(self.defocus_sign_determined).reshape(-1)[flat]
+                )
+                row["ood_components"] = (
+                    dict(self.ood_components[flat]) if self.ood_components else {}
+                )
             rows.append(row)
         return rows
 
@@ -470,6 +514,11 @@ def segment(
     labels = np.empty((n, ny, nx), dtype=np.uint8)
     proba_out = np.empty((n, ny, nx), dtype=np.float32) if cfg.probabilities else None
     scores = np.full(n, np.nan) if ref is not None else None
+    flags = np.zeros(n, bool) if ref is not None else None
+    reasons: list[list[str]] = [[] for _ in range(n)] if ref is not None else []
+    comps: list[dict[str, Any]] = [{} for _ in range(n)] if ref is not None else []
+    defoci = np.full(n, np.nan) if ref is not None else None
+    signs = np.zeros(n, bool) if ref is not None else None
     stride = max(1, int(lm.output_stride))
     min_px = max(cfg.min_frame_px, stride)
     tile = max(cfg.tile_size // stride * stride, stride)
@@ -504,8 +553,23 @@ def segment(
         )
         if scorer is not None:
             try:
-                sc = ood_scores(scorer, work, reference=ref, proba=p, tile_px=pred_tile)
-                scores[idx.start : idx.stop] = np.asarray(sc.score, dtype=float)
+                sc = ood_scores(
+                    scorer,
+                    work,
+                    reference=ref,
+                    proba=p,
+                    tile_px=pred_tile,
+                    native_frames=chunk if factor is not None else None,
+                    native_sampling_A=inp.sampling_A,
+                    zoom=factor,
+                )
+                sl = slice(idx.start, idx.stop)
+                scores[sl] = np.asarray(sc.score, dtype=float)
+                flags[sl] = sc.caution
+                reasons[sl] = sc.reasons
+                comps[sl] = sc.components
+                defoci[sl] = [np.nan if d is None else d for d in sc.estimated_defocus_nm]
+                signs[sl] = sc.defocus_sign_determined
             except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
                 notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")
         for k, i in enumerate(idx):
@@ -521,11 +585,10 @@ def segment(
     shape = (*inp.nav_shape, ny, nx)
     ood = None
     caution = None
+    nav = inp.nav_shape if inp.nav_shape else ()
     if scores is not None:
-        ood = scores.reshape(inp.nav_shape) if inp.nav_shape else scores.reshape(())
-        caution = getattr(ref, "caution_level", None)
-        if caution is None or not math.isfinite(float(caution)):
-            caution = 1.0
+        ood = scores.reshape(nav)
+        caution = float(ref.caution)
     from . import __version__
 
     provenance = {
@@ -553,4 +616,10 @@ def segment(
         resampled=factor,
         notes=notes,
         provenance=provenance,
+        ood_flag=None if flags is None else flags.reshape(nav),
+        ood_reasons=reasons if ref is not None else None,
+        estimated_defocus_nm=None if defoci is None else defoci.reshape(nav),
+        defocus_sign_determined=None if signs is None else signs.reshape(nav),
+        ood_components=comps if ref is not None else None,
+        imaging_domain=None if ref is None else ref.domain,
     )

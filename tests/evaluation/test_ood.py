@@ -153,12 +153,18 @@ def test_fit_after_training_calibrates_and_stores_the_caution_level(checkpoint, 
     ref = OODReference.load(checkpoint)
     assert ref.caution_level == pytest.approx(res.caution_level)
     assert np.isfinite(ref.caution) and ref.calibration["n_frames"] == 5 * 8
-    # the level is the 95th percentile of the held-out training-domain frames' scores
-    # (structures 16..23 at -10 nm); the in-focus frames (no contrast, a much higher loss)
-    # score higher
-    s_train = ood_scores(checkpoint, np.asarray(series.images[1][16:])).score
+    # the level flags 5 % of the held-out training-domain frames (structures 16..23 at
+    # -10 nm), physics flags included: the 95th percentile of their scores when none has a
+    # physics reason; the in-focus frames (no contrast, a much higher loss) score higher
+    v_train = ood_scores(checkpoint, np.asarray(series.images[1][16:]))
+    s_train = v_train.score
     s_focus = ood_scores(checkpoint, np.asarray(series.images[2][16:])).score
-    assert ref.caution == pytest.approx(np.quantile(s_train, 0.95), rel=1e-6)
+    level, _ = calibrate_caution_level(
+        s_train, None, np.ones(s_train.size, bool), physics_flag=v_train.physics_flag
+    )
+    assert ref.caution == pytest.approx(level, rel=1e-6)
+    if not v_train.physics_flag.any():
+        assert ref.caution == pytest.approx(np.quantile(s_train, 0.95), rel=1e-6)
     assert np.median(s_focus) > np.median(s_train)
     assert ref.calibration["n_bad"] > 0 and 0 <= ref.calibration["recall"] <= 1
 
@@ -381,14 +387,20 @@ def test_uncertainty_reference_hand_computed_and_stored(tmp_path):
     assert s[0] == pytest.approx(-6.0) and s[1] == pytest.approx(-6.0 + 2.0 * rel)
     with pytest.raises(ConfigError, match="boundary"):
         ref.score(feat)
+    # a reference is only written with a finite caution level
+    with pytest.raises(ConfigError, match="finite caution level"):
+        ref.save(tmp_path)
+    assert not (tmp_path / OOD_JSON).exists()
+    ref.caution_level = 3.5
     ref.save(tmp_path)
     back = OODReference.load(tmp_path)
+    assert back.caution == 3.5
     assert back.kind == "uncertainty"
     keys = ("boundary_ref", "boundary_spread", "log_band_ref", "log_band_spread")
     for k in (*keys, "distance_ref", "feature_weight"):
         assert getattr(back, k) == pytest.approx(getattr(ref, k))
     meta = json.loads((tmp_path / OOD_JSON).read_text())
-    assert meta["format_version"] == "3" and meta["entropy_weight"] == 0.0
+    assert meta["format_version"] == "4" and meta["entropy_weight"] == 0.0
 
 
 def test_format_2_references_are_still_read_and_scored_as_before(tmp_path):
@@ -397,14 +409,18 @@ def test_format_2_references_are_still_read_and_scored_as_before(tmp_path):
 
     f = np.array([[1.0, 11.0], [-1.0, 9.0], [1.0, 9.0], [-1.0, 11.0]])
     ref = fit_reference_from_features(f, entropy=np.full(4, 0.1), entropy_weight=2.0)
+    ref.caution_level = 2.0
     ref.save(tmp_path)
     meta = json.loads((tmp_path / OOD_JSON).read_text())
-    for k in ("kind", "boundary_ref", "boundary_spread", "log_band_ref", "log_band_spread"):
+    for k in ("kind", "boundary_ref", "boundary_spread", "log_band_ref", "log_band_spread",
+              "imaging_domain", "power_spectrum", "verdict"):
         meta.pop(k)
     meta["format_version"] = "2"
+    meta["caution_level"] = None  # format 2 files had no calibrated level
     (tmp_path / OOD_JSON).write_text(json.dumps(meta))
     back = OODReference.load(tmp_path)
-    assert back.kind == "features+entropy"
+    assert back.kind == "features+entropy" and back.format_version == "2"
+    assert back.caution == 1.0 and back.ps_mean is None  # the legacy level, old files only
     s = back.score(np.array([[3.0, 10.0]]), entropy=np.array([0.3]))
     assert s[0] == pytest.approx((np.sqrt(4.5) - 1) + 2.0 * (0.3 / 0.1 - 1))
     meta["kind"] = "magic"

@@ -67,6 +67,9 @@ class FrameStats:
         Particle probability (N, H, W) float32, when asked for and computed here.
     logits
         Logits (N, H, W) float32, when asked for.
+    particle_fraction
+        Fraction of each frame's pixels predicted particle (``p > 0.5``) (N,): the OOD
+        verdict's "confident particles in a frame without support" check.
     """
 
     features: np.ndarray
@@ -75,6 +78,7 @@ class FrameStats:
     logits: np.ndarray | None = None
     boundary_entropy: np.ndarray | None = None
     band_width_px: np.ndarray | None = None
+    particle_fraction: np.ndarray | None = None
 
 
 class _Moments:
@@ -384,6 +388,7 @@ class ScoringModel:
         feats = np.zeros((n, 0))
         ent_sum = np.zeros(n)
         b_sum, b_cnt = np.zeros(n), np.zeros(n, np.int64)
+        fg = np.zeros(n, np.int64)
         out_p = np.empty((n, h, w), np.float32) if want_proba else None
         out_z = np.empty((n, h, w), np.float32) if want_logits else None
         moments: list[list[_Moments]] | None = None
@@ -423,6 +428,7 @@ class ScoringModel:
                 if logits is not None:
                     zz = logits[j, a0 - y0 : ya1 - y0, b0 - x0 : xb1 - x0]
                     pp = 1.0 / (1.0 + np.exp(-zz.astype(np.float64)))
+                    fg[i] += int((zz > 0).sum())
                     if pr is None:
                         hh = _entropy_map(pp)
                         ent_sum[i] += float(hh.sum())
@@ -446,11 +452,13 @@ class ScoringModel:
         if pr is not None:
             ent = np.array([_entropy_mean_chunked(pr[i]) for i in range(n)])
             bnd, band = _boundary_from_maps(pr, ent)
+            frac = np.array([float(np.count_nonzero(pr[i] > 0.5)) for i in range(n)]) / (h * w)
         else:
             ent = ent_sum / (h * w)
             bnd = np.where(b_cnt > 0, b_sum / np.maximum(b_cnt, 1), np.nan)
             band = ent_sum / (b_cnt + 1)
-        return FrameStats(feats.astype(np.float64), ent, out_p, out_z, bnd, band)
+            frac = fg / float(h * w)
+        return FrameStats(feats.astype(np.float64), ent, out_p, out_z, bnd, band, frac)
 
     def run(self, images, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N, H, W) and pooled encoder features (N, D) of raw images (N, H, W).

@@ -1,0 +1,255 @@
+"""The verdict's label-free components that do not need the network (numpy only).
+
+* **Input statistics** (:func:`power_spectrum_profiles`): the radially averaged, normalised
+  log power spectrum of a frame (Hann-windowed tiles of the training image size, mean power
+  per ring, log, minus its mean over the rings: the *shape* of the spectrum, independent of
+  the dose and the gain), compared with the training images' (:meth:`OODReference.
+  ps_distance`).  It sees what a CTF, a camera, a pixel size or a material does to the
+  input, whatever the network thinks of it.
+* **Signal above shot noise** (:func:`spectral_contrast`): the mean log power at low
+  frequencies minus that near Nyquist [nats].  Shot noise is white (0); a phase-contrast
+  image has its CTF-modulated signal at low and mid frequencies (training images: > 1).
+* **Physics** (:func:`physics_components`): the CTF estimate of
+  :mod:`napari_hrtem_transfer.evaluation.ctf` (defocus from the Thon rings of the amorphous
+  support, periodic lattice, blank frame) against the model's imaging domain, and the CTF
+  information-transfer overlap with the training defoci.
+
+Units: spatial frequency ``q`` [1/Å] (no 2π), defocus [nm] (abTEM sign, positive =
+underfocus), pixel size [Å/px].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+#: Tile side of the power-spectrum profile [px] (the shipped model's training image size).
+PS_TILE_PX = 256
+#: Radial bins of the profile, linear in q from 2 / (tile sampling) to Nyquist.
+PS_BINS = 32
+#: Most tiles averaged per frame (a regular grid over the frame): bounds the cost.
+PS_MAX_TILES = 16
+#: Low band of the spectral contrast [fraction of Nyquist].
+LOW_BAND = (0.04, 0.4)
+#: High band of the spectral contrast [fraction of Nyquist].
+HIGH_BAND = (0.8, 1.0)
+
+
+def _tiles(frame: np.ndarray, t: int, max_tiles: int) -> np.ndarray:
+    """Up to ``max_tiles`` tiles (k, t, t) on a regular grid over the frame."""
+    h, w = frame.shape
+    ny, nx = max(1, h // t), max(1, w // t)
+    ys = np.linspace(0, h - t, ny).round().astype(int) if ny > 1 else [max(0, (h - t) // 2)]
+    xs = np.linspace(0, w - t, nx).round().astype(int) if nx > 1 else [max(0, (w - t) // 2)]
+    pos = [(y, x) for y in ys for x in xs]
+    if len(pos) > max_tiles:
+        pick = np.linspace(0, len(pos) - 1, max_tiles).round().astype(int)
+        pos = [pos[k] for k in pick]
+    return np.stack([frame[y : y + t, x : x + t] for y, x in pos])
+
+
+#: Lowest frequency of the profile [fraction of Nyquist] (the bins do not depend on the tile).
+PS_LOW_FRACTION = 0.03
+
+
+def bin_centres(n_bins: int = PS_BINS) -> np.ndarray:
+    """Centres of the profile's radial bins [fraction of Nyquist]."""
+    edges = np.linspace(PS_LOW_FRACTION, 1.0, n_bins + 1)
+    return 0.5 * (edges[:-1] + edges[1:])
+
+
+def _ring_index(t: int, n_bins: int) -> np.ndarray:
+    """Bin index per rfft2 pixel of a (t, t) tile (-1 = outside the profile's range)."""
+    fy = np.fft.fftfreq(t)[:, None]
+    fx = np.fft.rfftfreq(t)[None, :]
+    r = np.sqrt(fy * fy + fx * fx) / 0.5  # fraction of Nyquist
+    edges = np.linspace(PS_LOW_FRACTION, 1.0, n_bins + 1)
+    idx = np.minimum(np.digitize(r, edges) - 1, n_bins - 1)
+    idx[(r < PS_LOW_FRACTION) | (r > 1.0)] = -1
+    return idx
+
+
+def power_spectra(
+    frames, tile_px: int = PS_TILE_PX, n_bins: int = PS_BINS, max_tiles: int = PS_MAX_TILES
+) -> np.ndarray:
+    """Mean power per ring (N, n_bins) of frames (N, H, W) or (H, W) (bins:
+    :func:`bin_centres`, fractions of Nyquist).
+
+    Each tile (side ``min(tile_px, H, W)``, even) is standardised (mean 0, std 1), Hann
+    windowed and Fourier transformed; the power is averaged over the ring and the tiles.  A
+    constant tile has zero power; rings without a pixel (small tiles) are interpolated.
+    """
+    x = np.asarray(frames.compute() if hasattr(frames, "compute") else frames)
+    x = x[None] if x.ndim == 2 else x
+    t = int(min(tile_px, x.shape[1], x.shape[2])) // 2 * 2
+    if t < 16:
+        raise ValueError(f"frames of {x.shape[1]}x{x.shape[2]} px are too small for a spectrum")
+    flat = _ring_index(t, n_bins).ravel()
+    ok = flat >= 0
+    counts = np.bincount(flat[ok], minlength=n_bins).astype(np.float64)
+    has = counts > 0
+    c = bin_centres(n_bins)
+    win = np.outer(np.hanning(t), np.hanning(t)).astype(np.float32)
+    out = np.zeros((x.shape[0], n_bins))
+    for i in range(x.shape[0]):
+        tl = _tiles(np.asarray(x[i], dtype=np.float32), t, max_tiles).astype(np.float32)
+        tl = tl - tl.mean(axis=(1, 2), keepdims=True)
+        sd = tl.std(axis=(1, 2), keepdims=True)
+        tl = np.where(sd > 0, tl / np.maximum(sd, 1e-30), 0.0) * win
+        p = (np.abs(np.fft.rfft2(tl)) ** 2).mean(axis=0).ravel()
+        row = np.bincount(flat[ok], weights=p[ok], minlength=n_bins) / np.maximum(counts, 1)
+        if not has.all():
+            row = np.interp(c, c[has], row[has])
+        out[i] = row
+    return out
+
+
+def power_spectrum_profiles(
+    frames, tile_px: int = PS_TILE_PX, n_bins: int = PS_BINS, max_tiles: int = PS_MAX_TILES
+) -> np.ndarray:
+    """The radially averaged, normalised log power spectrum (N, n_bins) of frames.
+
+    ``log`` of :func:`power_spectra` minus its mean over the bins: the spectrum's shape
+    (a blank or constant frame: a flat profile of zeros).
+    """
+    ps = power_spectra(frames, tile_px, n_bins, max_tiles)
+    lp = np.log(np.maximum(ps, 1e-12))
+    return lp - lp.mean(axis=1, keepdims=True)
+
+
+def spectral_contrast(profiles: np.ndarray) -> np.ndarray:
+    """Mean log power in :data:`LOW_BAND` minus that in :data:`HIGH_BAND` [nats] (N,).
+
+    About 0 for shot noise alone (a white spectrum); a frame with signal above the noise
+    has more power at low frequencies.
+    """
+    p = np.atleast_2d(np.asarray(profiles, dtype=np.float64))
+    c = bin_centres(p.shape[1])
+    low = (c >= LOW_BAND[0]) & (c <= LOW_BAND[1])
+    high = (c >= HIGH_BAND[0]) & (c <= HIGH_BAND[1])
+    return p[:, low].mean(axis=1) - p[:, high].mean(axis=1)
+
+
+def high_frequency_deficit(
+    profiles: np.ndarray, ref_mean: np.ndarray, ref_scale: np.ndarray
+) -> np.ndarray:
+    """How far below the training images the power above 0.6 Nyquist lies, in units of
+    their spread (N,) (positive = less high-frequency power: a frame resampled up from a
+    coarser true pixel size, or blurred)."""
+    p = np.atleast_2d(np.asarray(profiles, dtype=np.float64))
+    c = bin_centres(p.shape[1])
+    hi = c >= 0.6
+    mid = (c >= 0.1) & (c < 0.6)
+    # relative to the mid band, so that the profile's normalisation does not enter
+    rel = p[:, hi].mean(axis=1) - p[:, mid].mean(axis=1)
+    ref = float(ref_mean[hi].mean() - ref_mean[mid].mean())
+    spread = float(np.sqrt(np.mean(ref_scale[hi] ** 2) + np.mean(ref_scale[mid] ** 2)))
+    return (ref - rel) / max(spread, 1e-6)
+
+
+def physics_components(
+    frame: np.ndarray,
+    sampling_A: float,
+    domain: dict | None,
+    *,
+    crop_px: int = 1024,
+    defocus_margin_nm: float = 10.0,
+    min_overlap: float = 0.0,
+) -> dict[str, Any]:
+    """The CTF estimate of one frame (at the model's pixel size) against the imaging domain.
+
+    Returns a dict with ``estimated_defocus_nm`` (signed when the sign is determined, else the
+    magnitude; None without Thon rings), ``defocus_sign_determined``, ``ctf_fit_quality``,
+    ``ctf_overlap`` (None without an estimate), ``amorphous``, ``periodic``, ``blank``,
+    ``defocus_excess_nm`` (how far the estimate lies outside the training range plus
+    ``defocus_margin_nm``; 0 inside) and ``physics_reasons`` (short strings).
+    """
+    from ..ctf import ctf_overlap, estimate_ctf
+
+    dom = domain or {}
+    energy = float(dom.get("energy_eV") or 300e3)
+    cs = float(dom.get("Cs_mm") if dom.get("Cs_mm") is not None else 0.005)
+    fs = float(dom.get("focal_spread_A") if dom.get("focal_spread_A") is not None else 10.0)
+    x = np.asarray(frame, dtype=np.float32)
+    h, w = x.shape
+    c = min(crop_px, h, w)
+    y0, x0 = (h - c) // 2, (w - c) // 2
+    x = x[y0 : y0 + c, x0 : x0 + c]
+    tile = max(32, min(512, c) // 2 * 2)
+    out: dict[str, Any] = {
+        "estimated_defocus_nm": None,
+        "defocus_sign_determined": False,
+        "ctf_fit_quality": None,
+        "ctf_overlap": None,
+        "amorphous": None,
+        "periodic": None,
+        "blank": None,
+        "defocus_excess_nm": 0.0,
+        "physics_reasons": [],
+    }
+    if c < 64:
+        out["physics_note"] = f"no CTF estimate: a {h}x{w} px frame is too small for rings"
+        return out
+    try:
+        est = estimate_ctf(x, float(sampling_A), energy_eV=energy, Cs_mm=cs, tile_px=tile)
+    except ValueError as exc:  # too small a frame for rings: no physics, said so
+        out["physics_note"] = f"no CTF estimate: {exc}"
+        return out
+    out.update(
+        defocus_sign_determined=bool(est.sign_determined),
+        ctf_fit_quality=float(est.fit_quality),
+        amorphous=bool(est.amorphous),
+        periodic=bool(est.periodic),
+        blank=bool(est.blank),
+    )
+    reasons: list[str] = out["physics_reasons"]
+    rng = dom.get("defocus_nm_range")
+    train = [float(v) for v in dom.get("defocus_nm") or []] or (list(rng) if rng else [])
+    if est.defocus_nm is not None:
+        d = float(est.defocus_nm) if est.sign_determined else float(est.defocus_abs_nm)
+        out["estimated_defocus_nm"] = d
+        if train:
+            cands = [d] if est.sign_determined else [d, -d]
+            out["ctf_overlap"] = max(
+                ctf_overlap(
+                    v,
+                    train,
+                    energy_eV=energy,
+                    Cs_mm=cs,
+                    sampling_A=float(sampling_A),
+                    focal_spread_A=fs,
+                )
+                for v in cands
+            )
+        if rng:
+            lo, hi = float(rng[0]), float(rng[1])
+            if est.sign_determined:
+                excess = max(lo - defocus_margin_nm - d, d - hi - defocus_margin_nm, 0.0)
+                txt = f"estimated defocus {d:+.0f} nm"
+            else:
+                excess = max(abs(d) - max(abs(lo), abs(hi)) - defocus_margin_nm, 0.0)
+                txt = f"estimated defocus ±{abs(d):.0f} nm (sign not determined)"
+            out["defocus_excess_nm"] = float(excess)
+            if excess > 0:
+                reasons.append(f"{txt}, trained on {lo:+.0f}…{hi:+.0f} nm")
+        ov = out["ctf_overlap"]
+        if ov is not None and ov < min_overlap:
+            reasons.append(f"CTF overlap with the training defoci {ov:.2f}")
+    if est.blank:
+        reasons.append("blank frame: no signal above shot noise")
+    elif est.periodic and not est.amorphous:
+        reasons.append("no amorphous support: lattice fringes everywhere")
+    return out
+
+
+def finite_or_none(v: Any) -> float | None:
+    """A float for JSON rows: None for None/NaN/inf."""
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
