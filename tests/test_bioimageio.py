@@ -101,7 +101,7 @@ def finetuned(tmp_path_factory):
     )
     ft = root / "ft"
     train(TrainConfig.finetune(pre, [5.0], freeze="encoder", **common), ds, ft)
-    fit_ood_reference_for_checkpoint(ft, ds, device="cpu")
+    fit_ood_reference_for_checkpoint(ft, ds, device="cpu", max_samples=16)
     return ft, ds
 
 
@@ -167,11 +167,12 @@ def _steps(procs):
     return [p for p in procs if p["id"] != "ensure_dtype"]
 
 
-@pytest.mark.slow
-def test_package_declares_pipeline_pixel_size_domain_and_ood(shipped_zip):
-    rdf, names = _rdf(shipped_zip)
-    side = json.loads((pretrained_model_dir() / "best.json").read_text())
-    ood = json.loads((pretrained_model_dir() / "ood_reference.json").read_text())
+def _check_declarations(zpath, model_dir):
+    """The package declares our pipeline, pixel size, domain, OOD reference; returns
+    (rdf, README text, imaging domain)."""
+    rdf, names = _rdf(zpath)
+    side = json.loads((model_dir / "best.json").read_text())
+    ood = json.loads((model_dir / "ood_reference.json").read_text())
     (inp,), (out,) = rdf["inputs"], rdf["outputs"]
     y, x = inp["axes"][2:]
     assert (y["unit"], x["unit"]) == ("angstrom", "angstrom")
@@ -179,9 +180,8 @@ def test_package_declares_pipeline_pixel_size_domain_and_ood(shipped_zip):
     (pre,) = _steps(inp["preprocessing"])
     assert pre["id"] == "zero_mean_unit_variance"
     assert pre["kwargs"]["axes"] == ["channel", "y", "x"]
-    assert (
-        float(pre["kwargs"]["eps"]) == side["normalization"]["eps"]
-    )  # YAML 1.1 reads 1e-06 as text
+    # PyYAML (YAML 1.1) reads 1e-06 as text
+    assert float(pre["kwargs"]["eps"]) == side["normalization"]["eps"]
     assert [p["id"] for p in _steps(out["postprocessing"])] == ["sigmoid"]
     arch = rdf["weights"]["pytorch_state_dict"]["architecture"]
     assert arch["import_from"] == "napari_hrtem_transfer.models.factory"
@@ -189,29 +189,57 @@ def test_package_declares_pipeline_pixel_size_domain_and_ood(shipped_zip):
     ours = rdf["config"][CONFIG_KEY]
     assert ours["weights_sha256"] == side["weights_sha256"]
     assert ours["ood_reference"]["caution_level"] == ood["caution_level"]
-    dom = ours["imaging_domain"]
-    assert dom["defocus_range_nm"] == [-25.0, 25.0] and dom["dose_e_per_A2"] == 400.0
-    assert (
-        {a["source"] for a in rdf["attachments"]}
-        == {
-            "best.json",
-            side["weights_file"],
-            "ood_reference.json",
-            "ood_reference.safetensors",
-        }
-        <= names
-    )
+    attached = {a["source"] for a in rdf["attachments"]}
+    assert attached <= names
+    assert attached == {"best.json", side["weights_file"], "ood_reference.json"} | {
+        "ood_reference.safetensors"
+    }
     assert "EM000010" in rdf["cite"][0]["text"] and rdf["license"] == "BSD-3-Clause"
-    with zipfile.ZipFile(shipped_zip) as z:
+    with zipfile.ZipFile(zpath) as z:
         readme = z.read("README.md").decode()
         from PIL import Image
 
         cover = Image.open(io.BytesIO(z.read("cover.png")))
         test_in = np.load(io.BytesIO(z.read("test_input.npy")))
-    assert "Model card: the shipped pretrained model" in readme and "## Validation" in readme
+    assert "## Validation" in readme and "## Imaging domain" in readme
     assert cover.size[0] == 2 * cover.size[1]
-    assert test_in.shape == (1, 1, 256, 256) and test_in.dtype == np.float32
-    assert test_in.min() >= 0 and test_in.std() > 0  # raw counts, not standardised
+    assert test_in.ndim == 4 and test_in.shape[:2] == (1, 1) and test_in.dtype == np.float32
+    assert test_in.min() >= 0 and test_in.std() > 1  # raw counts, not standardised
+    return rdf, readme, ours["imaging_domain"]
+
+
+def test_finetuned_package_declarations(finetuned, finetuned_zip):
+    rdf, readme, dom = _check_declarations(finetuned_zip, finetuned[0])
+    assert dom["train_defocus_nm"] == [5.0] and dom["stage"] == "finetune"
+    assert dom["dose_e_per_A2"] == 5000.0 and dom["voltage_kV"] is None  # not recorded
+    assert "generated from the checkpoint sidecar" in readme.lower()
+    assert "fine-tuned from" in readme
+
+
+@pytest.mark.slow
+def test_shipped_package_declarations(shipped_zip):
+    rdf, readme, dom = _check_declarations(shipped_zip, pretrained_model_dir())
+    assert dom["defocus_range_nm"] == [-25.0, 25.0] and dom["dose_e_per_A2"] == 400.0
+    assert "Model card: the shipped pretrained model" in readme  # docs/pretrained_model.md
+
+
+def test_imaging_domain_from_the_training_dataset_file():
+    """Voltage, Cs and focal spread come from the dataset's simulation config only when the
+    file is the one the model was trained on (same fingerprint)."""
+    from napari_hrtem_transfer.bioimageio import _imaging_domain
+    from napari_hrtem_transfer.io import load_dataset
+    from napari_hrtem_transfer.training.data import dataset_fingerprint
+
+    path = pretrained_model_dir().parents[1] / "sample_data" / "defocus_series_small.hspy"
+    ds = load_dataset(path)
+    data = {"path": str(path), "fingerprint": dataset_fingerprint(ds), "train_defocus_nm": [0.0]}
+    dom = _imaging_domain({"sampling_A": 0.2, "data": data})
+    cfg = ds.info["config"]
+    assert dom["voltage_kV"] == cfg["energy_eV"] / 1e3 == 300.0
+    assert dom["Cs_mm"] == pytest.approx(cfg["Cs_A"] * 1e-7)  # Å -> mm
+    assert dom["focal_spread_nm"] == pytest.approx(cfg["focal_spread_A"] / 10)
+    other = _imaging_domain({"data": {**data, "fingerprint": "0" * 64}})
+    assert other["voltage_kV"] is None and "not recorded" in other["source"]
 
 
 def test_bioimageio_prediction_equals_ours_on_another_frame(finetuned, finetuned_zip):

@@ -272,12 +272,43 @@ def _ood_files(folder: Path, weights_sha256: str) -> tuple[list[Path], float | N
     return [js, arr], (None if level is None else float(level)), ""
 
 
+def _simulation_config(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The simulation config of the training dataset, if its file is still there and is the
+    same dataset (fingerprint recorded in the sidecar); None otherwise."""
+    path, fp = data.get("path"), data.get("fingerprint")
+    if not path or not fp or not Path(path).is_file():
+        return None
+    try:
+        from .io.dataset import load_dataset
+        from .training.data import dataset_fingerprint
+
+        ds = load_dataset(path, lazy=True)
+        if dataset_fingerprint(ds) != fp:
+            return None
+        cfg = ds.info.get("config")
+    except Exception:  # noqa: BLE001 - a missing or unreadable file only loses metadata
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def _imaging_domain(side: dict[str, Any]) -> dict[str, Any]:
-    """The training imaging domain recorded in a sidecar (None where not recorded)."""
+    """The training imaging domain: sidecar fields, and voltage/Cs/focal spread from the
+    sidecar or the training dataset's simulation config (None where neither records them)."""
     data = side.get("data") or {}
     defoci = [float(v) for v in (data.get("train_defocus_nm") or [])]
-    energy = data.get("energy_eV")
-    cs = data.get("Cs_A")
+    energy, cs, spread = data.get("energy_eV"), data.get("Cs_A"), data.get("focal_spread_A")
+    source = "checkpoint sidecar"
+    if energy is None or cs is None:
+        sim = _simulation_config(data)
+        if sim is not None:
+            energy = sim.get("energy_eV") if energy is None else energy
+            cs = sim.get("Cs_A") if cs is None else cs
+            spread = sim.get("focal_spread_A") if spread is None else spread
+            source = (
+                f"checkpoint sidecar and the training dataset {data['path']} (same fingerprint)"
+            )
+        else:
+            source = "checkpoint sidecar (voltage and Cs are not recorded there)"
     return {
         "sampling_A": side.get("sampling_A"),
         "train_defocus_nm": defoci,
@@ -286,13 +317,18 @@ def _imaging_domain(side: dict[str, Any]) -> dict[str, Any]:
         "dose_e_per_A2": data.get("dose_e_per_A2"),
         "voltage_kV": None if energy is None else float(energy) / 1e3,
         "Cs_mm": None if cs is None else float(cs) / 1e7,
+        "focal_spread_nm": None if spread is None else float(spread) / 10.0,
         "image_shape_px": data.get("image_shape"),
         "stage": side.get("stage"),
+        "source": source,
     }
 
 
-def _sample_frame(stride: int, train_defocus: list[float]) -> tuple[np.ndarray, np.ndarray, str]:
-    """A simulated frame (raw counts) and its mask from the shipped sample series."""
+def _sample_frame(
+    sampling_A: float | None, train_defocus: list[float]
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """A simulated frame (raw counts) and its mask from the shipped sample series, resampled
+    to the model's pixel size when that differs by more than 5 %."""
     from importlib import resources
 
     from .io.dataset import load_dataset
@@ -305,13 +341,24 @@ def _sample_frame(stride: int, train_defocus: list[float]) -> tuple[np.ndarray, 
             "(a raw frame) to export_bioimageio.",
             "test_image",
         )
-    ds = load_dataset(path, lazy=False)
+    ds = load_dataset(path, lazy=True)
     defoci = np.asarray(ds.defocus_nm, float)
     centre = float(np.mean(train_defocus)) if train_defocus else 0.0
     d = int(np.argmin(np.abs(defoci - centre)))
     frame = np.asarray(ds.images[d, 0], np.float32)
     mask = np.asarray(ds.masks[0], bool) if ds.masks is not None else np.zeros(frame.shape, bool)
-    return frame, mask, f"{path.name}, structure 0 at defocus {defoci[d]:+g} nm"
+    what = (
+        f"{path.name}, structure 0 at defocus {defoci[d]:+g} nm "
+        f"({ds.sampling_A:g} Å/px, {ds.energy_eV / 1e3:g} kV, {ds.dose_e_per_A2:g} e/Å²)"
+    )
+    if sampling_A and abs(ds.sampling_A / sampling_A - 1.0) > 0.05:
+        from scipy import ndimage
+
+        z = ds.sampling_A / sampling_A
+        frame = ndimage.zoom(frame, z, order=1).astype(np.float32)
+        mask = ndimage.zoom(mask.astype(np.float32), z, order=1) >= 0.5
+        what += f", resampled to the model's {sampling_A:g} Å/px"
+    return frame, mask, what
 
 
 def _crop_to_stride(a: np.ndarray, stride: int) -> np.ndarray:
@@ -376,6 +423,10 @@ def _model_card(folder: Path, is_pretrained: bool) -> str | None:
     return None
 
 
+def _fmt(value: float | None, unit: str) -> str:
+    return "not recorded" if value is None else f"{value:g} {unit}"
+
+
 def _documentation(
     side: dict[str, Any],
     card: str | None,
@@ -415,9 +466,9 @@ def _documentation(
         f"- pixel size: {domain['sampling_A']} Å/px (the input axes' scale, in ångström)",
         f"- defocus: {domain['defocus_range_nm']} nm ({domain['defocus_convention']})",
         f"- dose: {domain['dose_e_per_A2']} e/Å²",
-        f"- voltage: {domain['voltage_kV'] if domain['voltage_kV'] is not None else 'not recorded'}"
-        " kV; Cs: "
-        f"{domain['Cs_mm'] if domain['Cs_mm'] is not None else 'not recorded'} mm",
+        f"- voltage: {_fmt(domain['voltage_kV'], 'kV')}; Cs: {_fmt(domain['Cs_mm'], 'mm')}; "
+        f"focal spread: {_fmt(domain['focal_spread_nm'], 'nm')} (from the "
+        f"{domain['source']})",
         "",
         "## Use",
         "- Input: one raw HRTEM frame (counts, any linear intensity), float32, "
@@ -615,8 +666,8 @@ def export_bioimageio(
     domain = _imaging_domain(side)
     step(1, "test frame and cover")
     if test_image is None:
-        frame, mask, test_what = _sample_frame(stride, domain["train_defocus_nm"])
-        test_what = f"a simulated frame ({test_what}; 0.2 Å/px, 300 kV, 400 e/Å²)"
+        frame, mask, test_what = _sample_frame(sampling, domain["train_defocus_nm"])
+        test_what = f"a simulated frame ({test_what})"
     else:
         frame = np.asarray(test_image, np.float32)
         if frame.ndim != 2:
