@@ -659,6 +659,87 @@ def _connect(scheduler: str | None, workers: int | None, cfg: SweepConfig):
     return Client(cluster, set_as_default=False), cluster
 
 
+#: How long to wait for the first worker of an existing scheduler [s].
+WORKER_WAIT_S = 30.0
+
+
+def _worker_probe():
+    """The function sent to every worker to check it can run the sweep.
+
+    Built inside a function so that cloudpickle sends it by value: a worker that cannot
+    import this package can still run it (and say why), where a function of the package
+    could not even be unpickled there.
+    """
+
+    def probe(module_name: str, dist_name: str) -> dict[str, str]:
+        import importlib
+        import importlib.metadata
+        import sys
+
+        try:
+            importlib.import_module(module_name)
+        except BaseException as exc:  # noqa: BLE001 - reported to the client as text
+            return {"error": f"{type(exc).__name__}: {exc}", "python": sys.executable}
+        try:
+            version = importlib.metadata.version(dist_name)
+        except Exception:  # noqa: BLE001
+            version = ""
+        return {"version": version, "python": sys.executable}
+
+    return probe
+
+
+def check_workers(client: Any, *, wait_s: float = WORKER_WAIT_S) -> dict[str, str]:
+    """Check that every worker of ``client`` imports this package, at the client's version.
+
+    A worker that cannot import the package would otherwise fail every task without a
+    message (the scheduler logs "Lost all workers" and the sweep waits forever).
+
+    Returns
+    -------
+    dict
+        ``{worker address: package version}``.
+
+    Raises
+    ------
+    ConfigError
+        No worker joined within ``wait_s``; a worker cannot import the package (the message
+        gives its Python and the import error); a worker has another version.
+    """
+    from .. import __version__
+
+    try:
+        client.wait_for_workers(1, timeout=wait_s)
+    except (TimeoutError, OSError):
+        raise ConfigError(
+            f"the dask scheduler has no worker (waited {wait_s:g} s); start workers with "
+            "'dask worker ADDRESS' in the environment where napari-hrtem-transfer is "
+            "installed.",
+            "--scheduler",
+        ) from None
+    found = client.run(_worker_probe(), __name__, "napari-hrtem-transfer")
+    broken = {w: r for w, r in found.items() if "error" in r}
+    if broken:
+        lines = "; ".join(f"{w} ({r['python']}): {r['error']}" for w, r in broken.items())
+        raise ConfigError(
+            f"{len(broken)} of {len(found)} dask worker(s) cannot import napari-hrtem-transfer, "
+            f"so they cannot run the sweep: {lines}. Install the package (version "
+            f"{__version__}) in the workers' environment, or start the workers from this "
+            "environment.",
+            "--scheduler",
+        )
+    other = {w: r["version"] for w, r in found.items() if r["version"] != __version__}
+    if other:
+        lines = "; ".join(f"{w}: {v or 'unknown'}" for w, v in other.items())
+        raise ConfigError(
+            f"dask worker(s) run another version of napari-hrtem-transfer than this client "
+            f"({__version__}): {lines}. Install the same version on every worker (results "
+            "of different versions must not be mixed in one database).",
+            "--scheduler",
+        )
+    return {w: r["version"] for w, r in found.items()}
+
+
 def _local_cluster(n: int, threads: int, resources: dict[str, float]):
     import logging
 
@@ -773,7 +854,9 @@ def run_sweep(
     ConfigError, DatasetError
         Before anything runs and with the database unchanged: an invalid config or grid, a
         domain missing from a dataset, N larger than the data, an unreachable scheduler, a
-        locked, read-only or newer-schema database.
+        scheduler without workers or with workers that cannot import this package (or run
+        another version of it: :func:`check_workers`), a locked, read-only or
+        newer-schema database.
     SweepInterrupted
         On Ctrl-C (a ``KeyboardInterrupt``); finished runs are recorded.
     """
@@ -798,6 +881,7 @@ def run_sweep(
         if client is None:
             client, own_cluster = _connect(scheduler, workers, cfg)
         try:
+            check_workers(client)  # before anything is submitted: no silent hang
             if cfg.run.resources:
                 have = client.run_on_scheduler(
                     lambda dask_scheduler: [
