@@ -91,6 +91,14 @@ def test_finetuning_on_two_annotated_frames_beats_the_start(tiny_model, tmp_path
     )
     assert res.n_frames == 2 and not res.train.stopped
     assert res.ood is not None and res.ood.ok, res.ood
+    # calibration survives fine-tuning: a finite level, at least the parent's (2 frames are
+    # too few held-out frames), and the parent's imaging domain
+    from napari_hrtem_transfer.evaluation.ood import OODReference
+
+    ref, parent = OODReference.load(res.out_dir), OODReference.load(tiny_model)
+    assert np.isfinite(ref.caution_level) and ref.caution_level >= parent.caution - 1e-9
+    assert ref.calibration["parent_level"] == pytest.approx(parent.caution)
+    assert ref.domain is not None
     after = segment(frames[[0, 2]], res.out_dir, sampling_A=0.2).labels
     d0 = np.mean([_dice(b, m) for b, m in zip(before, masks[[0, 2]], strict=True)])
     d1 = np.mean([_dice(a, m) for a, m in zip(after, masks[[0, 2]], strict=True)])

@@ -1,0 +1,177 @@
+"""The OOD verdict (issue 17): components against theory, the calibration with physics
+flags, the format-4 reference, and the shipped model's verdict on frames it must flag."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer.evaluation.ood import (
+    OOD_JSON,
+    OODReference,
+    calibrate_caution_level,
+    fit_reference_from_features,
+    load_ood_reference,
+)
+from napari_hrtem_transfer.evaluation.ood import components as comp
+
+
+def _phase_contrast_frame(size=256, seed=0, dose=16.0):
+    """A weak-phase amorphous frame: white phase noise filtered by a CTF-like band pass."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fft2(rng.normal(size=(size, size)))
+    q = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    img = 1 + 0.2 * np.real(np.fft.ifft2(f * np.sin(40 * q**2) * np.exp(-((q / 0.25) ** 2))))
+    return rng.poisson(dose * img).astype(np.float32)
+
+
+def test_white_noise_has_no_spectral_contrast_and_a_band_limited_frame_has():
+    rng = np.random.default_rng(1)
+    noise = rng.poisson(16.0, (2, 256, 256)).astype(np.float32)
+    assert np.all(np.abs(comp.spectral_contrast(comp.power_spectrum_profiles(noise))) < 0.15)
+    pc = comp.spectral_contrast(comp.power_spectrum_profiles(_phase_contrast_frame(dose=1e4)))
+    assert pc[0] > 1.0
+    # the profile is a shape: independent of dose scaling and offset
+    a = comp.power_spectrum_profiles(noise[0])
+    b = comp.power_spectrum_profiles(3 * noise[0] + 100)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_an_upsampled_frame_has_a_high_frequency_deficit():
+    from scipy import ndimage
+
+    frames = np.stack([_phase_contrast_frame(seed=s) for s in range(6)])
+    prof = comp.power_spectrum_profiles(frames)
+    mean, scale = prof.mean(0), np.maximum(prof.std(0), 0.05)
+    ok = comp.high_frequency_deficit(prof, mean, scale)
+    up = ndimage.zoom(frames[0], 3, order=1)  # claimed pixel size 3x the true one
+    bad = comp.high_frequency_deficit(comp.power_spectrum_profiles(up), mean, scale)
+    assert np.all(np.abs(ok) < 5) and bad[0] > 10
+
+
+def test_calibration_counts_physics_flags_as_false_alarms():
+    s = np.arange(100, dtype=float)
+    level, rec = calibrate_caution_level(s, None, np.ones(100, bool))
+    assert level == pytest.approx(np.quantile(s, 0.95)) and rec["false_alarm_rate"] == 0.05
+    # 3 % of the frames are flagged by physics: the level lets 2 % more through
+    phys = np.zeros(100, bool)
+    phys[[10, 20, 30]] = True
+    level, rec = calibrate_caution_level(s, None, np.ones(100, bool), physics_flag=phys)
+    rest = np.delete(s, [10, 20, 30])
+    assert level == pytest.approx(np.quantile(rest, 1 - 0.02 / 0.97))
+    assert rec["false_alarm_rate"] == pytest.approx(0.05, abs=0.011)
+    assert rec["physics_flag_rate_in_domain"] == pytest.approx(0.03)
+    # more physics flags than the budget: no frame is flagged by its score alone
+    phys[:8] = True
+    level, rec = calibrate_caution_level(s, None, np.ones(100, bool), physics_flag=phys)
+    assert level == pytest.approx(np.max(s[~phys])) and rec["false_alarm_rate"] > 0.05
+
+
+def test_format_4_reference_round_trips_domain_and_spectrum(tmp_path):
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(20, 4))
+    ref = fit_reference_from_features(
+        f, boundary_entropy=rng.uniform(0.6, 0.7, 20), band_width_px=rng.uniform(3, 4, 20)
+    )
+    ref.imaging_domain = {
+        "defocus_nm_range": (-25.0, 25.0),
+        "energy_eV": 300e3,
+        "Cs_mm": 0.005,
+        "focal_spread_A": 10.0,
+        "dose_e_per_A2": 400.0,
+        "sampling_A": 0.2,
+    }
+    ref.ps_mean, ref.ps_scale = np.zeros(32), np.full(32, 0.1)
+    ref.ps_distance_ref = 2.0
+    ref.ps_settings = {"tile_px": 256, "n_bins": 32, "max_tiles": 16}
+    ref.caution_level = 4.0
+    ref.save(tmp_path)
+    back = OODReference.load(tmp_path)
+    assert back.format_version == "4" and back.caution == 4.0
+    assert back.domain["defocus_nm_range"] == (-25.0, 25.0) and back.domain["Cs_mm"] == 0.005
+    np.testing.assert_allclose(back.ps_scale, 0.1)
+    assert back.ps_distance(np.full(32, 0.2))[0] == pytest.approx(2.0 / 2.0)
+    # a format-3 file (no domain, no spectrum) is read; its domain comes from the info
+    meta = json.loads((tmp_path / OOD_JSON).read_text())
+    for k in ("imaging_domain", "power_spectrum", "verdict"):
+        meta.pop(k)
+    meta["format_version"] = "3"
+    meta["info"] = {"train_defocus_nm": [-10.0, 0.0, 10.0]}
+    (tmp_path / OOD_JSON).write_text(json.dumps(meta))
+    old = OODReference.load(tmp_path)
+    assert old.format_version == "3" and old.domain["defocus_nm_range"] == (-10.0, 10.0)
+    # a wrong type is a clear error, not a crash later
+    meta["distance_ref"] = "far"
+    (tmp_path / OOD_JSON).write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="malformed"):
+        OODReference.load(tmp_path)
+
+
+def test_the_shipped_reference_is_calibrated_and_knows_its_domain():
+    from napari_hrtem_transfer.segmentation import pretrained_model_dir
+
+    d = pretrained_model_dir()
+    sha = json.loads((d / "best.json").read_text())["weights_sha256"]
+    ref = load_ood_reference(d, sha)
+    assert ref is not None and math.isfinite(ref.caution_level)
+    dom = ref.domain
+    assert dom["defocus_nm_range"] == (-25.0, 25.0)
+    assert dom["sampling_A"] == pytest.approx(0.2) and dom["energy_eV"] == pytest.approx(300e3)
+
+
+@pytest.fixture(scope="module")
+def shipped_verdicts():
+    """The shipped model's verdict (through segment) on a blank detector frame and on a
+    particle-free lattice."""
+    from napari_hrtem_transfer.segmentation import segment
+
+    rng = np.random.default_rng(3)
+    blank = (1e4 + rng.normal(0, 1.9, (256, 256))).astype(np.float32)  # HAADF, no specimen
+    yy, xx = np.mgrid[:256, :256] * 0.2  # [Å]
+    lattice = 1 + 0.3 * (np.cos(2 * np.pi * xx / 3.9) + np.cos(2 * np.pi * yy / 3.9))
+    lattice = rng.poisson(400 * lattice).astype(np.float32)  # SrTiO3-like, 3.9 Å
+    res = segment(np.stack([blank, lattice]), sampling_A=0.2)
+    return res
+
+
+def test_a_blank_frame_is_flagged_with_its_reason(shipped_verdicts):
+    res = shipped_verdicts
+    row = res.frame_table()[0]
+    assert row["caution"] is True
+    assert any(r.startswith("blank frame") for r in row["reasons"]), row["reasons"]
+    assert row["estimated_defocus_nm"] is None  # noise has no Thon rings to trust
+
+
+def test_a_lattice_without_support_is_flagged_with_its_reason(shipped_verdicts):
+    res = shipped_verdicts
+    row = res.frame_table()[1]
+    assert row["caution"] is True
+    assert any("no amorphous support" in r for r in row["reasons"]), row["reasons"]
+    assert row["ood_score"] > res.ood_caution
+
+
+def test_frame_rows_carry_the_verdict(shipped_verdicts):
+    res = shipped_verdicts
+    assert res.imaging_domain["defocus_nm_range"] == (-25.0, 25.0)
+    assert set(res.imaging_domain) >= {
+        "energy_eV",
+        "Cs_mm",
+        "focal_spread_A",
+        "dose_e_per_A2",
+        "sampling_A",
+    }
+    assert len(res.ood_reasons) == 2 and len(res.ood_components) == 2
+    for row in res.frame_table():
+        assert {
+            "ood_score",
+            "caution",
+            "reasons",
+            "estimated_defocus_nm",
+            "defocus_sign_determined",
+            "ood_components",
+        } <= set(row)
+        assert "network" in row["ood_components"]
+        json.dumps(row)  # the CLI writes these rows as JSON
