@@ -252,3 +252,13 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"^export HRTEM_TRANSFER_STRICT=1$", ci, re.MULTILINE)
     assert ci.index("HRTEM_TRANSFER_STRICT=1") < ci.index("bash scripts/test.sh")
     assert "bash scripts/demo.sh" in readme and (ROOT / "scripts" / "demo.sh").is_file()
+    # the linters run beside the tests, on the venv the test script made, and all three decide
+    tests_at = ci.index("bash scripts/test.sh")
+    for lint in (".venv/bin/ruff check src tests", ".venv/bin/lint-imports"):
+        assert lint in ci and ci.index(lint) > tests_at, lint
+    assert 'exit "$status"' in ci
+    # coverage is measured and reported by the test command itself
+    test_sh = (ROOT / "scripts" / "test.sh").read_text()
+    (pytest_line,) = [ln for ln in test_sh.splitlines() if "-m pytest" in ln]
+    assert "--cov=napari_hrtem_transfer" in pytest_line and "--cov-report=term" in pytest_line
+    assert pytest_line.rstrip().endswith('"$@"')
