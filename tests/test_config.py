@@ -117,18 +117,25 @@ def _sweep_example(tmp_path):
     )
 
 
-def _ood_example():
-    from napari_hrtem_transfer.config import OODFitConfig
+def _other_examples(kind):
+    from napari_hrtem_transfer import config as c
 
-    return OODFitConfig()
+    return {
+        "ood-fit": lambda: [c.OODFitConfig()],
+        "ood-verdict": lambda: [c.VerdictConfig(ps_weight=1.5)],
+        "bioimageio-export": lambda: [
+            c.BioimageioExportConfig(),
+            c.BioimageioExportConfig(name="my model (v2)", authors=["A", "B"], test=False),
+        ],
+    }[kind]()
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_round_trips_through_its_file(tmp_path, kind):
     if kind == "sweep":
         cfgs = [_sweep_example(tmp_path)]
-    elif kind == "ood-fit":
-        cfgs = [_ood_example()]
+    elif kind in ("ood-fit", "ood-verdict", "bioimageio-export"):
+        cfgs = _other_examples(kind)
     else:
         cfgs = _examples()[kind]
     for i, cfg in enumerate(cfgs):
@@ -194,7 +201,10 @@ def _write(tmp_path, text: str) -> Path:
         ('kind = "simulation"\nversion = "1"\nseed = 1\n[fields]\n', None, ["seed",
                                                                             "under [fields]"]),
         ('kind = "simulation"\nversion = "1"\n[fields]\nmateral = "Au"\n', None,
-         ["[fields]", "materal", "Extra inputs"]),
+         ["[fields]", "unknown field(s) materal", "material"]),
+        # also for a model that ignores extra keys itself
+        ('kind = "ood-verdict"\nversion = "1"\n[fields]\nps_wieght = 1.0\n', None,
+         ["unknown field(s) ps_wieght", "ps_weight"]),
         ('kind = "simulation"\nversion = "1"\n[fields]\nsampling_A = -1\n', None,
          ["sampling_A", "greater than 0", "got -1"]),
         ('kind = "simulation"\nversion = "1"\nnull = ["seed"]\n[fields]\nseed = 2\n', None,

@@ -12,6 +12,8 @@ other jobs:
 ``ResNet18UNetConfig``      their union)
 ``SegmentConfig``           segmenting images with a trained model (:mod:`.segmentation`)
 ``OODFitConfig``            fitting the label-free OOD reference (:mod:`.evaluation.ood`)
+``VerdictConfig``           the per-frame OOD verdict's weights and limits (ditto)
+``BioimageioExportConfig``  exporting a model as a bioimage.io package (:mod:`.bioimageio`)
 ``SweepConfig``, ...        a grid of transfer experiments (:mod:`.sweep.config`; with
                             ``DataSettings``, ``GridSettings``, ``StageSettings``,
                             ``RunSettings``)
@@ -19,7 +21,7 @@ other jobs:
                             (:mod:`.io.frames`)
 ``SidecarV1``, ...          file schemas, read and written by their own code, not by this
 ``ReferenceFile``, ...      module: the checkpoint sidecar (:mod:`.training.checkpoint`),
-                            the OOD reference (:mod:`.evaluation.ood.reference`, with
+                            the OOD reference (:mod:`.evaluation.ood`, with
                             ``ImagingDomain``)
 ==========================  ===========================================================
 
@@ -89,9 +91,20 @@ def _segmentation() -> dict[str, Any]:
 
 
 def _ood() -> dict[str, Any]:
-    from .evaluation.ood import OODFitConfig
+    from .evaluation.ood import ImagingDomain, OODFitConfig, ReferenceFile, VerdictConfig
 
-    return {"OODFitConfig": OODFitConfig}
+    return {
+        "OODFitConfig": OODFitConfig,
+        "VerdictConfig": VerdictConfig,
+        "ImagingDomain": ImagingDomain,
+        "ReferenceFile": ReferenceFile,
+    }
+
+
+def _bioimageio() -> dict[str, Any]:
+    from .bioimageio import BioimageioExportConfig
+
+    return {"BioimageioExportConfig": BioimageioExportConfig}
 
 
 def _sweep() -> dict[str, Any]:
@@ -116,12 +129,6 @@ def _frames() -> dict[str, Any]:
     from .io.frames import ResampleConfig
 
     return {"ResampleConfig": ResampleConfig}
-
-
-def _ood_reference() -> dict[str, Any]:
-    from .evaluation.ood.reference import ImagingDomain, ReferenceFile
-
-    return {"ImagingDomain": ImagingDomain, "ReferenceFile": ReferenceFile}
 
 
 def _checkpoint() -> dict[str, Any]:
@@ -158,8 +165,10 @@ _LOADERS: dict[str, Callable[[], dict[str, Any]]] = {
     "SidecarTraining": _checkpoint,
     "SidecarResume": _checkpoint,
     "ResampleConfig": _frames,
-    "ImagingDomain": _ood_reference,
-    "ReferenceFile": _ood_reference,
+    "VerdictConfig": _ood,
+    "ImagingDomain": _ood,
+    "ReferenceFile": _ood,
+    "BioimageioExportConfig": _bioimageio,
 }
 
 #: File kind -> the name of its model.  A kind names a job, not a class, so that a class can
@@ -173,6 +182,8 @@ KINDS: dict[str, str] = {
     "compact-unet": "CompactUNetConfig",
     "resnet18-unet": "ResNet18UNetConfig",
     "resample": "ResampleConfig",
+    "ood-verdict": "VerdictConfig",
+    "bioimageio-export": "BioimageioExportConfig",
 }
 
 #: Format version of a kind whose model has no ``version`` field of its own.
@@ -414,6 +425,16 @@ def config_from_toml(text: str, kind: str | None = None, *, source: str = "confi
     if "null" in doc:
         _put_none(fields, doc["null"], source)
     cls = config_class(file_kind)
+    unknown = sorted(set(fields) - set(cls.model_fields))
+    if unknown:
+        # refused for every kind, also for models that ignore extra keys: a misspelled
+        # field in a file must not silently keep its default
+        raise ConfigError(
+            f"{source} [fields]: unknown field(s) {', '.join(unknown)}; {file_kind!r} configs "
+            f"have {', '.join(cls.model_fields)}",
+            unknown[0],
+            fields=unknown,
+        )
     if "version" in cls.model_fields:
         if "version" in fields and str(fields["version"]) != version:
             raise ConfigError(
