@@ -168,6 +168,34 @@ def test_compare_reference_db_equals_direct_computation(done_sweep, data_path, t
     assert sweep["ood_spearman_frames"]["all"]["n"] == len(ft) == 4 * 2 * len(DEFOCI) * N_VAL
 
 
+def test_compare_reference_labels_whose_numbers_are_whose(done_sweep, tmp_path, capsys):
+    """Issue 18: `compare-reference --db` printed the published table's values under an
+    unlabelled heading and not the user's own; report.md headed both sections "The study's
+    views" and named one run key as the source of the whole sweep."""
+    from napari_hrtem_transfer.cli import main
+    from napari_hrtem_transfer.evaluation.aggregate import generalization_by
+
+    cfg, db, _ = done_sweep
+    out = tmp_path / "rep"
+    capsys.readouterr()
+    assert main(["compare-reference", "--db", str(db), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "the published table (" in text
+    assert f"your results (--db {db}: 4 runs of sweep {cfg.name})" in text
+    own = ResultTable.from_sqlite(db)
+    mine = text.split("your results", 1)[1].split("your sweep", 1)[0]
+    g = generalization_by(own, ("pretrain_defocus_nm",), "pretrain", "median", (0.0,))
+    assert g
+    for k, v in g.items():
+        assert f"pretrained at {k[0]:+g} nm: {v:.4f}" in mine
+    assert "your sweep (--db): 4 runs" in text
+    md = (out / "report.md").read_text()
+    assert "## The study's views: the published table" in md
+    assert "## The study's views: your results" in md
+    assert f"Source: 4 runs of sweep {cfg.name}." in md
+    assert " run " not in md.split("## The study's views: your results", 1)[1].split("\n")[2]
+
+
 def test_reused_pretrained_model_is_bitwise_a_single_runs(
     done_sweep, data_path, process_client, tmp_path
 ):

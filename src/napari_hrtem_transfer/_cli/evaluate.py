@@ -317,12 +317,27 @@ def run_reference(args: argparse.Namespace) -> int:
         tuple(args.pair) if args.pair else None,
         own,
     )
-    g = generalization_by(
-        table, ("pretrain_defocus_nm",), "pretrain", args.reduction, tuple(args.exclude)
+    from ..evaluation.report import describe_sources
+
+    print(f"generalization after pretraining ({args.reduction} over models; lower = better):")
+    given = ", ".join(
+        [f"--results {p}" for p in args.results or []] + [f"--db {p}" for p in args.db or []]
     )
-    print(f"generalization after pretraining ({args.reduction} over models):")
-    for k, v in sorted(g.items()):
-        print(f"  pretrained at {k[0]:+g} nm: {v:.4f}")
+    views = [(table, own is None and args.no_reference), (own, True)]
+    for tab, is_own in views:
+        if tab is None or not len(tab):
+            continue
+        whose = (
+            f"your results ({given}: {describe_sources(tab)})"
+            if is_own
+            else f"the published table ({describe_sources(tab)})"
+        )
+        print(f"  {whose}:")
+        g = generalization_by(
+            tab, ("pretrain_defocus_nm",), "pretrain", args.reduction, tuple(args.exclude)
+        )
+        for k, v in sorted(g.items()):
+            print(f"    pretrained at {k[0]:+g} nm: {v:.4f}")
     if db_domains is not None:
         _report_sweep(out, db_domains, db_frames, args.reduction, tuple(args.exclude))
     print(f"report: {page}")
@@ -388,8 +403,11 @@ def _report_sweep(out: Path, domains, frames, reduction: str, exclude) -> None:
         },
     }
     write_text_atomic(out / "sweep_summary.json", json.dumps(_finite(summary), indent=1))
-    print(f"sweep: {summary['n_runs']} runs")
-    print("label-free OOD score vs true loss, Spearman rank correlation over all models:")
+    print(f"your sweep (--db): {summary['n_runs']} runs")
+    print(
+        "label-free OOD score vs true loss in your sweep, Spearman rank correlation over "
+        "all its models:"
+    )
     d, f = summary["ood_spearman_domains"]["all"], summary["ood_spearman_frames"]["all"]
     print(f"  per domain: {d['spearman']:+.3f} ({d['n']} model x domain pairs)")
     print(f"  per frame:  {f['spearman']:+.3f} ({f['n']} frames)")

@@ -414,6 +414,19 @@ def write_evaluation_report(
     return rep.write(out)
 
 
+def describe_sources(table: ResultTable) -> str:
+    """Whose numbers a table holds, in a few words: one source, or "N runs of sweep X"."""
+    if "source" not in table or not len(table):
+        return "results table"
+    sources = sorted({str(v) for v in table["source"]})
+    if len(sources) == 1:
+        return sources[0] or "results table"
+    sweeps = sorted({v.split(" run ", 1)[0] for v in sources if v.startswith("sweep ")})
+    if sweeps and all(v.startswith("sweep ") and " run " in v for v in sources):
+        return f"{len(sources)} runs of {', '.join(sweeps)}"
+    return f"{len(sources)} sources ({', '.join(sources[:3])}{', ...' if len(sources) > 3 else ''})"
+
+
 def _reference_section(
     rep: Report,
     table: ResultTable,
@@ -428,9 +441,13 @@ def _reference_section(
 
     if "material" in table:
         table = table.where(material=lambda c: (c == "all") | (c == ""))
-    src = table["source"][0] if "source" in table and len(table) else ""
-    cite = REFERENCE_CITATION if src == REFERENCE_CITATION else (src or "results table")
-    rep.heading("The study's views" + (" (published table)" if src == REFERENCE_CITATION else ""))
+    published = "source" in table and len(table) and set(table["source"]) == {REFERENCE_CITATION}
+    if published:
+        rep.heading("The study's views: the published table")
+        cite = REFERENCE_CITATION
+    else:
+        rep.heading("The study's views: your results")
+        cite = describe_sources(table)
     rep.text(
         f"Source: {cite}. Reduction over models: {reduction}. Defocus in nm (the published "
         "table gives Å; converted on import)."
