@@ -27,12 +27,15 @@ __all__ = [
     "DEFAULT_CS_MM",
     "DEFAULT_ENERGY_EV",
     "DEFAULT_FOCAL_SPREAD_A",
+    "RING_F_THRESHOLD",
+    "SIGN_LR_THRESHOLD",
     "CTFEstimate",
     "chi_rad",
     "ctf_curve",
     "ctf_overlap",
     "estimate_ctf",
     "power_spectrum",
+    "power_transfer",
     "radial_profile",
     "wavelength_A",
 ]
@@ -42,6 +45,8 @@ __all__ = [
 DEFAULT_ENERGY_EV: float = 300e3
 DEFAULT_CS_MM: float = 5e-3
 DEFAULT_FOCAL_SPREAD_A: float = 10.0
+#: Per-image defocus jitter of the training sets [nm] (``SimulationConfig.defocus_jitter_nm``).
+DEFAULT_TRAINING_JITTER_NM: float = 1.5
 
 
 def wavelength_A(energy_eV: float) -> float:
@@ -137,6 +142,15 @@ class CTFEstimate:
         Fraction of the spectral power above the ring background held by sharp peaks (0..1).
     ring_contrast
         Amplitude of the fitted ring modulation relative to the background (dimensionless).
+    ring_F
+        F statistic of the ring term over the smooth background (rings when above
+        :data:`RING_F_THRESHOLD`).
+    sign_lr
+        Likelihood ratio 2 ln(L_best/L_other) of the two sign branches (sign determined when
+        above :data:`SIGN_LR_THRESHOLD`).
+    blank_F
+        F statistic of the smooth spectrum over a constant (blank when below
+        :data:`BLANK_F_THRESHOLD`).
     """
 
     defocus_nm: float | None
@@ -156,6 +170,9 @@ class CTFEstimate:
     n_tiles: int = 0
     peak_power_fraction: float = 0.0
     ring_contrast: float = 0.0
+    ring_F: float = 0.0
+    sign_lr: float = 0.0
+    blank_F: float = 0.0
 
     def label(self) -> str:
         """Human-readable defocus, e.g. ``"+23.4 nm"``, ``"±23.4 nm"`` or the reason."""
@@ -277,68 +294,119 @@ def _ring_median_ratio(spectrum: np.ndarray, sampling_A: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # fit
 
+#: Thresholds of the decisions (calibrated in ``benchmarks/bench_ctf.py``; see docs/ctf.md).
+#: Ring detection: F statistic of the ring term over the smooth background.
+RING_F_THRESHOLD: float = 10.0
+#: Sign: likelihood ratio 2 ln(L_best / L_other) of the two sign branches.
+SIGN_LR_THRESHOLD: float = 15.0
+#: Blank: F statistic of the smooth background over a constant (a white spectrum is ~1).
+BLANK_F_THRESHOLD: float = 8.0
+#: Periodic: a pixel is a lattice peak when its power exceeds its ring's median this often.
+PEAK_RATIO: float = 25.0
+#: Periodic: fraction of the above-background power in peaks above which the frame is periodic.
+PERIODIC_POWER_FRACTION: float = 0.5
+
+#: The fitted band ends where the radial spectrum falls below its 95th percentile / this.
+DYNAMIC_RANGE: float = 1e4
+
+_N_BG = 6  # Legendre terms of the smooth background of the log spectrum
+_N_AMP = 3  # Legendre terms of the ring amplitude
+_N_SUB = 8  # sub-samples per frequency pixel when averaging cos 2chi
+_CORR = 2.0  # adjacent rings of a Hann-windowed periodogram are correlated: ~2 bins per d.o.f.
+
 
 @dataclass
 class _Fit:
     defocus_nm: float
-    score: float
-    contrast: float
+    F: float  # F statistic of the ring term
+    rss: float  # weighted residual sum of squares (log spectrum)
+    corr: float  # correlation of ring model and background-free data, 0..1
+    contrast: float  # ring amplitude / background, dimensionless
 
 
-def _basis(u: np.ndarray, n: int) -> np.ndarray:
-    """Legendre polynomials 0..n-1 of u in [-1, 1] (columns)."""
-    return np.polynomial.legendre.legvander(u, n - 1)
+class _Profile:
+    """Log radial profile in the fitted band with its smooth-background projector."""
+
+    def __init__(self, q: np.ndarray, y: np.ndarray, wts: np.ndarray, dq: float):
+        self.q, self.y, self.dq = q, y, dq
+        u = 2 * (q - q[0]) / max(q[-1] - q[0], 1e-12) - 1
+        self.sw = np.sqrt(wts / wts.mean())
+        self.P = np.polynomial.legendre.legvander(u, _N_AMP - 1)
+        Bw = np.polynomial.legendre.legvander(u, _N_BG - 1) * self.sw[:, None]
+        self.Q, _ = np.linalg.qr(Bw)
+        yw = y * self.sw
+        self.ry = yw - self.Q @ (self.Q.T @ yw)
+        self.rss0 = float(self.ry @ self.ry)  # background-only fit
+        c = yw - self.sw * (float(yw @ self.sw) / float(self.sw @ self.sw))
+        self.rss_const = float(c @ c)  # constant-only fit
+        self.n = len(q)
+        sub = (np.arange(_N_SUB) + 0.5) / _N_SUB - 0.5
+        self.qs = q[:, None] + sub[None, :] * dq
+
+    def blank_F(self) -> float:
+        """F statistic of the smooth background over a constant (flat = white spectrum)."""
+        dof = max(self.n / _CORR - _N_BG, 1.0)
+        return ((self.rss_const - self.rss0) / (_N_BG - 1)) / max(self.rss0 / dof, 1e-300)
+
+    def fit(self, defoci_nm, *, energy_eV: float, Cs_mm: float) -> list[_Fit]:
+        """Fit ``log S(q) = B(q) + A(q) cos 2chi(q)`` for every candidate defocus [nm].
+
+        ``B`` (smooth background, Legendre) and ``A`` (ring amplitude, Legendre) are linear;
+        ``sin² chi = (1 - cos 2chi)/2``, so a physical fit has ``A < 0``: candidates with a
+        positive mean ``A`` get F = 0.  ``cos 2chi`` is averaged over each frequency pixel so
+        that rings finer than a pixel do not alias.
+        """
+        out = []
+        dof = max(self.n / _CORR - _N_BG - _N_AMP, 1.0)
+        for df in np.atleast_1d(defoci_nm):
+            chi = chi_rad(self.qs, float(df), energy_eV=energy_eV, Cs_mm=Cs_mm)
+            c2 = np.cos(2 * chi).mean(axis=1)
+            X = self.P * (c2 * self.sw)[:, None]
+            Xr = X - self.Q @ (self.Q.T @ X)
+            coef, *_ = np.linalg.lstsq(Xr, self.ry, rcond=None)
+            fit = Xr @ coef
+            rss = float(np.sum((self.ry - fit) ** 2))
+            amp = float(np.mean(self.P @ coef))
+            nf = float(fit @ fit)
+            if amp >= 0 or nf <= 0 or self.rss0 <= 0:
+                out.append(_Fit(float(df), 0.0, self.rss0, 0.0, 0.0))
+                continue
+            F = ((self.rss0 - rss) / _N_AMP) / max(rss / dof, 1e-300)
+            corr = float(fit @ self.ry) / math.sqrt(nf * self.rss0)
+            # ring modulation of the spectrum: S = e^B (1 + A cos 2chi) to first order
+            out.append(_Fit(float(df), float(F), rss, max(corr, 0.0), -2.0 * amp))
+        return out
 
 
-def _fit_profile(
-    q: np.ndarray,
-    y: np.ndarray,
-    wts: np.ndarray,
-    defoci_nm: np.ndarray,
-    *,
-    energy_eV: float,
-    Cs_mm: float,
-    dq: float,
-    n_bg: int = 6,
-    n_amp: int = 3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Score every candidate defocus by a linear fit ``y = B(q) + A(q) cos 2chi(q)``.
+def _best(prof: _Profile, grid: np.ndarray, fits: list[_Fit], sel, **kw) -> _Fit | None:
+    idx = np.flatnonzero(sel)
+    if idx.size == 0:
+        return None
+    j = idx[int(np.argmax([fits[i].F for i in idx]))]
+    step = float(grid[1] - grid[0]) if len(grid) > 1 else 0.5
+    fine = np.linspace(grid[j] - step, grid[j] + step, 41)
+    fine = fine[(fine >= grid[idx].min()) & (fine <= grid[idx].max())]
+    cand = prof.fit(fine, **kw) + [fits[j]]
+    return max(cand, key=lambda f: f.F)
 
-    ``B`` (``n_bg`` Legendre terms) is the smooth background, ``A`` (``n_amp`` terms) the
-    ring amplitude (sin² chi = (1 - cos 2chi)/2, so a physical fit has A < 0).  The cos 2chi
-    column is averaged over each frequency pixel (8 sub-samples) so that rings finer than a
-    pixel do not alias.  Returns (score, contrast) per candidate: score = correlation of the
-    ring term with the background-free data (0 if A >= 0), contrast = -mean(A)/mean(B).
-    """
-    u = 2 * (q - q[0]) / max(q[-1] - q[0], 1e-12) - 1
-    sw = np.sqrt(wts)
-    B = _basis(u, n_bg)
-    P = _basis(u, n_amp)
-    # background-only fit, projected out of everything
-    Bw = B * sw[:, None]
-    Q, _ = np.linalg.qr(Bw)
-    yw = y * sw
-    ry = yw - Q @ (Q.T @ yw)
-    ny2 = float(ry @ ry)
-    sub = (np.arange(8) + 0.5) / 8 - 0.5
-    qs = q[:, None] + sub[None, :] * dq
-    scores = np.zeros(len(defoci_nm))
-    contrasts = np.zeros(len(defoci_nm))
-    bmean = float(np.average(y, weights=wts))
-    for i, df in enumerate(defoci_nm):
-        c2 = np.cos(2 * chi_rad(qs, df, energy_eV=energy_eV, Cs_mm=Cs_mm)).mean(axis=1)
-        X = P * c2[:, None] * sw[:, None]
-        Xr = X - Q @ (Q.T @ X)
-        coef, *_ = np.linalg.lstsq(Xr, ry, rcond=None)
-        fit = Xr @ coef
-        amp = P @ coef
-        mean_amp = float(np.average(amp, weights=wts))
-        if mean_amp >= 0 or ny2 <= 0:
-            continue
-        nf = float(fit @ fit)
-        scores[i] = float(fit @ ry) / math.sqrt(max(nf * ny2, 1e-300))
-        contrasts[i] = -mean_amp / max(abs(bmean), 1e-300)
-    return scores, contrasts
+
+def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
+    """Lattice-peak mask (dilated by 2 px) and the fraction of excess power in peaks."""
+    from scipy import ndimage
+
+    t = spec.shape[0]
+    dq = 1.0 / (t * sampling_A)
+    q2d = _q_grid(t, sampling_A)
+    ratio = _ring_median_ratio(spec, sampling_A)
+    core = (ratio > PEAK_RATIO) & (q2d > 3 * dq)
+    mask = ndimage.binary_dilation(core, iterations=2) & (q2d > 3 * dq)
+    qprof, prof, _ = radial_profile(spec, sampling_A, mask=~mask)
+    bg = np.interp(q2d, qprof, np.nan_to_num(prof, nan=float(np.nanmedian(prof))))
+    excess = np.clip(spec - bg, 0, None)
+    sel = q2d > 3 * dq
+    total = float(excess[sel].sum())
+    frac = float(excess[mask & sel].sum() / total) if total > 0 else 0.0
+    return mask, frac
 
 
 def estimate_ctf(
@@ -351,9 +419,15 @@ def estimate_ctf(
     tile_px: int = 512,
     q_min_per_A: float | None = None,
     q_max_per_A: float | None = None,
-    min_fit_quality: float = 0.5,
 ) -> CTFEstimate:
     """Estimate the defocus of one HRTEM frame from the Thon rings of its amorphous support.
+
+    Method (``docs/ctf.md``): tile-averaged periodogram; sharp lattice peaks masked; radial
+    mean; its logarithm fitted, for every candidate defocus on a 0.5 nm grid (refined to
+    0.05 nm), by a smooth background plus a ring term ``A(q) cos 2chi(q)`` (linear least
+    squares); the candidate with the largest F statistic of the ring term wins, separately
+    for each sign; rings are reported when F exceeds :data:`RING_F_THRESHOLD`, the sign when
+    the two branches differ by more than :data:`SIGN_LR_THRESHOLD` in likelihood.
 
     Parameters
     ----------
@@ -370,135 +444,150 @@ def estimate_ctf(
     tile_px
         Periodogram tile side [px] (frames larger than this are tile-averaged).
     q_min_per_A, q_max_per_A
-        Fitted frequency band [1/Å]; default from ~1/(25 Å) to 0.9 Nyquist.
-    min_fit_quality
-        Fit quality (0..1) below which no rings are reported.
+        Fitted frequency band [1/Å]; default from 1/(25 Å) to 0.9 Nyquist.
 
     Returns
     -------
     CTFEstimate
+        The defocus is that of the amorphous film (its mid-plane).
     """
-    if not (sampling_A > 0 and math.isfinite(sampling_A)):
+    if not (isinstance(sampling_A, (int, float)) and math.isfinite(sampling_A) and sampling_A > 0):
         raise ValueError(f"sampling_A must be a positive pixel size in Å/px (got {sampling_A})")
-    if not energy_eV > 0:
-        raise ValueError(f"energy_eV must be positive, in eV (got {energy_eV})")
+    if not (math.isfinite(energy_eV) and energy_eV > 0):
+        raise ValueError(f"energy_eV must be a positive beam energy in eV (got {energy_eV})")
+    if not math.isfinite(Cs_mm):
+        raise ValueError(f"Cs_mm must be a finite spherical aberration in mm (got {Cs_mm})")
     lo, hi = (float(defocus_range_nm[0]), float(defocus_range_nm[1]))
     if not lo < hi:
         raise ValueError(f"defocus_range_nm must be (low, high) with low < high (got {lo}, {hi})")
-    spec, n_tiles = power_spectrum(image, tile_px)
+    img = np.asarray(image)
+    if img.ndim == 2 and not np.all(np.isfinite(img)):
+        raise ValueError("the frame holds NaN or infinite pixels; replace them before the estimate")
+    spec, n_tiles = power_spectrum(img, tile_px)
     t = spec.shape[0]
     dq = 1.0 / (t * sampling_A)
     nyq = 0.5 / sampling_A
     common = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm), sampling_A=float(sampling_A))
+    qa = float(q_min_per_A) if q_min_per_A is not None else max(1.0 / 25.0, 4 * dq)
+    qb = float(q_max_per_A) if q_max_per_A is not None else 0.9 * nyq
+    band_q = (qa, qb)
 
-    # sharp peaks: pixels far above their ring's median
-    ratio = _ring_median_ratio(spec, sampling_A)
-    q2d = _q_grid(t, sampling_A)
-    peak = (ratio > 30.0) & (q2d > 3 * dq)
-    qprof, prof_all, _ = radial_profile(spec, sampling_A)
-    bg_all = np.nan_to_num(prof_all)
-    excess = np.clip(spec - np.interp(q2d, qprof, bg_all), 0, None)
-    total_excess = float(excess[q2d > 3 * dq].sum())
-    peak_frac = float(excess[peak].sum() / total_excess) if total_excess > 0 else 0.0
+    if not float(spec.max()) > 0:  # constant frame
+        return CTFEstimate(
+            None, None, False, 0.0, False, False, True,
+            "no amorphous signal: blank frame (constant image)",
+            **common, q_band_per_A=band_q, n_tiles=n_tiles,
+        )  # fmt: skip
 
-    # radial profile without the peaks
-    q, prof, counts = radial_profile(spec, sampling_A, mask=~peak)
-    qa = q_min_per_A if q_min_per_A is not None else max(1.0 / 25.0, 4 * dq)
-    qb = q_max_per_A if q_max_per_A is not None else 0.9 * nyq
+    peak_mask, peak_frac = _peaks(spec, sampling_A)
+    periodic = peak_frac > PERIODIC_POWER_FRACTION
+    q, prof, counts = radial_profile(spec, sampling_A, mask=~peak_mask)
     band = (q >= qa) & (q <= qb) & (counts > 0) & np.isfinite(prof)
     if band.sum() < 16:
         raise ValueError(
-            f"the frequency band {qa:.3f}..{qb:.3f} 1/Å holds too few rings of the "
-            f"{t}x{t} spectrum; widen q_min_per_A/q_max_per_A or use a larger frame"
+            f"the frequency band {qa:.3f}..{qb:.3f} 1/Å holds only {int(band.sum())} rings "
+            f"of the {t}x{t} spectrum (need 16); widen q_min_per_A/q_max_per_A or use a "
+            "larger frame"
         )
-    qb_, yb = q[band], prof[band]
-    # log-like compression keeps the fit balanced across the falling spectrum
-    level = np.median(yb)
-    if not level > 0:
+    # drop the high-frequency end where the spectrum has fallen by more than DYNAMIC_RANGE
+    # (a detector or filter that kills high frequencies leaves only window leakage there)
+    idx = np.flatnonzero(band)
+    top = float(np.percentile(prof[idx], 95))
+    low = np.flatnonzero(prof[idx] < top / DYNAMIC_RANGE)
+    if low.size:
+        band[idx[low[0]] :] = False
+    if band.sum() < 16:
         return CTFEstimate(
-            None,
-            None,
-            False,
-            0.0,
-            False,
-            False,
-            True,
-            "no amorphous signal: blank frame",
-            **common,
-            n_tiles=n_tiles,
-        )
-    ylog = np.log(np.maximum(yb, level * 1e-6))
-    wts = counts[band].astype(np.float64)
-
+            None, None, False, 0.0, False, periodic, False,
+            "no amorphous signal: no Thon rings found (spectrum cut off at low frequency)",
+            **common, q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac,
+        )  # fmt: skip
+    band_q = (qa, float(q[band].max()))
+    yb = prof[band]
+    level = float(np.median(yb))
+    floor = max(level, 1e-300) * 1e-6
+    pr = _Profile(q[band], np.log(np.maximum(yb, floor)), counts[band].astype(np.float64), dq)
+    kw = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm))
     grid = np.arange(lo, hi + 0.25, 0.5)
-    scores, contrasts = _fit_profile(qb_, ylog, wts, grid, energy_eV=energy_eV, Cs_mm=Cs_mm, dq=dq)
+    grid = grid[grid <= hi]
+    fits = pr.fit(grid, **kw)
+    pos = _best(pr, grid, fits, grid >= 0, **kw)
+    neg = _best(pr, grid, fits, grid < 0, **kw)
+    branches = [f for f in (pos, neg) if f is not None]
+    best = max(branches, key=lambda f: f.F)
+    other = min(branches, key=lambda f: f.F) if len(branches) == 2 else None
+    blank_F = pr.blank_F()
 
-    def best_in(sel):
-        if not sel.any():
-            return None
-        idx = np.flatnonzero(sel)
-        j = idx[int(np.argmax(scores[idx]))]
-        # refine on a fine grid around the best grid point
-        fine = np.linspace(grid[j] - 0.5, grid[j] + 0.5, 21)
-        s2, c2 = _fit_profile(qb_, ylog, wts, fine, energy_eV=energy_eV, Cs_mm=Cs_mm, dq=dq)
-        k = int(np.argmax(s2))
-        return _Fit(float(fine[k]), float(max(s2[k], 0.0)), float(c2[k]))
-
-    pos = best_in(grid >= 0)
-    neg = best_in(grid < 0)
-    fits = [f for f in (pos, neg) if f is not None]
-    best = max(fits, key=lambda f: f.score)
-    other = min(fits, key=lambda f: f.score) if len(fits) == 2 else None
-
-    # blank: flat spectrum (no structure beyond the statistical noise of the profile)
-    n_eff = np.maximum(wts * n_tiles / 4.0, 1.0)
-    resid = (yb / level - 1.0) * np.sqrt(n_eff)
-    flat = float(np.mean(resid**2)) < 4.0
-
-    periodic = peak_frac > 0.5
-    if best.score < min_fit_quality:
-        if flat:
-            reason = "no amorphous signal: blank frame (flat spectrum, shot noise only)"
-        elif periodic:
+    if best.F < RING_F_THRESHOLD:
+        blank = (not periodic) and blank_F < BLANK_F_THRESHOLD
+        if periodic:
             reason = "no amorphous support: lattice fringes everywhere"
+        elif blank:
+            reason = "no amorphous signal: blank frame (flat spectrum, shot noise only)"
         else:
             reason = "no amorphous signal: no Thon rings found"
         return CTFEstimate(
-            None,
-            None,
-            False,
-            best.score,
-            False,
-            periodic,
-            flat,
-            reason,
-            **common,
-            q_band_per_A=(float(qa), float(qb)),
-            n_tiles=n_tiles,
-            peak_power_fraction=peak_frac,
-        )
-    sign_det = other is not None and (best.score - other.score) > 0.15
+            None, None, False, best.corr, False, periodic, blank, reason, **common,
+            q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac,
+            ring_F=best.F, blank_F=blank_F,
+        )  # fmt: skip
+    lr = 0.0
+    if other is not None:
+        lr = (pr.n / _CORR) * math.log(max(other.rss, 1e-300) / max(best.rss, 1e-300))
+    sign_det = other is not None and lr > SIGN_LR_THRESHOLD
     return CTFEstimate(
         defocus_nm=best.defocus_nm,
         defocus_abs_nm=abs(best.defocus_nm),
         sign_determined=bool(sign_det),
-        fit_quality=float(min(best.score, 1.0)),
+        fit_quality=float(min(best.corr, 1.0)),
         amorphous=True,
         periodic=periodic,
         blank=False,
         reason=None,
         **common,
         defocus_other_sign_nm=None if other is None else other.defocus_nm,
-        fit_quality_other_sign=0.0 if other is None else float(other.score),
-        q_band_per_A=(float(qa), float(qb)),
+        fit_quality_other_sign=0.0 if other is None else float(min(other.corr, 1.0)),
+        q_band_per_A=band_q,
         n_tiles=n_tiles,
         peak_power_fraction=peak_frac,
         ring_contrast=best.contrast,
+        ring_F=best.F,
+        sign_lr=lr,
+        blank_F=blank_F,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # information-transfer overlap
+
+
+def power_transfer(
+    q_per_A,
+    defocus_nm: float,
+    *,
+    energy_eV: float = DEFAULT_ENERGY_EV,
+    Cs_mm: float = DEFAULT_CS_MM,
+    focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
+    jitter_nm: float = 0.0,
+) -> np.ndarray:
+    """Power transfer ``⟨T(q)²⟩`` (dimensionless, 0..1) of a condition at ``q_per_A`` [1/Å].
+
+    ``T`` is :func:`ctf_curve` with the focal-spread envelope; ``⟨·⟩`` averages over a
+    Gaussian spread of defocus of standard deviation ``jitter_nm`` [nm] around
+    ``defocus_nm`` (a training set's per-image defocus jitter; 0 = one defocus), by 25-point
+    quadrature over ±3 standard deviations.
+    """
+    q = np.asarray(q_per_A, dtype=np.float64)
+    kw = dict(energy_eV=energy_eV, Cs_mm=Cs_mm, focal_spread_A=focal_spread_A)
+    if jitter_nm <= 0:
+        return ctf_curve(q, float(defocus_nm), **kw) ** 2
+    x = np.linspace(-3.0, 3.0, 25)
+    g = np.exp(-0.5 * x * x)
+    g /= g.sum()
+    out = np.zeros_like(q)
+    for xi, gi in zip(x, g, strict=True):
+        out += gi * ctf_curve(q, float(defocus_nm) + float(jitter_nm) * xi, **kw) ** 2
+    return out
 
 
 def ctf_overlap(
@@ -509,36 +598,50 @@ def ctf_overlap(
     Cs_mm: float = DEFAULT_CS_MM,
     sampling_A: float,
     focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
-    q_min_per_A: float = 0.05,
+    training_jitter_nm: float = DEFAULT_TRAINING_JITTER_NM,
+    q_min_per_A: float = 0.02,
     q_max_per_A: float | None = None,
 ) -> float:
-    """Information-transfer overlap [0..1] of a frame's CTF with the training CTFs.
+    """Information-transfer overlap [0..1] of a frame's CTF with the model's training CTFs.
 
-    For two conditions a, b with transfer functions ``T_a, T_b`` (:func:`ctf_curve`, with the
-    focal-spread envelope) the overlap is the normalised 2-D inner product over the band
-    ``q_min_per_A <= |q| <= q_max_per_A`` [1/Å] (default q_max = Nyquist of ``sampling_A``)
+    Which spatial frequencies a condition transfers, and how strongly, is its power transfer
+    ``P(q) = ⟨T(q)²⟩`` (:func:`power_transfer`; for a training condition averaged over the
+    training set's defocus jitter ``training_jitter_nm`` [nm]).  The overlap of the frame
+    (defocus ``defocus_nm`` [nm]) with training condition k is the Pearson correlation of
+    ``P_frame`` and ``P_k`` over ``q_min_per_A <= q <= q_max_per_A`` [1/Å] (uniform in q;
+    default q_max = the Nyquist frequency ``1/(2 sampling_A)``):
 
-        ρ(a, b) = ∫ T_a T_b q dq / sqrt(∫ T_a² q dq · ∫ T_b² q dq)
+        ρ_k = Σ_q p_f p_k / sqrt(Σ_q p_f² · Σ_q p_k²),   p = P - mean_q(P)
 
-    (``q dq``: the 2-D frequency plane), clipped at 0 (contrast-inverted transfer counts as no
-    overlap), and the result is the maximum of ρ over the training defoci: 1 = the frame's
-    CTF transfers information exactly like one training condition.  Dimensionless.
+    and the result is ``max(0, max_k ρ_k)``: 1 = the frame passes the same bands of
+    information as a training condition, 0 = no resemblance (or anti-correlated bands).
+    Dimensionless.  ``P`` ignores the sign of T, so ``±defocus`` give nearly the same
+    overlap when Cs is small (exactly the same for Cs = 0): the overlap is usable when the
+    sign of an estimate is undetermined.  Units: defocus [nm] (abTEM sign), energy [eV],
+    Cs [mm], sampling and focal spread [Å].  ``docs/ctf.md`` shows how it ranks the
+    study's out-of-distribution losses.
     """
     train = np.atleast_1d(np.asarray(training_defocus_nm, dtype=np.float64))
     if train.size == 0:
         raise ValueError("training_defocus_nm is empty; give the model's training defoci in nm")
+    if not np.all(np.isfinite(train)) or not math.isfinite(float(defocus_nm)):
+        raise ValueError("defocus values must be finite numbers in nm")
+    if not (math.isfinite(sampling_A) and sampling_A > 0):
+        raise ValueError(f"sampling_A must be a positive pixel size in Å/px (got {sampling_A})")
     qmax = 0.5 / sampling_A if q_max_per_A is None else float(q_max_per_A)
     if not 0 <= q_min_per_A < qmax:
-        raise ValueError(f"need 0 <= q_min_per_A < q_max_per_A (got {q_min_per_A}, {qmax}) [1/Å]")
-    q = np.linspace(q_min_per_A, qmax, 4096)
+        raise ValueError(f"need 0 <= q_min_per_A < q_max_per_A [1/Å] (got {q_min_per_A}, {qmax})")
+    q = np.linspace(q_min_per_A, qmax, 2048)
     kw = dict(energy_eV=energy_eV, Cs_mm=Cs_mm, focal_spread_A=focal_spread_A)
-    ta = ctf_curve(q, float(defocus_nm), **kw)
-    na = float(np.sum(ta * ta * q))
+    pf = power_transfer(q, float(defocus_nm), **kw)
+    pf = pf - pf.mean()
+    nf = float(pf @ pf)
     best = 0.0
     for d in train:
-        tb = ctf_curve(q, float(d), **kw)
-        nb = float(np.sum(tb * tb * q))
-        if na <= 0 or nb <= 0:
+        pk = power_transfer(q, float(d), jitter_nm=training_jitter_nm, **kw)
+        pk = pk - pk.mean()
+        nk = float(pk @ pk)
+        if nf <= 0 or nk <= 0:
             continue
-        best = max(best, float(np.sum(ta * tb * q)) / math.sqrt(na * nb))
+        best = max(best, float(pf @ pk) / math.sqrt(nf * nk))
     return float(min(max(best, 0.0), 1.0))
