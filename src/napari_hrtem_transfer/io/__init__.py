@@ -4,6 +4,7 @@ Nothing here imports HyperSpy at module import time; it is imported inside the f
 """
 
 from .dataset import HRTEMDataset, load_dataset, save_dataset
+from .frames import Frames
 from .hyperspy_integration import from_signal, to_signal
 from .readers import SUPPORTED_EXTENSIONS, ExperimentalImage, ReaderWarning, read_images
 from .sessions import load_session, read_session
@@ -11,6 +12,7 @@ from .sessions import load_session, read_session
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "ExperimentalImage",
+    "Frames",
     "HRTEMDataset",
     "ReaderWarning",
     "from_signal",

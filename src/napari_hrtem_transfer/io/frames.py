@@ -420,7 +420,8 @@ def label_image_warning(frame: Any, name: str) -> str | None:
         return (
             f"{name}: the frame holds only the value(s) {shown}: this looks like a label "
             "mask or a binary image, not an HRTEM micrograph. Segment the raw image (the "
-            "masks are what this tool writes)."
+            "masks are what this tool writes); at a dose well below 1 e/px a raw frame can "
+            "hold only 0 and 1 counts, and then this warning does not apply."
         )
     return None
 
