@@ -139,7 +139,8 @@ def test_power_spectrum_white_noise_level_and_tiles():
 
 @pytest.mark.parametrize("defocus_nm", [-45.0, -20.0, -10.0, 12.0, 30.0, 55.0])
 def test_known_ctf_frames_large_cs_give_signed_defocus(defocus_nm):
-    e = ctf.estimate_ctf(weak_phase_frame(defocus_nm, seed=int(defocus_nm) + 100), 0.2, Cs_mm=0.5)
+    img = weak_phase_frame(defocus_nm, n=512, seed=int(defocus_nm) + 100)
+    e = ctf.estimate_ctf(img, 0.2, Cs_mm=0.5)
     assert e.amorphous and not e.blank and not e.periodic
     assert e.sign_determined, e
     assert e.defocus_nm == pytest.approx(defocus_nm, abs=1.5)
@@ -303,3 +304,26 @@ def test_overlap_ignores_sign_without_cs():
         ctf.ctf_overlap(0.0, [], **kw)
     with pytest.raises(ValueError, match="q_min_per_A"):
         ctf.ctf_overlap(0.0, [1.0], q_min_per_A=5.0, **kw)
+
+
+def test_real_blank_detector_frame_has_no_rings(shared_data_dir):
+    """A real Ceta camera frame without beam (Titan, 300 kV): no amorphous signal.
+
+    Its noise is not white (detector correlations and a column pattern), so it is reported
+    as "no Thon rings found" rather than "blank"; the frequency axes with the column
+    pattern are left out, so it is not taken for a lattice either.
+    """
+    hs = pytest.importorskip("hyperspy.api")
+    s = hs.load(shared_data_dir / "data" / "emd_velox" / "ncem_Camera_Ceta_Imaging_Micro.emd")
+    img = np.asarray(s.data, dtype=float)
+    for sampling_A in (0.2, 1.0):
+        e = ctf.estimate_ctf(img, sampling_A, energy_eV=300e3)
+        assert not e.amorphous and not e.periodic, e
+        assert e.defocus_nm is None and e.reason
+
+
+def test_coarse_pixels_cannot_show_rings():
+    """5 nm pixels: no defocus within ±150 nm puts two ring zeros below Nyquist."""
+    img = weak_phase_frame(30.0, seed=1)
+    e = ctf.estimate_ctf(img, 50.0)
+    assert not e.amorphous and "pixel size" in e.reason

@@ -306,6 +306,8 @@ PEAK_RATIO: float = 25.0
 #: Periodic: fraction of the above-background power in peaks above which the frame is periodic.
 PERIODIC_POWER_FRACTION: float = 0.5
 
+#: A candidate defocus must put at least this many Thon-ring zeros into the fitted band.
+MIN_ZEROS: int = 2
 #: The fitted band ends where the radial spectrum falls below its 95th percentile / this.
 DYNAMIC_RANGE: float = 1e4
 
@@ -360,6 +362,10 @@ class _Profile:
         dof = max(self.n / _CORR - _N_BG - _N_AMP, 1.0)
         for df in np.atleast_1d(defoci_nm):
             chi = chi_rad(self.qs, float(df), energy_eV=energy_eV, Cs_mm=Cs_mm)
+            if float(chi.max() - chi.min()) < MIN_ZEROS * math.pi:
+                # fewer than MIN_ZEROS ring zeros in the band: nothing ring-like to fit
+                out.append(_Fit(float(df), 0.0, self.rss0, 0.0, 0.0))
+                continue
             c2 = np.cos(2 * chi).mean(axis=1)
             X = self.P * (c2 * self.sw)[:, None]
             Xr = X - self.Q @ (self.Q.T @ X)
@@ -391,22 +397,30 @@ def _best(prof: _Profile, grid: np.ndarray, fits: list[_Fit], sel, **kw) -> _Fit
 
 
 def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
-    """Lattice-peak mask (dilated by 2 px) and the fraction of excess power in peaks."""
+    """Pixels left out of the ring fit, and the fraction of excess power in lattice peaks.
+
+    Left out: the two frequency axes (|qx| or |qy| <= 1 px: detector row/column patterns
+    and what is left of the frame edges) and sharp peaks (power > :data:`PEAK_RATIO` times
+    their ring's median, dilated by 2 px).  The fraction is the power above the ring
+    background held by the peaks over that held by all pixels off the axes.
+    """
     from scipy import ndimage
 
     t = spec.shape[0]
     dq = 1.0 / (t * sampling_A)
     q2d = _q_grid(t, sampling_A)
+    k = np.abs(np.arange(t) - t // 2)
+    axes = (k[:, None] <= 1) | (k[None, :] <= 1)
     ratio = _ring_median_ratio(spec, sampling_A)
-    core = (ratio > PEAK_RATIO) & (q2d > 3 * dq)
-    mask = ndimage.binary_dilation(core, iterations=2) & (q2d > 3 * dq)
-    qprof, prof, _ = radial_profile(spec, sampling_A, mask=~mask)
+    sel = (q2d > 3 * dq) & ~axes
+    core = (ratio > PEAK_RATIO) & sel
+    peaks = ndimage.binary_dilation(core, iterations=2) & sel
+    qprof, prof, _ = radial_profile(spec, sampling_A, mask=~(peaks | axes))
     bg = np.interp(q2d, qprof, np.nan_to_num(prof, nan=float(np.nanmedian(prof))))
     excess = np.clip(spec - bg, 0, None)
-    sel = q2d > 3 * dq
     total = float(excess[sel].sum())
-    frac = float(excess[mask & sel].sum() / total) if total > 0 else 0.0
-    return mask, frac
+    frac = float(excess[peaks].sum() / total) if total > 0 else 0.0
+    return peaks | axes, frac
 
 
 def estimate_ctf(
@@ -444,7 +458,8 @@ def estimate_ctf(
     tile_px
         Periodogram tile side [px] (frames larger than this are tile-averaged).
     q_min_per_A, q_max_per_A
-        Fitted frequency band [1/Å]; default from 1/(25 Å) to 0.9 Nyquist.
+        Fitted frequency band [1/Å]; default from 1/(25 Å) (or a tenth of the Nyquist
+        frequency, if lower) to 0.9 Nyquist.
 
     Returns
     -------
@@ -468,7 +483,7 @@ def estimate_ctf(
     dq = 1.0 / (t * sampling_A)
     nyq = 0.5 / sampling_A
     common = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm), sampling_A=float(sampling_A))
-    qa = float(q_min_per_A) if q_min_per_A is not None else max(1.0 / 25.0, 4 * dq)
+    qa = float(q_min_per_A) if q_min_per_A is not None else max(min(1.0 / 25.0, 0.1 * nyq), 4 * dq)
     qb = float(q_max_per_A) if q_max_per_A is not None else 0.9 * nyq
     band_q = (qa, qb)
 
@@ -520,8 +535,17 @@ def estimate_ctf(
 
     if best.F < RING_F_THRESHOLD:
         blank = (not periodic) and blank_F < BLANK_F_THRESHOLD
+        qs = np.linspace(pr.q[0], pr.q[-1], 512)
+        span = max(
+            float(np.ptp(chi_rad(qs, d, energy_eV=energy_eV, Cs_mm=Cs_mm))) for d in (lo, 0.0, hi)
+        )
         if periodic:
             reason = "no amorphous support: lattice fringes everywhere"
+        elif span < MIN_ZEROS * math.pi:
+            reason = (
+                "no amorphous signal: no Thon rings can appear at this pixel size within the "
+                "searched defocus range"
+            )
         elif blank:
             reason = "no amorphous signal: blank frame (flat spectrum, shot noise only)"
         else:
