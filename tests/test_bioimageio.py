@@ -123,6 +123,13 @@ def _rdf(zpath):
 def _rewrite(src, dst, rdf=None, drop=(), add=None):
     """Copy package ``src`` to ``dst`` with another rdf.yaml, members dropped or added."""
     add = dict(add or {})
+    if "weights.pt" in add:  # a forger also updates the declared sha256
+        import hashlib
+
+        rdf = rdf if rdf is not None else _rdf(src)[0]
+        entry = rdf["weights"].get("pytorch_state_dict")
+        if entry is not None:
+            entry["sha256"] = hashlib.sha256(add["weights.pt"]).hexdigest()
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for name in zin.namelist():
             if name in drop or name in add or (name == "rdf.yaml" and rdf is not None):
@@ -455,6 +462,22 @@ def test_other_pipelines_are_refused(finetuned_zip, tmp_path, edit, words):
     with pytest.raises(ConfigError) as exc:
         import_bioimageio(pkg)
     assert words in str(exc.value)
+
+
+def test_torchscript_only_and_damaged_weights_are_refused(finetuned_zip, tmp_path):
+    def torchscript_only(r):
+        r["weights"] = {"torchscript": {"source": "weights.pt", "pytorch_version": "2.13"}}
+
+    pkg = _crafted(finetuned_zip, tmp_path, "ts.zip", rdf_edit=torchscript_only)
+    with pytest.raises(CheckpointError, match="no pytorch_state_dict weights.*torchscript"):
+        import_bioimageio(pkg)
+
+    def wrong_sha(r):
+        r["weights"]["pytorch_state_dict"]["sha256"] = "0" * 64
+
+    pkg = _crafted(finetuned_zip, tmp_path, "sha.zip", rdf_edit=wrong_sha)
+    with pytest.raises(CheckpointError, match="do not match the sha256"):
+        import_bioimageio(pkg)
 
 
 def test_package_detection(tmp_path, finetuned_zip):

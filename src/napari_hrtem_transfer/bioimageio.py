@@ -1122,7 +1122,14 @@ def import_bioimageio(source: str | os.PathLike, *, cache_dir: str | os.PathLike
         wname = entry.get("source")
         if isinstance(wname, dict):
             wname = wname.get("source")
-        state = _state_dict(pkg.read(wname, "the pytorch_state_dict weights"), str(wname), src)
+        blob = pkg.read(wname, "the pytorch_state_dict weights")
+        declared = entry.get("sha256")
+        if declared and hashlib.sha256(blob).hexdigest() != str(declared).lower():
+            raise CheckpointError(
+                f"{src}: the weights {wname} do not match the sha256 the package declares; "
+                "the package is damaged or was modified."
+            )
+        state = _state_dict(blob, str(wname), src)
         ours = (rdf.get("config") or {}).get(CONFIG_KEY)
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{sha[:16]}.tmp-{uuid.uuid4().hex[:8]}"
