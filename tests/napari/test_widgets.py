@@ -617,6 +617,24 @@ def test_evaluate_panel_shows_the_published_generalization(make_napari_viewer):
     assert w.values.counts.max() < m.counts.max()  # fewer models per cell when filtered
 
 
+def test_evaluate_filters_survive_layer_changes_and_n_is_a_whole_number(make_napari_viewer):
+    from napari_hrtem_transfer._napari._widgets import EvaluateWidget
+    from napari_hrtem_transfer._napari._widgets._evaluate import VIEWS
+
+    viewer = make_napari_viewer()
+    w = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert "64" in w.n_transfer.choices and "64.0" not in w.n_transfer.choices
+    w.view.value = VIEWS[1]
+    w.freeze.value, w.n_transfer.value = "encoder", "64"
+    filtered = w.values.counts.copy()
+    layer = viewer.add_image(np.zeros((8, 8)))  # napari calls reset_choices on the docks
+    viewer.layers.remove(layer)
+    w.reset_choices()
+    assert (w.freeze.value, w.n_transfer.value) == ("encoder", "64")
+    np.testing.assert_array_equal(w.values.counts, filtered)
+
+
 @pytest.mark.slow
 def test_evaluate_two_models_and_jump_to_a_defocus(make_napari_viewer, qtbot, tiny_model_dir,
                                                    tiny_dataset_path):
@@ -721,3 +739,52 @@ def test_every_core_warning_is_a_notification_every_time(make_napari_viewer, qtb
                    if kind == "warning" and "pixel size is unknown" in m]
         assert len(unknown) == k + 1, notifications
         assert w.warnings_shown and unknown[-1] in w.warnings_shown
+
+
+def _dock_all(viewer):
+    from qtpy.QtWidgets import QApplication
+
+    from napari_hrtem_transfer._napari._widgets import (
+        EvaluateWidget,
+        OODView,
+        SegmentWidget,
+        SimulateWidget,
+        TrainWidget,
+    )
+
+    viewer.window._qt_window.resize(1280, 800)
+    docks = [cls(viewer) for cls in (SimulateWidget, TrainWidget, SegmentWidget, OODView,
+                                     EvaluateWidget)]
+    for w in docks:
+        viewer.window.add_dock_widget(w, name=type(w).__name__, area="right", tabify=True)
+    viewer.window._qt_window.show()
+    for _ in range(5):
+        QApplication.processEvents()
+    return docks
+
+
+def test_docks_scroll_only_over_their_content_and_combos_show_whole_values(
+        make_napari_viewer, qtbot):
+    from qtpy.QtWidgets import QApplication, QComboBox, QStyle, QStyleOptionComboBox
+
+    viewer = make_napari_viewer(show=True)
+    for w in _dock_all(viewer):
+        w.parent().raise_()
+        for _ in range(3):
+            QApplication.processEvents()
+        body, name = w.widget(), type(w).__name__
+        content = body.heightForWidth(body.width())
+        # the scrollable body is its content's height (or the visible height), not 2-3x
+        assert body.height() <= 1.1 * max(w.viewport().height(), content), (
+            name, body.height(), content)
+        for cb in body.findChildren(QComboBox):
+            if not cb.isVisible():
+                continue
+            opt = QStyleOptionComboBox()
+            cb.initStyleOption(opt)
+            field = cb.style().subControlRect(QStyle.ComplexControl.CC_ComboBox, opt,
+                                              QStyle.SubControl.SC_ComboBoxEditField, cb)
+            for i in range(cb.count()):
+                text = cb.itemText(i)
+                assert cb.fontMetrics().horizontalAdvance(text) <= field.width(), (
+                    name, text, field.width())

@@ -78,7 +78,13 @@ class WrapLabel(QLabel):
         self.setWordWrap(True)
         self.setTextFormat(Qt.TextFormat.PlainText)
         self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+        # vertically Preferred, not Minimum: a wrapped label's size hint is its height at a
+        # narrow default width (a paragraph becomes hundreds of px), and with Minimum that
+        # hint is the layout's minimum, so the dock scrolled over 2-3x its content; the
+        # scroll area sizes the body by height-for-width at the dock's real width instead
+        policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        policy.setHeightForWidth(True)
+        self.setSizePolicy(policy)
         self.setMinimumWidth(10)
         self.set_message(text)
 
@@ -174,8 +180,28 @@ class DockWidget(QScrollArea):
         return row
 
     def reset_choices(self, *_: Any) -> None:
-        """Refresh layer choices (napari calls this when layers change)."""
-        self.form.reset_choices()
+        """Refresh layer choices (napari calls this when layers change).
+
+        magicgui's ``reset_choices`` puts every combo box back to its first choice; a value
+        still offered afterwards is kept (a filter stays set when a layer is added), and
+        ``changed`` fires only for a combo box whose value really changed.
+        """
+        from contextlib import ExitStack
+
+        from magicgui.widgets.bases import CategoricalWidget
+
+        combos = [w for w in self.form if isinstance(w, CategoricalWidget)]
+        before = [w.value for w in combos]
+        with ExitStack() as stack:
+            for w in combos:
+                stack.enter_context(w.changed.blocked())
+            self.form.reset_choices()
+            for w, v in zip(combos, before, strict=True):
+                if any(c is v or (type(c) is type(v) and c == v) for c in w.choices):
+                    w.value = v
+        for w, v in zip(combos, before, strict=True):
+            if w.value is not v and w.value != v:
+                w.changed.emit(w.value)
 
     def event(self, ev: QEvent) -> bool:  # noqa: D102 - Qt API
         if ev.type() == QEvent.Type.ParentChange:

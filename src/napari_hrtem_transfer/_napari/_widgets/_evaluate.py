@@ -30,6 +30,15 @@ VIEWS = (
     "target loss after transfer",
 )
 ALL = "all"
+#: What the closed combo boxes show (short enough for a 360 px dock; the values stay).
+SHORT = {
+    PUBLISHED: "the study's table",
+    MY_FILE: "my records (CSV/JSON)",
+    VIEWS[0]: "generalization: pretrained",
+    VIEWS[1]: "generalization: transfer",
+    VIEWS[2]: "shift (transfer − pretrain)",
+    VIEWS[3]: "target loss: transfer",
+}
 
 
 def evaluate_job(report: Any, dataset: str, models: list[tuple[str, str]],
@@ -55,6 +64,13 @@ def evaluate_job(report: Any, dataset: str, models: list[tuple[str, str]],
     return results
 
 
+def choice_text(value: Any) -> str:
+    """A filter value as shown: whole numbers without a decimal point (N = 64, not 64.0)."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 class EvaluateWidget(JobDock):
     """Explore the study's numbers and evaluate your models before/after fine-tuning."""
 
@@ -65,17 +81,26 @@ class EvaluateWidget(JobDock):
         from ...evaluation.table import REDUCTIONS
 
         super().__init__(napari_viewer, "Evaluate models")
-        self.source = ComboBox(label="table", choices=[PUBLISHED, MY_FILE], value=PUBLISHED,
+        self.source = ComboBox(label="table", choices=[(SHORT[v], v) for v in (PUBLISHED, MY_FILE)],
+                               value=PUBLISHED,
                                tooltip="The study's published results (packaged), or your "
                                "evaluation records (CSV/JSON written by evaluate or a sweep).")
         self.records = FileEdit(label="records file", mode="r", filter="*.csv *.json",
                                 value="")
-        self.view = ComboBox(label="view", choices=list(VIEWS), value=VIEWS[0])
+        self.view = ComboBox(label="view", choices=[(SHORT[v], v) for v in VIEWS], value=VIEWS[0],
+                             tooltip="; ".join(VIEWS))
         self.reduction = ComboBox(label="reduction", choices=list(REDUCTIONS), value="median",
                                   tooltip="How the models of a cell are reduced (the study: "
                                   "median).")
-        self.freeze = ComboBox(label="freezing", choices=[ALL], value=ALL)
-        self.n_transfer = ComboBox(label="N (fine-tuning images)", choices=[ALL], value=ALL)
+        # choices from the loaded table, through callables: magicgui's reset_choices (napari
+        # calls it whenever a layer is added or removed) asks them again instead of falling
+        # back to the choices the widget was built with
+        self._filter_choices: dict[str, list[str]] = {"freeze": [ALL], "n_transfer": [ALL]}
+        self.freeze = ComboBox(label="freezing", value=ALL,
+                               choices=lambda *_: self._filter_choices["freeze"])
+        self.n_transfer = ComboBox(label="N images", value=ALL,
+                                   tooltip="N: the number of fine-tuning images",
+                                   choices=lambda *_: self._filter_choices["n_transfer"])
         self.show_button = PushButton(text="Show")
         self.dataset = FileEdit(label="labelled dataset", mode="r", filter="*.hspy", value="",
                                 tooltip="A simulated (labelled) dataset to evaluate on.")
@@ -142,8 +167,10 @@ class EvaluateWidget(JobDock):
         for w, col in ((self.freeze, "freeze"), (self.n_transfer, "n_transfer")):
             vals = [v for v in table.unique(col) if v is not None and v == v] if col in table \
                 else []
-            w.choices = [ALL, *[str(v) for v in vals]]
-            w.value = ALL
+            self._filter_choices[col] = [ALL, *[choice_text(v) for v in vals]]
+            with w.changed.blocked():
+                w.reset_choices()
+                w.value = ALL
         self.show_view()
 
     def _filtered(self) -> Any:

@@ -130,6 +130,18 @@ def model_sampling_A(spec: str | os.PathLike) -> float | None:
     return float(samp) if samp else None
 
 
+#: Longest model name shown in a closed combo box [characters] (the path is the tooltip).
+MAX_NAME_CHARS = 26
+
+
+def short_name(name: str, limit: int = MAX_NAME_CHARS) -> str:
+    """``name`` shortened in the middle (``start…end``) to at most ``limit`` characters."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[-(limit - 1 - head):]}"
+
+
 class ModelPicker:
     """A model choice (shipped, recent, browsed) with its card below.
 
@@ -150,21 +162,34 @@ class ModelPicker:
         self.card.setStyleSheet("QLabel { font-size: 11px; }")
         self.browse.changed.connect(self._on_browse)
         self.combo.changed.connect(self._show_card)
+        self.combo.changed.connect(self._show_path)
         recent_models.changed.connect(self.refresh)
         self.widgets = [self.combo, self.browse]
+        self._tip = self.combo.tooltip or ""
         self._show_card()
 
     def _choices(self, *_: Any) -> list[tuple[str, str]]:
         items: list[tuple[str, str]] = []
         if self._none is not None:
             items.append((self._none, ""))
-        items.append(("shipped pretrained model", PRETRAINED))
+        items.append(("pretrained (shipped)", PRETRAINED))
         seen = set()
-        for p in [*self._browsed, *recent_models.paths()]:
-            if p not in seen:
-                seen.add(p)
-                items.append((f"{Path(p).name}  ({Path(p).parent})", p))
+        paths = [p for p in [*self._browsed, *recent_models.paths()]
+                 if not (p in seen or seen.add(p))]
+        names = [Path(p).name for p in paths]
+        for p, name in zip(paths, names, strict=True):
+            if names.count(name) > 1:  # the same name in two folders: say which
+                name = f"{Path(p).parent.name}/{name}"
+            items.append((short_name(name), p))  # the full path: the tooltip
         return items
+
+    def _show_path(self, *_: Any) -> None:
+        v = self.value
+        try:
+            self.combo.tooltip = (self._tip if v in ("", PRETRAINED)
+                                  else f"{v}\n\n{self._tip}")
+        except RuntimeError:  # deleted
+            pass
 
     def refresh(self) -> None:
         """Re-read the recent models (keeps the selection when it is still offered)."""

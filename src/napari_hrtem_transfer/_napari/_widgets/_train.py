@@ -33,7 +33,7 @@ TRAIN_LABELS = {
     "train_defocus_nm": "train defoci [nm]",
     "freeze": "freeze",
     "epochs": "epochs",
-    "lr": "learning rate (0=auto)",
+    "lr": "learning rate",
     "batch_size": "batch size",
     "n_train": "training images",
     "patch_size": "patch [px]",
@@ -109,7 +109,9 @@ class TrainWidget(JobDock):
         from ...training import TrainConfig as T
 
         super().__init__(napari_viewer, "Train")
-        self.source = ComboBox(label="data", choices=[FROM_FILE, FROM_LAYERS], value=FROM_FILE,
+        self.source = ComboBox(label="data", choices=[("simulated .hspy", FROM_FILE),
+                                                      ("image + labels", FROM_LAYERS)],
+                               value=FROM_FILE,
                                tooltip="Train on a simulated dataset file, or on frames you "
                                "annotated in a Labels layer over an Image layer.")
         self.dataset = FileEdit(label="dataset (.hspy)", mode="r", filter="*.hspy", value="",
@@ -119,8 +121,7 @@ class TrainWidget(JobDock):
         self.labels_layer = ComboBox(label="labels layer", choices=self._labels_layers,
                                      tooltip="Particles painted on some frames of the image "
                                      "(any label > 0 = particle; unpainted frames are skipped).")
-        self.model = ModelPicker(label="start from", allow_none="none (pretrain from random "
-                                 "weights)")
+        self.model = ModelPicker(label="start from", allow_none="none (random init)")
         self.model.value = PRETRAINED
         self.out_dir = FileEdit(label="output folder", mode="d", value="",
                                 tooltip="Checkpoint folder (must be empty unless resuming); "
