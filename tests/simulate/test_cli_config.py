@@ -126,3 +126,28 @@ def test_cli_runs_from_a_config_file_and_saves_the_resolved_one(tmp_path, capsys
     ds = load_dataset(out, lazy=False)
     assert ds.images.shape == (1, 1, 128, 128)
     assert SimulationConfig.model_validate(ds.info["config"]) == resolved
+
+
+def test_flag_helper_derives_types_choices_and_defaults_from_any_config():
+    """The shared helper (_cli/flags.py) is not simulate-specific: TrainConfig's fields too."""
+    from napari_hrtem_transfer._cli.flags import Flag, add_config_flags, overrides_from_args
+    from napari_hrtem_transfer.training.config import TrainConfig
+
+    flags = {
+        "loss": Flag("--loss", dest_name="loss"),
+        "num_threads": Flag("--threads", dest_name="num_threads"),
+        "train_defocus_nm": Flag("--defocus", dest_name="train_defocus_nm"),
+    }
+    p = argparse.ArgumentParser()
+    add_config_flags(p, TrainConfig, flags, {"loss": {"pretrain": "bce", "finetune": "bce_dice"}})
+    actions = {a.dest: a for a in p._actions}
+    assert actions["loss"].choices == ("bce", "bce_dice")
+    assert actions["loss"].help.endswith("(pretrain: bce; finetune: bce_dice)")
+    assert actions["num_threads"].type is int and actions["num_threads"].help.endswith(
+        "(default: none)"
+    )
+    assert actions["train_defocus_nm"].nargs == "+"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--loss", "dice"])
+    args = p.parse_args(["--threads", "3"])
+    assert overrides_from_args(args, flags) == {"num_threads": 3}

@@ -35,6 +35,9 @@ class Flag:
     nargs
         argparse nargs replacing the derived one (``"*"`` lets a front end explain an empty
         list itself).
+    dest_name
+        argparse destination (default: from the flag, ``--n-structures`` -> ``n_structures``;
+        give the field's name to read parsed options by field).
     """
 
     flag: str
@@ -42,11 +45,12 @@ class Flag:
     help: str | None = None
     metavar: str | None = None
     nargs: str | None = None
+    dest_name: str | None = None
 
     @property
     def dest(self) -> str:
-        """The argparse destination of the flag (``--n-structures`` -> ``n_structures``)."""
-        return self.flag.lstrip("-").replace("-", "_")
+        """The argparse destination of the option."""
+        return self.dest_name or self.flag.lstrip("-").replace("-", "_")
 
 
 def field_help(model: type, name: str) -> str:
@@ -110,6 +114,12 @@ def flag_kwargs(
         kw["nargs"] = "+"
         args = [a for a in typing.get_args(ann) if a is not Ellipsis]
         element = _strip_optional(args[0]) if args else str
+    elif origin in (typing.Union, types.UnionType):
+        # e.g. list[float] | Literal["all"]: several values, given as text (the config
+        # converts them; a front end may read words such as "all" itself)
+        if any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(ann)):
+            kw["nargs"] = "+"
+        element = None
     if typing.get_origin(element) is typing.Literal:
         kw["choices"] = typing.get_args(element)
     elif element in (int, float, str):
