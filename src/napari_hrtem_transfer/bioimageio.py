@@ -683,15 +683,15 @@ def export_bioimageio(
         if is_pretrained
         else f"HRTEM nanoparticle U-Net - {arch} {stage} (napari-hrtem-transfer)"
     )
+    kind = "ResNet-18 U-Net" if arch == "resnet18" else "compact U-Net"
+    how = "fine-tuned from a pretrained model" if stage == "finetune" else "trained"
+    rng = domain["defocus_range_nm"]
     description = cfg.description or (
-        f"Segments nanoparticles in HRTEM phase-contrast images at {sampling:g} Å/px "
-        f"(compact/ResNet U-Net '{arch}', {stage}; trained on abTEM simulations"
-        + (
-            f", defocus {domain['defocus_range_nm'][0]:g} to {domain['defocus_range_nm'][1]:g} nm"
-            if domain["defocus_range_nm"]
-            else ""
-        )
-        + "). Output: particle probability."
+        "Segments nanoparticles in HRTEM phase-contrast images"
+        + (f" at {sampling:g} Å/px" if sampling else "")
+        + f" ({kind}, {how}"
+        + (f" on defocus {rng[0]:g} to {rng[1]:g} nm" if rng else "")
+        + "). Input: a raw frame; output: the particle probability."
     )
     with tempfile.TemporaryDirectory(prefix="hrtem-bioimageio-") as tmpdir:
         tmp = Path(tmpdir)
