@@ -480,6 +480,18 @@ def test_torchscript_only_and_damaged_weights_are_refused(finetuned_zip, tmp_pat
         import_bioimageio(pkg)
 
 
+def test_export_without_the_extra_or_of_a_package_says_what_to_do(
+    monkeypatch, finetuned_zip, tmp_path
+):
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "bioimageio.spec", None)  # as if not installed
+        with pytest.raises(ConfigError, match=r"pip install 'napari-hrtem-transfer\[bioimageio\]'"):
+            export_bioimageio("pretrained", tmp_path / "x.zip")
+    with pytest.raises(ConfigError, match="already a bioimage.io package"):
+        export_bioimageio(finetuned_zip, tmp_path / "y.zip")
+    assert not (tmp_path / "x.zip").exists() and not (tmp_path / "y.zip").exists()
+
+
 def test_package_detection(tmp_path, finetuned_zip):
     assert is_bioimageio_package(finetuned_zip) and is_bioimageio_package(tmp_path / "rdf.yaml")
     assert not is_bioimageio_package("pretrained") and not is_bioimageio_package(

@@ -41,16 +41,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--author",
         dest="authors",
         action="append",
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="NAME",
-        help=f"{_help('authors')} (repeat for several; default: {', '.join(d.authors)})",
+        help=f"{_help('authors')} Repeat for several (default: {', '.join(d.authors)}).",
     )
     p.add_argument("--license", default=d.license, metavar="SPDX", help=_help("license"))
+    p.set_defaults(test=d.test)  # before the flag: set_defaults would overwrite its default
     p.add_argument(
         "--no-test",
         dest="test",
         action="store_false",
-        help=f"do not {_help('test')[0].lower()}{_help('test')[1:]}",
+        default=argparse.SUPPRESS,
+        help="skip the check that the written package passes bioimageio.core.test_model (by "
+        "default the export fails, exit code 2, if the package does not reproduce its test "
+        "output)",
     )
     p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
 
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "test": args.test,
         "overwrite": args.overwrite,
     }
-    if args.authors:
+    if getattr(args, "authors", None):
         values["authors"] = list(args.authors)
     cfg = BioimageioExportConfig(**values)
     res = export_bioimageio(args.model, args.out, config=cfg)
