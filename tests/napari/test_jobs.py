@@ -254,3 +254,38 @@ def test_simulate_job_end_to_end():
     assert masks.any() and not masks.all()
     np.testing.assert_array_equal(masks[0], masks[1])
     assert float(np.asarray(images).mean()) > 0
+
+
+def test_forward_warnings_reports_every_warning_every_time():
+    """Python shows a warning once per code location; a job reports it at every run (and
+    from its thread), leaving developer deprecations out."""
+    import warnings
+
+    from napari_hrtem_transfer._napari._jobs import WARNING_STAGE, forward_warnings
+    from napari_hrtem_transfer._napari._workers import JobRunner, JobStage
+    from napari_hrtem_transfer.segmentation import SegmentationWarning
+
+    def job(report, stop=None):
+        with forward_warnings(report):
+            warnings.warn("the pixel size is unknown; assumed 0.2 Å/px", SegmentationWarning,
+                          stacklevel=1)
+            warnings.warn("old API", DeprecationWarning, stacklevel=1)
+            warnings.warn("the pixel size is unknown; assumed 0.2 Å/px", SegmentationWarning,
+                          stacklevel=1)
+        return 1
+
+    for _ in range(2):
+        runner = JobRunner(job).start()
+        assert runner.join(10)
+        items, _ = runner.poll()
+        stages = [u for u in items if isinstance(u, JobStage) and u.name == WARNING_STAGE]
+        assert [s.message for s in stages] == ["the pixel size is unknown; assumed 0.2 Å/px"]
+    # a failing block still reports what it warned
+    reported = []
+    try:
+        with forward_warnings(reported.append):
+            warnings.warn("STEM image", UserWarning, stacklevel=1)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert [u.message for u in reported] == ["STEM image"]

@@ -788,3 +788,81 @@ def test_docks_scroll_only_over_their_content_and_combos_show_whole_values(
                 text = cb.itemText(i)
                 assert cb.fontMetrics().horizontalAdvance(text) <= field.width(), (
                     name, text, field.width())
+
+
+def test_eta_counts_down_between_steps(make_napari_viewer, monkeypatch):
+    """The time left comes from the rate of completed work and does not grow while a step
+    runs (it used to grow by a second per second between steps)."""
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget, _base
+
+    now = [100.0]
+    monkeypatch.setattr(_base.time, "monotonic", lambda: now[0])
+    w = SegmentWidget(make_napari_viewer())
+    w.state, w._t0 = "running", 100.0
+    w._eta_fraction, w._left_at_eta = 0.0, None
+    now[0] = 110.0
+    w.set_fraction(0.25)  # 25 % in 10 s: 30 s left
+    assert w.time_left() == pytest.approx(30.0)
+    now[0] = 115.0  # 5 s into the next step, no news
+    w._update_time()
+    assert w.time_left() == pytest.approx(25.0)
+    assert "about 0:25 left" in w.time_label.value
+    now[0] = 130.0
+    w.set_fraction(0.5)  # 50 % in 30 s: 30 s left again
+    assert w.time_left() == pytest.approx(30.0)
+
+
+class TrainResult:  # what the training callbacks report (the name is what the dock reads)
+    def __init__(self, out_dir, stopped):
+        self.out_dir, self.stopped = out_dir, stopped
+        self.epochs_completed, self.best_epoch, self.best_val_loss = 0 if stopped else 2, None, None
+
+
+def test_train_on_layers_uses_the_form_and_never_meets_its_own_folder(make_napari_viewer,
+                                                                      qtbot, monkeypatch,
+                                                                      tmp_path):
+    """Image + labels mode: batch size, patch and seed reach the core; a second Train after a
+    finished run gets a new folder; after Stop the message matches what the dock offers."""
+    import napari_hrtem_transfer.annotations as annotations
+    from napari_hrtem_transfer._napari._widgets import TrainWidget
+    from napari_hrtem_transfer._napari._widgets._train import FROM_LAYERS
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    calls = []
+
+    def fake(images, labels, *, out_dir, callbacks, stop, **kwargs):
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        calls.append(dict(kwargs, out_dir=out_dir))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "last.json").write_text("{}")
+        res = TrainResult(out_dir, stopped=len(calls) == 3)
+        for cb in callbacks:
+            cb.on_train_end(res)
+        return SimpleNamespace(train=res, ood=None, notes=[])
+
+    monkeypatch.setattr(annotations, "finetune_on_annotations", fake)
+    viewer = make_napari_viewer()
+    img = viewer.add_image(np.zeros((3, 64, 64), np.float32), name="frames")
+    lab = viewer.add_labels(np.ones((3, 64, 64), np.uint8), name="painted")
+    w = TrainWidget(viewer)
+    w.source.value = FROM_LAYERS
+    w.image_layer.value, w.labels_layer.value = img, lab
+    assert not any(x.native.isHidden() for x in (w.batch_size, w.patch_size, w.seed))
+    w.batch_size.value, w.patch_size.value, w.seed.value = 3, 32, 11
+    w.device.value = "cpu"
+    for _ in range(3):
+        w.run_button.click()
+        _wait_idle(qtbot, w)
+        assert w.state != "failed", w.status.value
+    assert [c["batch_size"] for c in calls] == [3, 3, 3]
+    assert [c["patch_size"] for c in calls] == [32, 32, 32]
+    assert [c["seed"] for c in calls] == [11, 11, 11]
+    assert len({c["out_dir"] for c in calls}) == 3  # a new folder per run
+    # the third run was stopped: say only what this dock can do
+    assert w.resume.native.isHidden() is not w.resume_offered()
+    if w.resume_offered():
+        assert "tick 'resume'" in w.status.value
+    else:
+        assert "tick 'resume'" not in w.status.value and "Train again" in w.status.value

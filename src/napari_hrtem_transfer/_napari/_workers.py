@@ -1,13 +1,13 @@
-"""Background jobs for the widgets: typed updates and a thread-to-generator bridge.
+"""Background jobs for the widgets: typed updates, a job runner and a generator bridge.
 
 A long job (simulation, training, segmentation) is a plain function ``job(report, ...)``
-that calls ``report(update)`` whenever it has news. :func:`run_with_updates` runs it on a
-helper thread and turns the reports into a generator, which napari's ``thread_worker``
-runs off the GUI thread; every yielded value reaches the widget in the GUI thread through
-the worker's ``yielded`` signal. Exceptions do not escape: they travel as a
-:class:`JobFailed` update, so a failing job shows a notification and never kills napari.
+that calls ``report(update)`` whenever it has news. The docks run it with
+:class:`JobRunner` (a thread whose updates a timer in the GUI thread polls);
+:func:`run_with_updates` turns the reports into a generator (for scripts and tests).
+Exceptions do not escape: they travel as a :class:`JobFailed` update, so a failing job
+shows a notification and never kills napari.
 
-Nothing here imports Qt; the generator can be iterated directly in tests.
+Nothing here imports Qt or napari.
 """
 
 from __future__ import annotations
@@ -229,24 +229,3 @@ def _stop_jobs_at_exit() -> None:  # before Python joins non-daemon threads
 
 if hasattr(threading, "_register_atexit"):
     threading._register_atexit(_stop_jobs_at_exit)
-
-
-def start_worker(
-    job: Callable[..., Any],
-    *args: Any,
-    on_update: Callable[[Any], None],
-    on_finished: Callable[[], None] | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Start ``job`` in a napari ``thread_worker``; ``on_update`` gets every update.
-
-    Returns the started worker (a ``GeneratorWorker``).
-    """
-    from napari.qt.threading import create_worker
-
-    worker = create_worker(run_with_updates, job, *args, _start_thread=False, **kwargs)
-    worker.yielded.connect(on_update)
-    if on_finished is not None:
-        worker.finished.connect(on_finished)
-    worker.start()
-    return worker

@@ -195,9 +195,14 @@ class TrainWidget(JobDock):
         for w in (self.dataset, self.defocus_nm, self.n_train):
             w.visible = not layers
         # batch size, patch and seed are used in both modes (passed on to the core)
-        self.resume.visible = not layers or self._layers_can_resume()
+        self.resume.visible = self.resume_offered()
         if layers and self.freeze.value == "none":
             self.freeze.value = "encoder"  # a few annotated frames: keep the features
+
+    def resume_offered(self) -> bool:
+        """Whether the form offers 'resume' (always with a dataset; with layers when the
+        core can resume a fine-tuning on annotated frames)."""
+        return self.source.value != FROM_LAYERS or self._layers_can_resume()
 
     def _layers_can_resume(self) -> bool:
         try:
@@ -252,7 +257,7 @@ class TrainWidget(JobDock):
         is resumed (so Train after a finished run never meets a non-empty folder).
         """
         out = str(self.out_dir.value)
-        resuming = bool(self.resume.value) and self.resume.visible
+        resuming = bool(self.resume.value) and self.resume_offered()
         if out not in ("", ".") and (out != self._auto_out or resuming):
             return out
         from platformdirs import user_data_dir
@@ -327,7 +332,7 @@ class TrainWidget(JobDock):
                 "calibration (layer scale, in nm) or start from a model trained near this "
                 "pixel size.", "image")
         out = self._out_dir(f"finetuned-{image.name}".replace(" ", "_"))
-        resume = bool(self.resume.value) and self.resume.visible
+        resume = bool(self.resume.value) and self.resume_offered()
         if resume:
             self._check_resume_folder(out)
         elif Path(out).is_dir() and any(Path(out).iterdir()):
@@ -401,7 +406,7 @@ class TrainWidget(JobDock):
                      f"{st.n_steps})" if st is not None else f"epoch {n + 1} of {total}")
             self.state = "stopped"
             self.progress.setFormat(f"stopped at {where.split(' (')[0]}")
-            if self.resume.visible:
+            if self.resume_offered():
                 how = (f"A resumable checkpoint is in {result.out_dir}: tick 'resume' (the "
                        "output folder is kept) and Train to continue.")
             else:
@@ -418,7 +423,7 @@ class TrainWidget(JobDock):
         out = Path(result.out_dir)
         if result.stopped:
             self.state = "stopped"
-            notify("info", f"Training stopped; {'resumable ' if self.resume.visible else ''}"
+            notify("info", f"Training stopped; {'resumable ' if self.resume_offered() else ''}"
                    f"checkpoint in {out}")
             return
         self.resume.value = False  # a finished run has nothing to resume
