@@ -117,10 +117,18 @@ def test_cli_runs_from_a_config_file_and_saves_the_resolved_one(tmp_path, capsys
         n_phonons=1,
     )
     src = save_config(start, tmp_path / "start.toml")
-    out, saved = tmp_path / "cli.hspy", tmp_path / "resolved.toml"
+    out, saved, png = tmp_path / "cli.hspy", tmp_path / "resolved.toml", tmp_path / "f.png"
     rc = main(["simulate", "--out", str(out), "--quiet", "--config", str(src),
-               "--seed", "5", "--save-config", str(saved)])
-    assert rc == 0, capsys.readouterr().err
+               "--seed", "5", "--save-config", str(saved), "--figure", str(png)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert f"wrote {saved}" in printed.out and f"wrote {png}" in printed.out
+    # the figure: one panel per defocus plus the mask, in a row (wider than tall)
+    from matplotlib.image import imread
+
+    img = imread(png)
+    assert img.ndim == 3 and img.shape[1] > 1.5 * img.shape[0]
+    assert img[..., :3].std() > 0.05  # not a blank canvas
     resolved = load_config(saved, "simulation")
     assert resolved == start.model_copy(update={"seed": 5})
     ds = load_dataset(out, lazy=False)
