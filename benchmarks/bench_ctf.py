@@ -66,10 +66,56 @@ def film_truth_nm(ds, j: int, i: int) -> float:
     )
 
 
+def _summary(rows: list[dict], frame_px) -> dict:
+    found = [r for r in rows if r["est"] is not None]
+    sel = [r for r in rows if abs(r["film"]) >= 10]
+    within = [
+        r for r in sel if r["est"] is not None and abs(r["est"] - r["film"]) <= 3 and r["sign"]
+    ]
+    within_abs = [
+        r for r in sel if r["abs_est"] is not None and abs(r["abs_est"] - abs(r["film"])) <= 3
+    ]
+    within_p = [
+        r
+        for r in rows
+        if abs(r["particles"]) >= 10
+        and r["est"] is not None
+        and r["sign"]
+        and abs(r["est"] - r["particles"]) <= 3
+    ]
+    signed = [r for r in found if r["sign"]]
+    err = np.array([r["est"] - r["film"] for r in found])
+    res = dict(
+        frames=len(rows),
+        frame_px=frame_px,
+        rings_found=len(found),
+        frac_within_3nm_signed_film=len(within) / max(len(sel), 1),
+        frac_within_3nm_abs_film=len(within_abs) / max(len(sel), 1),
+        frac_within_3nm_signed_particle_axis=len(within_p)
+        / max(sum(abs(r["particles"]) >= 10 for r in rows), 1),
+        sign_determined=len(signed),
+        sign_correct=int(sum(np.sign(r["est"]) == np.sign(r["film"]) for r in signed)),
+        best_branch_sign_correct=int(sum(np.sign(r["est"]) == np.sign(r["film"]) for r in found)),
+        max_sign_lr_of_wrong_branch=max(
+            [r["lr"] for r in found if np.sign(r["est"]) != np.sign(r["film"])], default=None
+        ),
+        min_ring_F=min([r["F"] for r in found], default=None),
+        median_abs_error_nm_film=float(np.median(np.abs(err))) if err.size else None,
+        median_error_nm_film=float(np.median(err)) if err.size else None,
+        median_error_nm_vs_particle_axis=float(
+            np.median([r["est"] - r["particles"] for r in found])
+        )
+        if found
+        else None,
+    )
+    return res
+
+
 def accuracy(paths: list[Path], cs_mm: float) -> dict:
     from napari_hrtem_transfer.io.dataset import load_dataset
 
     out = {}
+    all_rows: list[dict] = []
     for path in paths:
         ds = load_dataset(path, lazy=False)
         rows = []
@@ -91,51 +137,13 @@ def accuracy(paths: list[Path], cs_mm: float) -> dict:
                         lr=e.sign_lr,
                     )
                 )
-        found = [r for r in rows if r["est"] is not None]
-        sel = [r for r in rows if abs(r["film"]) >= 10]
-        within = [
-            r for r in sel if r["est"] is not None and abs(r["est"] - r["film"]) <= 3 and r["sign"]
-        ]
-        within_abs = [
-            r for r in sel if r["abs_est"] is not None and abs(r["abs_est"] - abs(r["film"])) <= 3
-        ]
-        within_p = [
-            r
-            for r in rows
-            if abs(r["particles"]) >= 10
-            and r["est"] is not None
-            and r["sign"]
-            and abs(r["est"] - r["particles"]) <= 3
-        ]
-        signed = [r for r in found if r["sign"]]
-        err = np.array([r["est"] - r["film"] for r in found])
-        res = dict(
-            frames=len(rows),
-            frame_px=int(ds.images.shape[-1]),
-            rings_found=len(found),
-            frac_within_3nm_signed_film=len(within) / max(len(sel), 1),
-            frac_within_3nm_abs_film=len(within_abs) / max(len(sel), 1),
-            frac_within_3nm_signed_particle_axis=len(within_p)
-            / max(sum(abs(r["particles"]) >= 10 for r in rows), 1),
-            sign_determined=len(signed),
-            sign_correct=int(sum(np.sign(r["est"]) == np.sign(r["film"]) for r in signed)),
-            best_branch_sign_correct=int(
-                sum(np.sign(r["est"]) == np.sign(r["film"]) for r in found)
-            ),
-            max_sign_lr_of_wrong_branch=max(
-                [r["lr"] for r in found if np.sign(r["est"]) != np.sign(r["film"])], default=None
-            ),
-            min_ring_F=min([r["F"] for r in found], default=None),
-            median_abs_error_nm_film=float(np.median(np.abs(err))) if err.size else None,
-            median_error_nm_film=float(np.median(err)) if err.size else None,
-            median_error_nm_vs_particle_axis=float(
-                np.median([r["est"] - r["particles"] for r in found])
-            )
-            if found
-            else None,
-        )
+        res = _summary(rows, int(ds.images.shape[-1]))
+        all_rows += rows
         out[path.name] = res
         print(f"accuracy {path.name}: {json.dumps(res)}", flush=True)
+    if len(paths) > 1:
+        out["all"] = _summary(all_rows, "mixed")
+        print(f"accuracy all: {json.dumps(out['all'])}", flush=True)
     return out
 
 
@@ -297,25 +305,25 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict = {}
     if "accuracy" in args.sections:
-        paths = args.data or [
-            simulate(
-                args.work / "cs05_particles_256.hspy",
-                particles=True,
-                size=256,
-                n=4,
-                seed=101,
-                cs_mm=args.cs,
-            ),
-            simulate(
-                args.work / "cs05_carbon_256.hspy",
-                particles=False,
-                size=256,
-                n=4,
-                seed=102,
-                cs_mm=args.cs,
-            ),
-        ]
-        result["accuracy"] = accuracy(paths, args.cs)
+        if args.data:
+            result["accuracy"] = accuracy(args.data, args.cs)
+        else:
+            w, cs = args.work, args.cs
+            paths = [
+                simulate(
+                    w / "particles_256.hspy", particles=True, size=256, n=4, seed=101, cs_mm=cs
+                ),
+                simulate(w / "carbon_256.hspy", particles=False, size=256, n=4, seed=102, cs_mm=cs),
+                simulate(
+                    w / "particles_512.hspy", particles=True, size=512, n=3, seed=103, cs_mm=cs
+                ),
+            ]
+            result["accuracy"] = accuracy(paths, cs)
+            # the shipped model's Cs (5 µm): the sign is expected to stay undetermined
+            small = simulate(
+                w / "particles_256_cs5um.hspy", particles=True, size=256, n=4, seed=104, cs_mm=0.005
+            )
+            result["accuracy_cs5um"] = accuracy([small], 0.005)
     if "null" in args.sections:
         result["null"] = null(args.reps)
     if "timing" in args.sections:

@@ -327,3 +327,20 @@ def test_coarse_pixels_cannot_show_rings():
     img = weak_phase_frame(30.0, seed=1)
     e = ctf.estimate_ctf(img, 50.0)
     assert not e.amorphous and "pixel size" in e.reason
+
+
+def test_overlap_of_an_estimate():
+    signed = ctf.estimate_ctf(weak_phase_frame(20.0, n=512, seed=8), 0.2, Cs_mm=0.5)
+    assert signed.sign_determined
+    kw = dict(energy_eV=300e3, Cs_mm=0.5, sampling_A=0.2)
+    assert ctf.ctf_overlap_for_estimate(signed, [20.0]) == pytest.approx(
+        ctf.ctf_overlap(signed.defocus_nm, [20.0], **kw)
+    )
+    assert ctf.ctf_overlap_for_estimate(signed, [20.0]) > 0.8
+    # sign unknown: the worse of the two signs
+    unsigned = ctf.CTFEstimate(None, 20.0, False, 0.9, True, False, False, None, 300e3, 0.5, 0.2)
+    assert ctf.ctf_overlap_for_estimate(unsigned, [20.0]) == pytest.approx(
+        ctf.ctf_overlap(-20.0, [20.0], **kw)
+    )
+    blank = ctf.estimate_ctf(np.random.default_rng(0).poisson(9, (128, 128)), 0.2)
+    assert ctf.ctf_overlap_for_estimate(blank, [20.0]) is None

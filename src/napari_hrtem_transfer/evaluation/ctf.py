@@ -33,6 +33,7 @@ __all__ = [
     "chi_rad",
     "ctf_curve",
     "ctf_overlap",
+    "ctf_overlap_for_estimate",
     "estimate_ctf",
     "power_spectrum",
     "power_transfer",
@@ -669,3 +670,37 @@ def ctf_overlap(
             continue
         best = max(best, float(pf @ pk) / math.sqrt(nf * nk))
     return float(min(max(best, 0.0), 1.0))
+
+
+def ctf_overlap_for_estimate(
+    estimate: CTFEstimate,
+    training_defocus_nm: Sequence[float],
+    *,
+    focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
+    training_jitter_nm: float = DEFAULT_TRAINING_JITTER_NM,
+    q_min_per_A: float = 0.02,
+    q_max_per_A: float | None = None,
+) -> float | None:
+    """:func:`ctf_overlap` [0..1] of an estimate, with its energy, Cs and pixel size.
+
+    None when the frame has no Thon rings (``estimate.amorphous`` False).  When the sign is
+    undetermined the lower of the overlaps of ``+|defocus|`` and ``-|defocus|`` is returned
+    (the conservative choice for an out-of-distribution verdict).
+    """
+    if not estimate.amorphous or estimate.defocus_abs_nm is None:
+        return None
+    kw = dict(
+        energy_eV=estimate.energy_eV,
+        Cs_mm=estimate.Cs_mm,
+        sampling_A=estimate.sampling_A,
+        focal_spread_A=focal_spread_A,
+        training_jitter_nm=training_jitter_nm,
+        q_min_per_A=q_min_per_A,
+        q_max_per_A=q_max_per_A,
+    )
+    if estimate.sign_determined and estimate.defocus_nm is not None:
+        return ctf_overlap(estimate.defocus_nm, training_defocus_nm, **kw)
+    a = estimate.defocus_abs_nm
+    return min(
+        ctf_overlap(a, training_defocus_nm, **kw), ctf_overlap(-a, training_defocus_nm, **kw)
+    )
