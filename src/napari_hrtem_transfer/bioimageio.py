@@ -344,7 +344,12 @@ def _sample_frame(
     ds = load_dataset(path, lazy=True)
     defoci = np.asarray(ds.defocus_nm, float)
     centre = float(np.mean(train_defocus)) if train_defocus else 0.0
-    d = int(np.argmin(np.abs(defoci - centre)))
+    # nearest the middle of the training domain, but not at the minimum-contrast focus (0 nm,
+    # where the particles are nearly invisible) unless the model was trained only there
+    dist = np.abs(defoci - centre)
+    if any(abs(v) > 1e-9 for v in train_defocus or [1.0]):
+        dist = np.where(np.abs(defoci) < 1e-9, np.inf, dist)
+    d = int(np.argmin(dist))
     frame = np.asarray(ds.images[d, 0], np.float32)
     mask = np.asarray(ds.masks[0], bool) if ds.masks is not None else np.zeros(frame.shape, bool)
     what = (
@@ -386,17 +391,18 @@ def _reference_probability(lm: Any, frame: np.ndarray) -> np.ndarray:
 
 def _cover(path: Path, frame: np.ndarray, mask: np.ndarray, proba: np.ndarray, title: str):
     """A 2:1 PNG: the frame, and the frame with the model's mask and the true outline."""
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4), dpi=100)
     lo, hi = np.percentile(frame, [1, 99])
-    ax0 = fig.add_axes((0.0, 0.0, 0.5, 0.92))
-    ax1 = fig.add_axes((0.5, 0.0, 0.5, 0.92))
+    ax0 = fig.add_axes((0.0, 0.05, 0.5, 0.87))
+    ax1 = fig.add_axes((0.5, 0.05, 0.5, 0.87))
     for ax in (ax0, ax1):
         ax.imshow(frame, cmap="gray", vmin=lo, vmax=hi)
         ax.set_axis_off()
     pred = np.ma.masked_where(proba < 0.5, np.ones_like(proba))
-    ax1.imshow(pred, cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+    ax1.imshow(pred, cmap=ListedColormap(["#ff7f0e"]), alpha=0.45, vmin=0, vmax=1)
     if mask.any():
         ax1.contour(mask.astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
     fig.text(0.25, 0.96, "simulated HRTEM frame", ha="center", va="center", fontsize=10)
