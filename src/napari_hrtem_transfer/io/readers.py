@@ -1,5 +1,9 @@
 """Experimental HRTEM images: vendor files -> calibrated grey-level frames.
 
+Every reader returns :class:`~napari_hrtem_transfer.io.frames.Frames` (public name
+``ExperimentalImage``), the one frames model; the unit table, pixel-size discovery and RGB ->
+grey live in :mod:`napari_hrtem_transfer.io.frames` and are re-exported here.
+
 :func:`read_images` opens a file with HyperSpy/RosettaSciIO (imported inside the
 functions, so importing this module is cheap) and returns one :class:`ExperimentalImage`
 per image signal in the file. Supported formats:
@@ -10,7 +14,8 @@ extension                  notes
 ``.dm3``, ``.dm4``         Gatan DigitalMicrograph (images and image stacks)
 ``.emd``                   Velox (Thermo Fisher); one entry per image signal,
                            non-image signals (spectra, spectrum images) skipped
-``.ser``, ``.emi``         TIA (FEI); ``.emi`` adds the microscope metadata
+``.ser``, ``.emi``         TIA (FEI); ``.emi`` adds the microscope metadata, and a
+                           ``.ser`` given alone is read through the ``.emi`` beside it
 ``.mrc``                   MRC (Direct Electron, cryo-EM stacks, ...)
 ``.tif``, ``.tiff``        TIFF incl. DigitalMicrograph, ImageJ and TVIPS
                            calibration tags; RGB is converted to grey
