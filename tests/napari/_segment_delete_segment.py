@@ -56,7 +56,9 @@ def main() -> int:
     print("deleted the segmentation layer", flush=True)
     if segment_once(2):
         return 3
-    overlay = viewer.text_overlay.text
+    from napari_hrtem_transfer._napari._widgets._ood import canvas_text
+
+    overlay = canvas_text(viewer).text
     print(f"canvas text: {overlay!r}", flush=True)
     if w.ood_view is not None and w.ood_view.layer is not viewer.layers[-1]:
         print("the OOD dock does not show the new segmentation", flush=True)

@@ -64,6 +64,14 @@ def x_column(features: Any, nav_axes: list[str]) -> tuple[str, str]:
     return "frame", "frame"
 
 
+def canvas_text(viewer: Any) -> Any:
+    """napari's canvas text overlay (``viewer.canvas.overlays.text`` since napari 0.9;
+    the deprecated ``viewer.text_overlay`` before)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    text = getattr(overlays, "text", None)
+    return text if text is not None else viewer.text_overlay
+
+
 def frame_reasons(row: dict[str, Any]) -> list[str]:
     """Why a frame is out of domain, in words (empty when in domain or not known)."""
     r = row.get("reasons")
@@ -156,7 +164,7 @@ class OODView(DockWidget):
         # 0.9, vispy 0.17, Mesa: segment -> delete the result -> segment again). An empty
         # text draws nothing and never touches the overlay's visibility.
         try:
-            ov = self._viewer.text_overlay
+            ov = canvas_text(self._viewer)
             if self._owns_overlay and ov.text:
                 ov.text = ""
         except Exception:  # noqa: BLE001 - the viewer is going away
@@ -385,7 +393,7 @@ class OODView(DockWidget):
         reasons = frame_reasons(row)
         if reasons:
             text += "\n" + "\n".join(f"– {r}" for r in reasons)
-        ov = self._viewer.text_overlay
+        ov = canvas_text(self._viewer)
         # colour: napari's contrast with the canvas (follows the theme), the theme's warning
         # colour above the caution level
         try:
