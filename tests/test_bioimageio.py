@@ -109,8 +109,11 @@ def finetuned(tmp_path_factory):
 def finetuned_zip(finetuned, tmp_path_factory):
     ft, ds = finetuned
     out = tmp_path_factory.mktemp("pkg_ft") / "ft.zip"
-    res = export_bioimageio(ft, out, test=True, test_image=ds.images[1, 0], test_mask=ds.masks[0])
-    assert res.test_passed is True  # export ran bioimageio.core.test_model on the zip
+    res = export_bioimageio(
+        ft, out, test=True, torchscript=True, test_image=ds.images[1, 0], test_mask=ds.masks[0]
+    )
+    # export ran bioimageio.core.test_model on the zip: both weight formats reproduce the output
+    assert res.test_passed is True
     assert res.ood_reference and not res.notes
     return out
 
@@ -161,12 +164,15 @@ def test_shipped_package_passes_bioimageio_test(shipped_zip):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_finetuned_package_passes_bioimageio_test(finetuned_zip):
     # the export already required it; run it again independently of export's code path
     from bioimageio.core import test_model
 
     summary = test_model(str(finetuned_zip), devices=["cpu"])
     assert summary.status == "passed", summary.format()
+    ran = {d.name for d in summary.details if d.status == "passed"}
+    assert any("(torchscript)" in n for n in ran) and any("(pytorch_state_dict)" in n for n in ran)
 
 
 def _steps(procs):
@@ -218,6 +224,7 @@ def _check_declarations(zpath, model_dir):
 def test_finetuned_package_declarations(finetuned, finetuned_zip):
     rdf, readme, dom = _check_declarations(finetuned_zip, finetuned[0])
     assert dom["train_defocus_nm"] == [5.0] and dom["stage"] == "finetune"
+    assert rdf["weights"]["torchscript"]["parent"] == "pytorch_state_dict"
     assert dom["dose_e_per_A2"] == 5000.0 and dom["voltage_kV"] is None  # not recorded
     assert "generated from the checkpoint sidecar" in readme.lower()
     assert "fine-tuned from" in readme

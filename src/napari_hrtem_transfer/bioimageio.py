@@ -149,6 +149,10 @@ class BioimageioExportConfig(BaseModel):
     license: str = "BSD-3-Clause"
     """SPDX licence identifier of the weights."""
 
+    torchscript: bool = False
+    """Also write TorchScript weights (traced; +the weights' size again), for consumers that
+    cannot import napari-hrtem-transfer, such as deepImageJ in Fiji."""
+
     test: bool = True
     """Run ``bioimageio.core.test_model`` on the written package (fails the export if the
     package does not reproduce its test output)."""
@@ -389,6 +393,21 @@ def _reference_probability(lm: Any, frame: np.ndarray) -> np.ndarray:
     return torch.sigmoid(logits).numpy().astype(np.float32)  # (1, 1, H, W)
 
 
+def _write_torchscript(model: Any, frame: np.ndarray, path: Path) -> None:
+    """Trace the model (eval mode, CPU) on the test frame's shape and save it."""
+    import warnings
+
+    import torch
+
+    x = torch.zeros((1, 1, *frame.shape), dtype=torch.float32)
+    with warnings.catch_warnings(), torch.no_grad():
+        # tracing warns that the input-shape check becomes a constant and that
+        # torch.jit.trace is deprecated; the traced program is checked by the package test
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model.to("cpu").eval(), x, check_trace=False)
+        traced.save(str(path))
+
+
 def _cover(path: Path, frame: np.ndarray, mask: np.ndarray, proba: np.ndarray, title: str):
     """A 2:1 PNG: the frame, and the frame with the model's mask and the true outline."""
     from matplotlib.colors import ListedColormap
@@ -588,7 +607,20 @@ def _rdf(
                 "pytorch_version": _torch_version(),
                 "comment": "state dict of napari-hrtem-transfer's architecture; the same "
                 "tensors as the attached safetensors file",
-            }
+            },
+            **(
+                {
+                    "torchscript": {
+                        "source": "weights_torchscript.pt",
+                        "parent": "pytorch_state_dict",
+                        "pytorch_version": _torch_version(),
+                        "comment": "torch.jit.trace of the pytorch_state_dict model (eval "
+                        "mode); never loaded by napari-hrtem-transfer itself",
+                    }
+                }
+                if cfg.torchscript
+                else {}
+            ),
         },
         "attachments": [{"source": a} for a in attachments],
         "config": {
@@ -704,6 +736,8 @@ def export_bioimageio(
         import torch
 
         torch.save(state_tensors(lm.model), tmp / "weights.pt")
+        if cfg.torchscript:
+            _write_torchscript(lm.model, frame, tmp / "weights_torchscript.pt")
         np.save(tmp / "test_input.npy", frame[None, None].astype(np.float32))
         np.save(tmp / "test_output.npy", proba)
         import tifffile

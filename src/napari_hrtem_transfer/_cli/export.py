@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"{_help('authors')} Repeat for several (default: {', '.join(d.authors)}).",
     )
     p.add_argument("--license", default=d.license, metavar="SPDX", help=_help("license"))
+    p.add_argument("--torchscript", action="store_true", help=_help("torchscript"))
     p.set_defaults(test=d.test)  # before the flag: set_defaults would overwrite its default
     p.add_argument(
         "--no-test",
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "description": args.description,
         "license": args.license,
         "test": args.test,
+        "torchscript": args.torchscript,
         "overwrite": args.overwrite,
     }
     if getattr(args, "authors", None):
