@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from napari_hrtem_transfer.cli import main
 
@@ -61,6 +62,8 @@ def test_packaged_series_gives_one_file_with_defocus_by_image_navigation(
     assert len(doc["frames"]) == 20
     assert [r["defocus_nm"] for r in doc["frames"][::4]] == [-10.0, -5.0, 0.0, 5.0, 10.0]
     assert doc["caution_level"] is not None
+    assert doc["sampling_A"] == pytest.approx(0.2)
+    assert "defocus_series_small.hspy" in doc["sampling_source"]
 
 
 def test_nonuniform_defocus_axis_survives_the_cli(tiny_model, tmp_path):
@@ -135,6 +138,7 @@ def test_rgb_note_is_in_the_ood_json_and_label_images_warn(tiny_model, tmp_path,
     assert main([*base, str(tmp_path / "rgb.npy"), "--out", str(tmp_path / "a.npy")]) == 0
     doc = json.loads((tmp_path / "a.ood.json").read_text())
     assert any("RGB" in n for n in doc["notes"])
+    assert doc["sampling_source"] == "user (--sampling)"
     capsys.readouterr()
     np.save(tmp_path / "label.npy", masks[0].astype(np.uint8))
     assert main([*base, str(tmp_path / "label.npy"), "--out", str(tmp_path / "b.npy")]) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -177,6 +178,8 @@ def _ood_doc(res: Any, source: str, image: Any) -> dict[str, Any]:
         "frames": res.frame_table(),
         "notes": input_notes + [n for n in res.notes if n not in input_notes],
         "input_notes": input_notes,
+        "sampling_A": res.sampling_A,
+        "sampling_source": _sampling_source(res, image),
         "provenance": res.provenance,
     }
     domain = getattr(res, "imaging_domain", None)
@@ -185,6 +188,16 @@ def _ood_doc(res: Any, source: str, image: Any) -> dict[str, Any]:
     if getattr(image, "sources", None):
         doc["frame_files"] = list(image.sources)
     return doc
+
+
+def _sampling_source(res: Any, image: Any) -> str:
+    """Where the pixel size used came from: the file (and which part), --sampling, or none."""
+    own = getattr(image, "sampling_A", None)
+    if res.sampling_A is None:
+        return "none: the model's pixel size was assumed"
+    if own is None or not math.isclose(res.sampling_A, own, rel_tol=1e-9):
+        return "user (--sampling)"
+    return str(getattr(image, "sampling_source", "") or "file")
 
 
 def _json_default(value: Any) -> Any:
