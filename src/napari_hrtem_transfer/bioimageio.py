@@ -7,7 +7,8 @@ consumers) run without this package's own code paths:
 * **architecture** -- ``napari_hrtem_transfer.models.factory.build_model(config=...)`` from the
   installed package (``ArchitectureFromLibraryDescr``: no source file in the zip);
 * **weights** -- ``pytorch_state_dict`` (``weights.pt``: ``torch.save`` of a plain state dict
-  of tensors, loadable with ``torch.load(weights_only=True)``);
+  of tensors, loadable with ``torch.load(weights_only=True)``); optionally also
+  ``torchscript`` (a ``torch.jit.trace``, for consumers that cannot import this package);
 * **preprocessing** -- ``zero_mean_unit_variance`` per sample over (channel, y, x) with the
   checkpoint's ``eps``: exactly the models' per-image standardisation
   (:mod:`napari_hrtem_transfer.models.normalization`; the input is raw counts, the whole
