@@ -344,3 +344,12 @@ def test_overlap_of_an_estimate():
     )
     blank = ctf.estimate_ctf(np.random.default_rng(0).poisson(9, (128, 128)), 0.2)
     assert ctf.ctf_overlap_for_estimate(blank, [20.0]) is None
+
+
+def test_small_cs_never_claims_a_sign():
+    """Cs 5 µm (the shipped model's): the Cs term adds ~2π at the information limit, below
+    SIGN_MIN_CS_PHASE_RAD, so the sign stays ± even when the likelihood ratio is large."""
+    e = ctf.estimate_ctf(weak_phase_frame(-25.0, n=512, Cs_mm=0.005, seed=3), 0.2, Cs_mm=0.005)
+    assert e.amorphous and not e.sign_determined
+    assert e.cs_phase_rad < ctf.SIGN_MIN_CS_PHASE_RAD
+    assert e.defocus_abs_nm == pytest.approx(25.0, abs=1.5)

@@ -116,8 +116,8 @@ class CTFEstimate:
     defocus_abs_nm
         ``|defocus|`` [nm]; None if no rings were found.
     sign_determined
-        True when the two signs fit clearly differently (needs Cs large enough that the q⁴
-        term changes the ring pattern within the fitted band).
+        True when the two signs fit clearly differently and Cs is large enough that the q⁴
+        term changes the ring pattern within the information limit.
     fit_quality
         0..1: Pearson correlation between the measured background-subtracted ring profile
         and the fitted model over the fitted band (clipped at 0).
@@ -148,10 +148,14 @@ class CTFEstimate:
         :data:`RING_F_THRESHOLD`).
     sign_lr
         Likelihood ratio 2 ln(L_best/L_other) of the two sign branches (sign determined when
-        above :data:`SIGN_LR_THRESHOLD`).
+        above :data:`SIGN_LR_THRESHOLD` and ``cs_phase_rad`` is large enough).
     blank_F
         F statistic of the smooth spectrum over a constant (blank when below
         :data:`BLANK_F_THRESHOLD`).
+    cs_phase_rad
+        Phase [rad] the Cs term adds at the information limit (the fitted band's end or
+        where the focal-spread envelope falls to e⁻²); the sign needs at least
+        :data:`SIGN_MIN_CS_PHASE_RAD`.
     """
 
     defocus_nm: float | None
@@ -174,6 +178,7 @@ class CTFEstimate:
     ring_F: float = 0.0
     sign_lr: float = 0.0
     blank_F: float = 0.0
+    cs_phase_rad: float = 0.0
 
     def label(self) -> str:
         """Human-readable defocus, e.g. ``"+23.4 nm"``, ``"±23.4 nm"`` or the reason."""
@@ -300,6 +305,9 @@ def _ring_median_ratio(spectrum: np.ndarray, sampling_A: float) -> np.ndarray:
 RING_F_THRESHOLD: float = 10.0
 #: Sign: likelihood ratio 2 ln(L_best / L_other) of the two sign branches.
 SIGN_LR_THRESHOLD: float = 15.0
+#: Sign: the Cs term must add at least this phase [rad] at the information limit (4π: two
+#: more ring zeros on one side of focus than on the other).
+SIGN_MIN_CS_PHASE_RAD: float = 4 * math.pi
 #: Blank: F statistic of the smooth background over a constant (a white spectrum is ~1).
 BLANK_F_THRESHOLD: float = 8.0
 #: Periodic: a pixel is a lattice peak when its power exceeds its ring's median this often.
@@ -434,6 +442,7 @@ def estimate_ctf(
     tile_px: int = 512,
     q_min_per_A: float | None = None,
     q_max_per_A: float | None = None,
+    focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
 ) -> CTFEstimate:
     """Estimate the defocus of one HRTEM frame from the Thon rings of its amorphous support.
 
@@ -442,7 +451,9 @@ def estimate_ctf(
     0.05 nm), by a smooth background plus a ring term ``A(q) cos 2chi(q)`` (linear least
     squares); the candidate with the largest F statistic of the ring term wins, separately
     for each sign; rings are reported when F exceeds :data:`RING_F_THRESHOLD`, the sign when
-    the two branches differ by more than :data:`SIGN_LR_THRESHOLD` in likelihood.
+    the two branches differ by more than :data:`SIGN_LR_THRESHOLD` in likelihood and the Cs
+    term adds at least :data:`SIGN_MIN_CS_PHASE_RAD` at the information limit (so never at
+    Cs 5 µm, 300 kV, 10 Å focal spread: 2π there).
 
     Parameters
     ----------
@@ -461,6 +472,9 @@ def estimate_ctf(
     q_min_per_A, q_max_per_A
         Fitted frequency band [1/Å]; default from 1/(25 Å) (or a tenth of the Nyquist
         frequency, if lower) to 0.9 Nyquist.
+    focal_spread_A
+        Focal spread [Å] assumed for the information limit of the sign decision (the
+        training value when unknown).
 
     Returns
     -------
@@ -559,7 +573,14 @@ def estimate_ctf(
     lr = 0.0
     if other is not None:
         lr = (pr.n / _CORR) * math.log(max(other.rss, 1e-300) / max(best.rss, 1e-300))
-    sign_det = other is not None and lr > SIGN_LR_THRESHOLD
+    # the sign lives in the Cs term: how much phase it adds up to the information limit
+    # (the fitted band's end, or where the focal-spread envelope falls to e^-2)
+    lam = wavelength_A(energy_eV)
+    q_lim = float(pr.q[-1])
+    if focal_spread_A > 0:
+        q_lim = min(q_lim, math.sqrt(2.0 / (math.pi * lam * focal_spread_A)))
+    cs_phase = 0.5 * math.pi * abs(Cs_mm) * 1e7 * lam**3 * q_lim**4
+    sign_det = other is not None and lr > SIGN_LR_THRESHOLD and cs_phase >= SIGN_MIN_CS_PHASE_RAD
     return CTFEstimate(
         defocus_nm=best.defocus_nm,
         defocus_abs_nm=abs(best.defocus_nm),
@@ -579,6 +600,7 @@ def estimate_ctf(
         ring_F=best.F,
         sign_lr=lr,
         blank_F=blank_F,
+        cs_phase_rad=cs_phase,
     )
 
 
