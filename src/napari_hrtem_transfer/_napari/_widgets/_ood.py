@@ -277,7 +277,10 @@ class OODView(DockWidget):
             if restore:
                 canvas.restore_region(bg)
             marker.axes.draw_artist(marker)
-            canvas.blit(self.plot.figure.bbox)
+            # an asynchronous repaint of the canvas widget (matplotlib's blit() repaints
+            # synchronously, which made the whole window, napari's canvas included, repaint
+            # at every slider step)
+            canvas.update()
         except Exception:  # noqa: BLE001 - deleted canvas or no renderer yet
             return False
         self.n_marker_blits += 1
