@@ -371,9 +371,15 @@ def _sample_frame(
     return frame, mask, what
 
 
+#: Largest side of the test tensors [px] (a larger frame is cropped around its centre).
+MAX_TEST_PX = 512
+
+
 def _crop_to_stride(a: np.ndarray, stride: int) -> np.ndarray:
+    """The centre of ``a`` cut to multiples of ``stride``, at most :data:`MAX_TEST_PX`."""
     ny, nx = a.shape[-2:]
-    cy, cx = ny // stride * stride, nx // stride * stride
+    top = max(MAX_TEST_PX // stride * stride, stride)
+    cy, cx = min(ny // stride * stride, top), min(nx // stride * stride, top)
     if cy == 0 or cx == 0:
         raise ConfigError(
             f"the test frame of {ny}x{nx} px is smaller than the model's stride ({stride} px).",
@@ -409,7 +415,9 @@ def _write_torchscript(model: Any, frame: np.ndarray, path: Path) -> None:
         traced.save(str(path))
 
 
-def _cover(path: Path, frame: np.ndarray, mask: np.ndarray, proba: np.ndarray, title: str):
+def _cover(
+    path: Path, frame: np.ndarray, mask: np.ndarray, proba: np.ndarray, title: str, threshold: float
+):
     """A 2:1 PNG: the frame, and the frame with the model's mask and the true outline."""
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -421,7 +429,7 @@ def _cover(path: Path, frame: np.ndarray, mask: np.ndarray, proba: np.ndarray, t
     for ax in (ax0, ax1):
         ax.imshow(frame, cmap="gray", vmin=lo, vmax=hi)
         ax.set_axis_off()
-    pred = np.ma.masked_where(proba < 0.5, np.ones_like(proba))
+    pred = np.ma.masked_where(proba < threshold, np.ones_like(proba))
     ax1.imshow(pred, cmap=ListedColormap(["#ff7f0e"]), alpha=0.45, vmin=0, vmax=1)
     if mask.any():
         ax1.contour(mask.astype(float), levels=[0.5], colors="cyan", linewidths=1.0)
@@ -460,6 +468,7 @@ def _documentation(
     caution: float | None,
     name: str,
     test_what: str,
+    threshold: float,
 ) -> str:
     """README.md of the package: the model card (or one generated from the sidecar), then how
     to use and validate it."""
@@ -500,7 +509,8 @@ def _documentation(
         "- Input: one raw HRTEM frame (counts, any linear intensity), float32, "
         "(batch, channel=1, y, x) with y, x multiples of the model's stride. The package "
         "standardises each image (zero mean, unit variance over the whole frame) itself.",
-        "- Output: the particle probability (sigmoid of the logits); threshold at 0.5 for the "
+        "- Output: the particle probability (sigmoid of the logits); threshold at "
+        f"{threshold:g} for the "
         "mask.",
         "- In napari-hrtem-transfer: `hrtem-transfer segment IMAGE --model THIS.zip --out "
         "mask.hspy` (or `segmentation.resolve_model('THIS.zip')`): resampling to the model's "
@@ -712,9 +722,18 @@ def export_bioimageio(
         if frame.ndim != 2:
             raise ConfigError(f"test_image must be one frame (ny, nx); got {frame.shape}.")
         mask = np.zeros(frame.shape, bool) if test_mask is None else np.asarray(test_mask, bool)
+        if mask.shape != frame.shape:
+            raise ConfigError(
+                f"test_mask has shape {mask.shape} but test_image {frame.shape}; give the "
+                "frame's own mask (or none).",
+                "test_mask",
+            )
         test_what = "a frame supplied at export"
     frame, mask = _crop_to_stride(frame, stride), _crop_to_stride(mask, stride)
     proba = _reference_probability(lm, frame)
+    from .segmentation import SegmentConfig
+
+    threshold = float(SegmentConfig().threshold)
     stage = side.get("stage") or "model"
     arch = side["model"].get("architecture", "compact")
     name = cfg.name or (
@@ -745,10 +764,11 @@ def export_bioimageio(
 
         tifffile.imwrite(tmp / "sample_input.tif", frame.astype(np.float32))
         tifffile.imwrite(tmp / "sample_output.tif", proba[0, 0])
-        _cover(tmp / "cover.png", frame, mask, proba[0, 0], test_what)
+        _cover(tmp / "cover.png", frame, mask, proba[0, 0], test_what, threshold)
         card = _model_card(folder, is_pretrained)
         (tmp / "README.md").write_text(
-            _documentation(side, card, domain, caution, name, test_what), encoding="utf-8"
+            _documentation(side, card, domain, caution, name, test_what, threshold),
+            encoding="utf-8",
         )
         # our own files, unchanged (the sidecar of 'last' without its optimizer state)
         if cfg.which == "best":
@@ -760,6 +780,15 @@ def export_bioimageio(
             s["which"] = "best"
             (tmp / "best.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
         shutil.copyfile(folder / side["weights_file"], tmp / side["weights_file"])
+        copied = json.loads((tmp / "best.json").read_text(encoding="utf-8"))
+        if (
+            copied.get("weights_sha256") != side["weights_sha256"]
+            or _sha256_file(tmp / side["weights_file"]) != side["weights_sha256"]
+        ):
+            raise CheckpointError(
+                f"the checkpoint in {folder} changed while it was being exported (a training "
+                "run still writing to it?); export it again when it is finished."
+            )
         for f in ood:
             shutil.copyfile(f, tmp / f.name)
         attachments = ["best.json", side["weights_file"], *[f.name for f in ood]]
@@ -780,7 +809,7 @@ def export_bioimageio(
             "sampling_A": sampling,
             "normalization": side.get("normalization"),
             "output": side.get("output"),
-            "threshold": 0.5,
+            "threshold": threshold,
             "imaging_domain": domain,
             "exported": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
@@ -861,7 +890,11 @@ def test_package(path: str | os.PathLike, devices: list[str] | None = None) -> t
             "'napari-hrtem-transfer[bioimageio]'",
             "bioimageio",
         ) from exc
-    summary = test_model(str(path), devices=devices or ["cpu"])
+    import warnings
+
+    with warnings.catch_warnings():  # bioimage.io's TorchScript backend; not the user's concern
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+        summary = test_model(str(path), devices=devices or ["cpu"])
     ok = summary.status in ("passed", "valid-format")
     if ok:
         return True, summary.status
