@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ._reader import LayerData, dataset_to_layer_data
-from ._workers import JobProgress, JobStage, JobStopped
+from ._workers import NOTE_STAGE, WARNING_STAGE, JobProgress, JobStage, JobStopped
 
 Report = Callable[[Any], None] | None
 
@@ -177,7 +177,8 @@ def simulate_job(
 
     if stop is not None and stop.is_set():
         raise JobStopped("stopped before the first structure; nothing was added")
-    ds = simulate_dataset(config, progress=progress)
+    with forward_warnings(report):
+        ds = simulate_dataset(config, progress=progress)
     name = f"simulated {config.material} ({config.preset})"
     if save_path:
         from ..io.dataset import save_dataset
@@ -316,19 +317,20 @@ def train_job(
     from ..training import train
 
     _emit(report, JobStage("device", "running", device_description(config.device)))
-    result = train(config, data, out_dir, callbacks=[QueueCallback(report)], stop=stop,
-                   resume=resume)
-    if result.stopped:
-        _emit(report, JobStage("ood", "skipped",
-                               "no OOD reference: the run was stopped (resume it to finish)"))
-    else:
-        from ..evaluation.ood import fit_ood_after_training
+    with forward_warnings(report):
+        result = train(config, data, out_dir, callbacks=[QueueCallback(report)], stop=stop,
+                       resume=resume)
+        if result.stopped:
+            _emit(report, JobStage("ood", "skipped",
+                                   "no OOD reference: the run was stopped (resume it to finish)"))
+        else:
+            from ..evaluation.ood import fit_ood_after_training
 
-        _emit(report, JobStage("ood", "running",
-                               "fitting the OOD reference on the training images"))
-        _report_ood_result(report, fit_ood_after_training(result.out_dir, data,
-                                                          progress=_ood_stage(report),
-                                                          stop=stop))
+            _emit(report, JobStage("ood", "running",
+                                   "fitting the OOD reference on the training images"))
+            _report_ood_result(report, fit_ood_after_training(result.out_dir, data,
+                                                              progress=_ood_stage(report),
+                                                              stop=stop))
     return result
 
 
@@ -424,7 +426,7 @@ def finetune_layers_job(
             callbacks=[_OODStageCallback(report)], stop=stop, ood_progress=_ood_stage(report),
             **options)
     for note in result.notes:
-        _emit(report, JobStage("notes", "done", note))
+        _emit(report, JobStage(NOTE_STAGE, "done", note))
     if result.train.stopped:
         _emit(report, JobStage("ood", "skipped",
                                "no OOD reference: the run was stopped (resume it to finish)"))
@@ -558,10 +560,6 @@ def segment_job(
                            progress=progress, stop=stop, **options)
         except SegmentationStopped as exc:
             raise JobStopped(f"segmentation stopped: {exc}; no layer was added") from exc
-
-
-#: Name of the :class:`JobStage` that carries one warning of the core to the GUI.
-WARNING_STAGE = "warning"
 
 
 #: Warning categories meant for developers, not forwarded to the user.

@@ -70,6 +70,11 @@ class JobStage:
     message: str = ""
 
 
+#: :class:`JobStage` names that carry words for the user: one warning of the core, one note.
+WARNING_STAGE = "warning"
+NOTE_STAGE = "notes"
+
+
 class JobStopped(Exception):
     """Raised inside a job (e.g. from a progress callback) when the user pressed Stop."""
 

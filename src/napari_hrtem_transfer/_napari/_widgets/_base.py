@@ -36,6 +36,8 @@ from qtpy.QtWidgets import (
 )
 
 from .._workers import (
+    NOTE_STAGE,
+    WARNING_STAGE,
     JobDone,
     JobFailed,
     JobProgress,
@@ -293,6 +295,8 @@ class JobDock(DockWidget):
         self.status = WrapLabel("")
         self.device_label = WrapLabel("")
         self.device_label.setVisible(False)
+        #: the warnings and notes of the current (or last) run, each shown as a notification
+        self.warnings_shown: list[str] = []
         #: the last job's outcome: JobDone, JobFailed or JobStopped (for scripts and tests)
         self.last_outcome: Any = None
         self.state = "idle"  # idle | running | stopping | finished | stopped | failed
@@ -331,6 +335,7 @@ class JobDock(DockWidget):
             notify("error", str(exc))
             return
         self.last_outcome = None
+        self.warnings_shown = []
         self.state = "running"
         self.progress.setValue(0)
         self.progress.setFormat("%p%")
@@ -471,10 +476,20 @@ class JobDock(DockWidget):
         self.time_label.set_message(text)
 
     def on_stage(self, stage: JobStage) -> None:
-        """A stage update: ``device`` is shown for the whole run; others by subclasses."""
+        """A stage update: ``device`` is shown for the whole run; each warning and note of
+        the core becomes a notification (every run, each text once per run); others are for
+        subclasses."""
         if stage.name == "device":
             self.device_label.set_message(f"device: {stage.message}")
             self.device_label.setVisible(True)
+        elif stage.name in (WARNING_STAGE, NOTE_STAGE):
+            self.tell(stage.message, "warning" if stage.name == WARNING_STAGE else "info")
+
+    def tell(self, message: str, kind: str = "info") -> None:
+        """Show ``message`` as a notification unless this run already showed it."""
+        if message and message not in self.warnings_shown:
+            self.warnings_shown.append(message)
+            notify(kind, message)
 
     def on_tick(self) -> None:
         """Called after each batch of updates (throttled redraws go here)."""

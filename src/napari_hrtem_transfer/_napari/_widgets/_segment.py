@@ -10,13 +10,11 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox
 
 from ...errors import ConfigError
 from .._jobs import (
-    WARNING_STAGE,
     axes_from_layer,
     layer_sampling_A,
     result_frame_table,
     segment_job,
 )
-from .._workers import JobStage
 from ._base import JobDock, WrapLabel, notify
 from ._models import PRETRAINED, ModelPicker, recent_models, resolve_model
 from ._ood import ESTIMATED, REASON_SEP
@@ -132,8 +130,6 @@ class SegmentWidget(JobDock):
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh)
         self.result: Any = None
-        #: the warnings and notes of the last run, each shown as a notification
-        self.warnings_shown: list[str] = []
         self.added_layers: list[Any] = []
         self.ood_view: Any = None
         self._source: Any = None
@@ -180,7 +176,6 @@ class SegmentWidget(JobDock):
                    "score. Fix: fine-tune it in the Train dock (the reference is fitted at the "
                    "end) or fit one with napari_hrtem_transfer.evaluation.fit_ood_reference.")
         self._source = layer
-        self.warnings_shown = []
         self.ood_label.set_message("")
         self.device_label.set_message("")
         return segment_job, (layer.data, model if model == PRETRAINED else str(path)), {
@@ -253,17 +248,9 @@ class SegmentWidget(JobDock):
         self.set_status(f"done: {100 * frac:.1f}% of pixels labelled particle")
         # every note of the core reaches the user, every run (warnings came as stages)
         for note in meta["notes"]:
-            if note not in self.warnings_shown:
-                self.warnings_shown.append(note)
-                notify("info", note)
+            self.tell(note, "info")
         if self.show_ood.value and np.isfinite(scores).any():
             self._show_ood(layer)
-
-    def on_stage(self, stage: JobStage) -> None:  # noqa: D102
-        super().on_stage(stage)
-        if stage.name == WARNING_STAGE and stage.message not in self.warnings_shown:
-            self.warnings_shown.append(stage.message)
-            notify("warning", stage.message)
 
     def _show_ood(self, layer: Any) -> None:
         from ._ood import OODView
