@@ -241,3 +241,21 @@ def test_plain_hspy_defocus_by_image_keeps_its_defocus_axis(tmp_path, uniform):
     coords = (axes[0]["axis"] if "axis" in axes[0]
               else [axes[0]["offset"] + i * axes[0]["scale"] for i in range(3)])
     np.testing.assert_allclose(coords, defocus)
+
+
+def test_plain_hspy_defocus_series_with_one_axis(tmp_path):
+    """A defocus series with only a (non-uniform) defocus axis: the index as the layer axis,
+    the values [nm] in the metadata (a frame stack keeps its old conventions)."""
+    import hyperspy.api as hs
+
+    s = hs.signals.Signal2D(np.ones((3, 16, 16), np.float32))
+    ax = s.axes_manager.navigation_axes[0]
+    ax.name, ax.units = "defocus", "nm"
+    ax.convert_to_non_uniform_axis()
+    ax.axis = np.array([-4.0, 1.0, 9.0])
+    s.save(tmp_path / "series1d.hspy")
+    ((data, kwargs, _),) = _read(tmp_path / "series1d.hspy")
+    assert np.shape(data) == (3, 16, 16) and kwargs["axis_labels"][0] == "defocus"
+    assert kwargs["metadata"]["defocus_nm"] == [-4.0, 1.0, 9.0]
+    assert kwargs["scale"][0] == 1.0 and kwargs["units"][0] == "pixel"
+    _make_layer((data, kwargs, "image"))
