@@ -471,13 +471,21 @@ def test_other_pipelines_are_refused(finetuned_zip, tmp_path, edit, words):
     assert words in str(exc.value)
 
 
-def test_torchscript_only_and_damaged_weights_are_refused(finetuned_zip, tmp_path):
+def test_torchscript_only_newer_and_damaged_packages_are_refused(finetuned_zip, tmp_path):
     def torchscript_only(r):
         r["weights"] = {"torchscript": {"source": "weights.pt", "pytorch_version": "2.13"}}
 
     pkg = _crafted(finetuned_zip, tmp_path, "ts.zip", rdf_edit=torchscript_only)
     with pytest.raises(CheckpointError, match="no pytorch_state_dict weights.*torchscript"):
         import_bioimageio(pkg)
+
+    def newer(r):
+        r["config"][CONFIG_KEY]["format_version"] = "2"
+
+    rdf, _ = _rdf(finetuned_zip)
+    newer(rdf)
+    with pytest.raises(CheckpointError, match="format version '2'.*Upgrade"):
+        import_bioimageio(_rewrite(finetuned_zip, tmp_path / "newer.zip", rdf))
 
     def wrong_sha(r):
         r["weights"]["pytorch_state_dict"]["sha256"] = "0" * 64

@@ -1210,6 +1210,12 @@ def import_bioimageio(source: str | os.PathLike, *, cache_dir: str | os.PathLike
         tmp.mkdir()
         try:
             if isinstance(ours, dict) and ours.get("format") == PACKAGE_FORMAT:
+                if str(ours.get("format_version")) != PACKAGE_FORMAT_VERSION:
+                    raise CheckpointError(
+                        f"{src}: package format version {ours.get('format_version')!r}; this "
+                        f"napari-hrtem-transfer reads version {PACKAGE_FORMAT_VERSION}. Upgrade "
+                        "the package."
+                    )
                 _unpack_ours(pkg, rdf, ours, state, model_cfg, tmp, src)
                 foreign = False
             else:
