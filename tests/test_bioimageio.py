@@ -538,3 +538,6 @@ def test_cli_export(finetuned, tmp_path, capsys):
     assert _rdf(out)[0]["authors"] == [{"name": "A. Person"}]
     assert main(["export", "--model", str(finetuned[0]), "--out", str(tmp_path / "m.tar")]) == 2
     assert "is a .zip file" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--name", "commas, refused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hrtem-transfer export: error: --name") and "Traceback" not in err

@@ -687,8 +687,15 @@ def export_bioimageio(
         The model cannot be loaded, or the written package does not pass
         ``bioimageio.core.test_model`` (with ``test=True``).
     """
+    from pydantic import ValidationError
+
+    from .errors import config_error_from_validation
+
     base = config if config is not None else BioimageioExportConfig()
-    cfg = BioimageioExportConfig(**{**base.model_dump(), **options}) if options else base
+    try:
+        cfg = BioimageioExportConfig(**{**base.model_dump(), **options}) if options else base
+    except ValidationError as exc:
+        raise config_error_from_validation(exc) from None
     step = (lambda i, msg: progress(i, 5, msg)) if progress else (lambda i, msg: None)
     spec = _need_spec()
     from .io._atomic import check_writable

@@ -8,6 +8,18 @@ from __future__ import annotations
 
 import argparse
 
+#: BioimageioExportConfig field -> its command-line option (for error messages).
+FLAGS = {
+    "which": "--which",
+    "name": "--name",
+    "description": "--description",
+    "authors": "--author",
+    "license": "--license",
+    "test": "--no-test",
+    "torchscript": "--torchscript",
+    "overwrite": "--overwrite",
+}
+
 HELP = (
     "Export a model as a bioimage.io model package (.zip, spec 0.5): weights, architecture, "
     "standardisation and sigmoid, pixel size in Å, test tensors, cover, model card, and the "
@@ -62,7 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export; print what was written."""
+    from pydantic import ValidationError
+
     from ..bioimageio import BioimageioExportConfig, export_bioimageio
+    from ..errors import config_error_from_validation
 
     values = {
         "which": args.which,
@@ -75,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     }
     if getattr(args, "authors", None):
         values["authors"] = list(args.authors)
-    cfg = BioimageioExportConfig(**values)
+    try:
+        cfg = BioimageioExportConfig(**values)
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, FLAGS) from None
     res = export_bioimageio(args.model, args.out, config=cfg)
     print(f"wrote {res.path} ({res.n_bytes / 1e6:.1f} MB, sha256 {res.sha256[:12]}…): {res.name}")
     if res.ood_reference:
