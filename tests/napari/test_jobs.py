@@ -280,6 +280,37 @@ def test_forward_warnings_reports_every_warning_every_time():
         items, _ = runner.poll()
         stages = [u for u in items if isinstance(u, JobStage) and u.name == WARNING_STAGE]
         assert [s.message for s in stages] == ["the pixel size is unknown; assumed 0.2 Å/px"]
+    # two jobs ending out of order leave Python's warnings as they were, and a warning of
+    # another thread while jobs run goes where it went before, not into a job
+    import threading
+
+    before = (warnings.showwarning, list(warnings.filters))
+    elsewhere = []
+    release = [threading.Event(), threading.Event()]
+
+    def waiting(report, k, stop=None):
+        with forward_warnings(report):
+            warnings.warn(f"job {k}", UserWarning, stacklevel=1)
+            release[k].wait(10)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda msg, *a, **k: elsewhere.append(str(msg))
+        outer = warnings.showwarning
+        runners = [JobRunner(waiting, k).start() for k in (0, 1)]
+        import time
+
+        time.sleep(0.2)
+        warnings.warn("from the GUI thread", UserWarning, stacklevel=1)
+        release[0].set()
+        assert runners[0].join(10)
+        release[1].set()
+        assert runners[1].join(10)
+        assert warnings.showwarning is outer
+        for k, r in enumerate(runners):
+            items, _ = r.poll()
+            assert [u.message for u in items if isinstance(u, JobStage)] == [f"job {k}"]
+    assert elsewhere == ["from the GUI thread"]
+    assert (warnings.showwarning, list(warnings.filters)) == before
     # a failing block still reports what it warned
     reported = []
     try:

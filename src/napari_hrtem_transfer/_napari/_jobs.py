@@ -564,29 +564,66 @@ def segment_job(
 
 #: Warning categories meant for developers, not forwarded to the user.
 _DEV_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ResourceWarning, ImportWarning)
+#: Categories recorded every time while a job runs (the core's warnings are UserWarnings).
+_USER_WARNINGS = (UserWarning, RuntimeWarning, FutureWarning)
+
+_capture_lock = threading.Lock()
+#: thread id -> the warnings recorded for the job running on that thread
+_capture: dict[int, list[warnings.WarningMessage]] = {}
+_saved: dict[str, Any] = {}
+
+
+def _route_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                   file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` while jobs run: a job thread's warnings are recorded for it,
+    every other thread's go where they went before (napari's notifications)."""
+    caught = _capture.get(threading.get_ident())
+    if caught is not None:
+        caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        return
+    show = _saved.get("showwarning")
+    if show is not None:
+        show(message, category, filename, lineno, file, line)
 
 
 @contextlib.contextmanager
 def forward_warnings(report: Report) -> Iterator[list[str]]:
-    """Record every warning raised inside (all of them, every time: Python's once-per-place
-    filter is off) and report each as a ``JobStage("warning", "done", message)``.
+    """Record every warning raised inside, on this thread (all of them, every time: Python's
+    once-per-place filter is off for user warnings) and report each as a
+    ``JobStage("warning", "done", message)``.
 
-    The warnings are reported when the block ends, also when it raises; developer warnings
-    (deprecations, resources) are left out and a repeated message is reported once. Without
-    a ``report`` they are issued again as warnings (a direct call in a script keeps them).
-    Yields the list of the messages reported (filled when the block ends).
+    Thread-safe, unlike :class:`warnings.catch_warnings` (whose module-wide state two jobs
+    ending out of order would leave behind): one routing ``showwarning`` is installed while
+    any job runs, and other threads' warnings pass through it unchanged. The warnings are
+    reported when the block ends, also when it raises; developer warnings (deprecations,
+    resources) are left out and a repeated message is reported once. Without a ``report``
+    they are issued again as warnings. Yields the list of the messages reported (filled when
+    the block ends).
     """
+    ident = threading.get_ident()
     messages: list[str] = []
-    caught_list: list[warnings.WarningMessage] = []
+    if ident in _capture:  # nested: the outer block reports
+        yield messages
+        return
+    caught: list[warnings.WarningMessage] = []
+    with _capture_lock:
+        if not _capture:
+            _saved.update(showwarning=warnings.showwarning, filters=list(warnings.filters))
+            warnings.showwarning = _route_warning
+            for category in _USER_WARNINGS:
+                warnings.filterwarnings("always", category=category)
+        _capture[ident] = caught
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                yield messages
-            finally:
-                caught_list = list(caught)
+        yield messages
     finally:
-        for w in caught_list:
+        with _capture_lock:
+            del _capture[ident]
+            if not _capture:
+                warnings.filters[:] = _saved.pop("filters")
+                warnings.filterwarnings("default", category=Warning, append=True)
+                warnings.filters.pop()  # (tells the warnings module its filters changed)
+                warnings.showwarning = _saved.pop("showwarning")
+        for w in caught:
             text = str(w.message)
             if issubclass(w.category, _DEV_WARNINGS) or text in messages:
                 continue
