@@ -353,3 +353,18 @@ def test_small_cs_never_claims_a_sign():
     assert e.amorphous and not e.sign_determined
     assert e.cs_phase_rad < ctf.SIGN_MIN_CS_PHASE_RAD
     assert e.defocus_abs_nm == pytest.approx(25.0, abs=1.5)
+
+
+def test_conditions_from_metadata_else_training_values():
+    img = weak_phase_frame(25.0, n=512, seed=12)
+    e = ctf.estimate_ctf_with_metadata(img, 0.2, {"energy_eV": 300e3, "Cs_A": 5e6})
+    assert e.Cs_mm == pytest.approx(0.5) and e.energy_eV == 300e3
+    assert "Cs from metadata" in e.conditions_source
+    assert e.defocus_nm == pytest.approx(25.0, abs=1.5) and e.sign_determined
+    d = ctf.estimate_ctf_with_metadata(img, 0.2, {"Cs_A": 0.0})  # DM writes 0 when unknown
+    assert d.Cs_mm == ctf.DEFAULT_CS_MM and d.energy_eV == ctf.DEFAULT_ENERGY_EV
+    assert "training value" in d.conditions_source
+    assert not d.sign_determined  # 5 µm: never a sign
+    g = ctf.estimate_ctf_with_metadata(img, 0.2, None, Cs_mm=0.5)
+    assert g.Cs_mm == 0.5 and "Cs given" in g.conditions_source
+    assert json.loads(json.dumps(g.to_dict()))["conditions_source"] == g.conditions_source

@@ -17,9 +17,10 @@ See ``docs/ctf.md`` for the method, the formulas and the measured accuracy.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -35,6 +36,7 @@ __all__ = [
     "ctf_overlap",
     "ctf_overlap_for_estimate",
     "estimate_ctf",
+    "estimate_ctf_with_metadata",
     "power_spectrum",
     "power_transfer",
     "radial_profile",
@@ -50,11 +52,16 @@ DEFAULT_FOCAL_SPREAD_A: float = 10.0
 DEFAULT_TRAINING_JITTER_NM: float = 1.5
 
 
-def wavelength_A(energy_eV: float) -> float:
-    """Relativistic electron wavelength [Å] at kinetic energy ``energy_eV`` [eV]."""
+@functools.lru_cache(maxsize=64)
+def _wavelength_A(energy_eV: float) -> float:
     from ..simulate.config import wavelength_A as _wl
 
-    return float(_wl(float(energy_eV)))
+    return float(_wl(energy_eV))
+
+
+def wavelength_A(energy_eV: float) -> float:
+    """Relativistic electron wavelength [Å] at kinetic energy ``energy_eV`` [eV]."""
+    return _wavelength_A(float(energy_eV))
 
 
 def chi_rad(q_per_A, defocus_nm: float, *, energy_eV: float, Cs_mm: float) -> np.ndarray:
@@ -156,6 +163,9 @@ class CTFEstimate:
         Phase [rad] the Cs term adds at the information limit (the fitted band's end or
         where the focal-spread envelope falls to e⁻²); the sign needs at least
         :data:`SIGN_MIN_CS_PHASE_RAD`.
+    conditions_source
+        Where ``energy_eV`` and ``Cs_mm`` came from (``"given"``, or what
+        :func:`estimate_ctf_with_metadata` found).
     """
 
     defocus_nm: float | None
@@ -179,6 +189,7 @@ class CTFEstimate:
     sign_lr: float = 0.0
     blank_F: float = 0.0
     cs_phase_rad: float = 0.0
+    conditions_source: str = "given"
 
     def label(self) -> str:
         """Human-readable defocus, e.g. ``"+23.4 nm"``, ``"±23.4 nm"`` or the reason."""
@@ -602,6 +613,43 @@ def estimate_ctf(
         blank_F=blank_F,
         cs_phase_rad=cs_phase,
     )
+
+
+def estimate_ctf_with_metadata(
+    image, sampling_A: float, metadata: Mapping | None = None, **kwargs
+) -> CTFEstimate:
+    """:func:`estimate_ctf` with the voltage and Cs from a frame's metadata when recorded.
+
+    ``metadata`` is the dictionary of :func:`napari_hrtem_transfer.io.read_images` (keys
+    ``energy_eV`` [eV] and ``Cs_A`` [Å]); missing or non-positive values fall back to the
+    model's training values (:data:`DEFAULT_ENERGY_EV`, :data:`DEFAULT_CS_MM`) unless
+    ``energy_eV`` / ``Cs_mm`` are passed explicitly.  The result's ``conditions_source``
+    says which was used.
+    """
+    md = dict(metadata or {})
+    parts = []
+    if "energy_eV" in kwargs:
+        parts.append("energy given")
+    else:
+        e = md.get("energy_eV")
+        if isinstance(e, (int, float)) and math.isfinite(e) and e > 0:
+            kwargs["energy_eV"] = float(e)
+            parts.append("energy from metadata")
+        else:
+            kwargs["energy_eV"] = DEFAULT_ENERGY_EV
+            parts.append("energy not recorded: training value")
+    if "Cs_mm" in kwargs:
+        parts.append("Cs given")
+    else:
+        c = md.get("Cs_A")
+        if isinstance(c, (int, float)) and math.isfinite(c) and c > 0:
+            kwargs["Cs_mm"] = float(c) / 1e7
+            parts.append("Cs from metadata")
+        else:
+            kwargs["Cs_mm"] = DEFAULT_CS_MM
+            parts.append("Cs not recorded: training value")
+    est = estimate_ctf(image, sampling_A, **kwargs)
+    return replace(est, conditions_source="; ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
