@@ -513,6 +513,8 @@ def test_ood_view_draws_the_verdict_estimated_defocus_training_range_and_reasons
     assert "– defocus +30 nm outside the training range" in text and "– boundary blurred" in text
     viewer.dims.set_current_step(0, 3)
     assert "–" not in canvas_text(viewer).text  # in domain: no reasons
+    top = view.ranking[0]  # frame 5 has the highest score: its reasons in the ranking
+    assert top == 5 and "boundary blurred" in view.table.item(0, 2).text()
 
 
 def test_plots_follow_the_theme(make_napari_viewer):
@@ -884,3 +886,25 @@ def test_train_on_layers_uses_the_form_and_never_meets_its_own_folder(make_napar
         assert "tick 'resume'" in w.status.value
     else:
         assert "tick 'resume'" not in w.status.value and "Train again" in w.status.value
+
+
+def test_features_table_takes_the_ood_verdict_fields():
+    """The frame rows of the OOD-verdict core (estimated defocus, reasons, components) become
+    plain feature columns; rows without them still work."""
+    from types import SimpleNamespace
+
+    from napari_hrtem_transfer._napari._widgets import features_table
+
+    rows = [{"frame": 0, "ood_score": 0.2, "caution": False, "estimated_defocus_nm": -4.0,
+             "reasons": [], "components": {"boundary": 0.1, "feature": 0.0}},
+            {"frame": 1, "ood_score": 3.0, "caution": True, "estimated_defocus_nm": None,
+             "reasons": ["pixel size 0.5 Å differs", "blurred boundary"],
+             "components": {"boundary": 2.0, "feature": 1.0}}]
+    t = features_table(SimpleNamespace(frame_table=lambda: rows))
+    assert list(t["index"]) == [1, 2]
+    np.testing.assert_allclose(t["estimated_defocus_nm"], [-4.0, np.nan])
+    assert list(t["reasons"]) == ["", "pixel size 0.5 Å differs; blurred boundary"]
+    np.testing.assert_allclose(t["components_boundary"], [0.1, 2.0])
+    old = features_table(SimpleNamespace(frame_table=lambda: [{"frame": 0, "ood_score": 1.0,
+                                                               "caution": False}]))
+    assert "reasons" not in old and list(old["ood_score"]) == [1.0]

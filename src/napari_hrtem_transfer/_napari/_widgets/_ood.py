@@ -308,9 +308,11 @@ class OODView(DockWidget):
         for r, i in enumerate(order):
             row = self.rows[i]
             s = float(row["ood_score"])
-            for col, text in enumerate((self.frame_text(i), f"{s:.3f}",
-                                        CAUTION_WORD if row.get("caution") else "")):
+            why = ([CAUTION_WORD] if row.get("caution") else []) + frame_reasons(row)
+            for col, text in enumerate((self.frame_text(i), f"{s:.3f}", REASON_SEP.join(why))):
                 item = QTableWidgetItem(text)
+                if col == 2 and text:
+                    item.setToolTip(text)
                 self.table.setItem(r, col, item)
         k = min(int(self.n_suggest.value), len(order))
         self.suggest.set_message(

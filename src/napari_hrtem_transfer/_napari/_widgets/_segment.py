@@ -46,11 +46,26 @@ def frame_labels(labels: np.ndarray) -> np.ndarray:
     return (lab > 0).astype(dtype) * numbers
 
 
+def _flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One frame's row with plain cells: a dict (e.g. the OOD score's components) becomes
+    ``<key>_<part>`` columns; lists other than ``reasons`` become text."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            for part, x in v.items():
+                out[f"{k}_{part}"] = x
+        elif isinstance(v, list | tuple) and k != "reasons":
+            out[k] = ", ".join(str(x) for x in v)
+        else:
+            out[k] = v
+    return out
+
+
 def features_table(result: Any) -> Any:
     """The Labels layer's features: one row per frame (``index`` = its label value)."""
     import pandas as pd
 
-    rows = result_frame_table(result)
+    rows = [_flat_row(r) for r in result_frame_table(result)]
     table = pd.DataFrame(rows)
     table = table.rename(columns={"index": "frame"})
     table.insert(0, "index", table["frame"].astype(int) + 1)
