@@ -211,9 +211,9 @@ def cs05_series():
 
 @pytest.mark.slow
 def test_simulated_frames_at_large_cs_within_3nm(cs05_series):
+    """abTEM frames (256², particles on 2-3 nm carbon, 400 e/Å², Cs 0.5 mm): signed defocus
+    of the film within 3 nm in every frame (the benchmark: 86 % of 132 frames)."""
     ds = cs05_series
-    good = 0
-    total = 0
     for j in range(ds.images.shape[0]):
         for i in range(ds.images.shape[1]):
             s = ds.info["structures"][i]
@@ -223,11 +223,10 @@ def test_simulated_frames_at_large_cs_within_3nm(cs05_series):
                 - (s["substrate_thickness_nm"] / 2 + 0.1)
             )
             e = ctf.estimate_ctf(ds.images[j, i], ds.sampling_A, Cs_mm=0.5)
-            total += 1
-            assert e.defocus_abs_nm is not None, e
-            assert e.defocus_abs_nm == pytest.approx(abs(film), abs=3.0)
-            good += bool(e.sign_determined and abs(e.defocus_nm - film) <= 3.0)
-    assert good >= 0.5 * total
+            assert e.amorphous and e.sign_determined, (film, e)
+            assert e.defocus_nm == pytest.approx(film, abs=3.0)
+            # the film, not the particles' calibrated zero, is what the rings measure
+            assert abs(e.defocus_nm - film) < abs(e.defocus_nm - ds.actual_defocus_nm[j, i])
 
 
 def test_blank_frames():
