@@ -1,6 +1,11 @@
 """Benchmark: does the napari event loop stay responsive while the Train dock trains?
 
     xvfb-run -a python benchmarks/bench_napari_loop.py [--epochs 4] [--size 128] [--images 16]
+    xvfb-run -a python benchmarks/bench_napari_loop.py --ood-slider [--defoci 11 --images 20]
+
+``--ood-slider`` instead times the OOD dock following the dims slider (defoci x images frames
+with scores): the time per slider step with and without the dock, the GUI thread's time in
+the dock's handler, and the number of full figure redraws (target: none per step).
 
 A 10 ms QTimer runs in the GUI thread during a real training run in the Train dock (steps
 reported per step, the loss plot redrawn throttled, the OOD-reference fit at the end); the
@@ -38,6 +43,68 @@ def make_dataset(n_images: int, size: int, path: Path) -> Path:
     return save_dataset(ds, path)
 
 
+def bench_ood_slider(n_defocus: int, n_images: int, steps: int = 40) -> None:
+    """Time slider steps over a scored defocus x image stack, without and with the OOD dock."""
+    import napari
+    import pandas as pd
+    from qtpy.QtWidgets import QApplication
+
+    from napari_hrtem_transfer._napari._widgets import OODView
+
+    n = n_defocus * n_images
+    idx = np.arange(n)
+    feats = pd.DataFrame({"index": idx + 1, "frame": idx, "defocus_index": idx // n_images,
+                          "image_index": idx % n_images,
+                          "defocus_nm": -25.0 + 5.0 * (idx // n_images),
+                          "ood_score": np.random.default_rng(0).normal(0, 1, n),
+                          "caution": False})
+    geometry = dict(scale=(5, 1, 1, 1), translate=(-25, 0, 0, 0))
+    app = QApplication.instance() or QApplication([])
+
+    def run(with_dock: bool) -> None:
+        viewer = napari.Viewer(show=True)
+        viewer.add_image(np.zeros((n_defocus, n_images, 64, 64), np.float32),
+                         axis_labels=("defocus", "image", "y", "x"), **geometry)
+        viewer.add_labels(np.zeros((n_defocus, n_images, 64, 64), np.uint8), features=feats,
+                          metadata={"ood": {"nav_axes": ["defocus", "image"], "caution": 1.0}},
+                          **geometry)
+        dock = OODView(viewer) if with_dock else None
+        handler: list[float] = []
+        if dock is not None:
+            viewer.window.add_dock_widget(dock, area="right")
+            viewer.dims.events.current_step.disconnect(dock._on_dims)
+            on_dims = dock._on_dims
+
+            def timed(*a):
+                t = time.perf_counter()
+                on_dims(*a)
+                handler.append((time.perf_counter() - t) * 1e3)
+
+            viewer.dims.events.current_step.connect(timed)
+        for _ in range(50):
+            app.processEvents()
+            time.sleep(0.01)
+        draws0 = dock.plot.n_draws if dock else 0
+        per_step = []
+        for k in range(steps):
+            t = time.perf_counter()
+            viewer.dims.set_current_step(1, k % n_images)
+            app.processEvents()  # napari's canvas and the dock repaint here
+            per_step.append((time.perf_counter() - t) * 1e3)
+        ms = np.asarray(per_step[5:])
+        text = (f"{'with' if dock else 'without'} the OOD dock ({n} frames): per slider step "
+                f"median {np.median(ms):.1f} ms, p90 {np.percentile(ms, 90):.1f} ms")
+        if dock is not None:
+            text += (f"; dock handler median {np.median(handler):.2f} ms; full figure "
+                     f"redraws during {steps} steps: {dock.plot.n_draws - draws0}")
+        print(text, flush=True)
+        viewer.close()
+
+    run(False)
+    run(True)
+    print(f"load average: {os.getloadavg()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
@@ -48,7 +115,13 @@ def main() -> None:
     ap.add_argument("--stalls", action="store_true", help="list the ticks > 150 ms")
     ap.add_argument("--idle", type=float, default=10.0,
                     help="seconds of idle baseline (same timer, no job) before training")
+    ap.add_argument("--ood-slider", action="store_true",
+                    help="time the OOD dock following the slider instead of training")
+    ap.add_argument("--defoci", type=int, default=11, help="--ood-slider: defoci")
     args = ap.parse_args()
+    if args.ood_slider:
+        bench_ood_slider(args.defoci, args.images if args.images != 16 else 20)
+        return
 
     import napari
     from qtpy.QtCore import QTimer
