@@ -47,9 +47,7 @@ def scheduler():
     cluster.close()
 
 
-def test_worker_without_the_package_is_refused_before_submitting(
-    scheduler, data_path, tmp_path
-):
+def test_worker_without_the_package_is_refused_before_submitting(scheduler, data_path, tmp_path):
     # a worker whose napari_hrtem_transfer cannot be imported (a broken install shadows it)
     shadow = tmp_path / "shadow" / "napari_hrtem_transfer"
     shadow.mkdir(parents=True)

@@ -448,9 +448,7 @@ def input_warnings(frames: Frames) -> list[str]:
 
 
 def _is_lazy(data: Any) -> bool:
-    return hasattr(data, "dask") or (
-        hasattr(data, "compute") and not isinstance(data, np.ndarray)
-    )
+    return hasattr(data, "dask") or (hasattr(data, "compute") and not isinstance(data, np.ndarray))
 
 
 # ----------------------------------------------------------------------------- the model
