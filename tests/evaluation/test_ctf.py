@@ -367,3 +367,32 @@ def test_conditions_from_metadata_else_training_values():
     g = ctf.estimate_ctf_with_metadata(img, 0.2, None, Cs_mm=0.5)
     assert g.Cs_mm == 0.5 and "Cs given" in g.conditions_source
     assert json.loads(json.dumps(g.to_dict()))["conditions_source"] == g.conditions_source
+
+
+def test_periodic_component_keeps_high_frequencies_and_removes_edge_jumps():
+    rng = np.random.default_rng(2)
+    u = rng.normal(size=(64, 64)) + np.add.outer(np.arange(64.0), np.zeros(64)) * 0.1
+    smooth = u - ctf.periodic_component(u)  # Moisan's smooth part
+    k = np.abs(np.fft.fftfreq(64) * 64)
+    high = (k[:, None] >= 3) & (k[None, :] >= 3)  # off the frequency axes
+    assert (np.abs(np.fft.fft2(smooth)) ** 2)[high].sum() < 0.02 * (np.abs(np.fft.fft2(u)) ** 2)[
+        high
+    ].sum()
+    ramp = np.add.outer(np.arange(64.0), np.arange(64.0))  # big jumps between opposite edges
+    spec_raw = np.abs(np.fft.fft2(ramp - ramp.mean())) ** 2
+    spec_p = np.abs(np.fft.fft2(ctf.periodic_component(ramp))) ** 2
+    axis = (slice(1, None), 0)  # the qy axis: where edge jumps put their power
+    assert spec_p[axis].sum() < 1e-3 * spec_raw[axis].sum()
+    with pytest.raises(ValueError, match="window"):
+        ctf.power_spectrum(ramp, window="kaiser")
+
+
+def test_real_crystal_everywhere_is_periodic(shared_data_dir):
+    """Atomic-resolution STEM survey of a crystal (SrTiO3, 512², uncalibrated): no rings."""
+    hs = pytest.importorskip("hyperspy.api")
+    s = hs.load(shared_data_dir / "data" / "dm3" / "scifi_DMReader_Image_SI-Survey.dm3")
+    img = np.asarray(s.data, dtype=float)
+    for sampling_A in (0.2, 0.3, 0.5):
+        e = ctf.estimate_ctf(img, sampling_A, energy_eV=200e3, Cs_mm=1.0)
+        assert e.periodic and not e.amorphous, e
+        assert "lattice" in e.reason

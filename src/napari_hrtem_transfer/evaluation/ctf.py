@@ -37,6 +37,7 @@ __all__ = [
     "ctf_overlap_for_estimate",
     "estimate_ctf",
     "estimate_ctf_with_metadata",
+    "periodic_component",
     "power_spectrum",
     "power_transfer",
     "radial_profile",
@@ -220,12 +221,43 @@ def _window(n: int) -> np.ndarray:
     return np.outer(w, w)
 
 
-def power_spectrum(image, tile_px: int = 512, max_tiles: int = 256) -> tuple[np.ndarray, int]:
+def periodic_component(tile: np.ndarray) -> np.ndarray:
+    """Periodic part of an image (Moisan's periodic + smooth decomposition).
+
+    The smooth part ``s`` solves ``Δs = Δ_boundary u`` (the jumps between opposite edges);
+    ``u - s`` has no edge discontinuity, so its periodogram has no cross of edge artefacts
+    and needs no window: every pixel counts with full frequency resolution.
+    L. Moisan, J. Math. Imaging Vis. 39, 161 (2011).
+    """
+    u = np.asarray(tile, dtype=np.float64)
+    ny, nx = u.shape
+    v = np.zeros_like(u)
+    d = u[-1, :] - u[0, :]
+    v[0, :] += d
+    v[-1, :] -= d
+    d = u[:, -1] - u[:, 0]
+    v[:, 0] += d
+    v[:, -1] -= d
+    cy = np.cos(2 * np.pi * np.arange(ny) / ny)[:, None]
+    cx = np.cos(2 * np.pi * np.arange(nx) / nx)[None, :]
+    den = 2 * cy + 2 * cx - 4
+    den[0, 0] = 1.0
+    sf = np.fft.fft2(v) / den
+    sf[0, 0] = 0.0
+    return u - np.real(np.fft.ifft2(sf))
+
+
+def power_spectrum(
+    image, tile_px: int = 512, max_tiles: int = 256, window: str = "periodic"
+) -> tuple[np.ndarray, int]:
     """Tile-averaged periodogram (Welch) of an image; memory bounded by one tile.
 
-    Square tiles of ``min(tile_px, ny, nx)`` px (50 % overlap, Hann window, mean removed per
-    tile) are Fourier transformed one at a time and their ``|F|²`` averaged; at most
-    ``max_tiles`` tiles (evenly spread) are used.
+    Square tiles of ``min(tile_px, ny, nx)`` px (50 % overlap, mean removed per tile) are
+    Fourier transformed one at a time and their ``|F|²`` averaged; at most ``max_tiles``
+    tiles (evenly spread) are used.  ``window="periodic"`` (default) transforms each tile's
+    periodic component (:func:`periodic_component`, no taper, full resolution);
+    ``window="hann"`` tapers each tile with a Hann window instead (less leakage from strong
+    off-grid peaks, twice as wide a frequency resolution, edge pixels down-weighted).
 
     Returns
     -------
@@ -233,6 +265,8 @@ def power_spectrum(image, tile_px: int = 512, max_tiles: int = 256) -> tuple[np.
         fftshifted float64 spectrum (t, t) normalised by the window energy (white noise of
         variance v gives v), and the number of tiles averaged.
     """
+    if window not in ("periodic", "hann"):
+        raise ValueError(f"window must be 'periodic' or 'hann' (got {window!r})")
     img = np.asarray(image)
     if img.ndim != 2:
         raise ValueError(
@@ -253,13 +287,15 @@ def power_spectrum(image, tile_px: int = 512, max_tiles: int = 256) -> tuple[np.
     if len(corners) > max_tiles:
         idx = np.linspace(0, len(corners) - 1, max_tiles).round().astype(int)
         corners = [corners[i] for i in idx]
-    w = _window(t)
-    norm = float((w * w).sum())
+    w = _window(t) if window == "hann" else None
+    norm = float((w * w).sum()) if w is not None else float(t * t)
     acc = np.zeros((t, t), dtype=np.float64)
     for y, x in corners:
         tile = np.asarray(img[y : y + t, x : x + t], dtype=np.float64)
+        if w is None:
+            tile = periodic_component(tile)
         tile = tile - tile.mean()
-        f = np.fft.fft2(tile * w)
+        f = np.fft.fft2(tile * w if w is not None else tile)
         acc += f.real**2 + f.imag**2
     acc /= norm * len(corners)
     return np.fft.fftshift(acc), len(corners)
@@ -323,6 +359,10 @@ SIGN_MIN_CS_PHASE_RAD: float = 4 * math.pi
 BLANK_F_THRESHOLD: float = 8.0
 #: Periodic: a pixel is a lattice peak when its power exceeds its ring's median this often.
 PEAK_RATIO: float = 25.0
+#: Periodic: pixels joined to a peak and above this ratio belong to it (its leakage wings).
+PEAK_WING_RATIO: float = 4.0
+#: Periodic frames need this many times RING_F_THRESHOLD for rings.
+PERIODIC_F_FACTOR: float = 3.0
 #: Periodic: fraction of the above-background power in peaks above which the frame is periodic.
 PERIODIC_POWER_FRACTION: float = 0.5
 
@@ -434,7 +474,12 @@ def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
     ratio = _ring_median_ratio(spec, sampling_A)
     sel = (q2d > 3 * dq) & ~axes
     core = (ratio > PEAK_RATIO) & sel
-    peaks = ndimage.binary_dilation(core, iterations=2) & sel
+    # hysteresis: a peak's leakage wings (pixels above PEAK_WING_RATIO joined to a core
+    # pixel) go with it, then 2 px more
+    labels, _ = ndimage.label((ratio > PEAK_WING_RATIO) & sel)
+    keep = np.unique(labels[core])
+    wings = np.isin(labels, keep[keep > 0])
+    peaks = ndimage.binary_dilation(core | wings, iterations=2) & sel
     qprof, prof, _ = radial_profile(spec, sampling_A, mask=~(peaks | axes))
     bg = np.interp(q2d, qprof, np.nan_to_num(prof, nan=float(np.nanmedian(prof))))
     excess = np.clip(spec - bg, 0, None)
@@ -461,7 +506,8 @@ def estimate_ctf(
     mean; its logarithm fitted, for every candidate defocus on a 0.5 nm grid (refined to
     0.05 nm), by a smooth background plus a ring term ``A(q) cos 2chi(q)`` (linear least
     squares); the candidate with the largest F statistic of the ring term wins, separately
-    for each sign; rings are reported when F exceeds :data:`RING_F_THRESHOLD`, the sign when
+    for each sign; rings are reported when F exceeds :data:`RING_F_THRESHOLD` (times
+    :data:`PERIODIC_F_FACTOR` when lattice peaks dominate), the sign when
     the two branches differ by more than :data:`SIGN_LR_THRESHOLD` in likelihood and the Cs
     term adds at least :data:`SIGN_MIN_CS_PHASE_RAD` at the information limit (so never at
     Cs 5 µm, 300 kV, 10 Å focal spread: 2π there).
@@ -559,7 +605,9 @@ def estimate_ctf(
     other = min(branches, key=lambda f: f.F) if len(branches) == 2 else None
     blank_F = pr.blank_F()
 
-    if best.F < RING_F_THRESHOLD:
+    # lattice peaks leave leakage behind even when masked: a periodic frame needs more
+    f_needed = RING_F_THRESHOLD * (PERIODIC_F_FACTOR if periodic else 1.0)
+    if best.F < f_needed:
         blank = (not periodic) and blank_F < BLANK_F_THRESHOLD
         qs = np.linspace(pr.q[0], pr.q[-1], 512)
         span = max(
