@@ -248,7 +248,7 @@ def test_blank_frames():
 def test_lattice_everywhere_is_periodic_not_amorphous(n):
     e = ctf.estimate_ctf(lattice_frame(n, seed=n), 0.2, Cs_mm=0.5)
     assert e.periodic and not e.amorphous and not e.blank, e
-    assert e.peak_power_fraction > 0.5
+    assert e.peak_power_fraction > ctf.PERIODIC_POWER_FRACTION
     assert "lattice" in e.reason
 
 

@@ -364,7 +364,7 @@ PEAK_WING_RATIO: float = 4.0
 #: Periodic frames need this many times RING_F_THRESHOLD for rings.
 PERIODIC_F_FACTOR: float = 3.0
 #: Periodic: fraction of the above-background power in peaks above which the frame is periodic.
-PERIODIC_POWER_FRACTION: float = 0.5
+PERIODIC_POWER_FRACTION: float = 0.75
 
 #: A candidate defocus must put at least this many Thon-ring zeros into the fitted band.
 MIN_ZEROS: int = 2
