@@ -368,6 +368,16 @@ def _pad_to(frame: np.ndarray, min_px: int) -> tuple[np.ndarray, tuple[int, int]
     return np.pad(frame, ((0, py), (0, px)), mode=mode), (ny, nx)
 
 
+def _with_sampling(domain: dict | None, model_s: float | None) -> dict | None:
+    """The imaging domain with the model's pixel size where the reference has none."""
+    if domain is None:
+        return None
+    out = dict(domain)
+    if out.get("sampling_A") is None:
+        out["sampling_A"] = model_s
+    return out
+
+
 def _ood_reference(lm: Any, notes: list[str]) -> Any:
     from .evaluation.ood import load_ood_reference
 
@@ -621,5 +631,5 @@ def segment(
         estimated_defocus_nm=None if defoci is None else defoci.reshape(nav),
         defocus_sign_determined=None if signs is None else signs.reshape(nav),
         ood_components=comps if ref is not None else None,
-        imaging_domain=None if ref is None else ref.domain,
+        imaging_domain=None if ref is None else _with_sampling(ref.domain, model_s),
     )

@@ -131,8 +131,9 @@ def shipped_verdicts():
     rng = np.random.default_rng(3)
     blank = (1e4 + rng.normal(0, 1.9, (256, 256))).astype(np.float32)  # HAADF, no specimen
     yy, xx = np.mgrid[:256, :256] * 0.2  # [Å]
-    lattice = 1 + 0.3 * (np.cos(2 * np.pi * xx / 3.9) + np.cos(2 * np.pi * yy / 3.9))
-    lattice = rng.poisson(400 * lattice).astype(np.float32)  # SrTiO3-like, 3.9 Å
+    a = 3.905  # SrTiO3-like cubic lattice [Å], Gaussian atom columns, no amorphous support
+    dy, dx = (yy % a) - a / 2, (xx % a) - a / 2
+    lattice = rng.poisson(400 * (1 + np.exp(-(dx**2 + dy**2) / (2 * 0.4**2)))).astype(np.float32)
     res = segment(np.stack([blank, lattice]), sampling_A=0.2)
     return res
 

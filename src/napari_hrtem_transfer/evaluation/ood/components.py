@@ -157,6 +157,7 @@ def physics_components(
     crop_px: int = 1024,
     defocus_margin_nm: float = 10.0,
     min_overlap: float = 0.0,
+    lattice_peak_fraction: float = 0.92,
 ) -> dict[str, Any]:
     """The CTF estimate of one frame (at the model's pixel size) against the imaging domain.
 
@@ -164,7 +165,8 @@ def physics_components(
     magnitude; None without Thon rings), ``defocus_sign_determined``, ``ctf_fit_quality``,
     ``ctf_overlap`` (None without an estimate), ``amorphous``, ``periodic``, ``blank``,
     ``defocus_excess_nm`` (how far the estimate lies outside the training range plus
-    ``defocus_margin_nm``; 0 inside) and ``physics_reasons`` (short strings).
+    ``defocus_margin_nm``; 0 inside), ``peak_power_fraction`` (the estimator's fraction of the
+    spectrum's excess power in sharp peaks) and ``physics_reasons`` (short strings).
     """
     from ..ctf import ctf_overlap, estimate_ctf
 
@@ -197,12 +199,40 @@ def physics_components(
     except ValueError as exc:  # too small a frame for rings: no physics, said so
         out["physics_note"] = f"no CTF estimate: {exc}"
         return out
+    peak = float(getattr(est, "peak_power_fraction", 1.0 if est.periodic else 0.0))
+    # "lattice everywhere": the estimator's periodic flag on the whole crop is common near
+    # focus on Au particles (their fringes dominate a weak carbon signal), so it must hold in
+    # every quarter of the crop too (a particle fills one; a crystal all)
+    # a flat spectrum with sharp peaks is a crystal without support, not a blank frame
+    blank = bool(est.blank) and not bool(est.periodic)
+    everywhere = bool(est.periodic) and not bool(est.amorphous)
+    if everywhere and c >= 128:
+        hq = c // 2
+        for y in (0, hq):
+            for xq in (0, hq):
+                try:
+                    sub = estimate_ctf(
+                        x[y : y + hq, xq : xq + hq],
+                        float(sampling_A),
+                        energy_eV=energy,
+                        Cs_mm=cs,
+                        tile_px=max(32, hq // 2 * 2),
+                    )
+                except ValueError:
+                    everywhere = False
+                    break
+                if not sub.periodic:
+                    everywhere = False
+                    break
+            if not everywhere:
+                break
     out.update(
         defocus_sign_determined=bool(est.sign_determined),
         ctf_fit_quality=float(est.fit_quality),
         amorphous=bool(est.amorphous),
-        periodic=bool(est.periodic),
-        blank=bool(est.blank),
+        periodic=everywhere or (bool(est.periodic) and peak >= lattice_peak_fraction),
+        peak_power_fraction=peak,
+        blank=blank,
     )
     reasons: list[str] = out["physics_reasons"]
     rng = dom.get("defocus_nm_range")
@@ -237,10 +267,13 @@ def physics_components(
         ov = out["ctf_overlap"]
         if ov is not None and ov < min_overlap:
             reasons.append(f"CTF overlap with the training defoci {ov:.2f}")
-    if est.blank:
+    if blank:
         reasons.append("blank frame: no signal above shot noise")
-    elif est.periodic and not est.amorphous:
-        reasons.append("no amorphous support: lattice fringes everywhere")
+    elif out["periodic"] and not est.amorphous:
+        reasons.append(
+            f"no amorphous support: lattice fringes everywhere ({100 * peak:.0f} % of the "
+            "spectrum's excess power in sharp peaks)"
+        )
     return out
 
 

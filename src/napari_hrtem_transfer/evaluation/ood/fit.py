@@ -243,11 +243,15 @@ def _fit_stream(
     progress: ProgressCallback | None,
     stop: Callable[[], bool] | None = None,
     domain: dict | None = None,
+    parent: OODReference | None = None,
 ) -> tuple[OODReference, _Sample]:
     """Fit on a seeded sample of (item, transform) pairs, one batch in memory at a time.
 
     Returns the reference (network statistics, power-spectrum statistics, imaging domain,
-    an in-sample caution level) and what the sample gave (for a later calibration).
+    an in-sample caution level) and what the sample gave (for a later calibration).  With
+    fewer than :data:`FEW_IMAGES` distinct training images and a ``parent`` reference
+    (fine-tuning on a few annotated frames), the spreads are floored at the parent's (the
+    D4 transforms of one frame have almost no spread: every other frame would look far).
     """
     from ...training.data import d4
     from .._model import FrameStats
@@ -310,6 +314,9 @@ def _fit_stream(
     profiles = [c["_profile"] for c in comps if c.get("_profile") is not None]
     if len(profiles) >= 2:
         _fit_power_spectrum(ref, np.stack(profiles), ps_settings)
+    n_distinct = len({i for i, _ in pairs})
+    if parent is not None and n_distinct < FEW_IMAGES:
+        ref.info["few_images"] = _adopt_parent(ref, parent, f, profiles, n_distinct)
     sample = _Sample(
         FrameStats(
             f,
@@ -322,8 +329,79 @@ def _fit_stream(
         ),
         comps,
     )
-    _calibrate_in_sample(ref, sample, vcfg)
+    _calibrate_in_sample(
+        ref,
+        sample,
+        vcfg,
+        None if parent is None else parent.caution,
+        None if parent is None else parent.calibration,
+    )
     return ref, sample
+
+
+#: Fewer distinct training images than this: spreads are floored at the parent's.
+FEW_IMAGES = 16
+
+
+def _adopt_parent(ref: OODReference, parent: OODReference, features, profiles, n: int) -> str:
+    """Few training images: the parent reference's statistics (network and spectrum), or at
+    least its spreads when the architectures differ; returns what was done, in words."""
+    same = (
+        parent.kind == "uncertainty"
+        and parent.mean.shape == ref.mean.shape
+        and (parent.columns is None) == (ref.columns is None)
+        and (parent.columns is None or np.array_equal(parent.columns, ref.columns))
+    )
+    if not same:
+        _floor_spreads(ref, parent, features, profiles)
+        return (
+            f"{n} distinct training image(s) < {FEW_IMAGES}: spreads floored at the parent "
+            "reference's (other architecture)"
+        )
+    for k in (
+        "mean",
+        "scale",
+        "distance_ref",
+        "boundary_ref",
+        "boundary_spread",
+        "log_band_ref",
+        "log_band_spread",
+        "feature_weight",
+    ):
+        setattr(ref, k, getattr(parent, k))
+    if parent.ps_mean is not None:
+        ref.ps_mean, ref.ps_scale = parent.ps_mean, parent.ps_scale
+        ref.ps_distance_ref, ref.ps_settings = parent.ps_distance_ref, dict(parent.ps_settings)
+    return (
+        f"{n} distinct training image(s) < {FEW_IMAGES}: the parent reference's statistics; "
+        "the fine-tuned network's drift enters through the level (in-sample median + the "
+        "parent's level-minus-median)"
+    )
+
+
+def _floor_spreads(
+    ref: OODReference, parent: OODReference, features: np.ndarray, profiles=None
+) -> None:
+    """Spreads (and the distances' units) at least the parent reference's."""
+    if parent.kind == "uncertainty":
+        ref.boundary_spread = max(ref.boundary_spread, parent.boundary_spread)
+        ref.log_band_spread = max(ref.log_band_spread, parent.log_band_spread)
+    if parent.scale.shape == ref.scale.shape:
+        ref.scale = np.maximum(ref.scale, parent.scale)
+        d = ref.distance(features)
+        med = float(np.median(d))
+        ref.distance_ref = max(med if med > 0 else 1.0, parent.distance_ref)
+    if (
+        ref.ps_mean is not None
+        and parent.ps_scale is not None
+        and parent.ps_scale.shape == ref.ps_scale.shape
+    ):
+        ref.ps_scale = np.maximum(ref.ps_scale, parent.ps_scale)
+        own = 0.0
+        if profiles is not None and len(profiles):
+            ref.ps_distance_ref = 1.0
+            own = float(np.median(ref.ps_distance(np.stack(profiles))))
+        ref.ps_distance_ref = max(own, parent.ps_distance_ref)
 
 
 def _fit_power_spectrum(ref: OODReference, profiles: np.ndarray, settings: dict) -> None:
@@ -341,11 +419,17 @@ def _fit_power_spectrum(ref: OODReference, profiles: np.ndarray, settings: dict)
 
 
 def _calibrate_in_sample(
-    ref: OODReference, sample: _Sample, vcfg: VerdictConfig, parent_level: float | None = None
+    ref: OODReference,
+    sample: _Sample,
+    vcfg: VerdictConfig,
+    parent_level: float | None = None,
+    parent_calibration: dict | None = None,
 ) -> None:
     """A caution level from the fit's own sample (a lower bound; replaced by a held-out
     calibration when there is one): the false-alarm quantile of the sample's verdict
-    scores, and at least the parent model's level."""
+    scores.  With a parent: ``max(parent level, in-sample median + the parent's level minus
+    its in-domain median)`` -- the parent's calibration says how far above a typical
+    in-domain score its level lies; a few frames cannot say it themselves."""
     v = combine(ref, sample.stats, sample.comps, config=vcfg, caution_level=np.inf)
     level, rec = calibrate_caution_level(
         v.score,
@@ -358,10 +442,18 @@ def _calibrate_in_sample(
         f"{1 - vcfg.false_alarm_rate:g} quantile of the verdict scores of the fit's own sample "
         "(training image-transforms; in-sample, so a lower bound)"
     )
-    if parent_level is not None and np.isfinite(parent_level) and parent_level > level:
-        rec["method"] += f", raised to the parent model's level {parent_level:.3g}"
+    if parent_level is not None and np.isfinite(parent_level):
+        pc = parent_calibration or {}
+        margin = float(parent_level) - float(pc.get("median_in_domain_score") or 0.0)
+        derived = float(rec["median_in_domain_score"]) + max(margin, 0.0)
         rec["in_sample_level"] = level
-        level = float(parent_level)
+        rec["parent_margin"] = margin
+        level = max(float(parent_level), derived)
+        rec["method"] = (
+            f"max(parent level {parent_level:.3g}, in-sample median "
+            f"{rec['median_in_domain_score']:.3g} + the parent's level-minus-median "
+            f"{margin:.3g}) (few training frames: derived from the parent's calibration)"
+        )
     rec["parent_level"] = parent_level
     ref.caution_level = float(level)
     ref.calibration = rec
@@ -549,6 +641,7 @@ def calibrate_caution_level(
         "n_frames": int(ok.sum()),
         "n_in_domain": int(ind.sum()),
         "physics_flag_rate_in_domain": r,
+        "median_in_domain_score": float(np.median(score[ind])),
         "false_alarm_rate": float(flag_all[ind].mean()),
     }
     if loss is not None:
@@ -598,6 +691,7 @@ def _calibrate_for_checkpoint(
     stop: Callable[[], bool] | None = None,
     sample: _Sample | None = None,
     parent_level: float | None = None,
+    parent_calibration: dict | None = None,
 ) -> None:
     """Set ``ref.caution_level`` from held-out frames of every domain of ``dataset``; with
     too few of them, from the fit's sample and the parent's level (see the module)."""
@@ -607,7 +701,7 @@ def _calibrate_for_checkpoint(
     if plan is None:
         if sample is None:
             raise ConfigError("no held-out frames and no sample to calibrate the caution level")
-        _calibrate_in_sample(ref, sample, vcfg, parent_level)
+        _calibrate_in_sample(ref, sample, vcfg, parent_level, parent_calibration)
         ref.calibration["why"] = (
             f"fewer than {MIN_CALIBRATION_FRAMES} held-out frames of the training domain"
         )
@@ -868,6 +962,7 @@ def _fit_for_checkpoint(
         progress=fit_progress,
         stop=stop,
         domain=domain,
+        parent=parent_ref,
     )
     _calibrate_for_checkpoint(
         sm,
@@ -880,6 +975,7 @@ def _fit_for_checkpoint(
         stop=stop,
         sample=sample,
         parent_level=parent_level,
+        parent_calibration=None if parent_ref is None else parent_ref.calibration,
     )
     _save(sm, ref, True)
     secs = time.perf_counter() - t0
