@@ -90,7 +90,7 @@ def test_scherzer_band_and_envelope():
     t = ctf.ctf_curve(
         2.0, 0.0, energy_eV=300e3, Cs_mm=0.0, focal_spread_A=10.0, amplitude_contrast=1
     )
-    assert t == pytest.approx(math.exp(-0.5 * (math.pi * lam * 10.0 * 4.0) ** 2), rel=1e-9)
+    assert t == pytest.approx(math.exp(-0.25 * (math.pi * lam * 10.0 * 4.0) ** 2), rel=1e-9)
     with pytest.raises(ValueError, match="amplitude_contrast"):
         ctf.ctf_curve(1.0, 0.0, amplitude_contrast=1.5)
 
@@ -106,6 +106,11 @@ def test_chi_is_abtem_phase():
         ref = np.asarray(c._evaluate_from_angular_grid(q * lam, np.zeros_like(q)))
         chi = ctf.chi_rad(q, df_nm, energy_eV=300e3, Cs_mm=0.5)
         assert np.allclose(np.exp(-1j * chi), ref, atol=1e-4)
+    # the focal-spread envelope is abTEM's (the simulator's)
+    c = abtem.CTF(energy=300e3, defocus=0.0, focal_spread=10.0)
+    env = np.abs(np.asarray(c._evaluate_from_angular_grid(q * lam, np.zeros_like(q))))
+    mine = ctf.ctf_curve(q, 0.0, Cs_mm=0.0, focal_spread_A=10.0, amplitude_contrast=1.0)
+    assert np.allclose(mine, env, atol=1e-4)
 
 
 def test_defaults_are_the_training_values():

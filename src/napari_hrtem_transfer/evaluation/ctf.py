@@ -92,7 +92,7 @@ def ctf_curve(
 
     ``T(q) = E_t(q) · [sqrt(1 - A²) sin chi(q) + A cos chi(q)]`` with the abTEM phase
     :func:`chi_rad`, amplitude contrast fraction ``A = amplitude_contrast`` (0..1) and the
-    temporal-coherence envelope ``E_t(q) = exp(-(π λ Δ q²)² / 2)`` of the focal spread
+    temporal-coherence envelope ``E_t(q) = exp(-(π λ Δ q²)² / 4)`` of the focal spread
     ``Δ = focal_spread_A`` [Å] (abTEM's definition).  ``q_per_A`` in [1/Å].  The power
     spectrum of an amorphous film is ∝ ``T(q)²`` times the specimen's (smooth) spectrum.
     """
@@ -107,7 +107,7 @@ def ctf_curve(
     t = math.sqrt(1.0 - a * a) * np.sin(chi) + a * np.cos(chi)
     if focal_spread_A > 0:
         lam = wavelength_A(energy_eV)
-        t = t * np.exp(-0.5 * (math.pi * lam * float(focal_spread_A) * q * q) ** 2)
+        t = t * np.exp(-0.25 * (math.pi * lam * float(focal_spread_A) * q * q) ** 2)
     return t
 
 
@@ -352,9 +352,10 @@ def _ring_median_ratio(spectrum: np.ndarray, sampling_A: float) -> np.ndarray:
 RING_F_THRESHOLD: float = 10.0
 #: Sign: likelihood ratio 2 ln(L_best / L_other) of the two sign branches.
 SIGN_LR_THRESHOLD: float = 15.0
-#: Sign: the Cs term must add at least this phase [rad] at the information limit (4π: two
-#: more ring zeros on one side of focus than on the other).
-SIGN_MIN_CS_PHASE_RAD: float = 4 * math.pi
+#: Sign: the Cs term must add at least this phase [rad] at the information limit (8π: four
+#: more ring zeros on one side of focus than on the other).  At Cs 5 µm (4π at 300 kV,
+#: 10 Å focal spread, 0.2 Å/px) the better branch had the wrong sign in 8 of 48 abTEM frames.
+SIGN_MIN_CS_PHASE_RAD: float = 8 * math.pi
 #: Blank: F statistic of the smooth background over a constant (a white spectrum is ~1).
 BLANK_F_THRESHOLD: float = 8.0
 #: Periodic: a pixel is a lattice peak when its power exceeds its ring's median this often.
@@ -374,7 +375,7 @@ DYNAMIC_RANGE: float = 1e4
 _N_BG = 6  # Legendre terms of the smooth background of the log spectrum
 _N_AMP = 3  # Legendre terms of the ring amplitude
 _N_SUB = 8  # sub-samples per frequency pixel when averaging cos 2chi
-_CORR = 2.0  # adjacent rings of a Hann-windowed periodogram are correlated: ~2 bins per d.o.f.
+_CORR = 2.0  # rings per degree of freedom (adjacent rings correlate; thresholds are empirical)
 
 
 @dataclass
@@ -510,7 +511,7 @@ def estimate_ctf(
     :data:`PERIODIC_F_FACTOR` when lattice peaks dominate), the sign when
     the two branches differ by more than :data:`SIGN_LR_THRESHOLD` in likelihood and the Cs
     term adds at least :data:`SIGN_MIN_CS_PHASE_RAD` at the information limit (so never at
-    Cs 5 µm, 300 kV, 10 Å focal spread: 2π there).
+    Cs 5 µm, 300 kV, 10 Å focal spread: 4π there).
 
     Parameters
     ----------
@@ -637,7 +638,7 @@ def estimate_ctf(
     lam = wavelength_A(energy_eV)
     q_lim = float(pr.q[-1])
     if focal_spread_A > 0:
-        q_lim = min(q_lim, math.sqrt(2.0 / (math.pi * lam * focal_spread_A)))
+        q_lim = min(q_lim, math.sqrt(2.0 * math.sqrt(2.0) / (math.pi * lam * focal_spread_A)))
     cs_phase = 0.5 * math.pi * abs(Cs_mm) * 1e7 * lam**3 * q_lim**4
     sign_det = other is not None and lr > SIGN_LR_THRESHOLD and cs_phase >= SIGN_MIN_CS_PHASE_RAD
     return CTFEstimate(
