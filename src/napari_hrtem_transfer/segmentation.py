@@ -572,6 +572,7 @@ def segment(
                     native_frames=chunk if factor is not None else None,
                     native_sampling_A=inp.sampling_A,
                     zoom=factor,
+                    precision=cfg.precision,
                 )
                 sl = slice(idx.start, idx.stop)
                 scores[sl] = np.asarray(sc.score, dtype=float)

@@ -248,6 +248,9 @@ class ScoringModel:
         self.stage_sizes: list[int] = []
         #: Number of network forward passes made (tiles or batches); for tests and benchmarks.
         self.n_forward = 0
+        #: Inference precision of the passes (``fp32``, ``bf16``, ``fp16``, ``auto``: as
+        #: ``segment``'s); references are fitted at fp32.
+        self.precision = "fp32"
 
     @property
     def output_stride(self) -> int:
@@ -303,11 +306,16 @@ class ScoringModel:
         """Run one batch (B, h, w) of standardised tiles; logits (B, h, w) or None, and maps."""
         import torch
 
+        from ..training.device import autocast, resolve_precision
+
         t = torch.from_numpy(np.ascontiguousarray(x[:, None], dtype=np.float32)).to(self.device)
         captured: list = []
         hook = None
         self.n_forward += 1
-        with torch.inference_mode():
+        prec = (
+            resolve_precision(self.precision, self.device) if self.precision != "fp32" else "fp32"
+        )
+        with torch.inference_mode(), autocast(self.device, prec):
             if isinstance(encoder, torch.nn.Module):
                 if not decode:
                     out = encoder(t)
@@ -336,6 +344,7 @@ class ScoringModel:
         tile_px: int = DEFAULT_TILE_PX,
         batch_size: int = 4,
         overlap_px: int | None = None,
+        max_tiles: int | None = None,
     ) -> FrameStats:
         """Pooled encoder features, mean predictive entropy and boundary statistics of raw
         frames (N, H, W) (see :class:`FrameStats`).
@@ -356,6 +365,11 @@ class ScoringModel:
         overlap_px
             Overlap of neighbouring tiles [px]; default: the receptive field plus two strides,
             which makes tiled and whole-frame results equal up to rounding.
+        max_tiles
+            With ``proba`` given (encoder only): pool the features over at most this many
+            tiles per frame, evenly spread over the frame (an unbiased estimate of the pooled
+            statistics that bounds the cost on large frames; the entropy and boundary
+            statistics still use the whole ``proba``).  None: every tile.
         """
         x = np.asarray(frames.compute() if hasattr(frames, "compute") else frames)
         if x.ndim == 2:
@@ -398,6 +412,10 @@ class ScoringModel:
             for y0, a in zip(ys, cy, strict=True)
             for x0, b in zip(xs, cx, strict=True)
         ]
+        per_frame = len(ys) * len(xs)
+        if max_tiles is not None and not decode and per_frame > max_tiles > 0:
+            keep = set(np.linspace(0, per_frame - 1, int(max_tiles)).round().astype(int))
+            jobs = [j for k, j in enumerate(jobs) if k % per_frame in keep]
         mode = "reflect" if min(h, w) > 1 else "edge"
         cache: dict[int, np.ndarray] = {}
         for k in range(0, len(jobs), batch_size):

@@ -33,6 +33,11 @@ from ...errors import CheckpointError
 from . import components as comp
 from .reference import LEGACY_CAUTION_LEVEL, OODReference
 
+#: With the segmentation's probabilities, the encoder features of a frame are pooled over at
+#: most this many of its tiles, evenly spread (large frames: bounds the OOD pass's cost; frames
+#: up to this many tiles -- every training and calibration frame -- are pooled whole).
+ENCODER_MAX_TILES = 3
+
 
 class VerdictConfig(BaseModel):
     """The verdict's settings (defaults live here, once; stored with the calibration)."""
@@ -50,8 +55,8 @@ class VerdictConfig(BaseModel):
     """Score added per ``defocus_scale_nm`` of defocus excess.  0 by measurement: the sign is
     rarely determined (Cs = 5 µm), and on the wide series the loss is asymmetric (overfocus
     -40..-60 nm hurts, underfocus +40..+60 nm hardly), so any ``|defocus|`` term lowers the
-    ranking (Spearman per domain 0.79 -> 0.50 at 0.5 per nm); out-of-range frames are flagged
-    by their reason instead."""
+    ranking (Spearman per domain 0.76 -> 0.65 at 0.5 per 10 nm, docs/ood_score.md);
+    out-of-range frames are flagged by their reason instead."""
     lattice_peak_fraction: float = Field(0.95, ge=0, le=1)
     """A frame without Thon rings is "lattice everywhere" when the CTF estimator finds it
     periodic in each quarter of the crop, or when this fraction of its spectrum's excess power
@@ -430,6 +435,7 @@ def ood_scores(
     native_frames=None,
     native_sampling_A: float | None = None,
     zoom: float | None = None,
+    precision: str = "fp32",
 ) -> OODScores:
     """The verdict on frames (N, H, W) (raw counts) against the model's training domain.
 
@@ -455,6 +461,9 @@ def ood_scores(
     native_frames, native_sampling_A, zoom
         The frames before resampling to the model's pixel size, their pixel size [Å/px] and
         the zoom applied (see :func:`verdict`); default: ``frames`` themselves.
+    precision
+        Precision of the encoder pass (``segment`` passes its own: bf16 where the hardware
+        has it; the scores then differ from fp32 by rounding only).
 
     Raises
     ------
@@ -464,6 +473,7 @@ def ood_scores(
     from .._model import DEFAULT_TILE_PX, ScoringModel
 
     sm = model if isinstance(model, ScoringModel) else ScoringModel(model)
+    sm.precision = precision
     if reference is None:
         if sm.model_dir is None:
             raise CheckpointError("pass the OOD reference for a model that is not a folder.")
@@ -475,6 +485,7 @@ def ood_scores(
         want_proba=proba is None,
         batch_size=batch_size,
         tile_px=tile_px or DEFAULT_TILE_PX,
+        max_tiles=ENCODER_MAX_TILES,
     )
     return verdict(
         reference,
