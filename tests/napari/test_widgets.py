@@ -908,3 +908,32 @@ def test_features_table_takes_the_ood_verdict_fields():
     old = features_table(SimpleNamespace(frame_table=lambda: [{"frame": 0, "ood_score": 1.0,
                                                                "caution": False}]))
     assert "reasons" not in old and list(old["ood_score"]) == [1.0]
+
+
+def test_model_picker_takes_a_bioimageio_package(qtbot, tmp_path, monkeypatch):
+    """A .zip picked with 'or a package' is imported by the core importer (no code run) and
+    becomes the choice; its card is the shipped model's; a refused package says why."""
+    from napari_hrtem_transfer._napari._widgets._models import (
+        ModelPicker,
+        model_card,
+        resolve_model,
+    )
+    from napari_hrtem_transfer.bioimageio import CACHE_ENV, export_bioimageio
+    from napari_hrtem_transfer.segmentation import pretrained_model_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    pkg = export_bioimageio("pretrained", tmp_path / "shipped.zip", test=False).path
+    picker = ModelPicker()
+    picker.browse_package.value = str(pkg)
+    assert picker.value == str(pkg.resolve())
+    folder = resolve_model(picker.value)
+    assert (folder / "best.json").is_file() and (folder / "ood_reference.json").is_file()
+    assert folder.is_relative_to(tmp_path / "cache")
+    card = model_card(picker.value)
+    assert card.startswith("bioimage.io package shipped.zip: compact U-Net")
+    shipped = model_card(str(pretrained_model_dir()))
+    assert card.split("\n")[1:] == shipped.split("\n")[1:]  # same training facts
+
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    assert model_card(str(bad)).startswith("not a usable model:")

@@ -42,6 +42,11 @@ _LAZY = {
     "ood_scores": "ood",
     "write_evaluation_report": "report",
     "write_reference_report": "report",
+    "CTFEstimate": "ctf",
+    "ctf_overlap": "ctf",
+    "ctf_overlap_for_estimate": "ctf",
+    "estimate_ctf": "ctf",
+    "estimate_ctf_with_metadata": "ctf",
     "DemoSettings": "protocol",
     "run_protocol": "protocol",
 }

@@ -67,7 +67,14 @@ recent_models = _RecentModels()
 
 
 def resolve_model(spec: str | os.PathLike) -> Path | None:
-    """The checkpoint folder of ``spec`` (``"pretrained"`` or a folder); None if unavailable."""
+    """The checkpoint folder of ``spec``; None if unavailable.
+
+    ``spec`` is ``"pretrained"``, a checkpoint folder, or a bioimage.io model package
+    (``.zip``, ``rdf.yaml``/``bioimageio.yaml``), which is unpacked into the package cache by
+    the same importer as ``segment --model`` (:func:`napari_hrtem_transfer.bioimageio.
+    import_bioimageio`: no code from the package is run; a refused package raises its
+    :class:`~napari_hrtem_transfer.errors.CheckpointError`, shown in the model card).
+    """
     if str(spec) == PRETRAINED:
         from ...segmentation import pretrained_model_dir
 
@@ -75,6 +82,10 @@ def resolve_model(spec: str | os.PathLike) -> Path | None:
             return pretrained_model_dir()
         except Exception:  # noqa: BLE001 - not shipped in this installation
             return None
+    from ...bioimageio import import_bioimageio, is_bioimageio_package
+
+    if is_bioimageio_package(spec):
+        return import_bioimageio(spec)
     return Path(spec)
 
 
@@ -82,7 +93,10 @@ def model_card(spec: str | os.PathLike, which: str = "best") -> str:
     """A short card of a model, from its sidecar: what it is and what it was trained on."""
     from ...training import read_sidecar
 
-    path = resolve_model(spec)
+    try:
+        path = resolve_model(spec)
+    except Exception as exc:  # noqa: BLE001 - a refused package: shown in the card
+        return f"not a usable model: {exc}"
     if path is None:
         return ("the shipped pretrained model is not available in this installation; "
                 "pick a trained model folder (Browse…).")
@@ -104,8 +118,16 @@ def model_card(spec: str | os.PathLike, which: str = "best") -> str:
     except Exception:  # noqa: BLE001 - shipped models may carry only "best"
         pass
     best_epoch = side.get("best_epoch")
+    from ...bioimageio import is_bioimageio_package
+
+    if str(spec) == PRETRAINED:
+        title = "shipped pretrained model"
+    elif is_bioimageio_package(spec):  # unpacked under its sha256: name the package
+        title = f"bioimage.io package {Path(spec).name}"
+    else:
+        title = path.name
     lines = [
-        f"{'shipped pretrained model' if str(spec) == PRETRAINED else path.name}: "
+        f"{title}: "
         f"{arch} U-Net, {side.get('stage', '?')}",
         f"trained on defoci {dom_txt} nm at {samp:g} Å/px" if samp else
         f"trained on defoci {dom_txt} nm",
@@ -122,8 +144,8 @@ def model_sampling_A(spec: str | os.PathLike) -> float | None:
     """Pixel size [Å] a model was trained at (None if unknown)."""
     from ...training import read_sidecar
 
-    path = resolve_model(spec)
     try:
+        path = resolve_model(spec)
         samp = read_sidecar(path).get("sampling_A") if path is not None else None
     except Exception:  # noqa: BLE001
         return None
@@ -158,13 +180,18 @@ class ModelPicker:
                               "or a checkpoint folder picked with Browse.")
         self.browse = FileEdit(label="browse model", mode="d", value="",
                                tooltip="Pick a checkpoint folder (best.json + .safetensors).")
+        self.browse_package = FileEdit(
+            label="or a package", mode="r", value="", filter="*.zip *.yaml",
+            tooltip="Pick a bioimage.io model package (.zip or rdf.yaml): ours come back with "
+                    "their OOD reference; others of our architectures segment without one.")
         self.card = WrapLabel("")
         self.card.setStyleSheet("QLabel { font-size: 11px; }")
         self.browse.changed.connect(self._on_browse)
+        self.browse_package.changed.connect(self._on_browse)
         self.combo.changed.connect(self._show_card)
         self.combo.changed.connect(self._show_path)
         recent_models.changed.connect(self.refresh)
-        self.widgets = [self.combo, self.browse]
+        self.widgets = [self.combo, self.browse, self.browse_package]
         self._tip = self.combo.tooltip or ""
         self._show_card()
 
