@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,24 @@ class TestFreezing:
         assert all(p.requires_grad for p in model.parameters())
         with pytest.raises(KeyError, match="gradual"):
             model.freeze("everything")
+
+
+def test_blockwise_standardize_equals_the_float64_formula(monkeypatch):
+    """The block-by-block standardisation (bounded memory) gives the float64 formula's result,
+    for stacks of any leading shape, with blocks smaller than one image."""
+    import napari_hrtem_transfer.models.normalization as norm
+
+    rng = np.random.default_rng(3)
+    x = rng.poisson(40.0, size=(2, 3, 67, 53)).astype(np.float32)
+    x[0, 1] += 1e4  # a large offset: the mean must be removed in float64
+    monkeypatch.setattr(norm, "_BLOCK_PX", 5 * 53)  # 5 rows per block
+    got = norm.standardize(x)
+    d = x.astype(np.float64)
+    mean = d.mean(axis=(-2, -1), keepdims=True)
+    want = ((d - mean) / (d.std(axis=(-2, -1), keepdims=True) + 1e-6)).astype(np.float32)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got.mean(axis=(-2, -1)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(got.std(axis=(-2, -1)), 1.0, atol=1e-5)
+    with pytest.raises(np.exceptions.AxisError):
+        norm.standardize(np.zeros(5))

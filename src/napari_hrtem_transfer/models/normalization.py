@@ -16,6 +16,10 @@ import numpy as np
 NORMALIZATION: dict[str, Any] = {"method": "per_image_standardize", "eps": 1e-6}
 
 
+#: Pixels per block of the float64 arithmetic in :func:`standardize`.
+_BLOCK_PX = 1 << 20
+
+
 def standardize(images: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Standardise each image to mean 0 and variance 1.
 
@@ -32,10 +36,24 @@ def standardize(images: np.ndarray, eps: float = 1e-6) -> np.ndarray:
         float32 array of the same shape; each (H, W) image has mean 0 and std 1 (std
         computed with ddof=0, in float64).
     """
-    x = np.asarray(images, dtype=np.float64)
-    mean = x.mean(axis=(-2, -1), keepdims=True)
-    std = x.std(axis=(-2, -1), keepdims=True)
-    return ((x - mean) / (std + eps)).astype(np.float32)
+    x = np.asarray(images)
+    if x.ndim < 2:
+        raise np.exceptions.AxisError(f"images must be (..., H, W); got shape {x.shape}")
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = np.empty(flat.shape, dtype=np.float32)
+    rows = max(1, _BLOCK_PX // max(1, flat.shape[-1]))
+    for i, img in enumerate(flat):
+        # float64 statistics and arithmetic as before, a block of rows at a time: no
+        # full-size float64 temporaries (three of them cost 6 float32 frames at 8192^2 px)
+        mean = img.mean(dtype=np.float64)
+        var = 0.0
+        for r in range(0, img.shape[0], rows):
+            d = img[r : r + rows].astype(np.float64) - mean
+            var += float(np.einsum("ij,ij->", d, d))
+        scale = np.sqrt(var / img.size) + eps
+        for r in range(0, img.shape[0], rows):
+            out[i, r : r + rows] = (img[r : r + rows].astype(np.float64) - mean) / scale
+    return out.reshape(x.shape)
 
 
 def apply_normalization(images: np.ndarray, record: dict[str, Any]) -> np.ndarray:

@@ -228,8 +228,11 @@ class LoadedModel:
         ty, tx = min(tile, ph), min(tile, pw)
         cy, cx = _cuts(ys, ty, ph), _cuts(xs, tx, pw)
         for i in range(n):
-            img = np.pad(stack[i], ((0, ph - h), (0, pw - w)), mode="reflect")
-            full = np.empty((ph, pw), dtype=np.float32)
+            padded = (ph, pw) != (h, w)
+            img = stack[i]
+            if padded:
+                img = np.pad(img, ((0, ph - h), (0, pw - w)), mode="reflect")
+            full = np.empty((ph, pw), dtype=np.float32) if padded else out[i]
             jobs = [
                 (y0, x0, c0, c1)
                 for y0, c0 in zip(ys, cy, strict=True)
@@ -241,7 +244,8 @@ class LoadedModel:
                 y = self._forward(x, prec)
                 for (y0, x0, (a0, a1), (b0, b1)), yy in zip(chunk, y, strict=True):
                     full[a0:a1, b0:b1] = yy[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-            out[i] = full[:h, :w]
+            if padded:
+                out[i] = full[:h, :w]
         return out
 
     def predict_proba(self, images: Any, **kwargs: Any) -> np.ndarray:
@@ -250,8 +254,13 @@ class LoadedModel:
         Accepts the keyword arguments of :meth:`predict_logits` (``tile_size``, ``overlap``,
         ``batch_size``, ``precision``).
         """
-        logits = self.predict_logits(images, **kwargs)
-        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        logits = np.ascontiguousarray(self.predict_logits(images, **kwargs))
+        flat = logits.reshape(-1, logits.shape[-1])  # a view: the sigmoid is in place
+        step = max(1, (1 << 20) // max(1, flat.shape[-1]))
+        for r in range(0, flat.shape[0], step):  # in place, float64 a block at a time
+            blk = flat[r : r + step]
+            blk[...] = 1.0 / (1.0 + np.exp(-blk.astype(np.float64)))
+        return logits
 
     def encoder_features(
         self, images: Any, batch_size: int = 4, precision: str = "fp32"
