@@ -318,14 +318,19 @@ def _report(res: Any, t: dict[str, Path | None]) -> None:
             where = _coordinates(row)
             caution = row.get("caution")
             flag = "  <- treat with caution (unlike the training data)" if caution else ""
+            reasons = row.get("reasons") or []
+            if reasons:
+                flag += ": " + "; ".join(reasons)
             print(
                 f"  frame {row['frame']}{f' ({where})' if where else ''}: "
                 f"OOD score {row['ood_score']:.2f}{flag}"
             )
         if len(rows) > 20:
+            flagged = sum(bool(r.get("caution")) for r in rows)
             print(
                 f"  ... {len(rows) - 20} more frames; max OOD score "
-                f"{max(r['ood_score'] for r in rows):.2f}"
+                f"{max(r['ood_score'] for r in rows):.2f}; {flagged} of {len(rows)} frames "
+                "flagged in all (every row, with its reasons, is in the .ood.json)"
             )
         if res.ood_caution is not None:
             print(f"  (caution level of this model: {res.ood_caution:.2f})")
