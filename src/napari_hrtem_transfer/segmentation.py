@@ -43,6 +43,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, HrtemTransferError
+from .io.frames import RESAMPLING
 
 __all__ = [
     "PRETRAINED",
@@ -61,7 +62,6 @@ PRETRAINED = "pretrained"
 Progress = Callable[[int, int, str], None]
 StopRequest = threading.Event | Callable[[], bool] | None
 
-_STEM_WORDS = re.compile(r"\b(HAADF|ADF|DF\d?|BF|ABF|STEM|DPC|iDPC|SE)\b", re.IGNORECASE)
 
 
 class SegmentationWarning(UserWarning):
@@ -92,13 +92,13 @@ class SegmentConfig(BaseModel):
     """Resample frames to the model's pixel size when they differ by more than
     ``resample_tolerance``; False segments at the image's own pixel size (with a warning)."""
 
-    resample_tolerance: float = Field(default=0.05, ge=0.0, le=1.0)
+    resample_tolerance: float = Field(default=RESAMPLING.tolerance, ge=0.0, le=1.0)
     """Relative pixel-size difference above which frames are resampled."""
 
-    max_zoom: float = Field(default=8.0, ge=1.0, le=64.0)
+    max_zoom: float = Field(default=RESAMPLING.max_zoom, ge=1.0, le=64.0)
     """Largest resampling factor, up or down; beyond it the run is refused."""
 
-    max_resampled_px: int = Field(default=16384, ge=64)
+    max_resampled_px: int = Field(default=RESAMPLING.max_resampled_px, ge=64)
     """Largest side of a resampled frame [px]."""
 
     tile_size: int = Field(default=1024, ge=64, le=16384)
@@ -386,7 +386,14 @@ def _ood_reference(lm: Any, notes: list[str]) -> Any:
     if ref is None:
         from .evaluation.ood import OOD_ARRAYS
 
-        if (Path(lm.path) / OOD_ARRAYS).is_file():
+        pkg = ((lm.info.get("extra") or {}).get("bioimageio")) or {}
+        if pkg.get("foreign"):
+            notes.append(
+                f"no OOD score: the bioimage.io package {pkg.get('source') or pkg.get('name')} "
+                "was not made by napari-hrtem-transfer and has no OOD reference (it is used as "
+                "a plain segmenter); a model fine-tuned from it here gets one."
+            )
+        elif (Path(lm.path) / OOD_ARRAYS).is_file():
             notes.append(
                 "no OOD score: the model folder's OOD reference belongs to other weights "
                 "(the checkpoint was replaced); refit it with 'hrtem-transfer evaluate "
@@ -557,7 +564,7 @@ def segment(
                 f"{min_px} px and were reflect-padded; the model sees little context, so "
                 "treat the result with caution"
             )
-        work = np.stack(works)
+        work = works[0][None] if len(works) == 1 else np.stack(works)  # no copy of one frame
         p = lm.predict_proba(
             work, tile_size=pred_tile, batch_size=cfg.batch_size, precision=cfg.precision
         )
