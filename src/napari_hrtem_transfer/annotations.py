@@ -219,6 +219,7 @@ def finetune_on_annotations(
     callbacks: Iterable[Any] | None = None,
     stop: Any = None,
     ood_progress: Any = None,
+    resume: bool = False,
     **train_options: Any,
 ) -> AnnotationFinetuneResult:
     """Fine-tune ``model`` on annotated frames and fit its OOD reference.
@@ -228,9 +229,10 @@ def finetune_on_annotations(
     images, labels, sampling_A, annotated
         See :func:`dataset_from_annotations`.
     out_dir
-        New checkpoint folder (must not exist or be empty).
+        New checkpoint folder (must not exist or be empty, unless ``resume``).
     model
-        ``"pretrained"`` (shipped) or a checkpoint folder to start from.
+        ``"pretrained"`` (shipped), a checkpoint folder or a bioimage.io package to start
+        from.
     freeze
         ``none``, ``encoder``, ``decoder`` or ``gradual`` (see ``TrainConfig.freeze``).
     epochs, lr, samples_per_epoch, seed, device
@@ -239,15 +241,24 @@ def finetune_on_annotations(
         As for :func:`~napari_hrtem_transfer.training.train`.
     ood_progress
         ``progress(done, total, message)`` of the OOD-reference fit.
+    resume
+        Continue a stopped run in ``out_dir`` from its ``last`` checkpoint (the same frames
+        and labels: the run's data fingerprint is checked).
     **train_options
         Other :class:`~napari_hrtem_transfer.training.TrainConfig` fields.
     """
+    from .bioimageio import import_bioimageio, is_bioimageio_package
     from .segmentation import PRETRAINED, pretrained_model_dir
     from .training.checkpoint import read_sidecar
     from .training.config import TrainConfig
     from .training.loop import train
 
-    init = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
+    if str(model) == PRETRAINED:
+        init = pretrained_model_dir()
+    elif is_bioimageio_package(model):
+        init = import_bioimageio(model)
+    else:
+        init = Path(model).expanduser()
     if not (init / "best.json").is_file():
         raise ConfigError(
             f"{init} is not a checkpoint folder (no best.json); pass a model trained with "
@@ -275,7 +286,7 @@ def finetune_on_annotations(
         kwargs["lr"] = lr
     kwargs.update(train_options)
     config = TrainConfig.finetune(init, **kwargs)
-    result = train(config, ds, out_dir, callbacks=callbacks, stop=stop)
+    result = train(config, ds, out_dir, callbacks=callbacks, stop=stop, resume=resume)
     ood = None
     if not result.stopped:
         from .evaluation import ood as ood_mod

@@ -103,3 +103,49 @@ def test_finetuning_on_two_annotated_frames_beats_the_start(tiny_model, tmp_path
     d0 = np.mean([_dice(b, m) for b, m in zip(before, masks[[0, 2]], strict=True)])
     d1 = np.mean([_dice(a, m) for a, m in zip(after, masks[[0, 2]], strict=True)])
     assert d1 > d0 + 0.05, (d0, d1)
+
+
+def test_stopped_annotation_finetuning_resumes_to_the_same_model(tiny_model, tmp_path):
+    """Stop after the first epoch, resume: the same weights as one uninterrupted run."""
+    import json
+
+    from napari_hrtem_transfer.training import Callback
+
+    frames, masks = _new_microscope(4, seed=1)
+    labels = np.zeros(masks.shape, np.uint8)
+    labels[[0, 1]] = masks[[0, 1]]
+    opts = dict(
+        model=tiny_model,
+        sampling_A=0.2,
+        epochs=2,
+        lr=3e-3,
+        samples_per_epoch=16,
+        device="cpu",
+        precision="fp32",
+        num_threads=1,
+        batch_size=4,
+        deterministic=True,
+    )
+
+    class StopAfterFirstEpoch(Callback):
+        def __init__(self):
+            self.event = __import__("threading").Event()
+
+        def on_epoch(self, update):
+            self.event.set()
+
+    cb = StopAfterFirstEpoch()
+    part = finetune_on_annotations(
+        frames, labels, out_dir=tmp_path / "a", callbacks=[cb], stop=cb.event, **opts
+    )
+    assert part.train.stopped and part.ood is None
+    with pytest.raises(Exception, match="not empty|resume|exists"):
+        finetune_on_annotations(frames, labels, out_dir=tmp_path / "a", **opts)
+    done = finetune_on_annotations(frames, labels, out_dir=tmp_path / "a", resume=True, **opts)
+    whole = finetune_on_annotations(frames, labels, out_dir=tmp_path / "b", **opts)
+    assert not done.train.stopped and done.ood is not None and done.ood.ok
+    sha = [
+        json.loads((d / "last.json").read_text())["weights_sha256"]
+        for d in (done.out_dir, whole.out_dir)
+    ]
+    assert sha[0] == sha[1]
