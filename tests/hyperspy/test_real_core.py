@@ -7,6 +7,7 @@ give exactly what the core gives, on the signal's own axes, eagerly and lazily.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -232,3 +233,33 @@ def test_uncalibrated_signal_is_named_in_the_core_warning(registered, tiny_model
     one.metadata.General.title = "bare frame"
     with pytest.warns(SegmentationWarning, match="bare frame.*pixel size is unknown"):
         one.segment(model=tiny_model)
+
+
+def test_ood_score_components_on_the_series_axes(registered, tiny_model):
+    """components=True: the verdict's parts as signals on the input's navigation axes (the
+    non-uniform defocus kept), equal to the core's frame rows; lazy gives the same."""
+    from napari_hrtem_transfer.segmentation import segment
+
+    s, _ = _series()
+    parts = s.ood_score(tiny_model, device="cpu", components=True)
+    rows = segment(s, tiny_model, device="cpu", probabilities=False).frame_table()
+    assert {"score", "caution", "estimated_defocus_nm", "network", "blank"} <= set(parts)
+    for key, sig in parts.items():
+        assert sig.data.shape == (2, 3), key
+        assert list(sig.axes_manager.signal_axes[1].axis) == [-4.0, 9.0], key
+    score = parts["score"].data.reshape(-1)
+    np.testing.assert_allclose(score, [r["ood_score"] for r in rows])
+    np.testing.assert_allclose(
+        parts["network"].data.reshape(-1), [r["ood_components"]["network"] for r in rows]
+    )
+    meta = parts["score"].metadata.HRTEM_transfer.ood
+    # nested lists are stored as JSON text (HyperSpy metadata holds flat values)
+    reasons = json.loads(meta.reasons) if isinstance(meta.reasons, str) else meta.reasons
+    assert reasons == [r["reasons"] for r in rows]
+    caution = json.loads(meta.caution) if isinstance(meta.caution, str) else meta.caution
+    assert list(caution) == [r["caution"] for r in rows]
+    np.testing.assert_array_equal(parts["caution"].data.reshape(-1), caution)
+    assert np.isfinite(meta.caution_level)
+    lazy, _ = _series(lazy=True)
+    lparts = lazy.ood_score(tiny_model, device="cpu", components=True)
+    np.testing.assert_allclose(lparts["score"].data, parts["score"].data, rtol=1e-5)

@@ -367,11 +367,14 @@ def ood_score(
     which: str = "best",
     device: str = "auto",
     progress: Any = None,
+    components: bool = False,
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.ood_score`."""
     name = signal_name(s)
     px = _pixel_size(s, sampling_A_override)
     seg = _core()
+    if components:
+        return _ood_components(s, model, px, name, which=which, device=device, progress=progress)
 
     def _scores(res: Any) -> np.ndarray:
         if res.ood_score is None:
@@ -423,6 +426,66 @@ def ood_score(
     prov = {**known, **_provenance(res, model=model, threshold=None, which=which)}
     prov["caution_level"] = 1.0 if caution is None else float(caution)
     record(out, "ood", prov)
+    return out
+
+
+def _ood_components(
+    s: Any, model: Any, px: float | None, name: str, *, which: str, device: str, progress: Any
+) -> dict[str, Any]:
+    """The verdict of every frame as signals over ``s``'s navigation axes: ``"score"`` (with
+    ``caution_level``, per-frame ``caution`` flags and ``reasons`` in its metadata),
+    ``"caution"`` (1 = flagged), ``"estimated_defocus_nm"`` and every numeric component.
+
+    One pass of the segmentation core; a lazy signal is read one frame at a time (the
+    results are small: one value per frame).
+    """
+    seg = _core()
+    if s._lazy:
+        _check_lazy(s, _resolve_model(model, which, device), px, name)
+    res = seg.segment(
+        s,
+        model=model,
+        sampling_A=px,
+        progress=progress,
+        **_options(None, ood=True, probabilities=False, which=which, device=device),
+    )
+    if res.ood_score is None:
+        why = "; ".join(getattr(res, "notes", []) or []) or "no OOD reference"
+        raise ConfigError(f"no OOD verdict for signal '{name}' with model {model!r}: {why}.")
+    rows = res.frame_table()
+    prov = {**_provenance(res, model=model, threshold=None, which=which)}
+    prov["caution_level"] = float(res.ood_caution)
+    prov["reasons"] = [list(r.get("reasons") or []) for r in rows]
+    prov["caution"] = [bool(r.get("caution")) for r in rows]
+    prov["imaging_domain"] = getattr(res, "imaging_domain", None) or {}
+
+    def sig(values: Any, what: str, quantity: str) -> Any:
+        out = navigation_signal(
+            s, np.asarray(values, dtype=float), title=f"{name} – {what}", quantity=quantity
+        )
+        record(out, "ood", prov)
+        return out
+
+    out = {
+        "score": sig([r["ood_score"] for r in rows], "OOD score", OOD_QUANTITY),
+        "caution": sig(prov["caution"], "OOD caution flag", "1 = treat with caution"),
+        "estimated_defocus_nm": sig(
+            [
+                np.nan if r.get("estimated_defocus_nm") is None else r["estimated_defocus_nm"]
+                for r in rows
+            ],
+            "defocus estimated from the Thon rings",
+            "estimated defocus [nm] (abTEM sign; see defocus_sign_determined)",
+        ),
+    }
+    keys = [
+        k
+        for k, v in (rows[0].get("ood_components") or {}).items()
+        if isinstance(v, int | float | bool | None) and k not in out
+    ]
+    for k in keys:
+        vals = [(r.get("ood_components") or {}).get(k) for r in rows]
+        out[k] = sig([np.nan if v is None else float(v) for v in vals], f"OOD {k}", k)
     return out
 
 

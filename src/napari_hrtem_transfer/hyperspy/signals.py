@@ -109,8 +109,19 @@ class HRTEM(Signal2D):
         which: str = "best",
         device: str = "auto",
         progress: Any = None,
+        components: bool = False,
     ):
         """Label-free out-of-distribution score of every frame.
+
+        Parameters
+        ----------
+        components
+            Also return the verdict's parts (see ``docs/ood_score.md``): a dict of signals
+            over the navigation axes, ``"score"``, ``"caution"`` (1 = flagged),
+            ``"estimated_defocus_nm"`` (from the Thon rings [nm], abTEM sign) and every
+            numeric component (``network``, ``power_spectrum_distance``, ``ctf_overlap``,
+            ``blank``, ``periodic``, ...); each one's ``metadata.HRTEM_transfer.ood`` holds
+            the caution level, the per-frame ``reasons`` and the model's ``imaging_domain``.
 
         Returns
         -------
@@ -119,7 +130,7 @@ class HRTEM(Signal2D):
             navigation axis (plot against defocus or time), a ``Signal2D`` map for two
             (defocus x image), a one-value ``BaseSignal`` for a single image. About 0 means
             training-like, above ``metadata.HRTEM_transfer.ood.caution_level`` treat the
-            segmentation with caution.
+            segmentation with caution. With ``components=True`` a dict of such signals.
 
         Raises
         ------
@@ -133,6 +144,7 @@ class HRTEM(Signal2D):
             which=which,
             device=device,
             progress=progress,
+            components=components,
         )
 
     def evaluate(
