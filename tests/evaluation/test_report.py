@@ -279,3 +279,27 @@ def test_generalization_legend_covers_neither_bars_nor_shift_labels(tmp_path, mo
     figures.plot_generalization(["this model"], [0.036], [0.082], tmp_path / "g.png")
     assert seen["overlaps"] == []
     assert seen["outside"]
+
+
+def test_overlap_vs_loss_figure_reports_the_rank_correlation(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_hrtem_transfer.evaluation import figures
+
+    dom = np.repeat([-20.0, -10.0, 0.0, 10.0, 20.0], 4)
+    overlap = np.repeat([0.2, 0.6, 0.95, 0.7, 0.3], 4) + np.tile([0, 0.01, 0.02, 0.03], 5)
+    loss = 1.0 - overlap  # lower overlap, higher loss: a perfect negative rank order
+    seen = {}
+
+    def keep(fig, path):
+        seen["legend"] = fig.axes[0].get_legend().get_texts()[0].get_text()
+        plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(figures, "savefig_atomic", keep)
+    t = ResultTable({"ctf_overlap": overlap, "loss": loss, "domain_defocus_nm": dom})
+    figures.plot_overlap_vs_loss(t, tmp_path / "o.png")
+    assert "Spearman -1.00" in seen["legend"] and "frames -1.00" in seen["legend"]

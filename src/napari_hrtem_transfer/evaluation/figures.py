@@ -306,6 +306,37 @@ def plot_ood_vs_loss(frames: ResultTable, path: str | os.PathLike, title: str = 
     return savefig_atomic(fig, path)
 
 
+def plot_overlap_vs_loss(frames: ResultTable, path: str | os.PathLike, title: str = "") -> Path:
+    """CTF information-transfer overlap of each frame with the model's training conditions
+    (:func:`~.ctf.ctf_overlap`, 0..1) against the true loss: frames (dots, coloured by
+    defocus [nm]) and the median per defocus domain (black); Spearman in the legend."""
+    from scipy.stats import spearmanr
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ov, loss, dom = frames["ctf_overlap"], frames["loss"], frames["domain_defocus_nm"]
+    sc = ax.scatter(ov, loss, c=dom, cmap="coolwarm", s=10, alpha=0.6)
+    cb = fig.colorbar(sc, ax=ax)
+    cb.set_label("defocus [nm]")
+    doms = np.unique(dom)
+    med = np.array([[np.median(ov[dom == d]), np.mean(loss[dom == d])] for d in doms])
+    rho_d = spearmanr(med[:, 0], med[:, 1])[0] if len(doms) > 2 else np.nan
+    rho_f = spearmanr(ov, loss)[0] if len(ov) > 2 else np.nan
+    ax.plot(
+        med[:, 0],
+        med[:, 1],
+        "ko",
+        ms=4,
+        label=f"domain median (Spearman {rho_d:+.2f}; frames {rho_f:+.2f})",
+    )
+    ax.set_xlabel("CTF overlap with the training conditions (1 = alike)")
+    ax.set_ylabel("true loss (BCE)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    return savefig_atomic(fig, path)
+
+
 def _scale_bar(ax, shape: tuple[int, ...], sampling_A: float) -> float:
     """Draw a white scale bar (1-2-5 x 10^k nm, about a fifth of the width) at the bottom left.
 

@@ -40,7 +40,10 @@ class EvaluationResult:
     domains
         One row per domain (see :mod:`.table` for the columns).
     frames
-        One row per evaluated frame and domain.
+        One row per evaluated frame and domain: loss, Dice, IoU, ``ood_score`` (the network's
+        label-free term), and the per-frame verdict that ``segment`` gives
+        (``verdict_score``, ``ood_caution``, ``ood_reasons``, ``estimated_defocus_nm`` from
+        the Thon rings, ``ctf_overlap`` with the training conditions).
     labelled
         False if the dataset has no masks (then loss, Dice and IoU are NaN).
     notes
@@ -258,7 +261,7 @@ def evaluate_model(
     """
     from ..io.dataset import HRTEMDataset, load_dataset
     from ._model import ScoringModel
-    from .ood import OODReference, load_ood_reference
+    from .ood import OODReference, load_ood_reference, verdict
 
     ds = dataset if isinstance(dataset, HRTEMDataset) else load_dataset(dataset)
     sm = (
@@ -354,8 +357,19 @@ def evaluate_model(
             jac = iou(pred, masks)
         else:
             loss = dsc = jac = np.full(sel.size, np.nan)
-        score = ref.score_stats(st) if ref is not None else np.full(sel.size, np.nan)
-        dist = ref.distance(feats) if ref is not None else np.full(sel.size, np.nan)
+        nan = np.full(sel.size, np.nan)
+        score = ref.score_stats(st) if ref is not None else nan  # the network's own term
+        if ref is not None:  # and the verdict segment gives (network + physics + spectrum)
+            v = verdict(ref, st, imgs, model_sampling_A=sm.sampling_A)
+            vscore, flagged = np.asarray(v.score, float), np.asarray(v.caution, bool)
+            overlap = [c.get("ctf_overlap") for c in v.components]
+            overlap = np.array([np.nan if o is None else float(o) for o in overlap])
+            est = np.array([np.nan if d is None else float(d) for d in v.estimated_defocus_nm])
+            reasons = ["; ".join(r) for r in v.reasons]
+        else:
+            vscore, flagged, overlap, est = nan, np.zeros(sel.size, bool), nan, nan
+            reasons = [""] * sel.size
+        dist = ref.distance(feats) if ref is not None else nan
         dnm = float(ds.defocus_nm[di])
         actual = np.asarray(ds.actual_defocus_nm)[di, sel]
         for k, i in enumerate(sel):
@@ -371,6 +385,11 @@ def evaluate_model(
                     "dice": float(dsc[k]),
                     "iou": float(jac[k]),
                     "ood_score": float(score[k]),
+                    "verdict_score": float(vscore[k]),
+                    "ood_caution": bool(flagged[k]),
+                    "ood_reasons": reasons[k],
+                    "estimated_defocus_nm": float(est[k]),
+                    "ctf_overlap": float(overlap[k]),
                     "ood_distance": float(dist[k]),
                     "entropy": float(ent[k]),
                 }

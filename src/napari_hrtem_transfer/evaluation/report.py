@@ -41,6 +41,7 @@ from .figures import (
     plot_generalization,
     plot_matrix,
     plot_ood_vs_loss,
+    plot_overlap_vs_loss,
     plot_samples,
 )
 from .metrics import generalization, shift
@@ -53,6 +54,7 @@ __all__ = [
     "plot_generalization",
     "plot_matrix",
     "plot_ood_vs_loss",
+    "plot_overlap_vs_loss",
     "plot_samples",
     "write_evaluation_report",
     "write_reference_report",
@@ -401,6 +403,15 @@ def write_evaluation_report(
                 plot_ood_vs_loss(f.take(ok), figs / "ood_vs_loss.png", title=last),
                 f"Per-frame OOD score vs. true loss, {last} (colour: defocus).",
             )
+            okc = ok & np.isfinite(f["ctf_overlap"]) if "ctf_overlap" in f else None
+            if okc is not None and okc.sum() > 2:
+                rep.figure(
+                    plot_overlap_vs_loss(f.take(okc), figs / "overlap_vs_loss.png", title=last),
+                    f"Per-frame CTF information-transfer overlap with the training conditions "
+                    f"vs. true loss, {last} (frames with Thon rings; docs/ctf.md). A physical "
+                    "measure of the imaging-condition shift: lower overlap, higher loss "
+                    "expected.",
+                )
     if after.samples:
         rep.heading("Sample frames")
         rep.figure(
