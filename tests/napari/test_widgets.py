@@ -937,3 +937,36 @@ def test_model_picker_takes_a_bioimageio_package(qtbot, tmp_path, monkeypatch):
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"not a zip")
     assert model_card(str(bad)).startswith("not a usable model:")
+
+
+def test_verdict_fields_are_not_mistaken_for_coordinates():
+    """'defocus_sign_determined' starts like a defocus coordinate but is a verdict field: the
+    OOD dock must plot against the real defocus axis (or, without one, the estimated defocus)
+    and never name a frame by it."""
+    import pandas as pd
+
+    from napari_hrtem_transfer._napari._widgets._ood import coordinate_columns, x_column
+    from napari_hrtem_transfer.segmentation import SegmentationResult
+
+    axes = [
+        {"name": "defocus", "size": 2, "axis": [-5.0, 5.0], "units": "nm", "navigate": True},
+        {"name": "image", "size": 1, "scale": 1.0, "offset": 0.0, "navigate": True},
+        {"name": "y", "size": 4, "scale": 0.02, "units": "nm"},
+        {"name": "x", "size": 4, "scale": 0.02, "units": "nm"},
+    ]
+    res = SegmentationResult(
+        labels=np.zeros((2, 1, 4, 4), np.uint8), proba=None,
+        ood_score=np.array([[1.0], [2.0]]), ood_caution=3.0, axes=axes,
+        sampling_A=0.2, model_sampling_A=0.2,
+        ood_reasons=[[], []], estimated_defocus_nm=np.array([[4.0], [6.0]]),
+        defocus_sign_determined=np.array([[False], [False]]),
+        ood_components=[{"network": 1.0}, {"network": 2.0}],
+    )
+    rows = res.frame_table()
+    assert "defocus_sign_determined" in rows[0]
+    feats = pd.DataFrame(rows)
+    assert coordinate_columns(feats.columns) == ["defocus_nm", "image"]
+    assert x_column(feats, ["defocus", "image"])[0] == "defocus_nm"
+    # an experimental stack: one 'frame' axis, no defocus axis -> the estimated defocus
+    stack = feats.drop(columns=["defocus_index", "defocus_nm"])
+    assert x_column(stack, ["image"])[0] == "estimated_defocus_nm"

@@ -43,13 +43,26 @@ def ood_layers(viewer: napari.Viewer) -> list[Any]:
             and "ood_score" in ly.features.columns]
 
 
+def coordinate_columns(columns: Any) -> list[str]:
+    """The navigation-coordinate columns of frame rows: the column right after each
+    ``<axis>_index`` (``frame_table`` writes them in that order), e.g. ``defocus_nm``.
+    Verdict fields such as ``defocus_sign_determined`` or ``estimated_defocus_nm`` are not
+    coordinates, whatever their names start with."""
+    cols = list(columns)
+    return [
+        cols[k + 1]
+        for k, c in enumerate(cols[:-1])
+        if c.endswith("_index") and not cols[k + 1].endswith("_index")
+    ]
+
+
 def x_column(features: Any, nav_axes: list[str]) -> tuple[str, str]:
     """The column to plot against and its axis label: the defocus [nm] if there is one, else
     the model's estimated defocus [nm] (an experimental stack without a defocus axis), else
     the last navigation axis' coordinate, else the flat frame index."""
-    cols = [c for c in features.columns if not c.endswith("_index")]
+    cols = coordinate_columns(features.columns)
     for c in cols:
-        if c.startswith("defocus"):
+        if c == "defocus" or c.startswith("defocus_"):
             unit = c[len("defocus_"):] if c.startswith("defocus_") else ""
             return c, f"defocus [{unit}]" if unit else "defocus"
     if ESTIMATED in features.columns:
@@ -323,9 +336,9 @@ class OODView(DockWidget):
         """A frame's position in words: flat index and navigation coordinates."""
         row = self.rows[i]
         parts = [f"#{int(row['frame'])}"]
+        coords = set(coordinate_columns(row))
         for c, v in row.items():
-            if c.endswith("_index") or not any(c == a or c.startswith(a + "_")
-                                               for a in self.nav_axes):
+            if c not in coords:
                 continue
             if isinstance(v, int | float | np.floating) and np.isfinite(v):
                 name, _, unit = c.partition("_")
