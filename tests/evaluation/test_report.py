@@ -303,3 +303,34 @@ def test_overlap_vs_loss_figure_reports_the_rank_correlation(tmp_path, monkeypat
     t = ResultTable({"ctf_overlap": overlap, "loss": loss, "domain_defocus_nm": dom})
     figures.plot_overlap_vs_loss(t, tmp_path / "o.png")
     assert "Spearman -1.00" in seen["legend"] and "frames -1.00" in seen["legend"]
+
+
+@pytest.mark.parametrize("diverging", [False, True])
+def test_matrix_missing_cells_are_grey_without_touching_the_shared_colormap(
+    tmp_path, monkeypatch, diverging
+):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from napari_hrtem_transfer.evaluation import figures
+    from napari_hrtem_transfer.evaluation.aggregate import Matrix
+
+    seen = {}
+
+    def keep(fig, path):
+        seen["bad"] = fig.axes[0].images[0].cmap.get_bad()
+        plt.close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(figures, "savefig_atomic", keep)
+    m = Matrix(
+        values=np.array([[0.1, np.nan], [-0.2, 0.3]]),
+        rows_nm=np.array([-10.0, 10.0]),
+        cols_nm=np.array([-10.0, 10.0]),
+    )
+    figures.plot_matrix(m, tmp_path / "m.png", diverging=diverging)
+    np.testing.assert_allclose(seen["bad"], (0.85, 0.85, 0.85, 1.0))
+    name = "RdBu_r" if diverging else "viridis"
+    assert tuple(plt.get_cmap(name).get_bad()) != (0.85, 0.85, 0.85, 1.0)

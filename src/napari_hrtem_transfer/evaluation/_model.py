@@ -478,16 +478,6 @@ class ScoringModel:
             frac = fg / float(h * w)
         return FrameStats(feats.astype(np.float64), ent, out_p, out_z, bnd, band, frac)
 
-    def run(self, images, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, H, W) and pooled encoder features (N, D) of raw images (N, H, W).
-
-        The features are the mean and std over space of every encoder stage's feature map,
-        concatenated from the first stage to the deepest: (N, 2 * sum(C_stage)).  Any image
-        size works (reflect padding to the stride; tiles above :data:`DEFAULT_TILE_PX`).
-        """
-        st = self.frame_stats(images, want_logits=True, batch_size=batch_size)
-        return st.logits, st.features
-
 
 def _starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
     """Start offsets (multiples of ``stride``) of tiles of ``tile`` px covering ``size`` px."""

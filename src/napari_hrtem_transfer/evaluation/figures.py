@@ -82,13 +82,12 @@ def plot_matrix(
     if diverging:
         lim = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
         lim = lim or 1.0
-        cmap = plt.get_cmap("RdBu_r").copy()
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")  # missing cells: grey
         norm = TwoSlopeNorm(vmin=-lim, vcenter=0.0, vmax=lim)
         im = ax.imshow(masked, cmap=cmap, norm=norm, aspect="auto")
     else:
-        cmap = plt.get_cmap("viridis").copy()
+        cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
         im = ax.imshow(masked, cmap=cmap, aspect="auto")
-    cmap.set_bad("0.85")
     ax.set_xticks(range(len(m.cols_nm)), [_fmt_nm(c) for c in m.cols_nm])
     ax.set_yticks(range(len(m.rows_nm)), [_fmt_nm(r) for r in m.rows_nm])
     ax.set_xlabel(m.col_label)

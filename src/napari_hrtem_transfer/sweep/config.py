@@ -358,16 +358,6 @@ class SweepConfig(BaseModel):
             **self._common(self.transfer),
         )
 
-    # ------------------------------------------------------------------ files
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> SweepConfig:
-        """Read and validate a TOML file; see :func:`load_sweep_config`."""
-        return load_sweep_config(path)
-
-    def to_toml_dict(self) -> dict[str, Any]:
-        """The config as plain JSON/TOML-compatible values."""
-        return self.model_dump(mode="json", exclude_none=True)
-
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     parts = []

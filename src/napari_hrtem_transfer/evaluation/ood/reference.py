@@ -242,7 +242,8 @@ class OODReference:
     def distance(self, features: np.ndarray) -> np.ndarray:
         """Distance (N,) of pooled features from the training distribution.
 
-        ``features`` is either the full pooled vector of :class:`~.._model.ScoringModel.run`
+        ``features`` is either the full pooled vector (``FrameStats.features`` of
+        :meth:`~.._model.ScoringModel.frame_stats`)
         (the stored ``columns`` are selected) or already the selected (N, D) columns.
         """
         f = self._select(features)
