@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError, HrtemTransferError
+from .errors import ConfigError, HrtemTransferError, config_error_from_validation
 from .io.frames import RESAMPLING
 
 __all__ = [
@@ -469,9 +469,7 @@ def segment(
     try:
         cfg = SegmentConfig(**{**base.model_dump(), **options}) if options else base
     except ValidationError as exc:
-        err = exc.errors()[0]
-        fld = ".".join(str(p) for p in err.get("loc", ())) or "options"
-        raise ConfigError(f"{fld}: {err.get('msg')} (got {err.get('input')!r})", fld) from None
+        raise config_error_from_validation(exc, first_only=True) from None
     from .training.loop import _stop_fn  # one definition of a stop request
 
     stopped = _stop_fn(stop)

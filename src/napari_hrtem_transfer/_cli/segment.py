@@ -113,10 +113,10 @@ def _config(args: argparse.Namespace) -> Any:
     try:
         return SegmentConfig(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err.get("loc") else ""
-        flag = FLAGS.get(name) or NEGATIVE_FLAGS.get(name) or name
-        raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')!r})", flag) from None
+        from ..errors import config_error_from_validation
+
+        names = {**FLAGS, **NEGATIVE_FLAGS}
+        raise config_error_from_validation(exc, names, first_only=True) from None
 
 
 def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:

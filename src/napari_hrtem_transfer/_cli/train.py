@@ -255,10 +255,10 @@ def _config_from_args(args: argparse.Namespace, finetune: bool, **override: Any)
         kw["model"] = {"architecture": args.arch}
         return TrainConfig(**kw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err.get("loc") else ""
-        flag = FLAGS.get(name) or SPECIAL_FLAGS.get(name) or name
-        raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')!r})", flag) from None
+        from ..errors import config_error_from_validation
+
+        names = {**FLAGS, **SPECIAL_FLAGS}
+        raise config_error_from_validation(exc, names, first_only=True) from None
 
 
 @contextlib.contextmanager
