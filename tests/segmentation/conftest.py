@@ -20,6 +20,21 @@ def disc_frames(n: int = 12, size: int = 64, seed: int = 0, contrast: float = -0
     return frames, masks
 
 
+def session_folder(tmp_path, n: int = 3, seed: int = 21):
+    """A session folder of ``n`` disc frames, one HyperSpy file each (0.2 Å/px)."""
+    import hyperspy.api as hs
+
+    frames, _ = disc_frames(n, seed=seed)
+    folder = tmp_path / "session"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        s = hs.signals.Signal2D(f)
+        for ax in s.axes_manager.signal_axes:
+            ax.scale, ax.units = 0.02, "nm"
+        s.save(folder / f"frame_{i:02d}.hspy")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def disc_dataset():
     from napari_hrtem_transfer.io import HRTEMDataset

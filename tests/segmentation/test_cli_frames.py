@@ -13,7 +13,7 @@ import pytest
 
 from napari_hrtem_transfer.cli import main
 
-from .conftest import disc_frames
+from .conftest import disc_frames, session_folder
 
 REPO = Path(__file__).parents[2]
 SERIES = REPO / "sample_data" / "defocus_series_small.hspy"
@@ -89,14 +89,7 @@ def test_nonuniform_defocus_axis_survives_the_cli(tiny_model, tmp_path):
 def test_session_provenance_is_in_the_cli_output(tiny_model, tmp_path, capsys):
     import hyperspy.api as hs
 
-    frames, _ = disc_frames(3, seed=21)
-    folder = tmp_path / "session"
-    folder.mkdir()
-    for i, f in enumerate(frames):
-        s = hs.signals.Signal2D(f)
-        for ax in s.axes_manager.signal_axes:
-            ax.scale, ax.units = 0.02, "nm"
-        s.save(folder / f"frame_{i:02d}.hspy")
+    folder = session_folder(tmp_path)
     out = tmp_path / "mask.hspy"
     argv = ["segment", str(folder), "--model", str(tiny_model), "--out", str(out)]
     assert main([*argv, "--defocus", "5", "-5", "0"]) == 0
@@ -110,7 +103,7 @@ def test_session_provenance_is_in_the_cli_output(tiny_model, tmp_path, capsys):
     doc = json.loads((tmp_path / "mask.ood.json").read_text())
     assert [Path(f).name for f in doc["frame_files"]] == names
     # mixed pixel sizes: the refusal names the CLI flag, not the Python argument
-    odd = hs.signals.Signal2D(frames[0])
+    odd = hs.signals.Signal2D(disc_frames(1, seed=21)[0][0])
     for ax in odd.axes_manager.signal_axes:
         ax.scale, ax.units = 0.03, "nm"
     odd.save(folder / "frame_03.hspy")

@@ -9,21 +9,14 @@ import pytest
 
 from napari_hrtem_transfer.cli import main
 
-from .conftest import disc_frames
+from .conftest import session_folder
 
 
 @pytest.mark.slow
 def test_segment_a_folder_as_a_defocus_series(tiny_model, tmp_path, capsys):
     import hyperspy.api as hs
 
-    frames, _ = disc_frames(3, seed=21)
-    folder = tmp_path / "session"
-    folder.mkdir()
-    for i, f in enumerate(frames):
-        s = hs.signals.Signal2D(f)
-        for ax in s.axes_manager.signal_axes:
-            ax.scale, ax.units = 0.02, "nm"
-        s.save(folder / f"frame_{i:02d}.hspy")
+    folder = session_folder(tmp_path)
     out = tmp_path / "mask.hspy"
     argv = ["segment", str(folder), "--model", str(tiny_model), "--out", str(out)]
     assert main([*argv, "--defocus", "-5", "0", "5"]) == 0, capsys.readouterr().err

@@ -276,22 +276,18 @@ def run(args: argparse.Namespace) -> int:
                 "source": image,
                 "provenance": res.provenance,
             }
-            write_result(
-                t["mask"],
-                res.labels,
-                title=f"Particle mask of {name}",
-                quantity="Particle mask",
-                to=group.path(t["mask"]),
-                **common,
-            )
-            check()
-            if t["proba"] is not None:
+            for key, data, what in (
+                ("mask", res.labels, "Particle mask"),
+                ("proba", res.proba, "Particle probability"),
+            ):
+                if t[key] is None:
+                    continue
                 write_result(
-                    t["proba"],
-                    res.proba,
-                    title=f"Particle probability of {name}",
-                    quantity="Particle probability",
-                    to=group.path(t["proba"]),
+                    t[key],
+                    data,
+                    title=f"{what} of {name}",
+                    quantity=what,
+                    to=group.path(t[key]),
                     **common,
                 )
                 check()
