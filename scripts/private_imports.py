@@ -97,7 +97,8 @@ def long_functions(src: Path, only: list[Path] | None = None) -> list[tuple[str,
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > MAX_FUNCTION_LINES:
-                    found.append((str(path.relative_to(src.parent)), node.lineno, node.name, length))
+                    file = str(path.relative_to(src.parent))
+                    found.append((file, node.lineno, node.name, length))
     return found
 
 
