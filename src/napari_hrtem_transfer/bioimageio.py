@@ -698,7 +698,7 @@ def export_bioimageio(
         raise config_error_from_validation(exc) from None
     step = (lambda i, msg: progress(i, 5, msg)) if progress else (lambda i, msg: None)
     spec = _need_spec()
-    from .io._atomic import check_writable
+    from .io.atomic import check_writable
     from .segmentation import PRETRAINED
     from .training.checkpoint import load_checkpoint, state_tensors
 

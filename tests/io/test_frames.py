@@ -1,4 +1,4 @@
-"""The one frames model (io/frames.py) and the all-or-nothing writes (io/_atomic.py)."""
+"""The one frames model (io/frames.py) and the all-or-nothing writes (io/atomic.py)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_stem_mode_and_detector_names_warn():
 
 
 def test_atomic_group_renames_all_or_none(tmp_path):
-    from napari_hrtem_transfer.io._atomic import AtomicGroup
+    from napari_hrtem_transfer.io.atomic import AtomicGroup
 
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     with pytest.raises(KeyboardInterrupt), AtomicGroup() as group:
@@ -119,7 +119,7 @@ def test_atomic_group_renames_all_or_none(tmp_path):
 
 
 def test_deferred_interrupt_holds_a_real_sigint_until_check():
-    from napari_hrtem_transfer.io._atomic import deferred_interrupt
+    from napari_hrtem_transfer.io.atomic import deferred_interrupt
 
     reached = []
     with pytest.raises(KeyboardInterrupt), deferred_interrupt() as check:

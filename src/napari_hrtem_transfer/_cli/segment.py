@@ -234,7 +234,7 @@ def _coordinates(row: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Segment INPUT; see the module docstring."""
-    from ..io._atomic import AtomicGroup, check_writable, deferred_interrupt
+    from ..io.atomic import AtomicGroup, check_writable, deferred_interrupt
     from ..io.writers import RESULT_SUFFIXES, write_result
     from ..segmentation import SegmentationWarning, segment
 

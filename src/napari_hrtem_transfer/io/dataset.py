@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
-from ._atomic import atomic_path
+from .atomic import atomic_path
 
 FORMAT_VERSION = "1"
 DEFOCUS_CONVENTION = (

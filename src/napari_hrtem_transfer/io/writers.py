@@ -14,7 +14,7 @@
     the array as is.
 
 Files are written under a temporary name and renamed when complete
-(:mod:`napari_hrtem_transfer.io._atomic`).  HyperSpy and tifffile are imported inside.
+(:mod:`napari_hrtem_transfer.io.atomic`).  HyperSpy and tifffile are imported inside.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def write_result(
         Plain values stored as JSON in ``metadata.HRTEM_transfer.provenance_json``.
     to
         Write to this (temporary) file instead, leaving the rename to the caller
-        (:class:`~napari_hrtem_transfer.io._atomic.AtomicGroup`); by default the file is
+        (:class:`~napari_hrtem_transfer.io.atomic.AtomicGroup`); by default the file is
         written atomically here.
 
     Returns
@@ -96,7 +96,7 @@ def write_result(
     Path
         ``path``.
     """
-    from ._atomic import atomic_path
+    from .atomic import atomic_path
 
     final = Path(path)
     suffix = final.suffix.lower()
