@@ -1,114 +1,18 @@
-"""Per-frame CTF (defocus) estimation from Thon rings, and a CTF information-transfer overlap.
+"""The per-frame defocus estimate from the Thon rings of the amorphous support.
 
-Everything here is numpy/scipy; no torch, abTEM or hyperspy is imported.
-
-Conventions and units
----------------------
-* Defocus follows abTEM: ``defocus = -C10``; positive defocus is underfocus.  Public
-  arguments are in [nm] (``*_nm``), internal lengths in [Å].
-* Spatial frequency ``q`` in [1/Å] (no 2π): the Nyquist frequency of a pixel size
-  ``sampling_A`` is ``1 / (2 sampling_A)``.
-* Aberration phase (abTEM) ``chi(q) = 2π/λ (C10 λ² q²/2 + C30 λ⁴ q⁴/4)``
-  ``= -π λ Δf q² + (π/2) Cs λ³ q⁴`` [rad] with ``Δf`` the defocus and ``Cs = C30``.
-* Phase-contrast transfer ``T(q) = -E_t(q) [sin chi(q) + ... ]``; see :func:`ctf_curve`.
-
-See ``docs/ctf.md`` for the method, the formulas and the measured accuracy.
+Method and thresholds: ``docs/ctf.md``.  numpy only (scipy through :mod:`.spectrum`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-__all__ = [
-    "DEFAULT_CS_MM",
-    "DEFAULT_ENERGY_EV",
-    "DEFAULT_FOCAL_SPREAD_A",
-    "RING_F_THRESHOLD",
-    "SIGN_LR_THRESHOLD",
-    "CTFEstimate",
-    "chi_rad",
-    "ctf_curve",
-    "ctf_overlap",
-    "ctf_overlap_for_estimate",
-    "estimate_ctf",
-    "estimate_ctf_with_metadata",
-    "periodic_component",
-    "power_spectrum",
-    "power_transfer",
-    "radial_profile",
-    "wavelength_A",
-]
-
-#: Training values of the shipped model (``simulate.config`` laptop/study presets): 300 kV,
-#: Cs 5 µm, focal spread 10 Å.  Used when a frame's metadata has no voltage or Cs.
-DEFAULT_ENERGY_EV: float = 300e3
-DEFAULT_CS_MM: float = 5e-3
-DEFAULT_FOCAL_SPREAD_A: float = 10.0
-#: Per-image defocus jitter of the training sets [nm] (``SimulationConfig.defocus_jitter_nm``).
-DEFAULT_TRAINING_JITTER_NM: float = 1.5
-
-
-@functools.lru_cache(maxsize=64)
-def _wavelength_A(energy_eV: float) -> float:
-    from ..simulate.config import wavelength_A as _wl
-
-    return float(_wl(energy_eV))
-
-
-def wavelength_A(energy_eV: float) -> float:
-    """Relativistic electron wavelength [Å] at kinetic energy ``energy_eV`` [eV]."""
-    return _wavelength_A(float(energy_eV))
-
-
-def chi_rad(q_per_A, defocus_nm: float, *, energy_eV: float, Cs_mm: float) -> np.ndarray:
-    """abTEM aberration phase ``chi(q)`` [rad] at spatial frequencies ``q_per_A`` [1/Å].
-
-    ``chi = -π λ Δf q² + (π/2) Cs λ³ q⁴`` with ``Δf = defocus_nm`` (abTEM sign, positive =
-    underfocus) in Å and ``Cs = Cs_mm`` in Å.
-    """
-    q = np.asarray(q_per_A, dtype=np.float64)
-    lam = wavelength_A(energy_eV)
-    df_A = float(defocus_nm) * 10.0
-    cs_A = float(Cs_mm) * 1e7
-    q2 = q * q
-    return -math.pi * lam * df_A * q2 + 0.5 * math.pi * cs_A * lam**3 * q2 * q2
-
-
-def ctf_curve(
-    q_per_A,
-    defocus_nm: float,
-    *,
-    energy_eV: float = DEFAULT_ENERGY_EV,
-    Cs_mm: float = DEFAULT_CS_MM,
-    focal_spread_A: float = 0.0,
-    amplitude_contrast: float = 0.0,
-) -> np.ndarray:
-    """Phase-contrast transfer function ``T(q)`` (dimensionless) of a weak object.
-
-    ``T(q) = E_t(q) · [sqrt(1 - A²) sin chi(q) + A cos chi(q)]`` with the abTEM phase
-    :func:`chi_rad`, amplitude contrast fraction ``A = amplitude_contrast`` (0..1) and the
-    temporal-coherence envelope ``E_t(q) = exp(-(π λ Δ q²)² / 4)`` of the focal spread
-    ``Δ = focal_spread_A`` [Å] (abTEM's definition).  ``q_per_A`` in [1/Å].  The power
-    spectrum of an amorphous film is ∝ ``T(q)²`` times the specimen's (smooth) spectrum.
-    """
-    if not 0.0 <= amplitude_contrast <= 1.0:
-        raise ValueError(
-            f"amplitude_contrast must lie in [0, 1] (got {amplitude_contrast}); "
-            "typical values are 0 (pure phase) to 0.1"
-        )
-    q = np.asarray(q_per_A, dtype=np.float64)
-    chi = chi_rad(q, defocus_nm, energy_eV=energy_eV, Cs_mm=Cs_mm)
-    a = float(amplitude_contrast)
-    t = math.sqrt(1.0 - a * a) * np.sin(chi) + a * np.cos(chi)
-    if focal_spread_A > 0:
-        lam = wavelength_A(energy_eV)
-        t = t * np.exp(-0.25 * (math.pi * lam * float(focal_spread_A) * q * q) ** 2)
-    return t
+from .spectrum import _peaks, power_spectrum, radial_profile
+from .theory import DEFAULT_CS_MM, DEFAULT_ENERGY_EV, DEFAULT_FOCAL_SPREAD_A, chi_rad, wavelength_A
 
 
 @dataclass(frozen=True)
@@ -212,141 +116,6 @@ class CTFEstimate:
         return d
 
 
-# --------------------------------------------------------------------------------------------
-# spectra
-
-
-def _window(n: int) -> np.ndarray:
-    w = np.hanning(n + 2)[1:-1]  # strictly positive Hann window
-    return np.outer(w, w)
-
-
-def periodic_component(tile: np.ndarray) -> np.ndarray:
-    """Periodic part of an image (Moisan's periodic + smooth decomposition).
-
-    The smooth part ``s`` solves ``Δs = Δ_boundary u`` (the jumps between opposite edges);
-    ``u - s`` has no edge discontinuity, so its periodogram has no cross of edge artefacts
-    and needs no window: every pixel counts with full frequency resolution.
-    L. Moisan, J. Math. Imaging Vis. 39, 161 (2011).
-    """
-    u = np.asarray(tile, dtype=np.float64)
-    ny, nx = u.shape
-    v = np.zeros_like(u)
-    d = u[-1, :] - u[0, :]
-    v[0, :] += d
-    v[-1, :] -= d
-    d = u[:, -1] - u[:, 0]
-    v[:, 0] += d
-    v[:, -1] -= d
-    cy = np.cos(2 * np.pi * np.arange(ny) / ny)[:, None]
-    cx = np.cos(2 * np.pi * np.arange(nx) / nx)[None, :]
-    den = 2 * cy + 2 * cx - 4
-    den[0, 0] = 1.0
-    sf = np.fft.fft2(v) / den
-    sf[0, 0] = 0.0
-    return u - np.real(np.fft.ifft2(sf))
-
-
-def power_spectrum(
-    image, tile_px: int = 512, max_tiles: int = 256, window: str = "periodic"
-) -> tuple[np.ndarray, int]:
-    """Tile-averaged periodogram (Welch) of an image; memory bounded by one tile.
-
-    Square tiles of ``min(tile_px, ny, nx)`` px (50 % overlap, mean removed per tile) are
-    Fourier transformed one at a time and their ``|F|²`` averaged; at most ``max_tiles``
-    tiles (evenly spread) are used.  ``window="periodic"`` (default) transforms each tile's
-    periodic component (:func:`periodic_component`, no taper, full resolution);
-    ``window="hann"`` tapers each tile with a Hann window instead (less leakage from strong
-    off-grid peaks, twice as wide a frequency resolution, edge pixels down-weighted).
-
-    Returns
-    -------
-    (numpy.ndarray, int)
-        fftshifted float64 spectrum (t, t) normalised by the window energy (white noise of
-        variance v gives v), and the number of tiles averaged.
-    """
-    if window not in ("periodic", "hann"):
-        raise ValueError(f"window must be 'periodic' or 'hann' (got {window!r})")
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ValueError(
-            f"expected one 2-D frame (ny, nx), got an array of shape {img.shape}; "
-            "pass one frame of a stack at a time"
-        )
-    ny, nx = img.shape
-    t = int(min(tile_px, ny, nx))
-    if t < 32:
-        raise ValueError(
-            f"the frame {ny}x{nx} px is too small for a CTF estimate; give at least 32x32 px"
-        )
-    t -= t % 2
-    step = max(t // 2, 1)
-    ys = list(range(0, ny - t + 1, step))
-    xs = list(range(0, nx - t + 1, step))
-    corners = [(y, x) for y in ys for x in xs]
-    if len(corners) > max_tiles:
-        idx = np.linspace(0, len(corners) - 1, max_tiles).round().astype(int)
-        corners = [corners[i] for i in idx]
-    w = _window(t) if window == "hann" else None
-    norm = float((w * w).sum()) if w is not None else float(t * t)
-    acc = np.zeros((t, t), dtype=np.float64)
-    for y, x in corners:
-        tile = np.asarray(img[y : y + t, x : x + t], dtype=np.float64)
-        if w is None:
-            tile = periodic_component(tile)
-        tile = tile - tile.mean()
-        f = np.fft.fft2(tile * w if w is not None else tile)
-        acc += f.real**2 + f.imag**2
-    acc /= norm * len(corners)
-    return np.fft.fftshift(acc), len(corners)
-
-
-def _q_grid(t: int, sampling_A: float) -> np.ndarray:
-    f = np.fft.fftshift(np.fft.fftfreq(t, d=sampling_A))
-    return np.hypot(f[:, None], f[None, :])
-
-
-def radial_profile(
-    spectrum: np.ndarray, sampling_A: float, mask: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Azimuthal mean of an fftshifted square spectrum in rings one frequency pixel wide.
-
-    Returns ``(q_per_A, profile, n_pixels)``, rings up to the Nyquist frequency; pixels where
-    ``mask`` is False are left out.
-    """
-    t = spectrum.shape[0]
-    q = _q_grid(t, sampling_A)
-    dq = 1.0 / (t * sampling_A)
-    r = np.floor(q / dq + 0.5).astype(np.int64)
-    nbin = t // 2
-    keep = r < nbin
-    if mask is not None:
-        keep &= mask
-    sums = np.bincount(r[keep], weights=spectrum[keep], minlength=nbin)[:nbin]
-    counts = np.bincount(r[keep], minlength=nbin)[:nbin].astype(np.float64)
-    prof = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return np.arange(nbin) * dq, prof, counts
-
-
-def _ring_median_ratio(spectrum: np.ndarray, sampling_A: float) -> np.ndarray:
-    """Each pixel's power over the median of its ring (1 px wide)."""
-    t = spectrum.shape[0]
-    q = _q_grid(t, sampling_A)
-    dq = 1.0 / (t * sampling_A)
-    r = np.minimum(np.floor(q / dq + 0.5).astype(np.int64), t)
-    order = np.argsort(r, axis=None, kind="stable")
-    rs = r.ravel()[order]
-    vals = spectrum.ravel()[order]
-    bounds = np.flatnonzero(np.diff(rs)) + 1
-    med = np.empty(rs.max() + 1)
-    for seg_r, seg in zip(rs[np.r_[0, bounds]], np.split(vals, bounds), strict=True):
-        med[seg_r] = np.median(seg)
-    return spectrum / np.maximum(med[r], 1e-300)
-
-
-# --------------------------------------------------------------------------------------------
-# fit
-
 #: Thresholds of the decisions (calibrated in ``benchmarks/bench_ctf.py``; see docs/ctf.md).
 #: Ring detection: F statistic of the ring term over the smooth background.
 RING_F_THRESHOLD: float = 10.0
@@ -358,10 +127,6 @@ SIGN_LR_THRESHOLD: float = 15.0
 SIGN_MIN_CS_PHASE_RAD: float = 8 * math.pi
 #: Blank: F statistic of the smooth background over a constant (a white spectrum is ~1).
 BLANK_F_THRESHOLD: float = 8.0
-#: Periodic: a pixel is a lattice peak when its power exceeds its ring's median this often.
-PEAK_RATIO: float = 25.0
-#: Periodic: pixels joined to a peak and above this ratio belong to it (its leakage wings).
-PEAK_WING_RATIO: float = 4.0
 #: Periodic frames need this many times RING_F_THRESHOLD for rings.
 PERIODIC_F_FACTOR: float = 3.0
 #: Periodic: fraction of the above-background power in peaks above which the frame is periodic.
@@ -455,38 +220,6 @@ def _best(prof: _Profile, grid: np.ndarray, fits: list[_Fit], sel, **kw) -> _Fit
     fine = fine[(fine >= grid[idx].min()) & (fine <= grid[idx].max())]
     cand = prof.fit(fine, **kw) + [fits[j]]
     return max(cand, key=lambda f: f.F)
-
-
-def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
-    """Pixels left out of the ring fit, and the fraction of excess power in lattice peaks.
-
-    Left out: the two frequency axes (|qx| or |qy| <= 1 px: detector row/column patterns
-    and what is left of the frame edges) and sharp peaks (power > :data:`PEAK_RATIO` times
-    their ring's median, dilated by 2 px).  The fraction is the power above the ring
-    background held by the peaks over that held by all pixels off the axes.
-    """
-    from scipy import ndimage
-
-    t = spec.shape[0]
-    dq = 1.0 / (t * sampling_A)
-    q2d = _q_grid(t, sampling_A)
-    k = np.abs(np.arange(t) - t // 2)
-    axes = (k[:, None] <= 1) | (k[None, :] <= 1)
-    ratio = _ring_median_ratio(spec, sampling_A)
-    sel = (q2d > 3 * dq) & ~axes
-    core = (ratio > PEAK_RATIO) & sel
-    # hysteresis: a peak's leakage wings (pixels above PEAK_WING_RATIO joined to a core
-    # pixel) go with it, then 2 px more
-    labels, _ = ndimage.label((ratio > PEAK_WING_RATIO) & sel)
-    keep = np.unique(labels[core])
-    wings = np.isin(labels, keep[keep > 0])
-    peaks = ndimage.binary_dilation(core | wings, iterations=2) & sel
-    qprof, prof, _ = radial_profile(spec, sampling_A, mask=~(peaks | axes))
-    bg = np.interp(q2d, qprof, np.nan_to_num(prof, nan=float(np.nanmedian(prof))))
-    excess = np.clip(spec - bg, 0, None)
-    total = float(excess[sel].sum())
-    frac = float(excess[peaks].sum() / total) if total > 0 else 0.0
-    return peaks | axes, frac
 
 
 def estimate_ctf(
@@ -699,127 +432,3 @@ def estimate_ctf_with_metadata(
             parts.append("Cs not recorded: training value")
     est = estimate_ctf(image, sampling_A, **kwargs)
     return replace(est, conditions_source="; ".join(parts))
-
-
-# --------------------------------------------------------------------------------------------
-# information-transfer overlap
-
-
-def power_transfer(
-    q_per_A,
-    defocus_nm: float,
-    *,
-    energy_eV: float = DEFAULT_ENERGY_EV,
-    Cs_mm: float = DEFAULT_CS_MM,
-    focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
-    jitter_nm: float = 0.0,
-) -> np.ndarray:
-    """Power transfer ``⟨T(q)²⟩`` (dimensionless, 0..1) of a condition at ``q_per_A`` [1/Å].
-
-    ``T`` is :func:`ctf_curve` with the focal-spread envelope; ``⟨·⟩`` averages over a
-    Gaussian spread of defocus of standard deviation ``jitter_nm`` [nm] around
-    ``defocus_nm`` (a training set's per-image defocus jitter; 0 = one defocus), by 25-point
-    quadrature over ±3 standard deviations.
-    """
-    q = np.asarray(q_per_A, dtype=np.float64)
-    kw = dict(energy_eV=energy_eV, Cs_mm=Cs_mm, focal_spread_A=focal_spread_A)
-    if jitter_nm <= 0:
-        return ctf_curve(q, float(defocus_nm), **kw) ** 2
-    x = np.linspace(-3.0, 3.0, 25)
-    g = np.exp(-0.5 * x * x)
-    g /= g.sum()
-    out = np.zeros_like(q)
-    for xi, gi in zip(x, g, strict=True):
-        out += gi * ctf_curve(q, float(defocus_nm) + float(jitter_nm) * xi, **kw) ** 2
-    return out
-
-
-def ctf_overlap(
-    defocus_nm: float,
-    training_defocus_nm: Sequence[float],
-    *,
-    energy_eV: float = DEFAULT_ENERGY_EV,
-    Cs_mm: float = DEFAULT_CS_MM,
-    sampling_A: float,
-    focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
-    training_jitter_nm: float = DEFAULT_TRAINING_JITTER_NM,
-    q_min_per_A: float = 0.02,
-    q_max_per_A: float | None = None,
-) -> float:
-    """Information-transfer overlap [0..1] of a frame's CTF with the model's training CTFs.
-
-    Which spatial frequencies a condition transfers, and how strongly, is its power transfer
-    ``P(q) = ⟨T(q)²⟩`` (:func:`power_transfer`; for a training condition averaged over the
-    training set's defocus jitter ``training_jitter_nm`` [nm]).  The overlap of the frame
-    (defocus ``defocus_nm`` [nm]) with training condition k is the Pearson correlation of
-    ``P_frame`` and ``P_k`` over ``q_min_per_A <= q <= q_max_per_A`` [1/Å] (uniform in q;
-    default q_max = the Nyquist frequency ``1/(2 sampling_A)``):
-
-        ρ_k = Σ_q p_f p_k / sqrt(Σ_q p_f² · Σ_q p_k²),   p = P - mean_q(P)
-
-    and the result is ``max(0, max_k ρ_k)``: 1 = the frame passes the same bands of
-    information as a training condition, 0 = no resemblance (or anti-correlated bands).
-    Dimensionless.  ``P`` ignores the sign of T, so ``±defocus`` give nearly the same
-    overlap when Cs is small (exactly the same for Cs = 0): the overlap is usable when the
-    sign of an estimate is undetermined.  Units: defocus [nm] (abTEM sign), energy [eV],
-    Cs [mm], sampling and focal spread [Å].  ``docs/ctf.md`` shows how it ranks the
-    study's out-of-distribution losses.
-    """
-    train = np.atleast_1d(np.asarray(training_defocus_nm, dtype=np.float64))
-    if train.size == 0:
-        raise ValueError("training_defocus_nm is empty; give the model's training defoci in nm")
-    if not np.all(np.isfinite(train)) or not math.isfinite(float(defocus_nm)):
-        raise ValueError("defocus values must be finite numbers in nm")
-    if not (math.isfinite(sampling_A) and sampling_A > 0):
-        raise ValueError(f"sampling_A must be a positive pixel size in Å/px (got {sampling_A})")
-    qmax = 0.5 / sampling_A if q_max_per_A is None else float(q_max_per_A)
-    if not 0 <= q_min_per_A < qmax:
-        raise ValueError(f"need 0 <= q_min_per_A < q_max_per_A [1/Å] (got {q_min_per_A}, {qmax})")
-    q = np.linspace(q_min_per_A, qmax, 2048)
-    kw = dict(energy_eV=energy_eV, Cs_mm=Cs_mm, focal_spread_A=focal_spread_A)
-    pf = power_transfer(q, float(defocus_nm), **kw)
-    pf = pf - pf.mean()
-    nf = float(pf @ pf)
-    best = 0.0
-    for d in train:
-        pk = power_transfer(q, float(d), jitter_nm=training_jitter_nm, **kw)
-        pk = pk - pk.mean()
-        nk = float(pk @ pk)
-        if nf <= 0 or nk <= 0:
-            continue
-        best = max(best, float(pf @ pk) / math.sqrt(nf * nk))
-    return float(min(max(best, 0.0), 1.0))
-
-
-def ctf_overlap_for_estimate(
-    estimate: CTFEstimate,
-    training_defocus_nm: Sequence[float],
-    *,
-    focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
-    training_jitter_nm: float = DEFAULT_TRAINING_JITTER_NM,
-    q_min_per_A: float = 0.02,
-    q_max_per_A: float | None = None,
-) -> float | None:
-    """:func:`ctf_overlap` [0..1] of an estimate, with its energy, Cs and pixel size.
-
-    None when the frame has no Thon rings (``estimate.amorphous`` False).  When the sign is
-    undetermined the lower of the overlaps of ``+|defocus|`` and ``-|defocus|`` is returned
-    (the conservative choice for an out-of-distribution verdict).
-    """
-    if not estimate.amorphous or estimate.defocus_abs_nm is None:
-        return None
-    kw = dict(
-        energy_eV=estimate.energy_eV,
-        Cs_mm=estimate.Cs_mm,
-        sampling_A=estimate.sampling_A,
-        focal_spread_A=focal_spread_A,
-        training_jitter_nm=training_jitter_nm,
-        q_min_per_A=q_min_per_A,
-        q_max_per_A=q_max_per_A,
-    )
-    if estimate.sign_determined and estimate.defocus_nm is not None:
-        return ctf_overlap(estimate.defocus_nm, training_defocus_nm, **kw)
-    a = estimate.defocus_abs_nm
-    return min(
-        ctf_overlap(a, training_defocus_nm, **kw), ctf_overlap(-a, training_defocus_nm, **kw)
-    )
