@@ -5,7 +5,8 @@ experimental frames.  :func:`dataset_from_annotations` turns frames + labels int
 :class:`~napari_hrtem_transfer.io.HRTEMDataset` (one domain, one "structure" per frame, so
 the validation split is by frame), resampled to the model's pixel size with the same policy as
 segmentation; :func:`finetune_on_annotations` fine-tunes a model on it with the usual training
-loop (same augmentation, checkpoints, stop/resume) and fits the label-free OOD reference.
+loop (same augmentation, checkpoints, stop/resume) and fits the label-free OOD reference: the
+fine-tuning stage of :func:`~napari_hrtem_transfer.evaluation.workflows.run_transfer`.
 The CLI (``finetune --images --labels``), the napari Train widget and ``HRTEM.finetune`` call
 these two functions.
 """
@@ -13,7 +14,7 @@ these two functions.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,8 @@ def finetune_on_annotations(
     stop: Any = None,
     ood_progress: Any = None,
     resume: bool = False,
+    fit_ood: bool = True,
+    on_dataset: Callable[[Any], None] | None = None,
     **train_options: Any,
 ) -> AnnotationFinetuneResult:
     """Fine-tune ``model`` on annotated frames and fit its OOD reference.
@@ -244,14 +247,26 @@ def finetune_on_annotations(
     resume
         Continue a stopped run in ``out_dir`` from its ``last`` checkpoint (the same frames
         and labels: the run's data fingerprint is checked).
+    fit_ood
+        Fit the OOD reference after a complete training (``ood`` is None otherwise).
+    on_dataset
+        Called with the training set once it is built, before training (e.g. to show its
+        ``info["notes"]``).
     **train_options
-        Other :class:`~napari_hrtem_transfer.training.TrainConfig` fields.
+        Other :class:`~napari_hrtem_transfer.training.TrainConfig` fields (``init_which``:
+        the checkpoint of ``model`` to start from).
+
+    Returns
+    -------
+    AnnotationFinetuneResult
+        ``train`` stopped: a resumable ``last`` checkpoint, no OOD fit. The OOD fit never
+        raises: ``ood.ok`` False says what failed and how to retry.
     """
     from .bioimageio import import_bioimageio, is_bioimageio_package
+    from .evaluation.workflows import run_transfer
     from .segmentation import PRETRAINED, pretrained_model_dir
     from .training.checkpoint import read_sidecar
     from .training.config import TrainConfig
-    from .training.loop import train
 
     if str(model) == PRETRAINED:
         init = pretrained_model_dir()
@@ -265,11 +280,13 @@ def finetune_on_annotations(
             "pretrain/finetune, or 'pretrained'.",
             "model",
         )
-    side = read_sidecar(init, "best")
+    side = read_sidecar(init, train_options.get("init_which", "best"))
     model_s = side.get("sampling_A")
     ds = dataset_from_annotations(
         images, labels, sampling_A=sampling_A, model_sampling_A=model_s, annotated=annotated
     )
+    if on_dataset is not None:
+        on_dataset(ds)
     ny, nx = ds.images.shape[-2:]
     patch = min(MAX_PATCH_PX, (min(ny, nx) // 32) * 32)
     kwargs: dict[str, Any] = dict(
@@ -286,14 +303,19 @@ def finetune_on_annotations(
         kwargs["lr"] = lr
     kwargs.update(train_options)
     config = TrainConfig.finetune(init, **kwargs)
-    result = train(config, ds, out_dir, callbacks=callbacks, stop=stop, resume=resume)
-    ood = None
-    if not result.stopped:
-        from .evaluation import ood as ood_mod
-
-        ood = ood_mod.fit_ood_after_training(
-            result.out_dir, ds, progress=ood_progress, stop=stop
-        )
+    tr = run_transfer(
+        config,
+        ds,
+        out_dir,
+        callbacks=callbacks,
+        stop=stop,
+        resume=resume,
+        fit_ood=fit_ood,
+        ood_progress=ood_progress,
+    )
     return AnnotationFinetuneResult(
-        train=result, ood=ood, n_frames=len(ds.info["frames"]), notes=list(ds.info["notes"])
+        train=tr.finetune.train,
+        ood=tr.finetune.ood,
+        n_frames=len(ds.info["frames"]),
+        notes=list(ds.info["notes"]),
     )

@@ -65,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _format_validation_error(exc) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "input"
-        flag = "--" + loc.replace("_", "-")
-        lines.append(f"{flag}: {err.get('msg')} (got {err.get('input')!r})")
-    return "; ".join(lines)
+    """A pydantic error that reached the command line, with fields shown as flags."""
+    from .errors import config_error_from_validation
+
+    names = {
+        str(e["loc"][0]): "--" + str(e["loc"][0]).replace("_", "-")
+        for e in exc.errors()
+        if e.get("loc")
+    }
+    return str(config_error_from_validation(exc, names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

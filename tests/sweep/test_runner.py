@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,16 +260,17 @@ def test_failed_run_recorded_with_its_error_then_retried(data_path, tmp_path, mo
     """A run that raises is retried `retries` times, then recorded as failed with the error."""
     from distributed import Client, LocalCluster
 
-    from napari_hrtem_transfer.sweep import runner
+    from napari_hrtem_transfer.evaluation.ood import fit as ood_fit
 
     calls = []
-    real = runner.fit_ood
+    real = ood_fit._fit_for_checkpoint
 
-    def flaky(model_dir, ds, device):
-        if model_dir.name == "finetuned":
+    def flaky(model_dir, *args, **kwargs):
+        # the fit itself raises; the workflow's OOD stage turns it into a failed result
+        if Path(model_dir).name == "finetuned":
             calls.append(model_dir)
             raise RuntimeError("boom in the OOD fit")
-        return real(model_dir, ds, device)
+        return real(model_dir, *args, **kwargs)
 
     raw = tiny_config(data_path, grid={"transfer_defocus_nm": [5.0], "freeze": ["none"]})
     db = tmp_path / "r.sqlite"
@@ -278,7 +280,7 @@ def test_failed_run_recorded_with_its_error_then_retried(data_path, tmp_path, mo
         ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
-        monkeypatch.setattr(runner, "fit_ood", flaky)
+        monkeypatch.setattr(ood_fit, "_fit_for_checkpoint", flaky)
         res = run_sweep(raw, db, client=client, progress=False)
         assert res.n_failed == 1 and len(calls) == 1 + raw["run"]["retries"]
         err, attempts, status = (
@@ -287,7 +289,7 @@ def test_failed_run_recorded_with_its_error_then_retried(data_path, tmp_path, mo
         assert status == "failed" and "boom in the OOD fit" in err and attempts == 2
         assert len(ResultTable.from_sqlite(db)) == 0
         assert not any((tmp_path / "r_models" / "tmp").glob("*"))  # no half-written run left
-        monkeypatch.setattr(runner, "fit_ood", real)
+        monkeypatch.setattr(ood_fit, "_fit_for_checkpoint", real)
         res = run_sweep(raw, db, client=client, progress=False)
         assert res.n_done == 1 and res.n_skipped == 0
     c = _counts(db)

@@ -69,8 +69,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     """Validate, then run the sweep; print a summary."""
     from ..errors import ConfigError
     from ..sweep.config import load_sweep_config
-    from ..sweep.runner import SweepInterrupted, _read_status, plan_sweep, run_sweep
-    from ..sweep.store import check_database
+    from ..sweep.runner import SweepInterrupted, plan_sweep, run_sweep
+    from ..sweep.store import check_database, read_status
 
     cfg = load_sweep_config(args.config)
     if args.workers is not None and args.workers < 1:
@@ -85,7 +85,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         db = check_database(args.db)
         plan = plan_sweep(cfg, db)
-        status = _read_status(db)
+        status = read_status(db)
         done = sum(status.get(s["run_key"]) == "done" for s in plan.specs)
         failed = sum(status.get(s["run_key"]) == "failed" for s in plan.specs)
         print(

@@ -340,17 +340,8 @@ class _Progress:
         self.close()
 
 
-def _fit_ood(args: argparse.Namespace, out_dir: Path, data: Any, prog: str) -> None:
-    """The end-of-training OOD fit, with its own progress bar; a failure keeps the model."""
-    if args.no_ood_fit:
-        print(
-            f"{prog}: no OOD reference fitted (--no-ood-fit); fit it later with "
-            f"'hrtem-transfer evaluate --model {out_dir} --data DATA --fit-ood'.",
-            file=sys.stderr,
-        )
-        return
-    from ..evaluation.ood import fit_ood_after_training
-
+def _ood_progress(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(progress, close) of the OOD fit's progress bar (none with --no-progress)."""
     bar: Any = None
 
     def progress(done: int, total: int, message: str) -> None:
@@ -363,12 +354,34 @@ def _fit_ood(args: argparse.Namespace, out_dir: Path, data: Any, prog: str) -> N
             bar = tqdm(total=total, desc="OOD reference", unit="img", leave=False)
         bar.update(done - bar.n)
 
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return progress, close
+
+
+def _no_ood_note(prog: str, out_dir: Path) -> None:
+    print(
+        f"{prog}: no OOD reference fitted (--no-ood-fit); fit it later with "
+        f"'hrtem-transfer evaluate --model {out_dir} --data DATA --fit-ood'.",
+        file=sys.stderr,
+    )
+
+
+def _fit_ood(args: argparse.Namespace, out_dir: Path, data: Any, prog: str) -> None:
+    """The end-of-training OOD fit, with its own progress bar; a failure keeps the model."""
+    if args.no_ood_fit:
+        _no_ood_note(prog, out_dir)
+        return
+    from ..evaluation.ood import fit_ood_after_training
+
+    progress, close = _ood_progress(args)
     try:
         device = getattr(args, "device", None)
         res = fit_ood_after_training(out_dir, data, progress=progress, device=device)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     print(res.message, file=sys.stdout if res.ok else sys.stderr)
 
 
@@ -433,9 +446,8 @@ def _read_frames(path: str, what: str) -> Any:
 
 
 def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
-    from ..annotations import dataset_from_annotations
-    from ..training.checkpoint import read_sidecar
-    from ..training.loop import train
+    """``finetune --images --labels``: calls ``annotations.finetune_on_annotations``."""
+    from ..annotations import DEFAULT_SAMPLES_PER_EPOCH, finetune_on_annotations
 
     if not (args.images and args.labels):
         raise ConfigError("give both --images and --labels (same shape).", "--labels")
@@ -443,38 +455,51 @@ def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
         raise ConfigError("give either --data or --images/--labels, not both.", "--data")
     images = _read_frames(args.images, "--images")
     labels = _read_frames(args.labels, "--labels")
-    init = _model_dir(args.model)
-    side = read_sidecar(init, args.which)
-    ds = dataset_from_annotations(
-        images.frames(),
-        labels.frames(),
-        sampling_A=args.sampling if args.sampling is not None else images.sampling_A,
-        model_sampling_A=side.get("sampling_A"),
-    )
-    for note in ds.info.get("notes", []):
-        print(f"{prog}: note: {note}", file=sys.stderr)
-    ny, nx = ds.images.shape[-2:]
     override: dict[str, Any] = {"train_defocus_nm": "all", "val_fraction": 0.25}
-    if args.patch_size is None:
-        override["patch_size"] = min(256, (min(ny, nx) // 32) * 32)
     if not hasattr(args, "samples_per_epoch"):
-        from ..annotations import DEFAULT_SAMPLES_PER_EPOCH
-
         override["samples_per_epoch"] = DEFAULT_SAMPLES_PER_EPOCH
+    # the flags, validated (and worded) here; the patch size follows the frames unless given
     cfg = _config_from_args(args, True, **override)
-    print(f"{prog}: fine-tuning on {len(ds.info['frames'])} annotated frame(s) {ds.info['frames']}")
+    options = cfg.model_dump(exclude_unset=True, exclude={"init_from", "train_defocus_nm"})
+
+    def on_dataset(ds: Any) -> None:
+        for note in ds.info.get("notes", []):
+            print(f"{prog}: note: {note}", file=sys.stderr)
+        print(
+            f"{prog}: fine-tuning on {len(ds.info['frames'])} annotated frame(s) "
+            f"{ds.info['frames']}"
+        )
+
     stop = threading.Event()
     progress = _Progress(show_bar=not args.no_progress)
+    ood_progress, close_ood = _ood_progress(args)
     try:
         with _sigint_to_stop(stop, prog):
-            result = train(cfg, ds, args.out, callbacks=[progress], stop=stop, resume=args.resume)
+            result = finetune_on_annotations(
+                images.frames(),
+                labels.frames(),
+                out_dir=args.out,
+                model=args.model,
+                sampling_A=args.sampling if args.sampling is not None else images.sampling_A,
+                callbacks=[progress],
+                stop=stop,
+                resume=args.resume,
+                fit_ood=not args.no_ood_fit,
+                ood_progress=ood_progress,
+                on_dataset=on_dataset,
+                **options,
+            )
     finally:
         progress.close()
-    if result.stopped:
+        close_ood()
+    if result.train.stopped:
         print(f"{prog}: stopped; rerun with --resume to continue.", file=sys.stderr)
         return 130
-    print(f"done: checkpoint {result.out_dir} (val loss {result.best_val_loss:.4f})")
-    _fit_ood(args, result.out_dir, ds, prog)
+    print(f"done: checkpoint {result.out_dir} (val loss {result.train.best_val_loss:.4f})")
+    if result.ood is None:
+        _no_ood_note(prog, result.out_dir)
+    else:
+        print(result.ood.message, file=sys.stdout if result.ood.ok else sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_error_from_validation
 from ._reader import LayerData, dataset_to_layer_data
 from ._workers import NOTE_STAGE, WARNING_STAGE, JobProgress, JobStage, JobStopped
 
@@ -128,18 +128,10 @@ def build_simulation_config(
         else:
             config.dose_e_per_A2 = float(dose_e_per_A2)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_message(exc)) from exc
+        raise config_error_from_validation(exc) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return config
-
-
-def _pydantic_message(exc: Any) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "value"
-        parts.append(f"{loc}: {err.get('msg', '')}")
-    return "; ".join(parts)
 
 
 def simulate_job(
@@ -265,7 +257,7 @@ def build_train_config(
             return TrainConfig.finetune(Path(init_from), **values)
         return TrainConfig.pretrain(**values)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_message(exc)) from exc
+        raise config_error_from_validation(exc) from None
 
 
 def device_description(spec: str = "auto") -> str:

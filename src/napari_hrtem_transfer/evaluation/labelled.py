@@ -16,19 +16,21 @@ left out, or, if the checkpoint records no data, all structures are used.  The c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
+from ..training.progress import Progress
 from .metrics import binary_cross_entropy, bootstrap_ci, dice, iou
 from .table import ResultTable
 
 __all__ = ["EvaluationResult", "evaluate_model", "model_provenance"]
 
-ProgressCallback = Callable[[int, int, str], None]
+#: ``progress(done, total, message)`` after each domain.
+ProgressCallback = Progress
 
 
 @dataclass
@@ -198,6 +200,200 @@ def _select_structures(info: dict, ds, structures) -> tuple[np.ndarray, str, lis
     return np.arange(ds.n_images), "all (not the training dataset)", notes
 
 
+def _reference(sm: Any, ood_reference: Any, notes: list[str]) -> Any:
+    """The OOD reference to score with (None: no OOD score; the notes say why)."""
+    from .ood import OODReference, load_ood_reference
+
+    if isinstance(ood_reference, OODReference):
+        return ood_reference
+    if ood_reference is None:
+        return None
+    if ood_reference != "auto":
+        raise ConfigError("ood_reference must be 'auto', an OODReference or None.")
+    ref = None
+    if sm.model_dir is not None:
+        ref = load_ood_reference(sm.model_dir, sm.info.get("weights_sha256"))
+        if ref is None and (sm.model_dir / "ood_reference.json").is_file():
+            notes.append(
+                "The OOD reference in the model folder belongs to other weights (the "
+                "checkpoint was replaced after it was fitted); it was not used."
+            )
+    if ref is None and not any("OOD reference" in n for n in notes):
+        notes.append(
+            "The model has no stored OOD reference (ood_reference.safetensors); the "
+            "label-free OOD score is missing. Fit one with "
+            "napari_hrtem_transfer.evaluation.fit_ood_reference."
+        )
+    return ref
+
+
+def _base_record(mid: str, sm: Any, ds: Any, split: str, provenance: dict | None) -> dict:
+    """The provenance columns every record of this evaluation carries."""
+    prov = model_provenance(sm.info)
+    prov.update(provenance or {})
+    return {
+        "model_id": mid,
+        "stage": prov.get("stage", ""),
+        "pretrain_defocus_nm": prov.get("pretrain_defocus_nm"),
+        "transfer_defocus_nm": prov.get("transfer_defocus_nm"),
+        "freeze": prov.get("freeze", ""),
+        "n_transfer": prov.get("n_transfer"),
+        "seed": prov.get("seed"),
+        "dose_e_per_A2": ds.dose_e_per_A2,
+        "structures": split,
+        "source": f"{mid} on {ds.path or 'in-memory dataset'}",
+    }
+
+
+_NO_MASKS = (
+    "The dataset has no ground-truth masks: only label-free scores (OOD score, predictive "
+    "entropy) were computed; loss, Dice and IoU are not available."
+)
+
+
+def _crop(ds: Any, sm: Any, sel: np.ndarray, notes: list[str]) -> tuple[tuple, Any]:
+    """The centred crop to a multiple of the model's stride (as in training validation):
+    ((oy, ox, cy, cx) [px], the selected masks cropped or None)."""
+    ny, nx = ds.image_shape
+    s = sm.output_stride
+    cy, cx = ny // s * s, nx // s * s
+    oy, ox = (ny - cy) // 2, (nx - cx) // 2
+    if (cy, cx) != (ny, nx):
+        notes.append(f"Images were centre-cropped from {ny}x{nx} to {cy}x{cx} px.")
+    masks = None
+    if ds.masks is not None:
+        masks = np.asarray(ds.masks[sel])[:, oy : oy + cy, ox : ox + cx]
+    return (oy, ox, cy, cx), masks
+
+
+@dataclass
+class _Pass:
+    """What every domain of one evaluation shares (the frames, model, reference, settings)."""
+
+    sm: Any
+    ds: Any
+    ref: Any
+    sel: np.ndarray
+    base: dict
+    window: tuple[int, int, int, int]  # oy, ox, cy, cx: the centred crop [px]
+    masks: np.ndarray | None
+    batch_size: int
+    n_boot: int
+    confidence: float
+
+    @property
+    def labelled(self) -> bool:
+        return self.masks is not None
+
+
+def _frame_scores(p: _Pass, di: int) -> dict[str, Any]:
+    """Per-frame arrays of one domain: metrics, OOD score, verdict, entropy."""
+    from .ood import verdict
+
+    oy, ox, cy, cx = p.window
+    imgs = np.asarray(p.ds.images[di][p.sel])[:, oy : oy + cy, ox : ox + cx]
+    st = p.sm.frame_stats(imgs, want_logits=True, batch_size=p.batch_size)
+    logits = st.logits
+    nan = np.full(p.sel.size, np.nan)
+    out: dict[str, Any] = {"imgs": imgs, "entropy": st.entropy}
+    out["proba"] = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    if p.labelled:
+        pred = logits > 0
+        out["loss"] = binary_cross_entropy(logits, p.masks)
+        out["dice"], out["iou"] = dice(pred, p.masks), iou(pred, p.masks)
+    else:
+        out["loss"] = out["dice"] = out["iou"] = nan
+    ref = p.ref
+    out["ood_score"] = ref.score_stats(st) if ref is not None else nan  # the network's term
+    out["ood_distance"] = ref.distance(st.features) if ref is not None else nan
+    if ref is not None:  # and the verdict segment gives (network + physics + spectrum)
+        v = verdict(ref, st, imgs, model_sampling_A=p.sm.sampling_A)
+        overlap = [c.get("ctf_overlap") for c in v.components]
+        out["verdict_score"] = np.asarray(v.score, float)
+        out["ood_caution"] = np.asarray(v.caution, bool)
+        out["ctf_overlap"] = np.array([np.nan if o is None else float(o) for o in overlap])
+        out["estimated_defocus_nm"] = np.array(
+            [np.nan if d is None else float(d) for d in v.estimated_defocus_nm]
+        )
+        out["ood_reasons"] = ["; ".join(r) for r in v.reasons]
+    else:
+        out.update(
+            verdict_score=nan,
+            ood_caution=np.zeros(p.sel.size, bool),
+            ctf_overlap=nan,
+            estimated_defocus_nm=nan,
+            ood_reasons=[""] * p.sel.size,
+        )
+    return out
+
+
+_FRAME_FLOATS = ("loss", "dice", "iou", "ood_score", "verdict_score")
+_FRAME_FLOATS_2 = ("estimated_defocus_nm", "ctf_overlap", "ood_distance", "entropy")
+
+
+def _frame_rows(p: _Pass, di: int, sc: dict[str, Any]) -> list[dict]:
+    sids = np.asarray(p.ds.structure_ids).astype(str)
+    materials = np.asarray(p.ds.materials).astype(str)
+    actual = np.asarray(p.ds.actual_defocus_nm)[di, p.sel]
+    rows = []
+    for k, i in enumerate(p.sel):
+        row = {
+            **p.base,
+            "domain_defocus_nm": float(p.ds.defocus_nm[di]),
+            "actual_defocus_nm": float(actual[k]),
+            "image_index": int(i),
+            "structure_id": sids[i],
+            "material": materials[i],
+        }
+        row.update({n: float(sc[n][k]) for n in _FRAME_FLOATS})
+        row["ood_caution"] = bool(sc["ood_caution"][k])
+        row["ood_reasons"] = sc["ood_reasons"][k]
+        row.update({n: float(sc[n][k]) for n in _FRAME_FLOATS_2})
+        rows.append(row)
+    return rows
+
+
+def _domain_rows(p: _Pass, di: int, sc: dict[str, Any]) -> list[dict]:
+    """The domain's row (all frames) and, for a mixed dataset, one per material."""
+    materials = np.asarray(p.ds.materials).astype(str)[p.sel]
+    mats = sorted(set(materials.tolist()))
+    groups = [("all", np.ones(p.sel.size, bool))]
+    if len(mats) > 1:
+        groups += [(m, materials == m) for m in mats]
+    dnm = float(p.ds.defocus_nm[di])
+    rows = []
+    for mat, m in groups:
+        row = {**p.base, "domain_defocus_nm": dnm, "material": mat, "n_images": int(m.sum())}
+        for name in ("loss", "dice", "iou"):
+            v = sc[name]
+            row[name] = float(np.mean(v[m])) if p.labelled else float("nan")
+            lo, hi = (
+                bootstrap_ci(v[m], n_boot=p.n_boot, confidence=p.confidence, seed=di)
+                if p.labelled
+                else (float("nan"), float("nan"))
+            )
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = lo, hi
+        row["ood_score"] = float(np.median(sc["ood_score"][m]))
+        row["ood_score_mean"] = float(np.mean(sc["ood_score"][m]))
+        row["entropy"] = float(np.mean(sc["entropy"][m]))
+        rows.append(row)
+    return rows
+
+
+def _sample(p: _Pass, di: int, sc: dict[str, Any]) -> dict[str, Any]:
+    """The domain's first frame, kept for the report's figures."""
+    return {
+        "defocus_nm": float(p.ds.defocus_nm[di]),
+        "image": sc["imgs"][0].astype(np.float32),
+        "proba": sc["proba"][0].astype(np.float32),
+        "mask": None if p.masks is None else p.masks[0],
+        "ood_score": float(sc["ood_score"][0]),
+        "dice": float(sc["dice"][0]),
+        "structure_id": np.asarray(p.ds.structure_ids).astype(str)[p.sel[0]],
+        "sampling_A": float(p.ds.sampling_A),
+    }
+
+
 def evaluate_model(
     model: Any,
     dataset: Any,
@@ -261,172 +457,31 @@ def evaluate_model(
     """
     from ..io.dataset import HRTEMDataset, load_dataset
     from ._model import ScoringModel
-    from .ood import OODReference, load_ood_reference, verdict
 
     ds = dataset if isinstance(dataset, HRTEMDataset) else load_dataset(dataset)
-    sm = (
-        model
-        if isinstance(model, ScoringModel)
-        else ScoringModel(model, which=which, device=device)
-    )
-    what = f"the dataset {ds.path}" if ds.path else "the dataset"
-    sm.check_images(ds.image_shape, ds.sampling_A, what)
-
-    # ------------------------------------------------------------------ which frames
-    sids = np.asarray(ds.structure_ids).astype(str)
+    sm = model if isinstance(model, ScoringModel) else ScoringModel(model, which, device)
+    sm.check_images(ds.image_shape, ds.sampling_A, f"the dataset {ds.path or ''}".rstrip())
     sel, split, notes = _select_structures(sm.info, ds, structures)
-
-    labelled = ds.masks is not None
-    if not labelled:
-        notes.append(
-            "The dataset has no ground-truth masks: only label-free scores (OOD score, "
-            "predictive entropy) were computed; loss, Dice and IoU are not available."
-        )
-
-    # ------------------------------------------------------------------ OOD reference
-    ref = None
-    if isinstance(ood_reference, OODReference):
-        ref = ood_reference
-    elif ood_reference == "auto":
-        ref = None
-        if sm.model_dir is not None:
-            ref = load_ood_reference(sm.model_dir, sm.info.get("weights_sha256"))
-            if ref is None and (sm.model_dir / "ood_reference.json").is_file():
-                notes.append(
-                    "The OOD reference in the model folder belongs to other weights (the "
-                    "checkpoint was replaced after it was fitted); it was not used."
-                )
-        if ref is None and not any("OOD reference" in n for n in notes):
-            notes.append(
-                "The model has no stored OOD reference (ood_reference.safetensors); the "
-                "label-free OOD score is missing. Fit one with "
-                "napari_hrtem_transfer.evaluation.fit_ood_reference."
-            )
-    elif ood_reference is not None:
-        raise ConfigError("ood_reference must be 'auto', an OODReference or None.")
-
-    # ------------------------------------------------------------------ provenance
+    if ds.masks is None:
+        notes.append(_NO_MASKS)
+    ref = _reference(sm, ood_reference, notes)
     mid = model_id or sm.name
-    prov = model_provenance(sm.info)
-    prov.update(provenance or {})
-    materials = np.asarray(ds.materials).astype(str)
-    mats = sorted(set(materials[sel].tolist()))
-    base = {
-        "model_id": mid,
-        "stage": prov.get("stage", ""),
-        "pretrain_defocus_nm": prov.get("pretrain_defocus_nm"),
-        "transfer_defocus_nm": prov.get("transfer_defocus_nm"),
-        "freeze": prov.get("freeze", ""),
-        "n_transfer": prov.get("n_transfer"),
-        "seed": prov.get("seed"),
-        "dose_e_per_A2": ds.dose_e_per_A2,
-        "structures": split,
-        "source": f"{mid} on {ds.path or 'in-memory dataset'}",
-    }
-
-    # crop to a multiple of the model's stride, centred (as in training validation)
-    ny, nx = ds.image_shape
-    s = sm.output_stride
-    cy, cx = ny // s * s, nx // s * s
-    oy, ox = (ny - cy) // 2, (nx - cx) // 2
-    if (cy, cx) != (ny, nx):
-        notes.append(f"Images were centre-cropped from {ny}x{nx} to {cy}x{cx} px.")
-    masks = None
-    if labelled:
-        masks = np.asarray(ds.masks[sel])[:, oy : oy + cy, ox : ox + cx]
-
+    window, masks = _crop(ds, sm, sel, notes)
+    base = _base_record(mid, sm, ds, split, provenance)
+    p = _Pass(sm, ds, ref, sel, base, window, masks, batch_size, n_boot, confidence)
     domain_rows: list[dict] = []
     frame_rows: list[dict] = []
     samples: list[dict] = []
-    sample_domains = set(
-        np.unique(
-            np.linspace(0, ds.n_defocus - 1, max(1, min(n_samples, ds.n_defocus)))
-            .round()
-            .astype(int)
-        ).tolist()
-    )
+    n_keep = max(1, min(n_samples, ds.n_defocus))
+    sample_domains = set(np.linspace(0, ds.n_defocus - 1, n_keep).round().astype(int).tolist())
     for di in range(ds.n_defocus):
-        imgs = np.asarray(ds.images[di][sel])[:, oy : oy + cy, ox : ox + cx]
-        st = sm.frame_stats(imgs, want_logits=True, batch_size=batch_size)
-        logits, feats, ent = st.logits, st.features, st.entropy
-        proba = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        pred = logits > 0
-        if labelled:
-            loss = binary_cross_entropy(logits, masks)
-            dsc = dice(pred, masks)
-            jac = iou(pred, masks)
-        else:
-            loss = dsc = jac = np.full(sel.size, np.nan)
-        nan = np.full(sel.size, np.nan)
-        score = ref.score_stats(st) if ref is not None else nan  # the network's own term
-        if ref is not None:  # and the verdict segment gives (network + physics + spectrum)
-            v = verdict(ref, st, imgs, model_sampling_A=sm.sampling_A)
-            vscore, flagged = np.asarray(v.score, float), np.asarray(v.caution, bool)
-            overlap = [c.get("ctf_overlap") for c in v.components]
-            overlap = np.array([np.nan if o is None else float(o) for o in overlap])
-            est = np.array([np.nan if d is None else float(d) for d in v.estimated_defocus_nm])
-            reasons = ["; ".join(r) for r in v.reasons]
-        else:
-            vscore, flagged, overlap, est = nan, np.zeros(sel.size, bool), nan, nan
-            reasons = [""] * sel.size
-        dist = ref.distance(feats) if ref is not None else nan
-        dnm = float(ds.defocus_nm[di])
-        actual = np.asarray(ds.actual_defocus_nm)[di, sel]
-        for k, i in enumerate(sel):
-            frame_rows.append(
-                {
-                    **base,
-                    "domain_defocus_nm": dnm,
-                    "actual_defocus_nm": float(actual[k]),
-                    "image_index": int(i),
-                    "structure_id": sids[i],
-                    "material": materials[i],
-                    "loss": float(loss[k]),
-                    "dice": float(dsc[k]),
-                    "iou": float(jac[k]),
-                    "ood_score": float(score[k]),
-                    "verdict_score": float(vscore[k]),
-                    "ood_caution": bool(flagged[k]),
-                    "ood_reasons": reasons[k],
-                    "estimated_defocus_nm": float(est[k]),
-                    "ctf_overlap": float(overlap[k]),
-                    "ood_distance": float(dist[k]),
-                    "entropy": float(ent[k]),
-                }
-            )
-        groups = [("all", np.ones(sel.size, bool))]
-        if len(mats) > 1:
-            groups += [(m, materials[sel] == m) for m in mats]
-        for mat, m in groups:
-            row = {**base, "domain_defocus_nm": dnm, "material": mat, "n_images": int(m.sum())}
-            for name, v in (("loss", loss), ("dice", dsc), ("iou", jac)):
-                row[name] = float(np.mean(v[m])) if labelled else float("nan")
-                lo, hi = (
-                    bootstrap_ci(v[m], n_boot=n_boot, confidence=confidence, seed=di)
-                    if labelled
-                    else (float("nan"), float("nan"))
-                )
-                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = lo, hi
-            row["ood_score"] = float(np.median(score[m]))
-            row["ood_score_mean"] = float(np.mean(score[m]))
-            row["entropy"] = float(np.mean(ent[m]))
-            domain_rows.append(row)
+        sc = _frame_scores(p, di)
+        frame_rows += _frame_rows(p, di, sc)
+        domain_rows += _domain_rows(p, di, sc)
         if di in sample_domains:
-            k = 0
-            samples.append(
-                {
-                    "defocus_nm": dnm,
-                    "image": imgs[k].astype(np.float32),
-                    "proba": proba[k].astype(np.float32),
-                    "mask": None if masks is None else masks[k],
-                    "ood_score": float(score[k]),
-                    "dice": float(dsc[k]),
-                    "structure_id": sids[sel[k]],
-                    "sampling_A": float(ds.sampling_A),
-                }
-            )
+            samples.append(_sample(p, di, sc))
         if progress is not None:
-            progress(di + 1, ds.n_defocus, f"evaluated {dnm:g} nm")
+            progress(di + 1, ds.n_defocus, f"evaluated {float(ds.defocus_nm[di]):g} nm")
     if any(r.get("n_images", 0) < 5 for r in domain_rows):
         notes.append(
             "Some domains have fewer than 5 frames; their confidence intervals are unreliable."
@@ -434,7 +489,7 @@ def evaluate_model(
     return EvaluationResult(
         domains=ResultTable.from_records(domain_rows),
         frames=ResultTable.from_records(frame_rows),
-        labelled=labelled,
+        labelled=ds.masks is not None,
         notes=notes,
         samples=samples,
         model_id=mid,

@@ -186,10 +186,15 @@ class DemoResult:
 
 
 class _TrainProgress:
-    """Training callback printing one line per epoch and a step counter."""
+    """Training callback printing one line per epoch, named after the stage it runs in."""
 
-    def __init__(self, log: Log, label: str) -> None:
-        self.log, self.label = log, label
+    _LABELS = {"pretrain": "pretrain", "finetune": "fine-tune"}
+
+    def __init__(self, log: Log) -> None:
+        self.log, self.label = log, ""
+
+    def on_train_start(self, s) -> None:
+        self.label = self._LABELS.get(s.stage, s.stage)
 
     def on_epoch(self, u) -> None:
         self.log(
@@ -204,39 +209,7 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def run_protocol(
-    out_dir: str | os.PathLike,
-    settings: DemoSettings | str = "laptop",
-    log: Log = print,
-    device: str = "auto",
-    **overrides: Any,
-) -> DemoResult:
-    """Run the whole protocol and write the report into ``out_dir``.
-
-    Parameters
-    ----------
-    out_dir
-        Demo folder (created): ``series.hspy``, ``pretrained/``, ``finetuned/``, ``report/``.
-    settings
-        A :class:`DemoSettings` or a preset name (``"laptop"``, ``"tiny"``).
-    log
-        Receives progress lines.
-    device
-        Torch device for training and evaluation (``"auto"``: the GPU when present).
-    **overrides
-        Fields of :class:`DemoSettings` to change.
-
-    Returns
-    -------
-    DemoResult
-    """
-    from ..io import load_dataset, save_dataset
-    from ..simulate import SimulationConfig, simulate_dataset
-    from ..training import TrainConfig, train
-    from .labelled import evaluate_model
-    from .ood import fit_ood_after_training
-    from .report import write_evaluation_report
-
+def _settings(settings: DemoSettings | str, overrides: dict[str, Any]) -> DemoSettings:
     if isinstance(settings, str):
         if settings not in DEMO_PRESETS:
             raise ConfigError(
@@ -246,6 +219,10 @@ def run_protocol(
         settings = DEMO_PRESETS[settings]
     s = replace(settings, **overrides) if overrides else settings
     s.check()
+    return s
+
+
+def _out_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file; give a folder.", "out_dir")
@@ -257,10 +234,14 @@ def run_protocol(
                 "or delete it.",
                 "out_dir",
             )
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    return out
 
-    # 1. simulate ---------------------------------------------------------------------
+
+def _simulate(s: DemoSettings, out: Path, log: Log) -> tuple[Any, Path]:
+    """Simulate the series, save it and read it back (checkpoints record the file)."""
+    from ..io import load_dataset, save_dataset
+    from ..simulate import SimulationConfig, simulate_dataset
+
     t = time.perf_counter()
     sim = SimulationConfig.from_preset(
         "laptop",
@@ -287,41 +268,28 @@ def run_protocol(
 
     ds = simulate_dataset(sim, workers=1, progress=sim_progress)
     data_path = save_dataset(ds, out / "series.hspy")
-    # train and evaluate on the file, so that checkpoints record it (path and fingerprint)
-    ds = load_dataset(data_path, lazy=False)
-    timings["simulate"] = time.perf_counter() - t
+    return load_dataset(data_path, lazy=False), data_path
 
-    # 2. pretrain ---------------------------------------------------------------------
-    t = time.perf_counter()
-    model_cfg = {
-        "architecture": "compact",
-        "channels": list(s.channels),
-        "bottleneck_dilations": [2, 4],
-    }
-    log(f"[2/5] pretraining on {s.pretrain_defocus_nm:+g} nm ({s.pretrain_epochs} epochs)")
+
+def _train_configs(s: DemoSettings, pre_dir: Path, device: str) -> tuple[Any, Any]:
+    """The pretraining and fine-tuning configs (deterministic: same seed, same numbers)."""
+    from ..training import TrainConfig
+
+    common = dict(
+        batch_size=s.batch_size, patch_size=None, seed=s.seed, device=device, deterministic=True
+    )
     pre_cfg = TrainConfig(
-        model=model_cfg,
+        model={
+            "architecture": "compact",
+            "channels": list(s.channels),
+            "bottleneck_dilations": [2, 4],
+        },
         train_defocus_nm=[s.pretrain_defocus_nm],
         eval_defocus_nm=[s.pretrain_defocus_nm],
         epochs=s.pretrain_epochs,
         samples_per_epoch=s.pretrain_samples,
-        batch_size=s.batch_size,
         lr=s.pretrain_lr,
-        patch_size=None,
-        seed=s.seed,
-        device=device,
-        deterministic=True,  # same seed, same numbers (see the module docstring)
-    )
-    pre_dir = out / "pretrained"
-    train(pre_cfg, ds, pre_dir, callbacks=[_TrainProgress(log, "pretrain")])
-    log(fit_ood_after_training(pre_dir, ds, device=device).message)
-    timings["pretrain"] = time.perf_counter() - t
-
-    # 3. fine-tune --------------------------------------------------------------------
-    t = time.perf_counter()
-    log(
-        f"[3/5] fine-tuning on {s.transfer_defocus_nm:+g} nm with the {s.freeze} frozen "
-        f"({s.n_transfer or 'all'} images, {s.transfer_epochs} epochs)"
+        **common,
     )
     ft_cfg = TrainConfig.finetune(
         pre_dir,
@@ -331,31 +299,32 @@ def run_protocol(
         eval_defocus_nm=[s.transfer_defocus_nm],
         epochs=s.transfer_epochs,
         samples_per_epoch=s.transfer_samples,
-        batch_size=s.batch_size,
         lr=s.transfer_lr,
-        patch_size=None,
-        seed=s.seed,
-        device=device,
-        deterministic=True,
+        **common,
     )
-    ft_dir = out / "finetuned"
-    train(ft_cfg, ds, ft_dir, callbacks=[_TrainProgress(log, "fine-tune")])
-    log(fit_ood_after_training(ft_dir, ds, device=device).message)
-    timings["finetune"] = time.perf_counter() - t
+    return pre_cfg, ft_cfg
 
-    # 4. evaluate ---------------------------------------------------------------------
-    t = time.perf_counter()
-    log(f"[4/5] evaluating both models on all {len(s.defocus_nm)} domains (held-out structures)")
-    kw = dict(n_boot=s.n_boot, device=None if device == "auto" else device)
-    before = evaluate_model(pre_dir, ds, model_id="pretrained", **kw)
-    after = evaluate_model(ft_dir, ds, model_id="finetuned", **kw)
-    timings["evaluate"] = time.perf_counter() - t
 
-    # 5. report -----------------------------------------------------------------------
-    t = time.perf_counter()
-    log("[5/5] writing the report")
-    rep_dir = out / "report"
-    page = write_evaluation_report(
+def _stage_logger(s: DemoSettings, log: Log) -> Callable[[str], None]:
+    lines = {
+        "pretrain": (
+            f"[2/5] pretraining on {s.pretrain_defocus_nm:+g} nm ({s.pretrain_epochs} epochs)"
+        ),
+        "finetune": (
+            f"[3/5] fine-tuning on {s.transfer_defocus_nm:+g} nm with the {s.freeze} frozen "
+            f"({s.n_transfer or 'all'} images, {s.transfer_epochs} epochs)"
+        ),
+        "evaluate": (
+            f"[4/5] evaluating both models on all {len(s.defocus_nm)} domains (held-out structures)"
+        ),
+    }
+    return lambda stage: log(lines[stage])
+
+
+def _report(s: DemoSettings, rep_dir: Path, after: Any, before: Any) -> Path:
+    from .report import write_evaluation_report
+
+    return write_evaluation_report(
         rep_dir,
         after,
         before,
@@ -377,6 +346,71 @@ def run_protocol(
             "machine with the same number of threads).",
         ],
     )
+
+
+def run_protocol(
+    out_dir: str | os.PathLike,
+    settings: DemoSettings | str = "laptop",
+    log: Log = print,
+    device: str = "auto",
+    **overrides: Any,
+) -> DemoResult:
+    """Run the whole protocol and write the report into ``out_dir``.
+
+    Simulation, then :func:`~napari_hrtem_transfer.evaluation.workflows.run_transfer`
+    (pretrain -> fine-tune -> evaluate, each model's OOD reference fitted after its
+    training), then the report.
+
+    Parameters
+    ----------
+    out_dir
+        Demo folder (created): ``series.hspy``, ``pretrained/``, ``finetuned/``, ``report/``.
+    settings
+        A :class:`DemoSettings` or a preset name (``"laptop"``, ``"tiny"``).
+    log
+        Receives progress lines.
+    device
+        Torch device for training and evaluation (``"auto"``: the GPU when present).
+    **overrides
+        Fields of :class:`DemoSettings` to change.
+
+    Returns
+    -------
+    DemoResult
+    """
+    from .workflows import TransferEvaluation, run_transfer
+
+    s = _settings(settings, overrides)
+    out = _out_dir(out_dir)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    t = time.perf_counter()
+    ds, data_path = _simulate(s, out, log)
+    timings["simulate"] = time.perf_counter() - t
+
+    pre_dir, ft_dir = out / "pretrained", out / "finetuned"
+    pre_cfg, ft_cfg = _train_configs(s, pre_dir, device)
+    evaluation = TransferEvaluation(
+        options=dict(n_boot=s.n_boot, device=None if device == "auto" else device)
+    )
+    tr = run_transfer(
+        ft_cfg,
+        ds,
+        ft_dir,
+        pretrain=pre_cfg,
+        evaluation=evaluation,
+        callbacks=[_TrainProgress(log)],
+        on_stage=_stage_logger(s, log),
+        log=log,
+    )
+    for name, stage in (("pretrain", tr.pretrain), ("finetune", tr.finetune)):
+        timings[name] = stage.time_train_s + stage.time_ood_s
+    timings["evaluate"] = tr.time_evaluate_s
+
+    t = time.perf_counter()
+    log("[5/5] writing the report")
+    rep_dir = out / "report"
+    page = _report(s, rep_dir, tr.after, tr.before)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
     summary = json.loads((rep_dir / "summary.json").read_text())

@@ -34,8 +34,8 @@ __all__ = [
 
 _LAZY = {
     "run_sweep": "runner",
-    "plan_sweep": "runner",
-    "SweepPlan": "runner",
+    "plan_sweep": "plan",
+    "SweepPlan": "plan",
     "SweepResult": "runner",
     "SweepInterrupted": "runner",
     "ResultStore": "store",

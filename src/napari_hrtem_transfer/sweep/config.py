@@ -53,7 +53,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_error_from_validation
 from ..models.config import CompactUNetConfig, ModelConfig
 from ..training.config import FreezeMode, Precision, TrainConfig
 
@@ -359,21 +359,6 @@ class SweepConfig(BaseModel):
         )
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ""
-        for x in err.get("loc", ()):
-            loc += f"[{x}]" if isinstance(x, int) else (f".{x}" if loc else str(x))
-        msg = err.get("msg", "")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        got = err.get("input")
-        got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{loc or 'config'}: {msg}{got_txt}")
-    return f"{source}: " + "; ".join(parts)
-
-
 def load_sweep_config(path: str | os.PathLike) -> SweepConfig:
     """Read a sweep TOML file and validate it.
 
@@ -405,7 +390,7 @@ def load_sweep_config(path: str | os.PathLike) -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(p)), "--config") from None
+        raise config_error_from_validation(exc, source=str(p)) from None
 
 
 def validate_sweep_config(raw: dict[str, Any] | SweepConfig, source: str = "config") -> SweepConfig:
@@ -415,4 +400,4 @@ def validate_sweep_config(raw: dict[str, Any] | SweepConfig, source: str = "conf
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source), "config") from None
+        raise config_error_from_validation(exc, source=source) from None

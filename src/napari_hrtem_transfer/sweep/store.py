@@ -40,7 +40,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..evaluation.table import SQLITE_SCHEMA_VERSION, SQLITE_VIEWS
 
-__all__ = ["SCHEMA_VERSION", "ResultStore", "check_database"]
+__all__ = ["SCHEMA_VERSION", "ResultStore", "check_database", "read_status"]
 
 #: Version of the schema this code writes (defined once, beside the reader in
 #: ``evaluation.table``).  Bump it with every change and add a migration.
@@ -414,3 +414,18 @@ def _num(v: Any) -> Any:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_status(db: str | os.PathLike) -> dict[str, str]:
+    """``{run_key: status}`` of a results database (read-only; empty for a new file)."""
+    path = Path(db)
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "runs" not in tables:
+            return {}
+        return dict(conn.execute("SELECT run_key, status FROM runs").fetchall())
+    finally:
+        conn.close()
