@@ -240,19 +240,19 @@ def test_shipped_package_declarations(shipped_zip):
 def test_imaging_domain_from_the_training_dataset_file():
     """Voltage, Cs and focal spread come from the dataset's simulation config only when the
     file is the one the model was trained on (same fingerprint)."""
-    from napari_hrtem_transfer.bioimageio import _imaging_domain
+    from napari_hrtem_transfer.bioimageio._describe import imaging_domain
     from napari_hrtem_transfer.io import load_dataset
     from napari_hrtem_transfer.training.data import dataset_fingerprint
 
     path = pretrained_model_dir().parents[1] / "sample_data" / "defocus_series_small.hspy"
     ds = load_dataset(path)
     data = {"path": str(path), "fingerprint": dataset_fingerprint(ds), "train_defocus_nm": [0.0]}
-    dom = _imaging_domain({"sampling_A": 0.2, "data": data})
+    dom = imaging_domain({"sampling_A": 0.2, "data": data})
     cfg = ds.info["config"]
     assert dom["voltage_kV"] == cfg["energy_eV"] / 1e3 == 300.0
     assert dom["Cs_mm"] == pytest.approx(cfg["Cs_A"] * 1e-7)  # Å -> mm
     assert dom["focal_spread_nm"] == pytest.approx(cfg["focal_spread_A"] / 10)
-    other = _imaging_domain({"data": {**data, "fingerprint": "0" * 64}})
+    other = imaging_domain({"data": {**data, "fingerprint": "0" * 64}})
     assert other["voltage_kV"] is None and "not recorded" in other["source"]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from .atomic import atomic_path
+from .provenance import SIMULATION_PACKAGES, package_versions
 
 FORMAT_VERSION = "1"
 DEFOCUS_CONVENTION = (
@@ -146,15 +147,8 @@ class HRTEMDataset:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("napari-hrtem-transfer", "abtem", "ase", "hyperspy", "rosettasciio", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    """Deprecated alias: use ``io.provenance.package_versions(SIMULATION_PACKAGES)``."""
+    return package_versions(SIMULATION_PACKAGES)
 
 
 def _axis(name: str, values: np.ndarray, units: str | None) -> dict:
@@ -213,7 +207,7 @@ def _dataset_signal(ds: HRTEMDataset):
             "dose_e_per_A2": ds.dose_e_per_A2,
             "energy_eV": ds.energy_eV,
             "sampling_A": ds.sampling_A,
-            "versions": info.get("versions") or _versions(),
+            "versions": info.get("versions") or package_versions(SIMULATION_PACKAGES),
         }
     )
     s.metadata.set_item(f"{node}.info_json", json.dumps(info))
