@@ -53,6 +53,7 @@ __all__ = [
     "score_frames",
     "simulate_independent_structure",
     "wavelength_A",
+    "with_dose",
     "write_independent_set",
 ]
 
@@ -175,39 +176,45 @@ def _freqs(n: int, dx: float) -> tuple[np.ndarray, np.ndarray]:
     return f[:, None], f[None, :]
 
 
+def _spread(p_px: np.ndarray, gpts: int, half: int = 4, chunk: int = 20_000) -> np.ndarray:
+    """Sum of unit Gaussians (sigma = 1 px, cut at ``half`` px) at positions (N, 2) [px]
+    (x, y) on a periodic (gpts, gpts) grid indexed (y, x)."""
+    k = np.arange(-half, half + 1)
+    grid = np.zeros(gpts * gpts)
+    for s in range(0, len(p_px), chunk):
+        p = p_px[s : s + chunk]
+        base = np.floor(p).astype(int)
+        ix, iy = base[:, :1] + k, base[:, 1:] + k  # (N, 2 half + 1)
+        wx = np.exp(-0.5 * (ix - p[:, :1]) ** 2)
+        wy = np.exp(-0.5 * (iy - p[:, 1:]) ** 2)
+        idx = (iy % gpts)[:, :, None] * gpts + (ix % gpts)[:, None, :]
+        w = wy[:, :, None] * wx[:, None, :]
+        grid += np.bincount(idx.ravel(), w.ravel(), minlength=gpts * gpts)
+    return grid.reshape(gpts, gpts)
+
+
 def projected_potential(
     xy_A: np.ndarray, symbols: np.ndarray, extent_A: float, gpts: int
 ) -> np.ndarray:
     """Projected potential V_z [V·Å] of atoms at ``xy_A`` (N, 2) [Å] (x, y) on a periodic
     square grid (gpts, gpts) indexed (y, x), sample j at ``j * extent_A / gpts``.
 
-    Atoms are spread bilinearly onto the grid per element; the spreading kernel's transfer
-    (sinc² per axis) is divided out, the spectrum multiplied by ``47.878 × f_e(q)`` and
-    band-limited at 2/3 of the Nyquist frequency.
+    Atoms are spread onto the grid per element as Gaussians of one sample's width (the
+    gridding step of a non-uniform FFT); the Gaussian's transfer ``2π exp(-2π² dx² q²)`` is
+    divided out, the spectrum multiplied by ``47.878 × f_e(q)`` and band-limited at 2/3 of
+    the Nyquist frequency.
     """
     dx = extent_A / gpts
     qy, qx = _freqs(gpts, dx)
     q2 = qy**2 + qx**2
-    kernel = (np.sinc(qy * dx) * np.sinc(qx * dx)) ** 2
     band = q2 < (2.0 / 3.0 / (2 * dx)) ** 2
+    kernel = 2 * math.pi * np.exp(-2 * math.pi**2 * dx**2 * q2)
     spectrum = np.zeros((gpts, gpts), np.complex128)
     symbols = np.asarray(symbols).astype(str)
     for sym in np.unique(symbols):
-        p = np.asarray(xy_A, float)[symbols == sym] / dx
-        grid = np.zeros((gpts, gpts))
-        x0, y0 = np.floor(p[:, 0]), np.floor(p[:, 1])
-        fx, fy = p[:, 0] - x0, p[:, 1] - y0
-        x0, y0 = x0.astype(int) % gpts, y0.astype(int) % gpts
-        x1, y1 = (x0 + 1) % gpts, (y0 + 1) % gpts
-        for yy, xx, w in (
-            (y0, x0, (1 - fy) * (1 - fx)),
-            (y0, x1, (1 - fy) * fx),
-            (y1, x0, fy * (1 - fx)),
-            (y1, x1, fy * fx),
-        ):
-            np.add.at(grid, (yy, xx), w)
+        grid = _spread(np.asarray(xy_A, float)[symbols == sym] / dx, gpts)
         spectrum += np.fft.fft2(grid) * (_V_PER_FE * scattering_factor(sym, q2))
-    spectrum *= band / np.where(band, kernel, 1.0)
+    spectrum *= band / kernel
     return np.fft.ifft2(spectrum).real / dx**2
 
 
@@ -628,3 +635,47 @@ def _diameter(meta: dict) -> float:
         return float(meta["diameter_nm"])
     radii = meta.get("radii_nm")
     return float(2 * np.mean(radii)) if radii else float("nan")
+
+
+def with_dose(dataset: Any, dose_e_per_A2: float, seed: int = 0):
+    """A copy of a noise-free dataset (intensity, vacuum = 1) with Poisson counts at a dose.
+
+    The expected count of a pixel is ``intensity * dose * sampling_A**2``; draws come from
+    ``SeedSequence(seed, spawn_key=(11, round(dose)))``, so every dose has its own noise.
+    """
+    import copy
+
+    from ..errors import DatasetError
+    from ..io.dataset import HRTEMDataset
+
+    if dataset.dose_e_per_A2 is not None:
+        raise DatasetError("with_dose needs a noise-free dataset (dose_e_per_A2 None)")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(11, round(dose_e_per_A2))))
+    scale = dose_e_per_A2 * dataset.sampling_A**2
+    counts = np.stack(
+        [
+            rng.poisson(np.clip(np.asarray(dataset.images[k], np.float64), 0, None) * scale).astype(
+                np.uint32
+            )
+            for k in range(dataset.n_defocus)
+        ]
+    )
+    if counts.max(initial=0) < 2**16:
+        counts = counts.astype(np.uint16)
+    info = copy.deepcopy(dataset.info)
+    for m in info.get("structures") or []:
+        m["dose_e_per_A2"] = float(dose_e_per_A2)
+    if "config" in info:
+        info["config"]["dose_e_per_A2"] = float(dose_e_per_A2)
+    return HRTEMDataset(
+        images=counts,
+        defocus_nm=dataset.defocus_nm,
+        sampling_A=dataset.sampling_A,
+        masks=dataset.masks,
+        structure_ids=dataset.structure_ids,
+        materials=dataset.materials,
+        actual_defocus_nm=dataset.actual_defocus_nm,
+        dose_e_per_A2=float(dose_e_per_A2),
+        energy_eV=dataset.energy_eV,
+        info=info,
+    )
