@@ -164,6 +164,8 @@ def rdf_description(
     ours: dict[str, Any],
     sampling_A: float | None,
 ) -> dict[str, Any]:
+    """The package's ``rdf.yaml`` (model description, spec 0.5) as a mapping."""
+
     def space(axis: str, size: Any) -> dict[str, Any]:
         ax: dict[str, Any] = {"type": "space", "id": axis, "size": size}
         if sampling_A:
@@ -192,69 +194,9 @@ def rdf_description(
             "pytorch",
             "unet",
         ],
-        "inputs": [
-            {
-                "id": "raw",
-                "description": "HRTEM frame, raw counts or any linear intensity",
-                "axes": [
-                    {"type": "batch"},
-                    {"type": "channel", "channel_names": ["intensity"]},
-                    space("y", {"min": stride, "step": stride}),
-                    space("x", {"min": stride, "step": stride}),
-                ],
-                "test_tensor": {"source": "test_input.npy"},
-                "sample_tensor": {"source": "sample_input.tif"},
-                "data": {"type": "float32"},
-                "preprocessing": [
-                    {
-                        "id": "zero_mean_unit_variance",
-                        "kwargs": {"axes": ["channel", "y", "x"], "eps": eps},
-                    }
-                ],
-            }
-        ],
-        "outputs": [
-            {
-                "id": "probability",
-                "description": "particle probability (sigmoid of the logits)",
-                "axes": [
-                    {"type": "batch"},
-                    {"type": "channel", "channel_names": ["particle"]},
-                    space("y", {"tensor_id": "raw", "axis_id": "y"}),
-                    space("x", {"tensor_id": "raw", "axis_id": "x"}),
-                ],
-                "test_tensor": {"source": "test_output.npy"},
-                "sample_tensor": {"source": "sample_output.tif"},
-                "data": {"type": "float32", "range": [0.0, 1.0]},
-                "postprocessing": [{"id": "sigmoid"}],
-            }
-        ],
-        "weights": {
-            "pytorch_state_dict": {
-                "source": "weights.pt",
-                "architecture": {
-                    "callable": ARCHITECTURE_CALLABLE,
-                    "import_from": ARCHITECTURE_IMPORT,
-                    "kwargs": {"config": dict(side["model"])},
-                },
-                "pytorch_version": torch_version(),
-                "comment": "state dict of napari-hrtem-transfer's architecture; the same "
-                "tensors as the attached safetensors file",
-            },
-            **(
-                {
-                    "torchscript": {
-                        "source": "weights_torchscript.pt",
-                        "parent": "pytorch_state_dict",
-                        "pytorch_version": torch_version(),
-                        "comment": "torch.jit.trace of the pytorch_state_dict model (eval "
-                        "mode); never loaded by napari-hrtem-transfer itself",
-                    }
-                }
-                if cfg.torchscript
-                else {}
-            ),
-        },
+        "inputs": [_input_tensor(space, stride, eps)],
+        "outputs": [_output_tensor(space)],
+        "weights": _weights(side["model"], cfg.torchscript),
         "attachments": [{"source": a} for a in attachments],
         "config": {
             "bioimageio": {
@@ -267,3 +209,70 @@ def rdf_description(
             CONFIG_KEY: ours,
         },
     }
+
+
+def _input_tensor(space: Any, stride: int, eps: float) -> dict[str, Any]:
+    """The raw-frame input: (batch, channel, y, x), y and x multiples of ``stride``."""
+    return {
+        "id": "raw",
+        "description": "HRTEM frame, raw counts or any linear intensity",
+        "axes": [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": ["intensity"]},
+            space("y", {"min": stride, "step": stride}),
+            space("x", {"min": stride, "step": stride}),
+        ],
+        "test_tensor": {"source": "test_input.npy"},
+        "sample_tensor": {"source": "sample_input.tif"},
+        "data": {"type": "float32"},
+        "preprocessing": [
+            {
+                "id": "zero_mean_unit_variance",
+                "kwargs": {"axes": ["channel", "y", "x"], "eps": eps},
+            }
+        ],
+    }
+
+
+def _output_tensor(space: Any) -> dict[str, Any]:
+    """The probability output, the input's size (sigmoid of the model's logits)."""
+    return {
+        "id": "probability",
+        "description": "particle probability (sigmoid of the logits)",
+        "axes": [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": ["particle"]},
+            space("y", {"tensor_id": "raw", "axis_id": "y"}),
+            space("x", {"tensor_id": "raw", "axis_id": "x"}),
+        ],
+        "test_tensor": {"source": "test_output.npy"},
+        "sample_tensor": {"source": "sample_output.tif"},
+        "data": {"type": "float32", "range": [0.0, 1.0]},
+        "postprocessing": [{"id": "sigmoid"}],
+    }
+
+
+def _weights(model_config: dict[str, Any], torchscript: bool) -> dict[str, Any]:
+    """The state dict entry (our architecture by name), and optionally the TorchScript one."""
+    weights: dict[str, Any] = {
+        "pytorch_state_dict": {
+            "source": "weights.pt",
+            "architecture": {
+                "callable": ARCHITECTURE_CALLABLE,
+                "import_from": ARCHITECTURE_IMPORT,
+                "kwargs": {"config": dict(model_config)},
+            },
+            "pytorch_version": torch_version(),
+            "comment": "state dict of napari-hrtem-transfer's architecture; the same "
+            "tensors as the attached safetensors file",
+        }
+    }
+    if torchscript:
+        weights["torchscript"] = {
+            "source": "weights_torchscript.pt",
+            "parent": "pytorch_state_dict",
+            "pytorch_version": torch_version(),
+            "comment": "torch.jit.trace of the pytorch_state_dict model (eval "
+            "mode); never loaded by napari-hrtem-transfer itself",
+        }
+    return weights

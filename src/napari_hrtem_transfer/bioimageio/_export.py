@@ -176,6 +176,189 @@ def _cover(
     fig.savefig(path, format="png")
 
 
+def _export_config(
+    config: BioimageioExportConfig | None, options: dict[str, Any]
+) -> BioimageioExportConfig:
+    """``config`` (default: the defaults) with ``options`` applied; a ConfigError if invalid."""
+    from pydantic import ValidationError
+
+    from ..errors import config_error_from_validation
+
+    base = config if config is not None else BioimageioExportConfig()
+    try:
+        return BioimageioExportConfig(**{**base.model_dump(), **options}) if options else base
+    except ValidationError as exc:
+        raise config_error_from_validation(exc) from None
+
+
+def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+    from ..io.atomic import check_writable
+
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".zip":
+        raise ConfigError(f"--out {out}: a bioimage.io package is a .zip file.", "out")
+    check_writable(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; use --overwrite to replace it.", "overwrite")
+    return out
+
+
+def _test_frame(
+    test_image: np.ndarray | None,
+    test_mask: np.ndarray | None,
+    lm: Any,
+    train_defocus_nm: list[float],
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The frame (raw counts) and mask for the test tensors and cover, cut to the model's
+    stride, and what they are."""
+    if test_image is None:
+        frame, mask, what = _sample_frame(lm.sampling_A, train_defocus_nm)
+        what = f"a simulated frame ({what})"
+    else:
+        frame = np.asarray(test_image, np.float32)
+        if frame.ndim != 2:
+            raise ConfigError(f"test_image must be one frame (ny, nx); got {frame.shape}.")
+        mask = np.zeros(frame.shape, bool) if test_mask is None else np.asarray(test_mask, bool)
+        if mask.shape != frame.shape:
+            raise ConfigError(
+                f"test_mask has shape {mask.shape} but test_image {frame.shape}; give the "
+                "frame's own mask (or none).",
+                "test_mask",
+            )
+        what = "a frame supplied at export"
+    stride = int(lm.output_stride)
+    return _crop_to_stride(frame, stride), _crop_to_stride(mask, stride), what
+
+
+def _name_and_description(
+    cfg: BioimageioExportConfig,
+    side: dict[str, Any],
+    sampling_A: float | None,
+    domain: dict[str, Any],
+    is_pretrained: bool,
+) -> tuple[str, str]:
+    """The package's name and one-paragraph description (the config's, else generated)."""
+    stage = side.get("stage") or "model"
+    arch = side["model"].get("architecture", "compact")
+    name = cfg.name or (
+        "HRTEM nanoparticle U-Net (napari-hrtem-transfer pretrained)"
+        if is_pretrained
+        else f"HRTEM nanoparticle U-Net - {arch} {stage} (napari-hrtem-transfer)"
+    )
+    kind = "ResNet-18 U-Net" if arch == "resnet18" else "compact U-Net"
+    how = "fine-tuned from a pretrained model" if stage == "finetune" else "trained"
+    rng = domain["defocus_range_nm"]
+    description = cfg.description or (
+        "Segments nanoparticles in HRTEM phase-contrast images"
+        + (f" at {sampling_A:g} Å/px" if sampling_A else "")
+        + f" ({kind}, {how}"
+        + (f" on defocus {rng[0]:g} to {rng[1]:g} nm" if rng else "")
+        + "). Input: a raw frame; output: the particle probability."
+    )
+    return name, description
+
+
+def _copy_checkpoint(
+    tmp: Path, folder: Path, side: dict[str, Any], side_path: Path, which: str, ood: list[Path]
+) -> list[str]:
+    """Copy our own files into ``tmp`` unchanged (the sidecar of 'last' without its optimizer
+    state); return the attachment names. A CheckpointError if they changed meanwhile."""
+    if which == "best":
+        shutil.copyfile(side_path, tmp / "best.json")
+    else:
+        s = json.loads(side_path.read_text(encoding="utf-8"))
+        for k in ("optimizer_file", "optimizer_sha256", "optimizer", "resume"):
+            s.pop(k, None)
+        s["which"] = "best"
+        (tmp / "best.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
+    shutil.copyfile(folder / side["weights_file"], tmp / side["weights_file"])
+    copied = json.loads((tmp / "best.json").read_text(encoding="utf-8"))
+    if (
+        copied.get("weights_sha256") != side["weights_sha256"]
+        or sha256_file(tmp / side["weights_file"]) != side["weights_sha256"]
+    ):
+        raise CheckpointError(
+            f"the checkpoint in {folder} changed while it was being exported (a training "
+            "run still writing to it?); export it again when it is finished."
+        )
+    for f in ood:
+        shutil.copyfile(f, tmp / f.name)
+    return ["best.json", side["weights_file"], *[f.name for f in ood]]
+
+
+def _our_section(
+    side: dict[str, Any],
+    ood: list[Path],
+    caution: float | None,
+    sampling_A: float | None,
+    threshold: float,
+    domain: dict[str, Any],
+) -> dict[str, Any]:
+    """``config.napari_hrtem_transfer`` of the package: how to read our attachments."""
+    return {
+        "format": PACKAGE_FORMAT,
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "package_version": package_version(),
+        "sidecar": "best.json",
+        "weights_file": side["weights_file"],
+        "weights_sha256": side["weights_sha256"],
+        "ood_reference": (
+            {"json": ood[0].name, "arrays": ood[1].name, "caution_level": caution} if ood else None
+        ),
+        "sampling_A": sampling_A,
+        "normalization": side.get("normalization"),
+        "output": side.get("output"),
+        "threshold": threshold,
+        "imaging_domain": domain,
+        "exported": utc_now(),
+    }
+
+
+def _write_tensors(
+    tmp: Path, lm: Any, torchscript: bool, frame: np.ndarray, proba: np.ndarray
+) -> None:
+    """The weights (state dict, optionally TorchScript) and the test and sample tensors."""
+    import tifffile
+    import torch
+
+    from ..training.checkpoint import state_tensors
+
+    torch.save(state_tensors(lm.model), tmp / "weights.pt")
+    if torchscript:
+        _write_torchscript(lm.model, frame, tmp / "weights_torchscript.pt")
+    np.save(tmp / "test_input.npy", frame[None, None].astype(np.float32))
+    np.save(tmp / "test_output.npy", proba)
+    tifffile.imwrite(tmp / "sample_input.tif", frame.astype(np.float32))
+    tifffile.imwrite(tmp / "sample_output.tif", proba[0, 0])
+
+
+def _write_rdf(spec: Any, rdf: dict[str, Any], path: Path) -> Any:
+    """Write ``rdf.yaml`` and return bioimageio.spec's validated description of it."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return _load_description(spec, path)
+
+
+def _require_test_passes(out: Path) -> None:
+    ok, detail = test_package(out)
+    if not ok:
+        raise CheckpointError(
+            f"the written package {out} does not pass 'bioimageio test': {detail}"
+        )
+
+
+def _save_zip(spec: Any, descr: Any, out: Path) -> None:
+    """bioimageio.spec's packaging into a temporary name, renamed over ``out``."""
+    part = out.with_name(f".{out.stem}.tmp-{uuid.uuid4().hex[:8]}.zip")
+    try:
+        spec.save_bioimageio_package(descr, output_path=part)
+        os.replace(part, out)
+    finally:
+        with contextlib.suppress(OSError):
+            part.unlink()
+
+
 def export_bioimageio(
     model: Any = "pretrained",
     out: str | os.PathLike = "model.zip",
@@ -216,137 +399,37 @@ def export_bioimageio(
         The model cannot be loaded, or the written package does not pass
         ``bioimageio.core.test_model`` (with ``test=True``).
     """
-    from pydantic import ValidationError
-
-    from ..errors import config_error_from_validation
-
-    base = config if config is not None else BioimageioExportConfig()
-    try:
-        cfg = BioimageioExportConfig(**{**base.model_dump(), **options}) if options else base
-    except ValidationError as exc:
-        raise config_error_from_validation(exc) from None
+    cfg = _export_config(config, options)
     step = (lambda i, msg: progress(i, 5, msg)) if progress else (lambda i, msg: None)
     spec = need_spec()
-    from ..io.atomic import check_writable
-    from ..segmentation import PRETRAINED
-    from ..training.checkpoint import load_checkpoint, state_tensors
+    from ..segmentation import PRETRAINED, SegmentConfig
+    from ..training.checkpoint import load_checkpoint
 
-    out = Path(out).expanduser()
-    if out.suffix.lower() != ".zip":
-        raise ConfigError(f"--out {out}: a bioimage.io package is a .zip file.", "out")
-    check_writable(out)
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError(f"{out} exists; use --overwrite to replace it.", "overwrite")
+    out = _check_out(out, cfg.overwrite)
     folder = _model_folder(model)
     is_pretrained = str(model) == PRETRAINED
     lm = load_checkpoint(folder, cfg.which, device="cpu")
     side_path = Path(lm.info["_path"])
     side = {k: v for k, v in lm.info.items() if k != "_path"}
-    stride = int(lm.output_stride)
     sampling = lm.sampling_A
-    notes: list[str] = []
     ood, caution, why = _ood_files(folder, side["weights_sha256"])
-    if why:
-        notes.append(f"no OOD reference in the package: {why}")
+    notes = [f"no OOD reference in the package: {why}"] if why else []
     domain = imaging_domain(side)
     step(1, "test frame and cover")
-    if test_image is None:
-        frame, mask, test_what = _sample_frame(sampling, domain["train_defocus_nm"])
-        test_what = f"a simulated frame ({test_what})"
-    else:
-        frame = np.asarray(test_image, np.float32)
-        if frame.ndim != 2:
-            raise ConfigError(f"test_image must be one frame (ny, nx); got {frame.shape}.")
-        mask = np.zeros(frame.shape, bool) if test_mask is None else np.asarray(test_mask, bool)
-        if mask.shape != frame.shape:
-            raise ConfigError(
-                f"test_mask has shape {mask.shape} but test_image {frame.shape}; give the "
-                "frame's own mask (or none).",
-                "test_mask",
-            )
-        test_what = "a frame supplied at export"
-    frame, mask = _crop_to_stride(frame, stride), _crop_to_stride(mask, stride)
+    stride = int(lm.output_stride)
+    frame, mask, test_what = _test_frame(test_image, test_mask, lm, domain["train_defocus_nm"])
     proba = _reference_probability(lm, frame)
-    from ..segmentation import SegmentConfig
-
     threshold = float(SegmentConfig().threshold)
-    stage = side.get("stage") or "model"
-    arch = side["model"].get("architecture", "compact")
-    name = cfg.name or (
-        "HRTEM nanoparticle U-Net (napari-hrtem-transfer pretrained)"
-        if is_pretrained
-        else f"HRTEM nanoparticle U-Net - {arch} {stage} (napari-hrtem-transfer)"
-    )
-    kind = "ResNet-18 U-Net" if arch == "resnet18" else "compact U-Net"
-    how = "fine-tuned from a pretrained model" if stage == "finetune" else "trained"
-    rng = domain["defocus_range_nm"]
-    description = cfg.description or (
-        "Segments nanoparticles in HRTEM phase-contrast images"
-        + (f" at {sampling:g} Å/px" if sampling else "")
-        + f" ({kind}, {how}"
-        + (f" on defocus {rng[0]:g} to {rng[1]:g} nm" if rng else "")
-        + "). Input: a raw frame; output: the particle probability."
-    )
+    name, description = _name_and_description(cfg, side, sampling, domain, is_pretrained)
     with tempfile.TemporaryDirectory(prefix="hrtem-bioimageio-") as tmpdir:
         tmp = Path(tmpdir)
-        import torch
-
-        torch.save(state_tensors(lm.model), tmp / "weights.pt")
-        if cfg.torchscript:
-            _write_torchscript(lm.model, frame, tmp / "weights_torchscript.pt")
-        np.save(tmp / "test_input.npy", frame[None, None].astype(np.float32))
-        np.save(tmp / "test_output.npy", proba)
-        import tifffile
-
-        tifffile.imwrite(tmp / "sample_input.tif", frame.astype(np.float32))
-        tifffile.imwrite(tmp / "sample_output.tif", proba[0, 0])
+        _write_tensors(tmp, lm, cfg.torchscript, frame, proba)
         _cover(tmp / "cover.png", frame, mask, proba[0, 0], test_what, threshold)
-        card = model_card(is_pretrained)
-        (tmp / "README.md").write_text(
-            documentation(side, card, domain, caution, name, test_what, threshold),
-            encoding="utf-8",
+        readme = documentation(
+            side, model_card(is_pretrained), domain, caution, name, test_what, threshold
         )
-        # our own files, unchanged (the sidecar of 'last' without its optimizer state)
-        if cfg.which == "best":
-            shutil.copyfile(side_path, tmp / "best.json")
-        else:
-            s = json.loads(side_path.read_text(encoding="utf-8"))
-            for k in ("optimizer_file", "optimizer_sha256", "optimizer", "resume"):
-                s.pop(k, None)
-            s["which"] = "best"
-            (tmp / "best.json").write_text(json.dumps(s, indent=1), encoding="utf-8")
-        shutil.copyfile(folder / side["weights_file"], tmp / side["weights_file"])
-        copied = json.loads((tmp / "best.json").read_text(encoding="utf-8"))
-        if (
-            copied.get("weights_sha256") != side["weights_sha256"]
-            or sha256_file(tmp / side["weights_file"]) != side["weights_sha256"]
-        ):
-            raise CheckpointError(
-                f"the checkpoint in {folder} changed while it was being exported (a training "
-                "run still writing to it?); export it again when it is finished."
-            )
-        for f in ood:
-            shutil.copyfile(f, tmp / f.name)
-        attachments = ["best.json", side["weights_file"], *[f.name for f in ood]]
-        ours = {
-            "format": PACKAGE_FORMAT,
-            "format_version": PACKAGE_FORMAT_VERSION,
-            "package_version": package_version(),
-            "sidecar": "best.json",
-            "weights_file": side["weights_file"],
-            "weights_sha256": side["weights_sha256"],
-            "ood_reference": (
-                {"json": ood[0].name, "arrays": ood[1].name, "caution_level": caution}
-                if ood
-                else None
-            ),
-            "sampling_A": sampling,
-            "normalization": side.get("normalization"),
-            "output": side.get("output"),
-            "threshold": threshold,
-            "imaging_domain": domain,
-            "exported": utc_now(),
-        }
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+        attachments = _copy_checkpoint(tmp, folder, side, side_path, cfg.which, ood)
         rdf = rdf_description(
             name=name,
             description=description,
@@ -355,33 +438,16 @@ def export_bioimageio(
             stride=stride,
             n_params=sum(int(p.numel()) for p in lm.model.parameters()),
             attachments=attachments,
-            ours=ours,
+            ours=_our_section(side, ood, caution, sampling, threshold, domain),
             sampling_A=sampling,
         )
-        import yaml
-
-        (tmp / "rdf.yaml").write_text(
-            yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True), encoding="utf-8"
-        )
         step(2, "validating the description")
-        descr = _load_description(spec, tmp / "rdf.yaml")
+        descr = _write_rdf(spec, rdf, tmp / "rdf.yaml")
         step(3, "writing the package")
-        part = out.with_name(f".{out.stem}.tmp-{uuid.uuid4().hex[:8]}.zip")
-        try:
-            spec.save_bioimageio_package(descr, output_path=part)
-            os.replace(part, out)
-        finally:
-            with contextlib.suppress(OSError):
-                part.unlink()
-    passed = None
+        _save_zip(spec, descr, out)
     if cfg.test:
         step(4, "bioimageio test")
-        ok, detail = test_package(out)
-        if not ok:
-            raise CheckpointError(
-                f"the written package {out} does not pass 'bioimageio test': {detail}"
-            )
-        passed = True
+        _require_test_passes(out)
     step(5, "done")
     return ExportResult(
         path=out,
@@ -390,7 +456,7 @@ def export_bioimageio(
         n_bytes=out.stat().st_size,
         ood_reference=bool(ood),
         caution_level=caution,
-        test_passed=passed,
+        test_passed=True if cfg.test else None,
         notes=notes,
     )
 

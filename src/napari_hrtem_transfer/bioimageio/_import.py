@@ -294,8 +294,6 @@ def import_bioimageio(source: str | os.PathLike, *, cache_dir: str | os.PathLike
     ConfigError
         Not one image in / one probability map out, other pre- or postprocessing.
     """
-    from ..training.checkpoint import load_model_weights, save_checkpoint
-
     src = Path(source).expanduser()
     pkg = _Package(src)
     try:
@@ -311,77 +309,103 @@ def import_bioimageio(source: str | os.PathLike, *, cache_dir: str | os.PathLike
             )
         model_cfg, entry = _architecture(rdf, src)
         sampling, eps = _check_io(rdf, src)
-        wname = entry.get("source")
-        if isinstance(wname, dict):
-            wname = wname.get("source")
-        blob = pkg.read(wname, "the pytorch_state_dict weights")
-        declared = entry.get("sha256")
-        if declared and hashlib.sha256(blob).hexdigest() != str(declared).lower():
-            raise CheckpointError(
-                f"{src}: the weights {wname} do not match the sha256 the package declares; "
-                "the package is damaged or was modified."
-            )
-        state = _state_dict(blob, str(wname), src)
-        ours = (rdf.get("config") or {}).get(CONFIG_KEY)
+        state = _declared_weights(pkg, entry, src)
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{sha[:16]}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            if isinstance(ours, dict) and ours.get("format") == PACKAGE_FORMAT:
-                if str(ours.get("format_version")) != PACKAGE_FORMAT_VERSION:
-                    raise CheckpointError(
-                        f"{src}: package format version {ours.get('format_version')!r}; this "
-                        f"napari-hrtem-transfer reads version {PACKAGE_FORMAT_VERSION}. Upgrade "
-                        "the package."
-                    )
-                _unpack_ours(pkg, rdf, ours, state, model_cfg, tmp, src)
-                foreign = False
-            else:
-                from ..models.factory import build_model
-                from ..training.checkpoint import load_state_into
-
-                model = build_model(model_cfg)
-                load_state_into(model, state, src)
-                side = {
-                    "model": model_cfg,
-                    "normalization": {"method": "per_image_standardize", "eps": eps},
-                    "sampling_A": sampling,
-                    "output": {
-                        "kind": "binary_logits",
-                        "activation": "sigmoid",
-                        "classes": ["background", "particle"],
-                    },
-                    "extra": {
-                        "bioimageio": {
-                            "source": str(src),
-                            "sha256": sha,
-                            "name": rdf.get("name"),
-                            "foreign": True,
-                        }
-                    },
-                }
-                save_checkpoint(tmp, "best", model, side)
-                foreign = True
-            load_model_weights(tmp, "best")  # every check of a checkpoint, before publishing
-            (tmp / "bioimageio_source.json").write_text(
-                json.dumps(
-                    {
-                        "source": str(src),
-                        "sha256": sha,
-                        "name": rdf.get("name"),
-                        "foreign": foreign,
-                        "imported": utc_now(),
-                    },
-                    indent=1,
-                ),
-                encoding="utf-8",
-            )
+            foreign = _write_checkpoint(pkg, rdf, state, model_cfg, (sampling, eps), tmp, sha)
+            _write_source(tmp, src, sha, rdf.get("name"), foreign)
             return _publish(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
         pkg.close()
+
+
+def _declared_weights(pkg: _Package, entry: dict[str, Any], src: Path) -> dict[str, Any]:
+    """The state dict of the ``pytorch_state_dict`` entry, checked against its sha256."""
+    wname = entry.get("source")
+    if isinstance(wname, dict):
+        wname = wname.get("source")
+    blob = pkg.read(wname, "the pytorch_state_dict weights")
+    declared = entry.get("sha256")
+    if declared and hashlib.sha256(blob).hexdigest() != str(declared).lower():
+        raise CheckpointError(
+            f"{src}: the weights {wname} do not match the sha256 the package declares; "
+            "the package is damaged or was modified."
+        )
+    return _state_dict(blob, str(wname), src)
+
+
+def _write_checkpoint(
+    pkg: _Package,
+    rdf: dict[str, Any],
+    state: dict[str, Any],
+    model_cfg: dict[str, Any],
+    sampling_eps: tuple[float | None, float],
+    tmp: Path,
+    sha: str,
+) -> bool:
+    """Write the checkpoint folder into ``tmp`` and check it; return True for a foreign one.
+
+    Our own packages are unpacked unchanged; a foreign state dict is loaded into our
+    architecture and saved as safetensors + a sidecar built from the package's description.
+    """
+    from ..training.checkpoint import load_model_weights, save_checkpoint
+
+    src = pkg.source
+    ours = (rdf.get("config") or {}).get(CONFIG_KEY)
+    foreign = not (isinstance(ours, dict) and ours.get("format") == PACKAGE_FORMAT)
+    if not foreign:
+        if str(ours.get("format_version")) != PACKAGE_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{src}: package format version {ours.get('format_version')!r}; this "
+                f"napari-hrtem-transfer reads version {PACKAGE_FORMAT_VERSION}. Upgrade "
+                "the package."
+            )
+        _unpack_ours(pkg, rdf, ours, state, model_cfg, tmp, src)
+    else:
+        from ..models.factory import build_model
+        from ..training.checkpoint import load_state_into
+
+        model = build_model(model_cfg)
+        load_state_into(model, state, src)
+        sampling, eps = sampling_eps
+        side = {
+            "model": model_cfg,
+            "normalization": {"method": "per_image_standardize", "eps": eps},
+            "sampling_A": sampling,
+            "output": {
+                "kind": "binary_logits",
+                "activation": "sigmoid",
+                "classes": ["background", "particle"],
+            },
+            "extra": {
+                "bioimageio": {
+                    "source": str(src),
+                    "sha256": sha,
+                    "name": rdf.get("name"),
+                    "foreign": True,
+                }
+            },
+        }
+        save_checkpoint(tmp, "best", model, side)
+    load_model_weights(tmp, "best")  # every check of a checkpoint, before publishing
+    return foreign
+
+
+def _write_source(tmp: Path, src: Path, sha: str, name: Any, foreign: bool) -> None:
+    """``bioimageio_source.json``: which package the folder came from, and when."""
+    record = {
+        "source": str(src),
+        "sha256": sha,
+        "name": name,
+        "foreign": foreign,
+        "imported": utc_now(),
+    }
+    (tmp / "bioimageio_source.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
 def _unpack_ours(
