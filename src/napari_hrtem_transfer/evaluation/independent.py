@@ -476,7 +476,8 @@ def independent_dataset(
     each structure's ``diameter_nm``, ``diameters_nm``, ``n_particles``, ``material``,
     ``substrate_thickness_nm`` and ``dose_e_per_A2``.
     """
-    from ..io.dataset import HRTEMDataset, _versions
+    from ..io.dataset import HRTEMDataset
+    from ..io.provenance import SIMULATION_PACKAGES, package_versions
 
     n = config.n_per_material * len(config.materials)
     size, nd = config.image_size_px, len(config.defocus_nm)
@@ -530,7 +531,7 @@ def independent_dataset(
             "config": config.model_dump(mode="json"),
             "seed": config.seed,
             "structures": meta,
-            "versions": _versions(),
+            "versions": package_versions(SIMULATION_PACKAGES),
         },
     )
 
