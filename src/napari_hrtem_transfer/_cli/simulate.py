@@ -55,6 +55,36 @@ FLAGS: dict[str, Flag] = {
         metavar="N",
         help="Stacking faults per particle: MIN MAX (or one value); wurtzite and fcc only",
     ),
+    "min_separation_nm": Flag(
+        "--min-separation",
+        metavar="NM",
+        help="Minimum surface-to-surface gap of particles [nm]; 0 = may touch, negative = may "
+        "overlap by up to that much (mask = union)",
+    ),
+    "dose_range_e_per_A2": Flag(
+        "--dose-range",
+        metavar="E_PER_A2",
+        help="Per-image dose range [e/Å²]: MIN MAX, log-uniform per image (replaces --dose "
+        "where set; one value = that dose for every image)",
+    ),
+    "Cs_range_A": Flag(
+        "--cs-range",
+        scale=1e7,
+        metavar="MM",
+        help="Per-image Cs range [mm]: MIN MAX, uniform per image (replaces --cs)",
+    ),
+    "focal_spread_range_A": Flag(
+        "--focal-spread-range",
+        metavar="A",
+        help="Per-image focal spread range [Å]: MIN MAX, uniform (replaces --focal-spread)",
+    ),
+    "drift_length_A": Flag("--drift", metavar="A"),
+    "illumination_amplitude": Flag("--illumination", metavar="A"),
+    "illumination_cutoff_cycles": Flag("--illumination-cutoff"),
+    "detector": Flag("--detector"),
+    "detector_mtf_width_nyquist": Flag("--mtf-width", metavar="NU0"),
+    "detector_mtf_floor": Flag("--mtf-floor"),
+    "detector_dqe0": Flag("--dqe0"),
     "seed": Flag("--seed"),
 }
 
@@ -71,8 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         choices=sorted(PRESETS),
         help=f"Starting values (default: {DEFAULT_PRESET}): 'laptop' (256 px, 2 phonons, "
-        "seconds per structure) or 'study' (the published settings: 512 px, 8 phonons, "
-        "11 defoci -25..25 nm).",
+        "seconds per structure), 'study' (the published settings: 512 px, 8 phonons, "
+        "11 defoci -25..25 nm) or 'real_sessions' (the conditions of real sessions: 0.3 Å/px, "
+        "512 px, particles up to 12 nm, carbon 2-15 nm, dose 50-1000 e/Å², Cs and focal "
+        "spread ranges, drift, uneven illumination, scintillator detector).",
     )
     p.add_argument(
         "--config",
@@ -202,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..io._atomic import check_writable
+    from ..io.atomic import check_writable
     from ..simulate import simulate_to_file
 
     cfg = config_from_args(args)

@@ -12,7 +12,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Lattices available for particles (the study's structure series, plus Au).
-MATERIALS: tuple[str, ...] = ("CdSe", "ZnS", "Au", "Cu", "Ag", "C", "Si", "Fe3O4", "Co3O4", "Fe")
+MATERIALS: tuple[str, ...] = (
+    "CdSe", "ZnS", "Au", "Cu", "Ag", "Pt", "Pd", "C", "Si", "Fe3O4", "Co3O4", "Fe"
+)
+
+#: Detector models (see :mod:`.detector`).
+DETECTORS: tuple[str, ...] = ("none", "counting", "scintillator")
 
 
 #: Relativistic electron wavelength [Å] for an energy [eV].
@@ -91,7 +96,14 @@ class SimulationConfig(BaseModel):
         description="Min and max stacking faults per particle (wurtzite and fcc lattices only).",
     )
     min_separation_nm: float = Field(
-        1.0, ge=0, le=100, description="Minimum surface-to-surface gap [nm]."
+        1.0,
+        ge=-100,
+        le=100,
+        description=(
+            "Minimum surface-to-surface gap [nm]; 0 lets particles touch, a negative value "
+            "lets them overlap by up to that much (the overlapping atoms of the later particle "
+            "are removed; the mask is the union)."
+        ),
     )
     substrate_thickness_nm: tuple[float, float] = Field(
         (2.0, 3.0), description="Min and max amorphous-carbon thickness [nm] (0 = no substrate)."
@@ -108,6 +120,70 @@ class SimulationConfig(BaseModel):
     )
     mask_binarize_level: float = Field(
         0.02, gt=0, lt=1, description="Level at which the smoothed thresholded phase is binarised."
+    )
+    dose_range_e_per_A2: tuple[float, float] | None = Field(
+        None,
+        description=(
+            "Per-image dose range [e/Å²]: MIN MAX, drawn log-uniformly for every image; "
+            "None = every image at dose_e_per_A2."
+        ),
+    )
+    Cs_range_A: tuple[float, float] | None = Field(
+        None,
+        description="Per-image spherical aberration range [Å]: MIN MAX, uniform; None = Cs_A.",
+    )
+    focal_spread_range_A: tuple[float, float] | None = Field(
+        None,
+        description="Per-image focal spread range [Å]: MIN MAX, uniform; None = focal_spread_A.",
+    )
+    drift_length_A: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description=(
+            "Per-image linear drift during the exposure [Å]: MIN MAX, uniform, in a uniformly "
+            "random direction (0 0 = no drift blur)."
+        ),
+    )
+    illumination_amplitude: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description=(
+            "Per-image uneven-illumination amplitude (fraction of the mean, below 1): MIN MAX; "
+            "the field 1 + a g(r) is smooth, mean 1, within 1 ± a (0 0 = even illumination)."
+        ),
+    )
+    illumination_cutoff_cycles: float = Field(
+        2.0,
+        gt=0,
+        le=16,
+        description=(
+            "Highest spatial frequency of the illumination field [cycles per field of view]."
+        ),
+    )
+    detector: Literal["none", "counting", "scintillator"] = Field(
+        "none",
+        description=(
+            "Detector model: none (ideal Poisson counts), counting (direct electron counting: "
+            "pixel MTF sinc, white Poisson noise) or scintillator (Poisson at dose x "
+            "detector_dqe0, then the parametric MTF on signal and noise)."
+        ),
+    )
+    detector_mtf_width_nyquist: tuple[float, float] = Field(
+        (0.3, 0.3),
+        description=(
+            "Scintillator MTF Lorentzian half width nu0 [units of the Nyquist frequency]: "
+            "MIN MAX, uniform per image."
+        ),
+    )
+    detector_mtf_floor: float = Field(
+        0.1, ge=0, lt=1, description="Scintillator MTF constant c the Lorentzian decays to."
+    )
+    detector_dqe0: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description=(
+            "Scintillator DQE at zero frequency: pixel variance = dose x sampling_A² / "
+            "detector_dqe0 [e²/px²]."
+        ),
     )
     seed: int = Field(0, ge=0, description="Master seed; the same seed gives identical files.")
 
@@ -136,6 +212,9 @@ class SimulationConfig(BaseModel):
         "radius_nm",
         "substrate_thickness_nm",
         "stacking_faults",
+        "drift_length_A",
+        "illumination_amplitude",
+        "detector_mtf_width_nyquist",
         mode="before",
     )
     @classmethod
@@ -149,8 +228,23 @@ class SimulationConfig(BaseModel):
             raise ValueError(f"give a range as 'min max' with 0 <= min <= max (got {v})")
         return v
 
+    @field_validator("dose_range_e_per_A2", "Cs_range_A", "focal_spread_range_A", mode="before")
+    @classmethod
+    def _optional_range(cls, v):
+        if v is None:
+            return None
+        if isinstance(v, (int, float)):
+            v = (v, v)
+        v = tuple(v)
+        if len(v) == 1:
+            v = (v[0], v[0])
+        if len(v) != 2 or v[0] > v[1]:
+            raise ValueError(f"give a range as 'min max' with min <= max (got {v})")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> SimulationConfig:
+        self._check_imaging_ranges()
         if self.sim_sampling_A > self.sampling_A:
             raise ValueError(
                 f"sim_sampling_A={self.sim_sampling_A} Å is coarser than the output sampling "
@@ -167,6 +261,38 @@ class SimulationConfig(BaseModel):
                     f"(<= {finest_A:.3f} Å) or a smaller semiangle_cutoff_mrad"
                 )
         return self
+
+    def _check_imaging_ranges(self) -> None:
+        if self.dose_range_e_per_A2 is not None and self.dose_range_e_per_A2[0] <= 0:
+            raise ValueError(
+                f"dose_range_e_per_A2 must be positive (got {self.dose_range_e_per_A2})"
+            )
+        if self.focal_spread_range_A is not None and self.focal_spread_range_A[0] < 0:
+            raise ValueError(
+                f"focal_spread_range_A must be >= 0 (got {self.focal_spread_range_A})"
+            )
+        if self.illumination_amplitude[1] >= 1:
+            raise ValueError(
+                f"illumination_amplitude must stay below 1 (got {self.illumination_amplitude}): "
+                "the field 1 ± a must stay positive"
+            )
+        if self.detector_mtf_width_nyquist[0] <= 0:
+            raise ValueError(
+                f"detector_mtf_width_nyquist must be positive (got "
+                f"{self.detector_mtf_width_nyquist})"
+            )
+
+    @property
+    def varies_per_image(self) -> bool:
+        """Whether any imaging condition is drawn per image (not one value for all)."""
+        return (
+            self.dose_range_e_per_A2 is not None
+            or self.Cs_range_A is not None
+            or self.focal_spread_range_A is not None
+            or self.drift_length_A[1] > 0
+            or self.illumination_amplitude[1] > 0
+            or self.detector != "none"
+        )
 
     @property
     def extent_A(self) -> float:
@@ -194,7 +320,12 @@ class SimulationConfig(BaseModel):
         name
             ``"laptop"`` (seconds per structure on 2 cores) or ``"study"`` (the published
             study's settings: 300 kV, 0.1 Å multislice, 0.2 Å/px, 8 phonons, 512², 11 defoci
-            -25..+25 nm, 400 e/Å², focal spread 10 Å, jitter 1.5 nm).
+            -25..+25 nm, 400 e/Å², focal spread 10 Å, jitter 1.5 nm) or ``"real_sessions"``
+            (the imaging and structure distribution of real microscope sessions: 0.3 Å/px,
+            512² (15.4 nm, particles up to 12 nm across), 1-6 particles that may touch or
+            overlap, carbon 2-15 nm, per-image dose 50-1000 e/Å² (log-uniform), Cs ±20 µm,
+            focal spread 5-40 Å, drift 0-3 Å, uneven illumination up to ±30 %, a
+            scintillator detector; the material is set per config).
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -229,6 +360,33 @@ PRESETS: dict[str, dict] = {
         radius_nm=(1.5, 2.5),
         stacking_faults=(0, 2),
         substrate_thickness_nm=(2.0, 8.0),
+        n_structures=16,
+    ),
+    "real_sessions": dict(
+        image_size_px=512,
+        sampling_A=0.3,
+        sim_sampling_A=0.15,
+        n_phonons=2,
+        defocus_nm=[-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+        defocus_jitter_nm=1.5,
+        particles_per_image=(1, 6),
+        radius_nm=(1.0, 6.0),
+        stacking_faults=(0, 2),
+        min_separation_nm=-1.0,
+        substrate_thickness_nm=(2.0, 15.0),
+        dose_e_per_A2=224.0,
+        dose_range_e_per_A2=(50.0, 1000.0),
+        Cs_A=5e4,
+        Cs_range_A=(-2e5, 2e5),
+        focal_spread_A=20.0,
+        focal_spread_range_A=(5.0, 40.0),
+        drift_length_A=(0.0, 3.0),
+        illumination_amplitude=(0.0, 0.3),
+        illumination_cutoff_cycles=2.0,
+        detector="scintillator",
+        detector_mtf_width_nyquist=(0.2, 0.5),
+        detector_mtf_floor=0.1,
+        detector_dqe0=0.6,
         n_structures=16,
     ),
 }

@@ -25,7 +25,7 @@ def plot_defocus_series(ds, path: str | os.PathLike, image_index: int = 0, dpi: 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from ..io._atomic import atomic_path
+    from ..io.atomic import atomic_path
 
     n_def = ds.n_defocus
     ny, nx = ds.image_shape

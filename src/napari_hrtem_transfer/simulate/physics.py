@@ -102,12 +102,22 @@ def exit_waves(atoms, config, phonon_seed: int, device: str = "cpu"):
         return waves.downsample(gpts=(n, n))
 
 
-def make_ctf(config, defocus_A: np.ndarray, microscope: bool = True):
+def make_ctf(
+    config,
+    defocus_A: np.ndarray,
+    microscope: bool = True,
+    Cs_A: float | None = None,
+    focal_spread_A: float | None = None,
+):
     """abTEM CTF with an ensemble axis over ``defocus_A`` [Å] (positive = underfocus).
 
     With ``microscope=False`` the CTF is the defocus propagator alone: no spherical
     aberration, focal spread or objective aperture (free-space propagation by ``-defocus_A``).
+    ``Cs_A`` and ``focal_spread_A`` [Å] replace the config's values when given (an image's
+    own draw from ``Cs_range_A`` / ``focal_spread_range_A``).
     """
+    Cs_A = config.Cs_A if Cs_A is None else float(Cs_A)
+    focal_spread_A = config.focal_spread_A if focal_spread_A is None else float(focal_spread_A)
     with abtem_settings() as abtem:
         if not microscope:
             return abtem.CTF(energy=config.energy_eV, defocus=np.asarray(defocus_A, dtype=float))
@@ -115,17 +125,25 @@ def make_ctf(config, defocus_A: np.ndarray, microscope: bool = True):
         return abtem.CTF(
             energy=config.energy_eV,
             semiangle_cutoff=cutoff,
-            focal_spread=config.focal_spread_A,
-            aberration_coefficients={"C30": config.Cs_A},
+            focal_spread=focal_spread_A,
+            aberration_coefficients={"C30": Cs_A},
             defocus=np.asarray(defocus_A, dtype=float),
         )
 
 
-def defocus_series(waves, config, defocus_A: np.ndarray, microscope: bool = True) -> np.ndarray:
+def defocus_series(
+    waves,
+    config,
+    defocus_A: np.ndarray,
+    microscope: bool = True,
+    Cs_A: float | None = None,
+    focal_spread_A: float | None = None,
+) -> np.ndarray:
     """Images of one stored exit wave at every defocus: the CTF is applied per defocus.
 
     Frozen phonons are averaged incoherently (intensities), after the CTF.  With
-    ``microscope=False`` only the defocus is applied (see :func:`make_ctf`).
+    ``microscope=False`` only the defocus is applied (see :func:`make_ctf`); ``Cs_A`` and
+    ``focal_spread_A`` [Å] override the config's (one value for the whole call).
 
     Returns
     -------
@@ -133,7 +151,8 @@ def defocus_series(waves, config, defocus_A: np.ndarray, microscope: bool = True
         float32 intensities (n_defocus, ny, nx), vacuum = 1.
     """
     with abtem_settings():
-        images = waves.apply_ctf(make_ctf(config, defocus_A, microscope)).intensity()
+        ctf = make_ctf(config, defocus_A, microscope, Cs_A, focal_spread_A)
+        images = waves.apply_ctf(ctf).intensity()
         if any(type(ax).__name__ == "FrozenPhononsAxis" for ax in images.ensemble_axes_metadata):
             images = images.reduce_ensemble()
         arr = np.asarray(images.array)

@@ -39,8 +39,11 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
         ``images`` (n_defocus, ny, nx) counts or intensity, ``mask`` (ny, nx) bool,
         ``actual_defocus_nm`` (n_defocus,) relative to the calibrated zero,
         ``zero_defocus_offset_nm`` (that zero relative to the exit plane), ``n_particles``,
-        ``radii_nm``, ``substrate_thickness_nm``, ``n_atoms``, ``index``.
+        ``radii_nm``, ``substrate_thickness_nm``, ``n_atoms``, ``index``, and ``per_image``:
+        None, or (when the config draws imaging conditions per image) a dict of arrays
+        (n_defocus,) named in :data:`.conditions.PER_IMAGE_FIELDS`.
     """
+    from .conditions import draw_conditions, form_images, imaging_rngs
     from .physics import (
         abtem_settings,
         apply_dose,
@@ -62,9 +65,18 @@ def simulate_structure(config: SimulationConfig | dict, index: int, device: str 
         waves = exit_waves(spec.atoms, config, phonon_seed, device=device)
         # defoci are relative to the particles' minimum-contrast focus; the CTF needs them
         # relative to the exit plane of the cell
-        intensity = defocus_series(waves, config, actual_nm * 10.0 + zero_A)
-    images = apply_dose(intensity, config.dose_e_per_A2, config.sampling_A, rng_noise)
+        defocus_A = actual_nm * 10.0 + zero_A
+        if config.varies_per_image:
+            rng_cond, rng_field = imaging_rngs(config.seed, index)
+            conditions = draw_conditions(config, nominal.size, rng_cond)
+            images = form_images(waves, config, defocus_A, conditions, rng_noise, rng_field)
+        else:
+            conditions = None
+            intensity = defocus_series(waves, config, defocus_A)
+    if conditions is None:
+        images = apply_dose(intensity, config.dose_e_per_A2, config.sampling_A, rng_noise)
     return {
+        "per_image": conditions,
         "index": index,
         "images": images,
         "mask": mask,
@@ -170,6 +182,7 @@ def simulate_dataset(
     images = None
     masks = np.zeros((n, size, size), bool)
     actual = np.zeros((nd, n))
+    per_image: dict[str, np.ndarray] = {}
     per_structure: list[dict] = [{} for _ in range(n)]
     bar = None
     if progress is True:
@@ -187,6 +200,8 @@ def simulate_dataset(
             images[:, i] = r["images"]
             masks[i] = r["mask"]
             actual[:, i] = r["actual_defocus_nm"]
+            for key, values in (r.get("per_image") or {}).items():
+                per_image.setdefault(key, np.full((nd, n), np.nan))[:, i] = values
             per_structure[i] = {
                 k: r[k]
                 for k in (
@@ -213,6 +228,17 @@ def simulate_dataset(
             bar.close()
     elapsed = time.perf_counter() - t0
     ids = np.array([f"{config.material}-seed{config.seed}-{i:05d}" for i in range(n)])
+    info_extra = {}
+    if per_image:
+        from .conditions import PER_IMAGE_FIELDS
+
+        info_extra["per_image"] = {
+            k: np.where(np.isnan(v), None, v).tolist() for k, v in per_image.items()
+        }
+        info_extra["per_image_units"] = {k: PER_IMAGE_FIELDS[k] for k in per_image}
+    dose = config.dose_e_per_A2
+    if dose is not None and config.dose_range_e_per_A2 is not None:
+        dose = float(np.sqrt(np.prod(config.dose_range_e_per_A2)))
     return HRTEMDataset(
         images=images,
         defocus_nm=np.asarray(config.defocus_nm),
@@ -221,7 +247,7 @@ def simulate_dataset(
         structure_ids=ids,
         materials=np.array([config.material] * n),
         actual_defocus_nm=actual,
-        dose_e_per_A2=config.dose_e_per_A2,
+        dose_e_per_A2=dose,
         energy_eV=config.energy_eV,
         info={
             "title": f"Simulated HRTEM defocus series: {config.material}, {n} structures",
@@ -230,6 +256,7 @@ def simulate_dataset(
             "seed": config.seed,
             "seeding": "structure i uses numpy SeedSequence(seed, spawn_key=(i,))",
             "structures": per_structure,
+            **info_extra,
             "elapsed_s": elapsed,
             "versions": _versions(),
         },
@@ -245,7 +272,7 @@ def simulate_to_file(
     device: str = "cpu",
 ) -> Path:
     """Simulate and write a ``.hspy`` dataset atomically (see :func:`simulate_dataset`)."""
-    from ..io._atomic import check_writable
+    from ..io.atomic import check_writable
     from ..io.dataset import save_dataset
 
     path = Path(path)

@@ -19,6 +19,8 @@ LATTICES: dict[str, dict] = {
     "Au": dict(kind="fcc", symbols="Au", a=4.078),
     "Cu": dict(kind="fcc", symbols="Cu", a=3.615),
     "Ag": dict(kind="fcc", symbols="Ag", a=4.086),
+    "Pt": dict(kind="fcc", symbols="Pt", a=3.924),
+    "Pd": dict(kind="fcc", symbols="Pd", a=3.891),
     "C": dict(kind="diamond", symbols="C", a=3.567),
     "Si": dict(kind="diamond", symbols="Si", a=5.431),
     "Fe": dict(kind="bcc", symbols="Fe", a=2.8665),
@@ -183,6 +185,8 @@ def amorphous_carbon(
 
     Random sequential addition: candidates closer than ``min_distance_A`` to an accepted atom
     (across the periodic x/y boundaries too) are rejected until the density is reached.
+    Films of more than 100 000 atoms add candidates in batches of n/16 (the accepted atoms'
+    tree is rebuilt once per batch, so the cost stays near linear in the thickness).
 
     Returns
     -------
@@ -206,6 +210,8 @@ def amorphous_carbon(
             fields=("substrate_min_distance_A",),
         )
     box = np.array([extent_A, extent_A, thickness_A + 4 * min_distance_A])
+    if n_target > 100_000:
+        batch = max(batch, n_target // 16)
     accepted = np.zeros((0, 3))
     for _ in range(10_000):
         need = n_target - len(accepted)
@@ -266,7 +272,8 @@ def place_particles(
 
     Particles keep ``edge_A`` [Å] from the borders, so that nothing of them (or of their
     mask) wraps around the periodic cell.  Particles that do not fit after ``tries`` attempts
-    are dropped (the number placed is recorded with the dataset).
+    are dropped (the number placed is recorded with the dataset).  A negative ``min_gap_A``
+    lets discs overlap by up to ``-min_gap_A``, but no centre lies inside another disc.
 
     Returns
     -------
@@ -282,13 +289,37 @@ def place_particles(
         for _ in range(tries):
             c = rng.uniform(lo, hi, 2)
             if all(
-                np.linalg.norm(c - c2) >= r + r2 + min_gap_A
+                np.linalg.norm(c - c2) >= max(r + r2 + min_gap_A, r, r2)
                 for c2, r2 in zip(centres, used, strict=True)
             ):
                 centres.append(c)
                 used.append(float(r))
                 break
     return np.array(centres).reshape(-1, 2), np.array(used)
+
+
+def _outside_earlier(
+    pos: np.ndarray, earlier: list[np.ndarray], centres: list, radii: np.ndarray
+) -> np.ndarray:
+    """Which atoms ``pos`` (n, 3) [Å] of a new particle may join the particles placed before.
+
+    Atoms inside an earlier particle's sphere, or closer than 0.75 times the new lattice's
+    nearest-neighbour distance to an earlier atom, are dropped: overlapping particles merge
+    into one cluster with a grain boundary (their mask is the union).  All True when no
+    earlier particle reaches the new one.
+    """
+    keep = np.ones(len(pos), bool)
+    if not earlier or len(pos) < 2:
+        return keep
+    from scipy.spatial import cKDTree
+
+    for c, r in zip(centres, radii, strict=True):
+        keep &= np.linalg.norm(pos - np.asarray(c), axis=1) > r
+    near = np.concatenate(earlier)
+    if len(near):
+        d_nn = cKDTree(pos).query(pos, k=2)[0][:, 1].min()
+        keep &= cKDTree(near).query(pos, k=1)[0] >= 0.75 * d_nn
+    return keep
 
 
 def build_specimen(config, rng: np.random.Generator) -> Specimen:
@@ -322,8 +353,10 @@ def build_specimen(config, rng: np.random.Generator) -> Specimen:
         p = particle(config.material, float(r), rng, n_faults)
         faults.append(int(p.info["stacking_faults"]))
         cz = 1.0 + zmax / 2
-        positions.append(p.positions + [cx, cy, cz])
-        symbols.extend(p.get_chemical_symbols())
+        pos = p.positions + [cx, cy, cz]
+        keep = _outside_earlier(pos, positions, centres, radii[: len(centres)])
+        positions.append(pos[keep])
+        symbols.extend(np.asarray(p.get_chemical_symbols())[keep].tolist())
         centres.append([cx, cy, cz])
     ppos = np.concatenate(positions) if positions else np.zeros((0, 3))
     cell = [L, L, zmax + thickness + 2.0]
