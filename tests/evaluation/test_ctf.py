@@ -257,6 +257,35 @@ def test_lattice_everywhere_is_periodic_not_amorphous(n):
     assert "lattice" in e.reason
 
 
+def axis_lattice_frame(n: int, period_A: float, counts: float = 100.0, seed: int = 0):
+    """A cubic lattice whose fringes run along the frame's edges: every reflection lies on
+    the frequency axes (a zone-axis crystal aligned with the camera)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:n, :n] * 0.2
+    img = 1 + 0.3 * np.cos(2 * np.pi * x / period_A) + 0.3 * np.cos(2 * np.pi * y / period_A)
+    return rng.poisson(img * counts).astype(np.uint16)
+
+
+@pytest.mark.parametrize(("n", "period_A"), [(256, 3.2), (256, 2.1), (512, 3.905)])
+def test_axis_aligned_lattice_is_periodic_not_blank(n, period_A):
+    """The axes are left out of the ring fit, but reflections on them are still peaks: an
+    axis-aligned crystal is a lattice, not a blank frame (3.2 Å at 0.2 Å/px is commensurate
+    with the tile: all its power sits on four axis pixels)."""
+    e = ctf.estimate_ctf(axis_lattice_frame(n, period_A, seed=n), 0.2)
+    assert e.periodic and not e.blank and not e.amorphous, e
+    assert e.peak_power_fraction > ctf.PERIODIC_POWER_FRACTION
+    assert "lattice" in e.reason
+
+
+def test_axis_peaks_do_not_turn_noise_or_carbon_into_a_lattice():
+    """The axis-peak search must not find peaks in shot noise or on amorphous carbon."""
+    rng = np.random.default_rng(5)
+    e = ctf.estimate_ctf(rng.poisson(16, (512, 512)), 0.2)
+    assert e.blank and not e.periodic and e.peak_power_fraction < 0.05, e
+    e = ctf.estimate_ctf(weak_phase_frame(20.0, n=512, seed=4), 0.2, Cs_mm=0.5)
+    assert e.amorphous and not e.periodic and e.peak_power_fraction < 0.05, e
+
+
 def test_lattice_on_carbon_still_gives_rings():
     """Sharp peaks are masked before the ring fit: a crystal on carbon keeps its rings."""
     img = weak_phase_frame(30.0, seed=21).astype(float) + lattice_frame(256, counts=8.0) - 8.0

@@ -176,3 +176,38 @@ def test_frame_rows_carry_the_verdict(shipped_verdicts):
         } <= set(row)
         assert "network" in row["ood_components"]
         json.dumps(row)  # the CLI writes these rows as JSON
+
+
+def test_the_pixel_size_reason_says_what_was_measured_and_what_the_model_expects():
+    import importlib
+
+    vd = importlib.import_module("napari_hrtem_transfer.evaluation.ood.verdict")
+    coarse = vd.pixel_size_reason(7.2, 2.775, 0.2)  # a real frame at 0.555 Å/px
+    assert "implausible" not in coarse
+    assert "0.555 Å/px" in coarse and "x2.77" in coarse and "0.2 Å/px" in coarse
+    assert "1.1 Å" in coarse and "0.4 Å" in coarse and "7 training spreads" in coarse
+    # no upsampling explains the missing detail: then the stated pixel size is in doubt
+    for zoom in (None, 1.0, 0.5):
+        doubt = vd.pixel_size_reason(7.2, zoom, 0.2)
+        assert doubt.startswith("implausible pixel size") and "check its pixel size" in doubt
+
+
+def test_a_real_frame_at_its_true_coarser_pixel_size_is_out_of_domain_not_implausible():
+    """The soot TIFF at its true 0.555 Å/px: flagged, with the measured pixel size and the
+    model's, not called implausible."""
+    from pathlib import Path
+
+    import tifffile
+
+    from napari_hrtem_transfer.segmentation import segment
+
+    path = (
+        Path(__file__).resolve().parents[2]
+        / "src/napari_hrtem_transfer/sample_data/hrtem_soot_ucam_como.tif"
+    )
+    grey = tifffile.imread(path).astype(np.float32).mean(axis=-1)
+    row = segment(grey, sampling_A=0.555).frame_table()[0]
+    text = "; ".join(row["reasons"])
+    assert row["caution"] is True
+    assert "coarser pixels than the model's domain: 0.555 Å/px" in text, text
+    assert "implausible" not in text

@@ -22,6 +22,7 @@ from __future__ import annotations
 from .estimate import (
     BLANK_F_THRESHOLD,
     DYNAMIC_RANGE,
+    MAX_TILES,
     MIN_ZEROS,
     PERIODIC_F_FACTOR,
     PERIODIC_POWER_FRACTION,
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_FOCAL_SPREAD_A",
     "DEFAULT_TRAINING_JITTER_NM",
     "DYNAMIC_RANGE",
+    "MAX_TILES",
     "MIN_ZEROS",
     "PEAK_RATIO",
     "PEAK_WING_RATIO",

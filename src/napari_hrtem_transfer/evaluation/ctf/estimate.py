@@ -132,6 +132,9 @@ PERIODIC_F_FACTOR: float = 3.0
 #: Periodic: fraction of the above-background power in peaks above which the frame is periodic.
 PERIODIC_POWER_FRACTION: float = 0.75
 
+#: Most periodogram tiles averaged per estimate, evenly spread over the frame (bounds the
+#: cost of large frames: a 4096 px frame has 225 half-overlapping 512 px tiles).
+MAX_TILES: int = 32
 #: A candidate defocus must put at least this many Thon-ring zeros into the fitted band.
 MIN_ZEROS: int = 2
 #: The fitted band ends where the radial spectrum falls below its 95th percentile / this.
@@ -140,6 +143,7 @@ DYNAMIC_RANGE: float = 1e4
 _N_BG = 6  # Legendre terms of the smooth background of the log spectrum
 _N_AMP = 3  # Legendre terms of the ring amplitude
 _N_SUB = 8  # sub-samples per frequency pixel when averaging cos 2chi
+_FIT_BATCH = 128  # candidates fitted at once (bounds the batch's memory)
 _CORR = 2.0  # rings per degree of freedom (adjacent rings correlate; thresholds are empirical)
 
 
@@ -182,31 +186,42 @@ class _Profile:
         ``B`` (smooth background, Legendre) and ``A`` (ring amplitude, Legendre) are linear;
         ``sin² chi = (1 - cos 2chi)/2``, so a physical fit has ``A < 0``: candidates with a
         positive mean ``A`` get F = 0.  ``cos 2chi`` is averaged over each frequency pixel so
-        that rings finer than a pixel do not alias.
+        that rings finer than a pixel do not alias.  Candidates are fitted in batches (one
+        pseudo-inverse per candidate, vectorised).
         """
-        out = []
+        dfs = np.atleast_1d(np.asarray(defoci_nm, dtype=np.float64))
+        out: list[_Fit] = []
+        for k in range(0, dfs.size, _FIT_BATCH):
+            out += self._fit_batch(dfs[k : k + _FIT_BATCH], energy_eV=energy_eV, Cs_mm=Cs_mm)
+        return out
+
+    def _fit_batch(self, dfs: np.ndarray, *, energy_eV: float, Cs_mm: float) -> list[_Fit]:
         dof = max(self.n / _CORR - _N_BG - _N_AMP, 1.0)
-        for df in np.atleast_1d(defoci_nm):
-            chi = chi_rad(self.qs, float(df), energy_eV=energy_eV, Cs_mm=Cs_mm)
-            if float(chi.max() - chi.min()) < MIN_ZEROS * math.pi:
-                # fewer than MIN_ZEROS ring zeros in the band: nothing ring-like to fit
+        lam = wavelength_A(energy_eV)
+        q2 = self.qs * self.qs  # (n, sub)
+        cs_term = 0.5 * math.pi * float(Cs_mm) * 1e7 * lam**3 * q2 * q2
+        chi = (-math.pi * lam * 10.0) * dfs[:, None, None] * q2[None] + cs_term[None]
+        span = chi.max(axis=(1, 2)) - chi.min(axis=(1, 2))
+        c2 = np.cos(2 * chi).mean(axis=2)  # (m, n)
+        X = self.P[None] * (c2 * self.sw)[:, :, None]  # (m, n, N_AMP)
+        Xr = X - np.einsum("nk,mkj->mnj", self.Q, np.einsum("nk,mnj->mkj", self.Q, X))
+        rcond = np.finfo(np.float64).eps * max(self.n, _N_AMP)
+        coef = np.einsum("mjn,n->mj", np.linalg.pinv(Xr, rcond=rcond), self.ry)
+        fit = np.einsum("mnj,mj->mn", Xr, coef)
+        rss = ((self.ry[None] - fit) ** 2).sum(axis=1)
+        amp = (coef @ self.P.T).mean(axis=1)
+        nf = (fit * fit).sum(axis=1)
+        ok = (span >= MIN_ZEROS * math.pi) & (amp < 0) & (nf > 0) & (self.rss0 > 0)
+        out = []
+        for i, df in enumerate(dfs):
+            if not ok[i]:
+                # fewer than MIN_ZEROS ring zeros in the band, or an unphysical sign of A
                 out.append(_Fit(float(df), 0.0, self.rss0, 0.0, 0.0))
                 continue
-            c2 = np.cos(2 * chi).mean(axis=1)
-            X = self.P * (c2 * self.sw)[:, None]
-            Xr = X - self.Q @ (self.Q.T @ X)
-            coef, *_ = np.linalg.lstsq(Xr, self.ry, rcond=None)
-            fit = Xr @ coef
-            rss = float(np.sum((self.ry - fit) ** 2))
-            amp = float(np.mean(self.P @ coef))
-            nf = float(fit @ fit)
-            if amp >= 0 or nf <= 0 or self.rss0 <= 0:
-                out.append(_Fit(float(df), 0.0, self.rss0, 0.0, 0.0))
-                continue
-            F = ((self.rss0 - rss) / _N_AMP) / max(rss / dof, 1e-300)
-            corr = float(fit @ self.ry) / math.sqrt(nf * self.rss0)
+            F = ((self.rss0 - rss[i]) / _N_AMP) / max(rss[i] / dof, 1e-300)
+            corr = float(fit[i] @ self.ry) / math.sqrt(nf[i] * self.rss0)
             # ring modulation of the spectrum: S = e^B (1 + A cos 2chi) to first order
-            out.append(_Fit(float(df), float(F), rss, max(corr, 0.0), -2.0 * amp))
+            out.append(_Fit(float(df), float(F), float(rss[i]), max(corr, 0.0), -2.0 * amp[i]))
         return out
 
 
@@ -233,6 +248,7 @@ def estimate_ctf(
     q_min_per_A: float | None = None,
     q_max_per_A: float | None = None,
     focal_spread_A: float = DEFAULT_FOCAL_SPREAD_A,
+    max_tiles: int = MAX_TILES,
 ) -> CTFEstimate:
     """Estimate the defocus of one HRTEM frame from the Thon rings of its amorphous support.
 
@@ -260,6 +276,9 @@ def estimate_ctf(
         Searched defocus interval [nm], abTEM sign.
     tile_px
         Periodogram tile side [px] (frames larger than this are tile-averaged).
+    max_tiles
+        Most periodogram tiles averaged, evenly spread over the frame (bounds the cost of
+        large frames: :data:`MAX_TILES` by default).
     q_min_per_A, q_max_per_A
         Fitted frequency band [1/Å]; default from 1/(25 Å) (or a tenth of the Nyquist
         frequency, if lower) to 0.9 Nyquist.
@@ -272,6 +291,77 @@ def estimate_ctf(
     CTFEstimate
         The defocus is that of the amorphous film (its mid-plane).
     """
+    lo, hi = _check_arguments(sampling_A, energy_eV, Cs_mm, defocus_range_nm)
+    img = image if isinstance(image, np.ndarray) else np.asarray(image)
+    if img.ndim == 2 and not _all_finite(img):
+        raise ValueError("the frame holds NaN or infinite pixels; replace them before the estimate")
+    spec, n_tiles = power_spectrum(img, tile_px, max_tiles=max_tiles)
+    t = spec.shape[0]
+    dq = 1.0 / (t * sampling_A)
+    nyq = 0.5 / sampling_A
+    common = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm), sampling_A=float(sampling_A))
+    qa = float(q_min_per_A) if q_min_per_A is not None else max(min(1.0 / 25.0, 0.1 * nyq), 4 * dq)
+    qb = float(q_max_per_A) if q_max_per_A is not None else 0.9 * nyq
+    band_q = (qa, qb)
+    if not float(spec.max()) > 0:  # constant frame
+        return CTFEstimate(
+            None, None, False, 0.0, False, False, True,
+            "no amorphous signal: blank frame (constant image)",
+            **common, q_band_per_A=band_q, n_tiles=n_tiles,
+        )  # fmt: skip
+    peak_mask, peak_frac = _peaks(spec, sampling_A)
+    periodic = peak_frac > PERIODIC_POWER_FRACTION
+    pr = _band_profile(spec, sampling_A, peak_mask, qa, qb)
+    if pr is None:
+        return CTFEstimate(
+            None, None, False, 0.0, False, periodic, False,
+            "no amorphous signal: no Thon rings found (spectrum cut off at low frequency)",
+            **common, q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac,
+        )  # fmt: skip
+    band_q = (qa, float(pr.q[-1]))
+    kw = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm))
+    grid = np.arange(lo, hi + 0.25, 0.5)
+    grid = grid[grid <= hi]
+    fits = pr.fit(grid, **kw)
+    pos = _best(pr, grid, fits, grid >= 0, **kw)
+    neg = _best(pr, grid, fits, grid < 0, **kw)
+    branches = [f for f in (pos, neg) if f is not None]
+    best = max(branches, key=lambda f: f.F)
+    other = min(branches, key=lambda f: f.F) if len(branches) == 2 else None
+    blank_F = pr.blank_F()
+    extra = dict(q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac)
+    # lattice peaks leave leakage behind even when masked: a periodic frame needs more
+    if best.F < RING_F_THRESHOLD * (PERIODIC_F_FACTOR if periodic else 1.0):
+        blank = (not periodic) and blank_F < BLANK_F_THRESHOLD
+        reason = _no_ring_reason(pr, periodic, blank, lo, hi, **kw)
+        return CTFEstimate(
+            None, None, False, best.corr, False, periodic, blank, reason, **common,
+            ring_F=best.F, blank_F=blank_F, **extra,
+        )  # fmt: skip
+    lr, cs_phase, sign_det = _sign_decision(pr, best, other, focal_spread_A, **kw)
+    return CTFEstimate(
+        defocus_nm=best.defocus_nm,
+        defocus_abs_nm=abs(best.defocus_nm),
+        sign_determined=bool(sign_det),
+        fit_quality=float(min(best.corr, 1.0)),
+        amorphous=True,
+        periodic=periodic,
+        blank=False,
+        reason=None,
+        **common,
+        defocus_other_sign_nm=None if other is None else other.defocus_nm,
+        fit_quality_other_sign=0.0 if other is None else float(min(other.corr, 1.0)),
+        ring_contrast=best.contrast,
+        ring_F=best.F,
+        sign_lr=lr,
+        blank_F=blank_F,
+        cs_phase_rad=cs_phase,
+        **extra,
+    )
+
+
+def _check_arguments(sampling_A, energy_eV, Cs_mm, defocus_range_nm) -> tuple[float, float]:
+    """Refuse bad imaging conditions by name; the searched defocus interval [nm]."""
     if not (isinstance(sampling_A, (int, float)) and math.isfinite(sampling_A) and sampling_A > 0):
         raise ValueError(f"sampling_A must be a positive pixel size in Å/px (got {sampling_A})")
     if not (math.isfinite(energy_eV) and energy_eV > 0):
@@ -281,27 +371,21 @@ def estimate_ctf(
     lo, hi = (float(defocus_range_nm[0]), float(defocus_range_nm[1]))
     if not lo < hi:
         raise ValueError(f"defocus_range_nm must be (low, high) with low < high (got {lo}, {hi})")
-    img = np.asarray(image)
-    if img.ndim == 2 and not np.all(np.isfinite(img)):
-        raise ValueError("the frame holds NaN or infinite pixels; replace them before the estimate")
-    spec, n_tiles = power_spectrum(img, tile_px)
+    return lo, hi
+
+
+def _all_finite(img: np.ndarray, rows: int = 512) -> bool:
+    """No NaN or infinite pixel (integers: always), checked a block of rows at a time."""
+    if not np.issubdtype(img.dtype, np.floating):
+        return True
+    return all(bool(np.isfinite(img[r : r + rows]).all()) for r in range(0, img.shape[0], rows))
+
+
+def _band_profile(spec, sampling_A: float, peak_mask, qa: float, qb: float) -> _Profile | None:
+    """The log radial profile (peaks masked) in the band ``qa..qb`` [1/Å]; None when the
+    spectrum is cut off below 16 rings."""
     t = spec.shape[0]
     dq = 1.0 / (t * sampling_A)
-    nyq = 0.5 / sampling_A
-    common = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm), sampling_A=float(sampling_A))
-    qa = float(q_min_per_A) if q_min_per_A is not None else max(min(1.0 / 25.0, 0.1 * nyq), 4 * dq)
-    qb = float(q_max_per_A) if q_max_per_A is not None else 0.9 * nyq
-    band_q = (qa, qb)
-
-    if not float(spec.max()) > 0:  # constant frame
-        return CTFEstimate(
-            None, None, False, 0.0, False, False, True,
-            "no amorphous signal: blank frame (constant image)",
-            **common, q_band_per_A=band_q, n_tiles=n_tiles,
-        )  # fmt: skip
-
-    peak_mask, peak_frac = _peaks(spec, sampling_A)
-    periodic = peak_frac > PERIODIC_POWER_FRACTION
     q, prof, counts = radial_profile(spec, sampling_A, mask=~peak_mask)
     band = (q >= qa) & (q <= qb) & (counts > 0) & np.isfinite(prof)
     if band.sum() < 16:
@@ -318,51 +402,31 @@ def estimate_ctf(
     if low.size:
         band[idx[low[0]] :] = False
     if band.sum() < 16:
-        return CTFEstimate(
-            None, None, False, 0.0, False, periodic, False,
-            "no amorphous signal: no Thon rings found (spectrum cut off at low frequency)",
-            **common, q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac,
-        )  # fmt: skip
-    band_q = (qa, float(q[band].max()))
+        return None
     yb = prof[band]
-    level = float(np.median(yb))
-    floor = max(level, 1e-300) * 1e-6
-    pr = _Profile(q[band], np.log(np.maximum(yb, floor)), counts[band].astype(np.float64), dq)
-    kw = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm))
-    grid = np.arange(lo, hi + 0.25, 0.5)
-    grid = grid[grid <= hi]
-    fits = pr.fit(grid, **kw)
-    pos = _best(pr, grid, fits, grid >= 0, **kw)
-    neg = _best(pr, grid, fits, grid < 0, **kw)
-    branches = [f for f in (pos, neg) if f is not None]
-    best = max(branches, key=lambda f: f.F)
-    other = min(branches, key=lambda f: f.F) if len(branches) == 2 else None
-    blank_F = pr.blank_F()
+    floor = max(float(np.median(yb)), 1e-300) * 1e-6
+    return _Profile(q[band], np.log(np.maximum(yb, floor)), counts[band].astype(np.float64), dq)
 
-    # lattice peaks leave leakage behind even when masked: a periodic frame needs more
-    f_needed = RING_F_THRESHOLD * (PERIODIC_F_FACTOR if periodic else 1.0)
-    if best.F < f_needed:
-        blank = (not periodic) and blank_F < BLANK_F_THRESHOLD
-        qs = np.linspace(pr.q[0], pr.q[-1], 512)
-        span = max(
-            float(np.ptp(chi_rad(qs, d, energy_eV=energy_eV, Cs_mm=Cs_mm))) for d in (lo, 0.0, hi)
+
+def _no_ring_reason(pr: _Profile, periodic: bool, blank: bool, lo, hi, **kw) -> str:
+    """Why a frame has no Thon rings, in words."""
+    qs = np.linspace(pr.q[0], pr.q[-1], 512)
+    span = max(float(np.ptp(chi_rad(qs, d, **kw))) for d in (lo, 0.0, hi))
+    if periodic:
+        return "no amorphous support: lattice fringes everywhere"
+    if span < MIN_ZEROS * math.pi:
+        return (
+            "no amorphous signal: no Thon rings can appear at this pixel size within the "
+            "searched defocus range"
         )
-        if periodic:
-            reason = "no amorphous support: lattice fringes everywhere"
-        elif span < MIN_ZEROS * math.pi:
-            reason = (
-                "no amorphous signal: no Thon rings can appear at this pixel size within the "
-                "searched defocus range"
-            )
-        elif blank:
-            reason = "no amorphous signal: blank frame (flat spectrum, shot noise only)"
-        else:
-            reason = "no amorphous signal: no Thon rings found"
-        return CTFEstimate(
-            None, None, False, best.corr, False, periodic, blank, reason, **common,
-            q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac,
-            ring_F=best.F, blank_F=blank_F,
-        )  # fmt: skip
+    if blank:
+        return "no amorphous signal: blank frame (flat spectrum, shot noise only)"
+    return "no amorphous signal: no Thon rings found"
+
+
+def _sign_decision(pr: _Profile, best, other, focal_spread_A: float, *, energy_eV, Cs_mm):
+    """(likelihood ratio of the sign branches, Cs phase at the information limit [rad],
+    whether the sign is determined)."""
     lr = 0.0
     if other is not None:
         lr = (pr.n / _CORR) * math.log(max(other.rss, 1e-300) / max(best.rss, 1e-300))
@@ -374,27 +438,7 @@ def estimate_ctf(
         q_lim = min(q_lim, math.sqrt(2.0 * math.sqrt(2.0) / (math.pi * lam * focal_spread_A)))
     cs_phase = 0.5 * math.pi * abs(Cs_mm) * 1e7 * lam**3 * q_lim**4
     sign_det = other is not None and lr > SIGN_LR_THRESHOLD and cs_phase >= SIGN_MIN_CS_PHASE_RAD
-    return CTFEstimate(
-        defocus_nm=best.defocus_nm,
-        defocus_abs_nm=abs(best.defocus_nm),
-        sign_determined=bool(sign_det),
-        fit_quality=float(min(best.corr, 1.0)),
-        amorphous=True,
-        periodic=periodic,
-        blank=False,
-        reason=None,
-        **common,
-        defocus_other_sign_nm=None if other is None else other.defocus_nm,
-        fit_quality_other_sign=0.0 if other is None else float(min(other.corr, 1.0)),
-        q_band_per_A=band_q,
-        n_tiles=n_tiles,
-        peak_power_fraction=peak_frac,
-        ring_contrast=best.contrast,
-        ring_F=best.F,
-        sign_lr=lr,
-        blank_F=blank_F,
-        cs_phase_rad=cs_phase,
-    )
+    return lr, cs_phase, sign_det
 
 
 def estimate_ctf_with_metadata(

@@ -19,15 +19,24 @@ def _window(n: int) -> np.ndarray:
     return np.outer(w, w)
 
 
+def _work_dtype(a: np.ndarray) -> type:
+    """float64 for float64 input, else float32 (counts, float32 frames)."""
+    return np.float64 if a.dtype == np.float64 else np.float32
+
+
 def periodic_component(tile: np.ndarray) -> np.ndarray:
     """Periodic part of an image (Moisan's periodic + smooth decomposition).
 
     The smooth part ``s`` solves ``Δs = Δ_boundary u`` (the jumps between opposite edges);
     ``u - s`` has no edge discontinuity, so its periodogram has no cross of edge artefacts
     and needs no window: every pixel counts with full frequency resolution.
-    L. Moisan, J. Math. Imaging Vis. 39, 161 (2011).
+    L. Moisan, J. Math. Imaging Vis. 39, 161 (2011).  Computed with real FFTs, in float32
+    unless the tile is float64.
     """
-    u = np.asarray(tile, dtype=np.float64)
+    import scipy.fft as sfft
+
+    u = np.asarray(tile)
+    u = u.astype(_work_dtype(u), copy=False)
     ny, nx = u.shape
     v = np.zeros_like(u)
     d = u[-1, :] - u[0, :]
@@ -37,12 +46,32 @@ def periodic_component(tile: np.ndarray) -> np.ndarray:
     v[:, 0] += d
     v[:, -1] -= d
     cy = np.cos(2 * np.pi * np.arange(ny) / ny)[:, None]
-    cx = np.cos(2 * np.pi * np.arange(nx) / nx)[None, :]
-    den = 2 * cy + 2 * cx - 4
+    cx = np.cos(2 * np.pi * np.arange(nx // 2 + 1) / nx)[None, :]
+    den = (2 * cy + 2 * cx - 4).astype(u.dtype)
     den[0, 0] = 1.0
-    sf = np.fft.fft2(v) / den
+    sf = sfft.rfft2(v)
+    sf /= den
     sf[0, 0] = 0.0
-    return u - np.real(np.fft.ifft2(sf))
+    return u - sfft.irfft2(sf, s=(ny, nx))
+
+
+def _corners(ny: int, nx: int, t: int, max_tiles: int) -> list[tuple[int, int]]:
+    """Tile corners at 50 % overlap; at most ``max_tiles`` of them, evenly spread."""
+    step = max(t // 2, 1)
+    corners = [(y, x) for y in range(0, ny - t + 1, step) for x in range(0, nx - t + 1, step)]
+    if len(corners) > max_tiles:
+        idx = np.linspace(0, len(corners) - 1, max_tiles).round().astype(int)
+        corners = [corners[i] for i in idx]
+    return corners
+
+
+def _full_from_half(half: np.ndarray, t: int) -> np.ndarray:
+    """The (t, t) power spectrum from its rfft half (t, t//2 + 1): P(-k) = P(k)."""
+    full = np.empty((t, t), dtype=half.dtype)
+    full[:, : t // 2 + 1] = half
+    neg_y = np.r_[0, t - 1 : 0 : -1]
+    full[:, t // 2 + 1 :] = half[neg_y][:, t // 2 - 1 : 0 : -1]
+    return full
 
 
 def power_spectrum(
@@ -51,11 +80,12 @@ def power_spectrum(
     """Tile-averaged periodogram (Welch) of an image; memory bounded by one tile.
 
     Square tiles of ``min(tile_px, ny, nx)`` px (50 % overlap, mean removed per tile) are
-    Fourier transformed one at a time and their ``|F|²`` averaged; at most ``max_tiles``
-    tiles (evenly spread) are used.  ``window="periodic"`` (default) transforms each tile's
-    periodic component (:func:`periodic_component`, no taper, full resolution);
-    ``window="hann"`` tapers each tile with a Hann window instead (less leakage from strong
-    off-grid peaks, twice as wide a frequency resolution, edge pixels down-weighted).
+    Fourier transformed one at a time (real FFTs, float32 unless the image is float64) and
+    their ``|F|²`` averaged; at most ``max_tiles`` tiles (evenly spread) are used.
+    ``window="periodic"`` (default) transforms each tile's periodic component
+    (:func:`periodic_component`, no taper, full resolution); ``window="hann"`` tapers each
+    tile with a Hann window instead (less leakage from strong off-grid peaks, twice as wide a
+    frequency resolution, edge pixels down-weighted).
 
     Returns
     -------
@@ -63,9 +93,11 @@ def power_spectrum(
         fftshifted float64 spectrum (t, t) normalised by the window energy (white noise of
         variance v gives v), and the number of tiles averaged.
     """
+    import scipy.fft as sfft
+
     if window not in ("periodic", "hann"):
         raise ValueError(f"window must be 'periodic' or 'hann' (got {window!r})")
-    img = np.asarray(image)
+    img = image if isinstance(image, np.ndarray) else np.asarray(image)
     if img.ndim != 2:
         raise ValueError(
             f"expected one 2-D frame (ny, nx), got an array of shape {img.shape}; "
@@ -78,25 +110,20 @@ def power_spectrum(
             f"the frame {ny}x{nx} px is too small for a CTF estimate; give at least 32x32 px"
         )
     t -= t % 2
-    step = max(t // 2, 1)
-    ys = list(range(0, ny - t + 1, step))
-    xs = list(range(0, nx - t + 1, step))
-    corners = [(y, x) for y in ys for x in xs]
-    if len(corners) > max_tiles:
-        idx = np.linspace(0, len(corners) - 1, max_tiles).round().astype(int)
-        corners = [corners[i] for i in idx]
-    w = _window(t) if window == "hann" else None
-    norm = float((w * w).sum()) if w is not None else float(t * t)
-    acc = np.zeros((t, t), dtype=np.float64)
+    corners = _corners(ny, nx, t, max_tiles)
+    dt = _work_dtype(img)
+    w = _window(t).astype(dt) if window == "hann" else None
+    norm = float((w.astype(np.float64) ** 2).sum()) if w is not None else float(t * t)
+    acc = np.zeros((t, t // 2 + 1), dtype=np.float64)
     for y, x in corners:
-        tile = np.asarray(img[y : y + t, x : x + t], dtype=np.float64)
+        tile = np.asarray(img[y : y + t, x : x + t]).astype(dt)
         if w is None:
             tile = periodic_component(tile)
-        tile = tile - tile.mean()
-        f = np.fft.fft2(tile * w if w is not None else tile)
-        acc += f.real**2 + f.imag**2
+        tile -= tile.mean(dtype=np.float64)
+        f = sfft.rfft2(tile * w if w is not None else tile)
+        acc += f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2
     acc /= norm * len(corners)
-    return np.fft.fftshift(acc), len(corners)
+    return np.fft.fftshift(_full_from_half(acc, t)), len(corners)
 
 
 def _q_grid(t: int, sampling_A: float) -> np.ndarray:
@@ -142,13 +169,32 @@ def _ring_median_ratio(spectrum: np.ndarray, sampling_A: float) -> np.ndarray:
     return spectrum / np.maximum(med[r], 1e-300)
 
 
+def _axis_background(spec: np.ndarray, width: int = 15) -> np.ndarray:
+    """On the frequency axes (3 px wide bands), the running median along the axis (window
+    ``width`` px); +inf elsewhere.  A detector row/column pattern or edge leakage is smooth
+    along the axis; a lattice reflection on it is a sharp peak above this."""
+    from scipy import ndimage
+
+    t = spec.shape[0]
+    c = t // 2
+    bg = np.full(spec.shape, np.inf)
+    rows = slice(c - 1, c + 2)
+    bg[rows, :] = ndimage.median_filter(spec[rows, :], size=(1, width), mode="nearest")
+    along = ndimage.median_filter(spec[:, rows], size=(width, 1), mode="nearest")
+    bg[:, rows] = np.minimum(bg[:, rows], along)
+    return bg
+
+
 def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
     """Pixels left out of the ring fit, and the fraction of excess power in lattice peaks.
 
     Left out: the two frequency axes (|qx| or |qy| <= 1 px: detector row/column patterns
     and what is left of the frame edges) and sharp peaks (power > :data:`PEAK_RATIO` times
-    their ring's median, dilated by 2 px).  The fraction is the power above the ring
-    background held by the peaks over that held by all pixels off the axes.
+    their ring's median, dilated by 2 px).  Peaks on the axes (an axis-aligned crystal, e.g.
+    a cubic lattice in a zone axis along the frame's edges) are found against the running
+    median along the axis (:func:`_axis_background`).  The fraction is the power above the
+    background held by the peaks (off and on the axes) over that held by all pixels off the
+    axes plus the axis peaks.
     """
     from scipy import ndimage
 
@@ -157,8 +203,9 @@ def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
     q2d = _q_grid(t, sampling_A)
     k = np.abs(np.arange(t) - t // 2)
     axes = (k[:, None] <= 1) | (k[None, :] <= 1)
+    far = q2d > 3 * dq
     ratio = _ring_median_ratio(spec, sampling_A)
-    sel = (q2d > 3 * dq) & ~axes
+    sel = far & ~axes
     core = (ratio > PEAK_RATIO) & sel
     # hysteresis: a peak's leakage wings (pixels above PEAK_WING_RATIO joined to a core
     # pixel) go with it, then 2 px more
@@ -166,9 +213,13 @@ def _peaks(spec: np.ndarray, sampling_A: float) -> tuple[np.ndarray, float]:
     keep = np.unique(labels[core])
     wings = np.isin(labels, keep[keep > 0])
     peaks = ndimage.binary_dilation(core | wings, iterations=2) & sel
+    ax_bg = _axis_background(spec)
+    ax_core = axes & far & (spec > PEAK_RATIO * ax_bg)
+    ax_peaks = ndimage.binary_dilation(ax_core, iterations=2) & axes & far
     qprof, prof, _ = radial_profile(spec, sampling_A, mask=~(peaks | axes))
     bg = np.interp(q2d, qprof, np.nan_to_num(prof, nan=float(np.nanmedian(prof))))
     excess = np.clip(spec - bg, 0, None)
-    total = float(excess[sel].sum())
-    frac = float(excess[peaks].sum() / total) if total > 0 else 0.0
+    ax_excess = float(np.clip(spec[ax_peaks] - ax_bg[ax_peaks], 0, None).sum())
+    total = float(excess[sel].sum()) + ax_excess
+    frac = float((excess[peaks].sum() + ax_excess) / total) if total > 0 else 0.0
     return peaks | axes, frac

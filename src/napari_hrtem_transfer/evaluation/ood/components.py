@@ -94,7 +94,7 @@ def power_spectra(
     win = np.outer(np.hanning(t), np.hanning(t)).astype(np.float32)
     out = np.zeros((x.shape[0], n_bins))
     for i in range(x.shape[0]):
-        tl = _tiles(np.asarray(x[i], dtype=np.float32), t, max_tiles).astype(np.float32)
+        tl = _tiles(x[i], t, max_tiles).astype(np.float32)  # only the tiles are copied
         tl = tl - tl.mean(axis=(1, 2), keepdims=True)
         sd = tl.std(axis=(1, 2), keepdims=True)
         tl = np.where(sd > 0, tl / np.maximum(sd, 1e-30), 0.0) * win
@@ -174,11 +174,10 @@ def physics_components(
     energy = float(dom.get("energy_eV") or 300e3)
     cs = float(dom.get("Cs_mm") if dom.get("Cs_mm") is not None else 0.005)
     fs = float(dom.get("focal_spread_A") if dom.get("focal_spread_A") is not None else 10.0)
-    x = np.asarray(frame, dtype=np.float32)
-    h, w = x.shape
+    h, w = np.shape(frame)
     c = min(crop_px, h, w)
     y0, x0 = (h - c) // 2, (w - c) // 2
-    x = x[y0 : y0 + c, x0 : x0 + c]
+    x = np.asarray(frame[y0 : y0 + c, x0 : x0 + c], dtype=np.float32)  # the crop only
     tile = max(32, min(512, c) // 2 * 2)
     out: dict[str, Any] = {
         "estimated_defocus_nm": None,
@@ -275,6 +274,22 @@ def physics_components(
             "spectrum's excess power in sharp peaks)"
         )
     return out
+
+
+def mean_std(frame: np.ndarray, rows: int = 512) -> tuple[float, float]:
+    """Mean and standard deviation of a frame, accumulated in float64 a block of rows at a
+    time (no full-size float64 temporary)."""
+    x = np.asarray(frame)
+    n = x.size
+    if n == 0:
+        return float("nan"), float("nan")
+    total = sum(float(x[r : r + rows].sum(dtype=np.float64)) for r in range(0, x.shape[0], rows))
+    mean = total / n
+    ss = 0.0
+    for r in range(0, x.shape[0], rows):
+        d = x[r : r + rows].astype(np.float64) - mean
+        ss += float(np.einsum("ij,ij->", d, d))
+    return mean, math.sqrt(ss / n)
 
 
 def finite_or_none(v: Any) -> float | None:

@@ -146,8 +146,8 @@ OODVerdict = OODScores
 
 def _input_checks(frame: np.ndarray, cfg: VerdictConfig) -> tuple[dict[str, Any], list[str]]:
     """Signal above shot noise, on a frame at its own pixel size."""
-    x = np.asarray(frame, dtype=np.float64)
-    mean, sd = float(x.mean()), float(x.std())
+    x = np.asarray(frame)
+    mean, sd = comp.mean_std(x)
     out: dict[str, Any] = {"intensity_mean": mean, "intensity_cv": None, "spectral_contrast": None}
     reasons: list[str] = []
     if mean <= 0 and sd > 0:
@@ -275,15 +275,7 @@ def combine(
         else:
             phys.extend(pr)
         if hf is not None and hf > cfg.hf_deficit_z and not blank:
-            where = (
-                f"; the frame was upsampled x{zoom:.2f} to {s_model:g} Å/px: check its pixel size"
-                if zoom and zoom > 1
-                else ""
-            )
-            phys.append(
-                "implausible pixel size: too little power above 0.6 Nyquist "
-                f"({hf:.0f} training spreads){where}"
-            )
+            phys.append(pixel_size_reason(hf, zoom, float(s_model)))
         fr = None if frac is None else float(frac[i])
         c["particle_fraction"] = fr
         no_support = bool(src.get("periodic")) and not bool(src.get("amorphous"))
@@ -323,6 +315,37 @@ def combine(
         estimated_defocus_nm=defoci,
         defocus_sign_determined=signs,
         physics_flag=phys_flag,
+    )
+
+
+#: Zoom (frame px / model px) above which missing high frequencies are explained by the
+#: upsampling of a coarser frame (no detail beyond its own Nyquist), not a wrong pixel size.
+COARSE_ZOOM = 1.25
+
+
+def pixel_size_reason(hf_deficit_z: float, zoom: float | None, model_sampling_A: float) -> str:
+    """The reason for a frame with too little power above 0.6 Nyquist, saying what was
+    measured and what the model expects.
+
+    A frame upsampled from a coarser pixel size (``zoom`` > :data:`COARSE_ZOOM`) has no
+    detail finer than its own Nyquist period (2 x its pixel size): it is out of the model's
+    pixel-size domain whether or not the pixel size is right.  Without that upsampling the
+    frame itself looks upsampled or blurred, so its stated pixel size is in doubt.
+    """
+    measured = (
+        f"power above 0.6 Nyquist {hf_deficit_z:.0f} training spreads below the training images"
+    )
+    if zoom is not None and zoom > COARSE_ZOOM:
+        native = zoom * model_sampling_A
+        return (
+            f"coarser pixels than the model's domain: {native:.3g} Å/px, upsampled x{zoom:.2f} "
+            f"to the model's {model_sampling_A:g} Å/px, holds no detail finer than "
+            f"{2 * native:.2g} Å (the model was trained on detail to {2 * model_sampling_A:.2g} "
+            f"Å; measured: {measured})"
+        )
+    return (
+        f"implausible pixel size: {measured} at the model's {model_sampling_A:g} Å/px: the "
+        "frame looks upsampled or blurred; check its pixel size"
     )
 
 
