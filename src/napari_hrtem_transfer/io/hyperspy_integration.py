@@ -115,6 +115,52 @@ def _default_signal_axes(ny: int, nx: int, sampling_A: float | None) -> list[dic
     ]
 
 
+def _image_axes(
+    image: ExperimentalImage, sampling_A: float | None
+) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The image's data in its navigation shape, its navigation and signal axes."""
+    ny, nx = image.image_shape
+    _, y_ax, x_ax = image.axes
+    nav = [dict(a) for a in image.nav_axes or []]
+    data = image.data.reshape(*image.nav_shape, ny, nx)
+    sig = [dict(y_ax), dict(x_ax)]
+    if sampling_A is not None:
+        sig = [_recalibrated(a, sampling_A) for a in sig]
+    return data, nav, sig
+
+
+def _array_axes(
+    data: np.ndarray,
+    axes: list[dict[str, Any]] | None,
+    sampling_A: float | None,
+    frame_axis: str,
+) -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    """An array's navigation and signal axes: the given ``axes``, else uncalibrated ones."""
+    if data.ndim < 2:
+        raise ReaderError(
+            f"to_signal needs an image (ny, nx) or a stack (..., ny, nx); got shape {data.shape}."
+        )
+    ny, nx = data.shape[-2:]
+    if axes is not None:
+        sizes = [len(a["axis"]) if a.get("axis") is not None else int(a["size"]) for a in axes]
+        if tuple(sizes) != tuple(data.shape):
+            raise ReaderError(
+                f"to_signal: {len(axes)} axes of sizes {sizes} do not fit an array of "
+                f"shape {data.shape}."
+            )
+        nav = [dict(a) for a in axes[:-2]]
+        sig = [dict(a) for a in axes[-2:]]
+        if sampling_A is not None:
+            sig = [_recalibrated(a, sampling_A) for a in sig]
+    else:
+        sig = _default_signal_axes(ny, nx, sampling_A)
+        if data.ndim == 3:
+            nav = [{"name": frame_axis, "size": int(data.shape[0])}]
+        else:
+            nav = [{"size": int(n)} for n in data.shape[:-2]]
+    return data, nav, sig
+
+
 def to_signal(
     image: ExperimentalImage | np.ndarray | Any,
     *,
@@ -162,58 +208,24 @@ def to_signal(
     """
     import hyperspy.api as hs
 
-    from . import dataset
+    from .dataset import HRTEMDataset, _dataset_signal
 
-    if isinstance(image, dataset.HRTEMDataset):
-        # the file format's own builder (private once dataset.to_signal is renamed)
-        build = getattr(dataset, "_dataset_signal", None) or dataset.to_signal
-        return build(image)
+    if isinstance(image, HRTEMDataset):
+        return _dataset_signal(image)  # the .hspy file format's own layout
     if sampling_A is not None and not (np.isfinite(sampling_A) and sampling_A > 0):
         raise ReaderError(f"sampling_A must be a positive pixel size [Å]; got {sampling_A!r}.")
-
     metadata: dict[str, Any] = {}
     original: dict[str, Any] = {}
     energy_eV = None
     if isinstance(image, ExperimentalImage):
-        frames = image.data
-        ny, nx = image.image_shape
-        _, y_ax, x_ax = image.axes
-        nav = [dict(a) for a in image.nav_axes or []]
-        nav_shape = image.nav_shape
-        data = frames.reshape(*nav_shape, ny, nx)
-        sig = [dict(y_ax), dict(x_ax)]
-        if sampling_A is not None:
-            sig = [_recalibrated(a, sampling_A) for a in sig]
+        data, nav, sig = _image_axes(image, sampling_A)
         metadata = dict(image.metadata.get("hyperspy") or {})
         original = image.original_metadata or {}
         energy_eV = image.metadata.get("energy_eV")
         if title is None and "title" not in (metadata.get("General") or {}):
             title = image.name  # no HyperSpy metadata (e.g. .npy): name it after the file
     else:
-        data = np.asarray(image)
-        if data.ndim < 2:
-            raise ReaderError(
-                f"to_signal needs an image (ny, nx) or a stack (..., ny, nx); got shape "
-                f"{data.shape}."
-            )
-        ny, nx = data.shape[-2:]
-        if axes is not None:
-            sizes = [len(a["axis"]) if a.get("axis") is not None else int(a["size"]) for a in axes]
-            if tuple(sizes) != tuple(data.shape):
-                raise ReaderError(
-                    f"to_signal: {len(axes)} axes of sizes {sizes} do not fit an array of "
-                    f"shape {data.shape}."
-                )
-            nav = [dict(a) for a in axes[:-2]]
-            sig = [dict(a) for a in axes[-2:]]
-            if sampling_A is not None:
-                sig = [_recalibrated(a, sampling_A) for a in sig]
-        else:
-            sig = _default_signal_axes(ny, nx, sampling_A)
-            if data.ndim == 3:
-                nav = [{"name": frame_axis, "size": int(data.shape[0])}]
-            else:
-                nav = [{"size": int(n)} for n in data.shape[:-2]]
+        data, nav, sig = _array_axes(np.asarray(image), axes, sampling_A, frame_axis)
     hs_axes = [_hs_axis(a, navigate=True) for a in nav]
     hs_axes += [_hs_axis(a, navigate=False) for a in sig]
     signal = hs.signals.Signal2D(data, axes=hs_axes)

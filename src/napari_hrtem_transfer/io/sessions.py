@@ -367,28 +367,80 @@ def read_session(
             f"session {paths_or_folder}: no real-space image in any file: " + "; ".join(skipped)
         )
     notes: list[str] = []
-
-    # --- navigation values -------------------------------------------------------------
     if defocus_nm is not None:
-        values = [float(v) for v in np.asarray(defocus_nm, dtype=float).reshape(-1)]
-        per_file: dict[Path, list[SessionFrame]] = {}
-        for f in frames:
-            per_file.setdefault(f.path, []).append(f)
-        if len(values) == len(frames):
-            assigned = values
-        elif len(values) == len(per_file):
-            assigned = [values[list(per_file).index(f.path)] for f in frames]
-        else:
+        _assign_defocus(frames, defocus_nm)
+    kind, frames = _navigation(frames, notes)
+    ref_frame = frames[0]
+    if not _same_geometry(frames):
+        if not resample:
             raise ReaderError(
-                f"defocus_nm has {len(values)} values, but the session has {len(per_file)} "
-                f"file(s) with {len(frames)} frame(s): "
-                + ", ".join(f.name for f in frames)
-                + ". Give one value per file or per frame."
+                "session frames differ in pixel size or shape: "
+                + "; ".join(_describe(f) for f in frames)
+                + ". Pass resample=True (command line: --session-resample) to resample "
+                "them to the most common pixel size and crop to the common size, or leave "
+                "the odd files out."
             )
-        for f, v in zip(frames, assigned, strict=True):
-            if f.defocus_nm is not None and not math.isclose(f.defocus_nm, v, abs_tol=0.5):
-                f.notes.append(f"vendor metadata says {f.defocus_nm:g} nm ({f.defocus_source})")
-            f.defocus_nm, f.defocus_source = v, "user (defocus_nm)"
+        frames, ref_frame = _resample(frames, notes)
+    ny, nx = frames[0].data.shape
+    y_ax, x_ax = (dict(a, navigate=False) for a in ref_frame.image.axes[1:])
+    y_ax["size"], x_ax["size"] = ny, nx
+    nav = _nav_axis(frames, kind)
+    if title is None:
+        title = (
+            Path(paths_or_folder).name
+            if isinstance(paths_or_folder, str | os.PathLike) and Path(paths_or_folder).is_dir()
+            else "session"
+        )
+    root = paths_or_folder if isinstance(paths_or_folder, str | os.PathLike) else None
+    return ExperimentalImage(
+        data=np.stack([f.data for f in frames]).astype(np.float32, copy=False),
+        sampling_A=ref_frame.sampling_A,
+        axes=[dict(nav), y_ax, x_ax],
+        metadata=_session_metadata(frames, kind, skipped, notes, title, ref_frame.image),
+        original_metadata={},
+        name=title,
+        path=Path(root) if root is not None else None,
+        nav_axes=[dict(nav)],
+        sampling_source=(
+            "none"
+            if ref_frame.sampling_A is None
+            else f"{ref_frame.path.name} ({ref_frame.image.sampling_source})"
+        ),
+        sources=[str(f.path) for f in frames],
+        provenance={"reader": "session", "files": [str(f.path) for f in frames]},
+    )
+
+
+def _assign_defocus(frames: list[SessionFrame], defocus_nm: Sequence[float]) -> None:
+    """Give each frame the user's defocus [nm] (one value per file or per frame)."""
+    values = [float(v) for v in np.asarray(defocus_nm, dtype=float).reshape(-1)]
+    per_file: dict[Path, list[SessionFrame]] = {}
+    for f in frames:
+        per_file.setdefault(f.path, []).append(f)
+    if len(values) == len(frames):
+        assigned = values
+    elif len(values) == len(per_file):
+        assigned = [values[list(per_file).index(f.path)] for f in frames]
+    else:
+        raise ReaderError(
+            f"defocus_nm has {len(values)} values, but the session has {len(per_file)} "
+            f"file(s) with {len(frames)} frame(s): "
+            + ", ".join(f.name for f in frames)
+            + ". Give one value per file or per frame."
+        )
+    for f, v in zip(frames, assigned, strict=True):
+        if f.defocus_nm is not None and not math.isclose(f.defocus_nm, v, abs_tol=0.5):
+            f.notes.append(f"vendor metadata says {f.defocus_nm:g} nm ({f.defocus_source})")
+        f.defocus_nm, f.defocus_source = v, "user (defocus_nm)"
+
+
+def _navigation(frames: list[SessionFrame], notes: list[str]) -> tuple[str, list[SessionFrame]]:
+    """The navigation axis (``defocus``, ``time`` or ``frame``) and the frames in its order.
+
+    A defocus axis needs a distinct defocus for every frame; else acquisition times (all
+    known and distinct) give a time axis; else file order. Anything but a defocus axis for
+    more than one frame warns (:class:`ReaderWarning`) and is noted in ``notes``.
+    """
     known = [f.defocus_nm for f in frames if f.defocus_nm is not None]
     kind = "frame"
     if len(known) == len(frames) and (len(frames) == 1 or len(set(known)) > 1):
@@ -412,12 +464,10 @@ def read_session(
         times = [f.acquired for f in frames]
         if len(frames) > 1 and all(t is not None for t in times) and len(set(times)) == len(times):
             kind = "time"
-    if kind != "frame":
-        if kind == "defocus":
-            order = sorted(range(len(frames)), key=lambda i: frames[i].defocus_nm)
-        else:
-            order = sorted(range(len(frames)), key=lambda i: frames[i].acquired)
-        frames = [frames[i] for i in order]
+    if kind == "defocus":
+        frames = sorted(frames, key=lambda f: f.defocus_nm)
+    elif kind == "time":
+        frames = sorted(frames, key=lambda f: f.acquired)
     if kind != "defocus" and len(frames) > 1:
         why = notes[-1] if notes else "no defocus in the metadata of any frame"
         msg = (
@@ -425,27 +475,13 @@ def read_session(
             + ("acquisition time" if kind == "time" else "file order")
             + ". Give defocus_nm=[...] for a defocus axis."
         )
-        warnings.warn(msg, ReaderWarning, stacklevel=2)
+        warnings.warn(msg, ReaderWarning, stacklevel=3)  # the caller of read_session
         notes.append(msg)
+    return kind, frames
 
-    # --- geometry -------------------------------------------------------------------------
-    ref_frame = frames[0]
-    if not _same_geometry(frames):
-        if not resample:
-            raise ReaderError(
-                "session frames differ in pixel size or shape: "
-                + "; ".join(_describe(f) for f in frames)
-                + ". Pass resample=True (command line: --session-resample) to resample "
-                "them to the most common pixel size and crop to the common size, or leave "
-                "the odd files out."
-            )
-        frames, ref_frame = _resample(frames, notes)
 
-    # --- the stack -------------------------------------------------------------------------
-    ref = ref_frame.image
-    ny, nx = frames[0].data.shape
-    y_ax, x_ax = (dict(a, navigate=False) for a in ref.axes[1:])
-    y_ax["size"], x_ax["size"] = ny, nx
+def _nav_axis(frames: list[SessionFrame], kind: str) -> dict[str, Any]:
+    """The stack's navigation axis: defocus [nm], time since the first frame [s], or index."""
     if kind == "defocus":
         nav = _axis("defocus", np.array([f.defocus_nm for f in frames]), "nm")
     elif kind == "time":
@@ -454,13 +490,18 @@ def read_session(
     else:
         nav = {"name": "frame", "size": len(frames), "scale": 1.0, "offset": 0.0}
     nav.update(navigate=True, units=nav.get("units"))
-    data = np.stack([f.data for f in frames]).astype(np.float32, copy=False)
-    if title is None:
-        title = (
-            Path(paths_or_folder).name
-            if isinstance(paths_or_folder, str | os.PathLike) and Path(paths_or_folder).is_dir()
-            else "session"
-        )
+    return nav
+
+
+def _session_metadata(
+    frames: list[SessionFrame],
+    kind: str,
+    skipped: list[str],
+    notes: list[str],
+    title: str,
+    ref: ExperimentalImage,
+) -> dict[str, Any]:
+    """The stack's metadata: the per-frame table, and the same as HyperSpy metadata."""
     energy = next(
         (f.image.metadata.get("energy_eV") for f in frames if f.image.metadata.get("energy_eV")),
         None,
@@ -512,24 +553,7 @@ def read_session(
         metadata["energy_eV"] = float(energy)
     if mode:
         metadata["acquisition_mode"] = mode
-    root = paths_or_folder if isinstance(paths_or_folder, str | os.PathLike) else None
-    return ExperimentalImage(
-        data=data,
-        sampling_A=ref_frame.sampling_A,
-        axes=[dict(nav), y_ax, x_ax],
-        metadata=metadata,
-        original_metadata={},
-        name=title,
-        path=Path(root) if root is not None else None,
-        nav_axes=[dict(nav)],
-        sampling_source=(
-            "none"
-            if ref_frame.sampling_A is None
-            else f"{ref_frame.path.name} ({ref_frame.image.sampling_source})"
-        ),
-        sources=[str(f.path) for f in frames],
-        provenance={"reader": "session", "files": [str(f.path) for f in frames]},
-    )
+    return metadata
 
 
 def load_session(
