@@ -53,6 +53,91 @@ def _array(x: Any, what: str) -> tuple[np.ndarray, tuple[int, ...], float | None
     return arr.reshape(-1, *arr.shape[-2:]), tuple(arr.shape[:-2]), sampling
 
 
+def _resample_factor(sampling: float | None, target: float | None, notes: list[str]) -> Any:
+    """The zoom from the frames' pixel size to the model's (None: no resampling)."""
+    from .segmentation import SegmentConfig
+
+    policy = SegmentConfig()
+    if sampling is None:
+        notes.append("the frames have no pixel size; the model's was assumed")
+        return None
+    if target is None:
+        return None
+    ratio = sampling / target
+    if abs(ratio - 1.0) <= policy.resample_tolerance:
+        return None
+    if ratio > policy.max_zoom or ratio < 1.0 / policy.max_zoom:
+        raise ConfigError(
+            f"the frames' pixel size {sampling:.4g} Å is {ratio:.3g} times the model's "
+            f"{target:.4g} Å; fine-tuning across more than x{policy.max_zoom:g} is "
+            "refused. Start from a model trained near this pixel size.",
+            "sampling_A",
+        )
+    notes.append(f"frames resampled from {sampling:.4g} to {target:.4g} Å/px")
+    return ratio
+
+
+def _quarters(f: np.ndarray, m: np.ndarray, name: str) -> tuple[list, list, list]:
+    """One annotated frame cut into 2 x 2 quarters (frames, masks, ids)."""
+    hy, hx = f.shape[0] // 2, f.shape[1] // 2
+    if min(hy, hx) < 32:
+        raise ConfigError(
+            f"one annotated frame of {f.shape[0]}x{f.shape[1]} px is too small to split "
+            "for validation; annotate at least two frames.",
+            "labels",
+        )
+    cuts = [
+        (slice(0, hy), slice(0, hx)),
+        (slice(0, hy), slice(hx, 2 * hx)),
+        (slice(hy, 2 * hy), slice(0, hx)),
+        (slice(hy, 2 * hy), slice(hx, 2 * hx)),
+    ]
+    return [f[c] for c in cuts], [m[c] for c in cuts], [f"{name}q{k}" for k in range(4)]
+
+
+def _chosen(lab: np.ndarray, annotated: Sequence[int] | None) -> list[int]:
+    """The frames to train on: those marked as annotated, or those with a painted pixel."""
+    n = lab.shape[0]
+    painted = [i for i in range(n) if np.any(lab[i] != 0)]
+    if annotated is None:
+        chosen = painted
+    else:
+        chosen = sorted({int(i) for i in annotated})
+        bad = [i for i in chosen if not 0 <= i < n]
+        if bad:
+            raise ConfigError(
+                f"annotated frames {bad} are outside the stack of {n} frame(s) (0..{n - 1}).",
+                "annotated",
+            )
+    if not chosen:
+        raise ConfigError(
+            "no frame has a painted pixel: paint the particles (any non-zero label) on at "
+            "least one frame, or mark which frames are annotated.",
+            "labels",
+        )
+    return chosen
+
+
+def _start_model(model: Any) -> Path:
+    """The checkpoint folder to start from: the shipped model, a folder or a package."""
+    from .bioimageio import import_bioimageio, is_bioimageio_package
+    from .segmentation import PRETRAINED, pretrained_model_dir
+
+    if str(model) == PRETRAINED:
+        init = pretrained_model_dir()
+    elif is_bioimageio_package(model):
+        init = import_bioimageio(model)
+    else:
+        init = Path(model).expanduser()
+    if not (init / "best.json").is_file():
+        raise ConfigError(
+            f"{init} is not a checkpoint folder (no best.json); pass a model trained with "
+            "pretrain/finetune, or 'pretrained'.",
+            "model",
+        )
+    return init
+
+
 def dataset_from_annotations(
     images: Any,
     labels: Any,
@@ -93,7 +178,7 @@ def dataset_from_annotations(
         Shapes differ, no frame is annotated, frames too small, indices outside the stack.
     """
     from .io.dataset import HRTEMDataset
-    from .segmentation import SegmentConfig, _zoom
+    from .segmentation import _zoom
 
     frames, nav, s_img = _array(images, "images")
     lab, lab_nav, _ = _array(labels, "labels")
@@ -104,43 +189,11 @@ def dataset_from_annotations(
             "(napari: Layers > New Labels layer with the image selected).",
             "labels",
         )
-    n = frames.shape[0]
-    painted = [i for i in range(n) if np.any(lab[i] != 0)]
-    if annotated is None:
-        chosen = painted
-    else:
-        chosen = sorted({int(i) for i in annotated})
-        bad = [i for i in chosen if not 0 <= i < n]
-        if bad:
-            raise ConfigError(
-                f"annotated frames {bad} are outside the stack of {n} frame(s) (0..{n - 1}).",
-                "annotated",
-            )
-    if not chosen:
-        raise ConfigError(
-            "no frame has a painted pixel: paint the particles (any non-zero label) on at "
-            "least one frame, or mark which frames are annotated.",
-            "labels",
-        )
+    chosen = _chosen(lab, annotated)
     sampling = sampling_A if sampling_A is not None else s_img
     target = model_sampling_A if model_sampling_A is not None else sampling
-    factor = None
-    policy = SegmentConfig()
-    notes = []
-    if sampling is not None and target is not None:
-        ratio = sampling / target
-        if abs(ratio - 1.0) > policy.resample_tolerance:
-            if ratio > policy.max_zoom or ratio < 1.0 / policy.max_zoom:
-                raise ConfigError(
-                    f"the frames' pixel size {sampling:.4g} Å is {ratio:.3g} times the model's "
-                    f"{target:.4g} Å; fine-tuning across more than x{policy.max_zoom:g} is "
-                    "refused. Start from a model trained near this pixel size.",
-                    "sampling_A",
-                )
-            factor = ratio
-            notes.append(f"frames resampled from {sampling:.4g} to {target:.4g} Å/px")
-    elif sampling is None:
-        notes.append("the frames have no pixel size; the model's was assumed")
+    notes: list[str] = []
+    factor = _resample_factor(sampling, target, notes)
     imgs, masks, ids = [], [], []
     for i in chosen:
         f = frames[i].astype(np.float32)
@@ -152,17 +205,7 @@ def dataset_from_annotations(
         masks.append(m)
         ids.append(f"frame{i}")
     if len(imgs) == 1:  # one frame: quarters, so that a validation split by region exists
-        f, m = imgs[0], masks[0]
-        hy, hx = f.shape[0] // 2, f.shape[1] // 2
-        if min(hy, hx) < 32:
-            raise ConfigError(
-                f"one annotated frame of {f.shape[0]}x{f.shape[1]} px is too small to split "
-                "for validation; annotate at least two frames.",
-                "labels",
-            )
-        imgs = [f[:hy, :hx], f[:hy, hx : 2 * hx], f[hy : 2 * hy, :hx], f[hy : 2 * hy, hx : 2 * hx]]
-        masks = [m[:hy, :hx], m[:hy, hx : 2 * hx], m[hy : 2 * hy, :hx], m[hy : 2 * hy, hx : 2 * hx]]
-        ids = [f"{ids[0]}q{k}" for k in range(4)]
+        imgs, masks, ids = _quarters(imgs[0], masks[0], ids[0])
         notes.append("a single annotated frame was cut into 4 quarters (3 train, 1 validation)")
     shape = imgs[0].shape
     if min(shape) < 32:
@@ -262,24 +305,11 @@ def finetune_on_annotations(
         ``train`` stopped: a resumable ``last`` checkpoint, no OOD fit. The OOD fit never
         raises: ``ood.ok`` False says what failed and how to retry.
     """
-    from .bioimageio import import_bioimageio, is_bioimageio_package
     from .evaluation.workflows import run_transfer
-    from .segmentation import PRETRAINED, pretrained_model_dir
     from .training.checkpoint import read_sidecar
     from .training.config import TrainConfig
 
-    if str(model) == PRETRAINED:
-        init = pretrained_model_dir()
-    elif is_bioimageio_package(model):
-        init = import_bioimageio(model)
-    else:
-        init = Path(model).expanduser()
-    if not (init / "best.json").is_file():
-        raise ConfigError(
-            f"{init} is not a checkpoint folder (no best.json); pass a model trained with "
-            "pretrain/finetune, or 'pretrained'.",
-            "model",
-        )
+    init = _start_model(model)
     side = read_sidecar(init, train_options.get("init_which", "best"))
     model_s = side.get("sampling_A")
     ds = dataset_from_annotations(
@@ -289,18 +319,9 @@ def finetune_on_annotations(
         on_dataset(ds)
     ny, nx = ds.images.shape[-2:]
     patch = min(MAX_PATCH_PX, (min(ny, nx) // 32) * 32)
-    kwargs: dict[str, Any] = dict(
-        train_defocus_nm="all",
-        freeze=freeze,
-        epochs=epochs,
-        patch_size=patch,
-        samples_per_epoch=samples_per_epoch,
-        seed=seed,
-        device=device,
-        val_fraction=0.25,
-    )
-    if lr is not None:
-        kwargs["lr"] = lr
+    kwargs: dict[str, Any] = dict(train_defocus_nm="all", freeze=freeze, epochs=epochs)
+    kwargs.update(patch_size=patch, samples_per_epoch=samples_per_epoch, seed=seed)
+    kwargs.update(device=device, val_fraction=0.25, **({} if lr is None else {"lr": lr}))
     kwargs.update(train_options)
     config = TrainConfig.finetune(init, **kwargs)
     tr = run_transfer(

@@ -38,6 +38,17 @@ def _check_out(out: Path) -> Path:
     return out
 
 
+def _add_exclude(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument(
+        "--exclude",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        metavar="NM",
+        help=f"defoci [nm] left out of the generalization{note}",
+    )
+
+
 # ----------------------------------------------------------------------------- evaluate
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the options of ``evaluate``."""
@@ -80,14 +91,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         default="validation",
         help="held-out structures recorded in the checkpoint, or all structures",
     )
-    p.add_argument(
-        "--exclude",
-        type=float,
-        nargs="*",
-        default=[0.0],
-        metavar="NM",
-        help="defoci [nm] left out of the generalization (the study leaves out 0 nm)",
-    )
+    _add_exclude(p, " (the study leaves out 0 nm)")
     p.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap resamples of the confidence intervals"
     )
@@ -250,14 +254,7 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--n-transfer", type=int, default=None, help="only models fine-tuned on this many images"
     )
-    p.add_argument(
-        "--exclude",
-        type=float,
-        nargs="*",
-        default=[0.0],
-        metavar="NM",
-        help="defoci [nm] left out of the generalization",
-    )
+    _add_exclude(p)
     p.add_argument(
         "--pair",
         type=float,
@@ -359,12 +356,12 @@ def _report_sweep(out: Path, domains, frames, reduction: str, exclude) -> None:
     """Print the sweep's generalization and OOD rank correlations; write sweep_summary.json."""
     import json
 
-    from ..evaluation._files import write_text_atomic
     from ..evaluation.aggregate import (
         generalization_by,
         ood_domain_ranking,
         ood_rank_correlation,
     )
+    from ..io.atomic import write_text_atomic
 
     if "material" in domains:
         domains = domains.where(material=lambda c: (c == "all") | (c == ""))

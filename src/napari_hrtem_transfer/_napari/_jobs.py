@@ -306,35 +306,39 @@ def train_job(
     label-free OOD reference, reported as the ``"ood"`` :class:`JobStage`. Returns the
     ``TrainResult``.
     """
-    from ..training import train
+    from ..evaluation.workflows import train_stage
 
     _emit(report, JobStage("device", "running", device_description(config.device)))
     with forward_warnings(report):
-        result = train(config, data, out_dir, callbacks=[QueueCallback(report)], stop=stop,
-                       resume=resume)
-        if result.stopped:
-            _emit(report, JobStage("ood", "skipped",
-                                   "no OOD reference: the run was stopped (resume it to finish)"))
-        else:
-            from ..evaluation.ood import fit_ood_after_training
+        stage = train_stage(config, data, out_dir, stop=stop, resume=resume,
+                            callbacks=[_OODStageCallback(report, "the training images")],
+                            ood_progress=_ood_stage(report))
+    _report_stage_end(report, stage.train, stage.ood)
+    return stage.train
 
-            _emit(report, JobStage("ood", "running",
-                                   "fitting the OOD reference on the training images"))
-            _report_ood_result(report, fit_ood_after_training(result.out_dir, data,
-                                                              progress=_ood_stage(report),
-                                                              stop=stop))
-    return result
+
+def _report_stage_end(report: Report, train_result: Any, ood: Any) -> None:
+    """The OOD stage after a training: skipped (stopped), or the fit's result."""
+    if train_result.stopped:
+        _emit(report, JobStage("ood", "skipped",
+                               "no OOD reference: the run was stopped (resume it to finish)"))
+    elif ood is not None:
+        _report_ood_result(report, ood)
 
 
 class _OODStageCallback(QueueCallback):
     """Forwards training records and announces the OOD fit that follows a finished run."""
+
+    def __init__(self, report: Report, what: str = "the annotated frames") -> None:
+        super().__init__(report)
+        self._what = what
 
     def on_train_end(self, result: Any) -> None:
         """Forward the result; the core fits the OOD reference right after."""
         _emit(self._report, result)
         if not result.stopped:
             _emit(self._report, JobStage("ood", "running",
-                                         "fitting the OOD reference on the annotated frames"))
+                                         f"fitting the OOD reference on {self._what}"))
 
 
 def check_annotation_layers(images: Any, labels: Any) -> np.ndarray:
@@ -419,11 +423,7 @@ def finetune_layers_job(
             **options)
     for note in result.notes:
         _emit(report, JobStage(NOTE_STAGE, "done", note))
-    if result.train.stopped:
-        _emit(report, JobStage("ood", "skipped",
-                               "no OOD reference: the run was stopped (resume it to finish)"))
-    elif result.ood is not None:
-        _report_ood_result(report, result.ood)
+    _report_stage_end(report, result.train, result.ood)
     return result.train
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ._files import write_text_atomic
+from ..io.atomic import write_text_atomic
 
 __all__ = ["DEMO_PRESETS", "DemoResult", "DemoSettings", "run_protocol"]
 
@@ -237,6 +237,20 @@ def _out_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+#: DemoSettings fields passed to the simulation as they are.
+_SIM_FIELDS = (
+    "n_structures",
+    "image_size_px",
+    "sampling_A",
+    "sim_sampling_A",
+    "n_phonons",
+    "radius_nm",
+    "particles_per_image",
+    "substrate_thickness_nm",
+    "seed",
+)
+
+
 def _simulate(s: DemoSettings, out: Path, log: Log) -> tuple[Any, Path]:
     """Simulate the series, save it and read it back (checkpoints record the file)."""
     from ..io import load_dataset, save_dataset
@@ -244,17 +258,7 @@ def _simulate(s: DemoSettings, out: Path, log: Log) -> tuple[Any, Path]:
 
     t = time.perf_counter()
     sim = SimulationConfig.from_preset(
-        "laptop",
-        n_structures=s.n_structures,
-        defocus_nm=list(s.defocus_nm),
-        image_size_px=s.image_size_px,
-        sampling_A=s.sampling_A,
-        sim_sampling_A=s.sim_sampling_A,
-        n_phonons=s.n_phonons,
-        radius_nm=s.radius_nm,
-        particles_per_image=s.particles_per_image,
-        substrate_thickness_nm=s.substrate_thickness_nm,
-        seed=s.seed,
+        "laptop", defocus_nm=list(s.defocus_nm), **{k: getattr(s, k) for k in _SIM_FIELDS}
     )
     log(
         f"[1/5] simulating {s.n_structures} structures x {len(s.defocus_nm)} defoci "

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ._files import write_text_atomic
+from ..io.atomic import write_text_atomic
 from .aggregate import (
     domain_profile,
     generalization_by,
@@ -270,6 +270,34 @@ def write_evaluation_report(
     tables = {"after" if before is not None else "model": after.domains}
     if before is not None:
         tables = {"before (pretrained)": before.domains, "after (fine-tuned)": after.domains}
+    _write_records(out, after, before)
+    summary: dict[str, Any] = {
+        "title": title,
+        "labelled": bool(after.labelled),
+        "notes": all_notes,
+        "models": {},
+        "exclude_nm": list(exclude_nm),
+    }
+    _domain_section(rep, tables, summary, exclude_nm, figs)
+    if after.labelled:
+        if before is not None:
+            _transfer_section(rep, before, after, summary, exclude_nm, figs)
+        _ood_section(rep, before, after, summary, figs)
+    if after.samples:
+        rep.heading("Sample frames")
+        rep.figure(
+            plot_samples(after.samples, figs / "samples.png"),
+            "Sample frames with the predicted mask (yellow) and the ground truth (cyan); "
+            "titles give the defocus, the OOD score and the Dice.",
+        )
+    if reference is not None:
+        _reference_section(rep, reference, figs, summary)
+    _write_json(out / "summary.json", summary)
+    return rep.write(out)
+
+
+def _write_records(out: Path, after: Any, before: Any | None) -> None:
+    """``domains.csv``/``.json`` and ``frames.csv``: the records of both models."""
     bdom = before.domains if before else ResultTable()
     bfr = before.frames if before else ResultTable()
     if before is not None and len(after.domains) and len(bdom):
@@ -285,13 +313,11 @@ def write_evaluation_report(
     frames = ResultTable.concat([bfr, after.frames])
     frames.to_csv(out / "frames.csv")
 
-    summary: dict[str, Any] = {
-        "title": title,
-        "labelled": bool(after.labelled),
-        "notes": all_notes,
-        "models": {},
-        "exclude_nm": list(exclude_nm),
-    }
+
+def _domain_section(
+    rep: Report, tables: dict, summary: dict, exclude_nm: Sequence[float], figs: Path
+) -> None:
+    """The per-domain tables and figure; each model's losses and generalization in summary."""
     rep.heading("Per-domain results")
     rep.text(
         "Loss (mean binary cross-entropy), Dice and IoU over the evaluated frames of each "
@@ -343,86 +369,83 @@ def write_evaluation_report(
         plot_domain_metrics(tables, figs / "domain_metrics.png"),
         "Loss, Dice and OOD score per defocus domain (error bars: 95% bootstrap CI).",
     )
-    if after.labelled:
-        if before is not None:
-            lb, la = _domain_losses(before.domains), _domain_losses(after.domains)
-            doms = sorted(set(lb) | set(la))
-            prov = after.domains.records()[0] if len(after.domains) else {}
-            marks = {}
-            if prov.get("pretrain_defocus_nm") is not None:
-                marks["pretraining"] = prov["pretrain_defocus_nm"]
-            if prov.get("transfer_defocus_nm") is not None:
-                marks["target"] = prov["transfer_defocus_nm"]
-            rep.figure(
-                plot_domain_bars(
-                    doms,
-                    [lb.get(d, np.nan) for d in doms],
-                    [la.get(d, np.nan) for d in doms],
-                    figs / "domain_bars.png",
-                    title="Loss per domain before and after transfer",
-                    marks=marks,
-                ),
-                "Loss per domain before (blue) and after (orange) fine-tuning.",
-            )
-            gb = summary["models"]["before (pretrained)"]["generalization"]
-            ga = summary["models"]["after (fine-tuned)"]["generalization"]
-            if gb is not None and ga is not None:
-                s = shift(ga, gb)
-                summary["shift"] = s
-                rep.heading("Generalization and shift")
-                rep.text(
-                    f"Generalization (population std of the per-domain losses over the defoci "
-                    f"except {', '.join(f'{e:g}' for e in exclude_nm)} nm; lower = better): "
-                    f"{gb:.4g} before, {ga:.4g} after fine-tuning; shift {s:+.4g} "
-                    f"({'worse' if s > 0 else 'better or equal'} out of distribution)."
-                )
-                rep.figure(
-                    plot_generalization(["this model"], [gb], [ga], figs / "generalization.png"),
-                    "Generalization before and after fine-tuning; the shift is after − before.",
-                )
-        results = {"after (fine-tuned)" if before is not None else "model": after}
-        if before is not None:
-            results = {"before (pretrained)": before, **results}
-        rho = {k: _ood_spearman(r) for k, r in results.items() if _has_ood(r)}
-        if rho:
-            summary["ood_spearman"] = rho
-            rep.heading("Does the label-free OOD score track the true loss?")
-            rep.text(
-                "Spearman rank correlation between the OOD score and the loss, per domain "
-                "(median score vs. mean loss) and per frame: "
-                + "; ".join(
-                    f"{k}: {_r(v['per_domain'])} per domain, {_r(v['per_frame'])} per frame"
-                    for k, v in rho.items()
-                )
-                + ". Each model's score is measured against its own training domain."
-            )
-            last = list(results)[-1] if _has_ood(results[list(results)[-1]]) else list(rho)[0]
-            f = results[last].frames
-            ok = np.isfinite(f["ood_score"]) & np.isfinite(f["loss"])
-            rep.figure(
-                plot_ood_vs_loss(f.take(ok), figs / "ood_vs_loss.png", title=last),
-                f"Per-frame OOD score vs. true loss, {last} (colour: defocus).",
-            )
-            okc = ok & np.isfinite(f["ctf_overlap"]) if "ctf_overlap" in f else None
-            if okc is not None and okc.sum() > 2:
-                rep.figure(
-                    plot_overlap_vs_loss(f.take(okc), figs / "overlap_vs_loss.png", title=last),
-                    f"Per-frame CTF information-transfer overlap with the training conditions "
-                    f"vs. true loss, {last} (frames with Thon rings; docs/ctf.md). A physical "
-                    "measure of the imaging-condition shift: lower overlap, higher loss "
-                    "expected.",
-                )
-    if after.samples:
-        rep.heading("Sample frames")
-        rep.figure(
-            plot_samples(after.samples, figs / "samples.png"),
-            "Sample frames with the predicted mask (yellow) and the ground truth (cyan); "
-            "titles give the defocus, the OOD score and the Dice.",
+
+
+def _transfer_section(
+    rep: Report, before: Any, after: Any, summary: dict, exclude_nm: Sequence[float], figs: Path
+) -> None:
+    """Loss per domain before/after and the generalization shift."""
+    lb, la = _domain_losses(before.domains), _domain_losses(after.domains)
+    doms = sorted(set(lb) | set(la))
+    prov = after.domains.records()[0] if len(after.domains) else {}
+    marks = {}
+    if prov.get("pretrain_defocus_nm") is not None:
+        marks["pretraining"] = prov["pretrain_defocus_nm"]
+    if prov.get("transfer_defocus_nm") is not None:
+        marks["target"] = prov["transfer_defocus_nm"]
+    rep.figure(
+        plot_domain_bars(
+            doms,
+            [lb.get(d, np.nan) for d in doms],
+            [la.get(d, np.nan) for d in doms],
+            figs / "domain_bars.png",
+            title="Loss per domain before and after transfer",
+            marks=marks,
+        ),
+        "Loss per domain before (blue) and after (orange) fine-tuning.",
+    )
+    gb = summary["models"]["before (pretrained)"]["generalization"]
+    ga = summary["models"]["after (fine-tuned)"]["generalization"]
+    if gb is not None and ga is not None:
+        s = shift(ga, gb)
+        summary["shift"] = s
+        rep.heading("Generalization and shift")
+        rep.text(
+            f"Generalization (population std of the per-domain losses over the defoci "
+            f"except {', '.join(f'{e:g}' for e in exclude_nm)} nm; lower = better): "
+            f"{gb:.4g} before, {ga:.4g} after fine-tuning; shift {s:+.4g} "
+            f"({'worse' if s > 0 else 'better or equal'} out of distribution)."
         )
-    if reference is not None:
-        _reference_section(rep, reference, figs, summary)
-    _write_json(out / "summary.json", summary)
-    return rep.write(out)
+        rep.figure(
+            plot_generalization(["this model"], [gb], [ga], figs / "generalization.png"),
+            "Generalization before and after fine-tuning; the shift is after − before.",
+        )
+
+
+def _ood_section(rep: Report, before: Any | None, after: Any, summary: dict, figs: Path) -> None:
+    """Does the label-free OOD score (and the CTF overlap) track the loss?"""
+    results = {"after (fine-tuned)" if before is not None else "model": after}
+    if before is not None:
+        results = {"before (pretrained)": before, **results}
+    rho = {k: _ood_spearman(r) for k, r in results.items() if _has_ood(r)}
+    if rho:
+        summary["ood_spearman"] = rho
+        rep.heading("Does the label-free OOD score track the true loss?")
+        rep.text(
+            "Spearman rank correlation between the OOD score and the loss, per domain "
+            "(median score vs. mean loss) and per frame: "
+            + "; ".join(
+                f"{k}: {_r(v['per_domain'])} per domain, {_r(v['per_frame'])} per frame"
+                for k, v in rho.items()
+            )
+            + ". Each model's score is measured against its own training domain."
+        )
+        last = list(results)[-1] if _has_ood(results[list(results)[-1]]) else list(rho)[0]
+        f = results[last].frames
+        ok = np.isfinite(f["ood_score"]) & np.isfinite(f["loss"])
+        rep.figure(
+            plot_ood_vs_loss(f.take(ok), figs / "ood_vs_loss.png", title=last),
+            f"Per-frame OOD score vs. true loss, {last} (colour: defocus).",
+        )
+        okc = ok & np.isfinite(f["ctf_overlap"]) if "ctf_overlap" in f else None
+        if okc is not None and okc.sum() > 2:
+            rep.figure(
+                plot_overlap_vs_loss(f.take(okc), figs / "overlap_vs_loss.png", title=last),
+                f"Per-frame CTF information-transfer overlap with the training conditions "
+                f"vs. true loss, {last} (frames with Thon rings; docs/ctf.md). A physical "
+                "measure of the imaging-condition shift: lower overlap, higher loss "
+                "expected.",
+            )
 
 
 def describe_sources(table: ResultTable) -> str:

@@ -338,13 +338,13 @@ class ResultTable:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the table as CSV, atomically."""
-        from ._files import write_text_atomic
+        from ..io.atomic import write_text_atomic
 
         return write_text_atomic(path, self.to_csv_text())
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the table as a JSON list of records, atomically."""
-        from ._files import write_text_atomic
+        from ..io.atomic import write_text_atomic
 
         return write_text_atomic(path, json.dumps(self.records(), indent=1))
 

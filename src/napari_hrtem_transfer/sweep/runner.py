@@ -328,6 +328,34 @@ def _failure_row(spec: dict[str, Any], plan: SweepPlan) -> dict[str, Any]:
     }
 
 
+def _check_resources(client: Any, cfg: SweepConfig) -> None:
+    """Some worker of the cluster has ``run.resources`` (else ConfigError)."""
+    if not cfg.run.resources:
+        return
+    have = client.run_on_scheduler(
+        lambda dask_scheduler: [dict(w.resources) for w in dask_scheduler.workers.values()]
+    )
+    ok = any(all(r.get(k, 0) >= v for k, v in cfg.run.resources.items()) for r in have)
+    if not ok:
+        raise ConfigError(
+            f"run.resources = {cfg.run.resources}: no worker of the cluster has "
+            f"them (workers have {have}); start workers with e.g. "
+            "'dask worker ADDRESS --resources GPU=1'.",
+            "run.resources",
+        )
+
+
+def _remove_leftovers(model_dir: Path) -> None:
+    """The temporary folders of runs and pretrainings that did not finish."""
+    tmp = model_dir / "tmp"
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    pre = model_dir / "pretrained"
+    if pre.is_dir():
+        for p in pre.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def run_sweep(
     config: SweepConfig | dict | str | os.PathLike,
     db: str | os.PathLike,
@@ -401,20 +429,7 @@ def run_sweep(
             client, own_cluster = _connect(scheduler, workers, cfg)
         try:
             check_workers(client)  # before anything is submitted: no silent hang
-            if cfg.run.resources:
-                have = client.run_on_scheduler(
-                    lambda dask_scheduler: [
-                        dict(w.resources) for w in dask_scheduler.workers.values()
-                    ]
-                )
-                ok = any(all(r.get(k, 0) >= v for k, v in cfg.run.resources.items()) for r in have)
-                if not ok:
-                    raise ConfigError(
-                        f"run.resources = {cfg.run.resources}: no worker of the cluster has "
-                        f"them (workers have {have}); start workers with e.g. "
-                        "'dask worker ADDRESS --resources GPU=1'.",
-                        "run.resources",
-                    )
+            _check_resources(client, cfg)
             with ResultStore(db_path) as store:
                 store.record_sweep(
                     plan.sweep_id,
@@ -429,13 +444,7 @@ def run_sweep(
                     client.close()
                 with contextlib.suppress(Exception):
                     own_cluster.close()
-            for tmp in (plan.model_dir / "tmp",):
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-            pre = plan.model_dir / "pretrained"
-            if pre.is_dir():
-                for p in pre.glob(".tmp-*"):
-                    shutil.rmtree(p, ignore_errors=True)
+            _remove_leftovers(plan.model_dir)
 
 
 def _execute(plan, todo, store, client, progress, should_stop, as_completed):

@@ -128,6 +128,18 @@ _VIEW_RUN_COLUMNS = (
 )
 
 
+def _results_sql(table: str, key_decl: str, key: str, columns: str) -> str:
+    """``CREATE TABLE`` of a per-(run, stage, domain, ``key``) results table."""
+    return f"""CREATE TABLE {table} (
+  run_key TEXT NOT NULL REFERENCES runs(run_key) ON DELETE CASCADE,
+  stage TEXT NOT NULL CHECK (stage IN ('pretrain', 'transfer')),
+  domain_defocus_nm REAL NOT NULL,
+  {key_decl},
+  {columns},
+  PRIMARY KEY (run_key, stage, domain_defocus_nm, {key})
+)"""
+
+
 def _schema_sql() -> list[str]:
     runs = ",\n  ".join(f"{k} {v}" for k, v in _RUN_COLUMNS.items())
     dom = ",\n  ".join(f"{k} {'INTEGER' if k == 'n_images' else 'REAL'}" for k in _DOMAIN_VALUES)
@@ -144,22 +156,8 @@ def _schema_sql() -> list[str]:
   package_version TEXT
 )""",
         f"CREATE TABLE runs (\n  {runs}\n)",
-        f"""CREATE TABLE domain_results (
-  run_key TEXT NOT NULL REFERENCES runs(run_key) ON DELETE CASCADE,
-  stage TEXT NOT NULL CHECK (stage IN ('pretrain', 'transfer')),
-  domain_defocus_nm REAL NOT NULL,
-  material TEXT NOT NULL,
-  {dom},
-  PRIMARY KEY (run_key, stage, domain_defocus_nm, material)
-)""",
-        f"""CREATE TABLE frame_results (
-  run_key TEXT NOT NULL REFERENCES runs(run_key) ON DELETE CASCADE,
-  stage TEXT NOT NULL CHECK (stage IN ('pretrain', 'transfer')),
-  domain_defocus_nm REAL NOT NULL,
-  image_index INTEGER NOT NULL,
-  {frm},
-  PRIMARY KEY (run_key, stage, domain_defocus_nm, image_index)
-)""",
+        _results_sql("domain_results", "material TEXT NOT NULL", "material", dom),
+        _results_sql("frame_results", "image_index INTEGER NOT NULL", "image_index", frm),
         "CREATE INDEX runs_status ON runs(status)",
         f"""CREATE VIEW {SQLITE_VIEWS["domains"]} AS
 SELECT r.run_key || ':' || d.stage AS model_id, d.stage AS stage, {run_cols},
