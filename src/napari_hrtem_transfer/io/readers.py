@@ -73,6 +73,7 @@ from .frames import (
     Frames,
     ReaderWarning,
     axis_from_values,
+    default_axes,
     length_unit_to_A,
     normalise_units,
     trailing_rgb_to_grey,
@@ -395,7 +396,7 @@ def _signal_to_image(
             )
     sampling = _calibration(y_ax, x_ax, display, notes, allow_reciprocal)
     metadata = _extract_metadata(signal)
-    metadata["format"] = (path.suffix.lower().lstrip(".") if path else "hyperspy")
+    metadata["format"] = path.suffix.lower().lstrip(".") if path else "hyperspy"
     metadata["title"] = label
     metadata["reader_notes"] = notes
     ly, lx = length_unit_to_A(y_ax["units"]), length_unit_to_A(x_ax["units"])
@@ -540,18 +541,7 @@ def _array_image(data: np.ndarray, path: Path, fmt: str) -> ExperimentalImage:
             f"{data.ndim}-D array of shape {data.shape} and dtype {data.dtype}."
         )
     notes.append(f"{path.name}: no calibration read; sampling_A is None.")
-    lead = data.shape[:-2]
-    nav_axes = [
-        {
-            "name": "frame" if len(lead) == 1 else f"axis{i}",
-            "size": int(n),
-            "scale": 1.0,
-            "offset": 0.0,
-            "units": None,
-            "navigate": True,
-        }
-        for i, n in enumerate(lead)
-    ]
+    nav_axes = default_axes(data.shape, None)[:-2]
     return ExperimentalImage(
         data=data.reshape(-1, *data.shape[-2:]),
         sampling_A=None,

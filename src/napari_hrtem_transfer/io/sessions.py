@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ReaderError
-from .frames import RESAMPLING
+from .frames import RESAMPLING, axis_from_values
 from .readers import SUPPORTED_EXTENSIONS, ExperimentalImage, ReaderWarning, read_images
 
 __all__ = ["SessionFrame", "load_session", "read_session", "session_files"]
@@ -300,19 +300,6 @@ def _resample(
     return kept, ref
 
 
-def _axis(name: str, values: np.ndarray, units: str | None) -> dict[str, Any]:
-    d: dict[str, Any] = {"name": name, "navigate": True, "units": units}
-    steps = np.diff(values)
-    if values.size > 1 and np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9):
-        d.update(size=int(values.size), offset=float(values[0]), scale=float(steps[0]))
-    elif values.size == 1:
-        d.update(size=1, offset=float(values[0]), scale=1.0)
-    else:
-        d.update(size=int(values.size), axis=values.astype(float))
-        d.update(scale=float(np.mean(steps)), offset=float(values[0]))
-    return d
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -483,10 +470,12 @@ def _navigation(frames: list[SessionFrame], notes: list[str]) -> tuple[str, list
 def _nav_axis(frames: list[SessionFrame], kind: str) -> dict[str, Any]:
     """The stack's navigation axis: defocus [nm], time since the first frame [s], or index."""
     if kind == "defocus":
-        nav = _axis("defocus", np.array([f.defocus_nm for f in frames]), "nm")
+        nav = axis_from_values("defocus", np.array([f.defocus_nm for f in frames]), "nm")
     elif kind == "time":
         t0 = frames[0].acquired
-        nav = _axis("time", np.array([(f.acquired - t0).total_seconds() for f in frames]), "s")
+        nav = axis_from_values(
+            "time", np.array([(f.acquired - t0).total_seconds() for f in frames]), "s"
+        )
     else:
         nav = {"name": "frame", "size": len(frames), "scale": 1.0, "offset": 0.0}
     nav.update(navigate=True, units=nav.get("units"))
