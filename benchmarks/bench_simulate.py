@@ -1,6 +1,6 @@
 """Benchmark the simulator (run by hand; figures go into the issue notes).
 
-    python benchmarks/bench_simulate.py [--study] [--repeats 3]
+    python benchmarks/bench_simulate.py [--study] [--repeats 3] [--real-sessions]
 
 Measures, in one run on this machine:
 1. the cost of an 11-defocus series relative to a single-defocus image at the same settings
@@ -12,6 +12,11 @@ Measures, in one run on this machine:
    FFTW_ESTIMATE, and numpy's FFT, which the simulator uses (bitwise reproducible run to run).
    Each runs in its own fresh process (FFTW wisdom is kept per process), alternating; the
    first structure includes any planning, the next are steady.
+4. with --real-sessions, the cost of the real_sessions preset at 0.2, 0.3 and 0.4 Å/px (its
+   15.4 nm field: 768, 512, 384 px; multislice at 0.15 Å, 2 phonons, 11 defoci) split into
+   the structure (particles and up to 15 nm of carbon), the mask and zero-defocus reference,
+   the exit wave (multislice), and the images (per-image CTF, drift, illumination,
+   scintillator detector); mean over --structures structures (sizes and thicknesses vary).
 Each timing is the minimum of --repeats runs after one warm-up (numba compilation, FFT plans);
 the single- and 11-defocus runs are interleaved so that load from other processes hits both.
 """
@@ -79,6 +84,59 @@ def fft_plans(repeats):
         print(f"  {effort:13s}: first structure {first:6.2f} s, then {steady:6.2f} s")
 
 
+def real_sessions(n_structures, samplings=(0.2, 0.3, 0.4)):
+    """Mean cost [s] per structure and per image of the real_sessions preset, by stage."""
+    import os
+
+    import numpy as np
+
+    from napari_hrtem_transfer.simulate.conditions import (
+        draw_conditions,
+        form_images,
+        imaging_rngs,
+    )
+    from napari_hrtem_transfer.simulate.physics import (
+        abtem_settings,
+        exit_waves,
+        particle_reference,
+    )
+    from napari_hrtem_transfer.simulate.series import _rngs, _single_threaded_dask
+    from napari_hrtem_transfer.simulate.structures import build_specimen
+
+    print(f"[real_sessions] {os.cpu_count()} CPUs; mean over {n_structures} structures")
+    for s in samplings:
+        cfg = SimulationConfig.from_preset("real_sessions", sampling_A=s, n_structures=1)
+        stages = {"structure": [], "reference": [], "exit wave": [], "images": []}
+        atoms = []
+        for i in range(n_structures):
+            rng, rng_noise, phonon_seed = _rngs(cfg.seed, i)
+            t0 = time.perf_counter()
+            spec = build_specimen(cfg, rng)
+            t1 = time.perf_counter()
+            with _single_threaded_dask(), abtem_settings():
+                _, zero_A = particle_reference(spec.particle_atoms, cfg)
+                t2 = time.perf_counter()
+                waves = exit_waves(spec.atoms, cfg, phonon_seed)
+                t3 = time.perf_counter()
+                rc, rf = imaging_rngs(cfg.seed, i)
+                cond = draw_conditions(cfg, len(cfg.defocus_nm), rc)
+                defocus_A = np.asarray(cfg.defocus_nm) * 10 + zero_A
+                form_images(waves, cfg, defocus_A, cond, rng_noise, rf)
+            t4 = time.perf_counter()
+            for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                stages[key].append(dt)
+            atoms.append(len(spec.atoms))
+        total = sum(np.mean(v) for v in stages.values())
+        nd = len(cfg.defocus_nm)
+        print(
+            f"  {s:g} Å/px, {cfg.image_size_px}² px, {cfg.sim_gpts}² multislice grid, "
+            f"{np.mean(atoms):.0f} atoms: {total:.1f} s per structure, "
+            f"{total / nd:.2f} s per image ({nd} defoci)"
+        )
+        print("    " + ", ".join(f"{k} {np.mean(v):.2f} s" for k, v in stages.items()))
+        print(f"    images alone: {np.mean(stages['images']) / nd:.3f} s per image")
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,7 +145,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fft-plans", action="store_true", help="time FFTW plans vs numpy's FFT")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--real-sessions", action="store_true",
+        help="time the real_sessions preset at 0.2/0.3/0.4 Å/px (minutes)",
+    )
+    ap.add_argument("--structures", type=int, default=3, help="structures per pixel size")
     args = ap.parse_args()
+    if args.real_sessions:
+        return real_sessions(args.structures)
     if args._one:
         return one_planning(args._one, 2)
     if args.fft_plans:

@@ -322,15 +322,21 @@ class SimulationConfig(BaseModel):
             study's settings: 300 kV, 0.1 Å multislice, 0.2 Å/px, 8 phonons, 512², 11 defoci
             -25..+25 nm, 400 e/Å², focal spread 10 Å, jitter 1.5 nm) or ``"real_sessions"``
             (the imaging and structure distribution of real microscope sessions: 0.3 Å/px,
-            512² (15.4 nm, particles up to 12 nm across), 1-6 particles that may touch or
-            overlap, carbon 2-15 nm, per-image dose 50-1000 e/Å² (log-uniform), Cs ±20 µm,
-            focal spread 5-40 Å, drift 0-3 Å, uneven illumination up to ±30 %, a
-            scintillator detector; the material is set per config).
+            512² (a 15.4 nm field, kept at any other ``sampling_A`` unless ``image_size_px``
+            is given: 768 px at 0.2 Å/px, 384 at 0.4; particles up to 12 nm across), 1-6
+            particles that may touch or overlap, carbon 2-15 nm, per-image dose 50-1000
+            e/Å² (log-uniform), Cs ±20 µm, focal spread 5-40 Å, drift 0-3 Å, uneven
+            illumination up to ±30 %, a scintillator detector; the material is set per
+            config).
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
+        fov_A = values.pop("field_of_view_A", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if fov_A is not None and overrides.get("image_size_px") is None:
+            # a preset with a field of view keeps it at any pixel size (multiples of 32 px)
+            values["image_size_px"] = 32 * math.ceil(fov_A / values["sampling_A"] / 32 - 1e-9)
         values["preset"] = name
         return cls(**values)
 
@@ -364,6 +370,7 @@ PRESETS: dict[str, dict] = {
     ),
     "real_sessions": dict(
         image_size_px=512,
+        field_of_view_A=153.6,
         sampling_A=0.3,
         sim_sampling_A=0.15,
         n_phonons=2,
