@@ -193,6 +193,7 @@ def test_new_flags_set_their_fields():
         "--focal-spread-range", "3", "9", "--drift", "1", "2", "--illumination", "0.1",
         "--illumination-cutoff", "3", "--detector", "counting", "--mtf-width", "0.25", "0.4",
         "--mtf-floor", "0.05", "--dqe0", "0.7", "--min-separation", "-0.5",
+        "--substrate", "Si3N4",
     ])
     cfg = sim_cli.config_from_args(args)
     assert cfg.material == "Pd" and cfg.dose_range_e_per_A2 == (80, 900)
@@ -201,7 +202,7 @@ def test_new_flags_set_their_fields():
     assert cfg.illumination_amplitude == (0.1, 0.1) and cfg.illumination_cutoff_cycles == 3
     assert cfg.detector == "counting" and cfg.detector_mtf_width_nyquist == (0.25, 0.4)
     assert cfg.detector_mtf_floor == 0.05 and cfg.detector_dqe0 == 0.7
-    assert cfg.min_separation_nm == -0.5
+    assert cfg.min_separation_nm == -0.5 and cfg.substrate_material == "Si3N4"
 
 
 @pytest.mark.parametrize(
@@ -219,3 +220,20 @@ def test_bad_imaging_ranges_are_refused(bad):
 
     with pytest.raises(ValidationError):
         SimulationConfig(**bad)
+
+
+def test_silicon_nitride_support_has_its_composition_density_and_minimum_distance():
+    from napari_hrtem_transfer.simulate.structures import SUPPORTS, amorphous_support
+
+    L, t = 40.0, 30.0
+    pos, symbols = amorphous_support("Si3N4", L, t, np.random.default_rng(0))
+    n_si, n_n = symbols.count("Si"), symbols.count("N")
+    assert n_si + n_n == len(pos) and abs(n_si / len(pos) - 3 / 7) < 1e-3
+    mass_g = (n_si * 28.0855 + n_n * 14.007) / 6.02214076e23
+    assert mass_g / (L * L * t * 1e-24) == pytest.approx(3.1, rel=0.01)
+    d = cKDTree(pos, boxsize=[L, L, 1e6]).query(pos, k=2)[0][:, 1]
+    assert d.min() >= SUPPORTS["Si3N4"]["min_distance_A"] - 1e-9
+    cfg = _tiny(substrate_material="Si3N4", substrate_thickness_nm=(1.0, 1.0))
+    spec = build_specimen(cfg, np.random.default_rng(1))
+    film = set(spec.atoms.get_chemical_symbols()) - set(spec.particle_atoms.get_chemical_symbols())
+    assert film == {"Si", "N"}

@@ -55,6 +55,7 @@ FLAGS: dict[str, Flag] = {
         metavar="N",
         help="Stacking faults per particle: MIN MAX (or one value); wurtzite and fcc only",
     ),
+    "substrate_material": Flag("--substrate"),
     "min_separation_nm": Flag(
         "--min-separation",
         metavar="NM",

@@ -108,6 +108,14 @@ class SimulationConfig(BaseModel):
     substrate_thickness_nm: tuple[float, float] = Field(
         (2.0, 3.0), description="Min and max amorphous-carbon thickness [nm] (0 = no substrate)."
     )
+    substrate_material: Literal["C", "Si3N4"] = Field(
+        "C",
+        description=(
+            "Amorphous support film: C (density substrate_density_g_cm3, minimum distance "
+            "substrate_min_distance_A) or Si3N4 (amorphous silicon nitride, 3.1 g/cm³, "
+            "minimum distance 1.6 Å, Si:N = 3:4)."
+        ),
+    )
     substrate_density_g_cm3: float = Field(2.0, gt=0, le=4.0, description="Carbon density [g/cm³].")
     substrate_min_distance_A: float = Field(
         1.4, gt=0, le=3.0, description="Minimum C–C distance [Å]."

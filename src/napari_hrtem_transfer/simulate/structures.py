@@ -31,6 +31,15 @@ LATTICES: dict[str, dict] = {
 _AVOGADRO = 6.02214076e23
 _CARBON_MASS_G_MOL = 12.011
 
+#: Amorphous supports other than carbon: composition, density [g/cm³], mean atomic mass
+#: [g/mol] and minimum interatomic distance [Å] of the random packing.
+SUPPORTS: dict[str, dict] = {
+    "Si3N4": dict(
+        symbols=("Si", "N"), fractions=(3 / 7, 4 / 7), density_g_cm3=3.1,
+        mass_g_mol=(3 * 28.0855 + 4 * 14.007) / 7, min_distance_A=1.6,
+    ),
+}
+
 
 def unit_cell(material: str):
     """The conventional unit cell of ``material`` as :class:`ase.Atoms`."""
@@ -193,11 +202,44 @@ def amorphous_carbon(
     numpy.ndarray
         Positions (n, 3) [Å], x and y in [0, extent_A), z in [0, thickness_A).
     """
+    return _random_packing(
+        extent_A, thickness_A, rng, density_g_cm3, _CARBON_MASS_G_MOL, min_distance_A, batch
+    )
+
+
+def amorphous_support(
+    material: str, extent_A: float, thickness_A: float, rng: np.random.Generator
+) -> tuple[np.ndarray, list[str]]:
+    """An amorphous film of ``material`` (a key of :data:`SUPPORTS`): positions [Å], symbols.
+
+    Random packing as :func:`amorphous_carbon` at the support's density and minimum distance;
+    the species are then assigned at random in the stoichiometric fractions.
+    """
+    p = SUPPORTS[material]
+    pos = _random_packing(
+        extent_A, thickness_A, rng, p["density_g_cm3"], p["mass_g_mol"], p["min_distance_A"]
+    )
+    counts = np.round(np.asarray(p["fractions"]) * len(pos)).astype(int)
+    counts[-1] = len(pos) - counts[:-1].sum()
+    symbols = np.repeat(np.asarray(p["symbols"]), counts)
+    return pos, rng.permutation(symbols).tolist()
+
+
+def _random_packing(
+    extent_A: float,
+    thickness_A: float,
+    rng: np.random.Generator,
+    density_g_cm3: float,
+    mass_g_mol: float,
+    min_distance_A: float,
+    batch: int = 4096,
+) -> np.ndarray:
+    """Random sequential addition of atoms of mean mass ``mass_g_mol`` (see amorphous_carbon)."""
     from scipy.spatial import cKDTree
 
     if thickness_A <= 0:
         return np.zeros((0, 3))
-    number_density = density_g_cm3 / _CARBON_MASS_G_MOL * _AVOGADRO * 1e-24  # atoms / Å³
+    number_density = density_g_cm3 / mass_g_mol * _AVOGADRO * 1e-24  # atoms / Å³
     n_target = int(round(number_density * extent_A**2 * thickness_A))
     packing = n_target * (np.pi / 6) * min_distance_A**3 / (extent_A**2 * thickness_A)
     if packing > 0.3:
@@ -361,11 +403,16 @@ def build_specimen(config, rng: np.random.Generator) -> Specimen:
     ppos = np.concatenate(positions) if positions else np.zeros((0, 3))
     cell = [L, L, zmax + thickness + 2.0]
     particles = ase.Atoms(symbols=symbols, positions=ppos, cell=cell, pbc=True)
-    carbon = amorphous_carbon(
-        L, thickness, rng, config.substrate_density_g_cm3, config.substrate_min_distance_A
-    )
+    support = getattr(config, "substrate_material", "C")
+    if support == "C":
+        carbon = amorphous_carbon(
+            L, thickness, rng, config.substrate_density_g_cm3, config.substrate_min_distance_A
+        )
+        film_symbols = ["C"] * len(carbon)
+    else:
+        carbon, film_symbols = amorphous_support(support, L, thickness, rng)
     carbon[:, 2] += zmax + 1.0
     allatoms = particles + ase.Atoms(
-        symbols=["C"] * len(carbon), positions=carbon, cell=cell, pbc=True
+        symbols=film_symbols, positions=carbon, cell=cell, pbc=True
     )
     return Specimen(allatoms, particles, np.array(centres), radii, thickness, faults)
