@@ -21,7 +21,7 @@ from napari_hrtem_transfer.io.frames import (
 
 
 def test_one_resampling_limit_for_segmentation_and_sessions():
-    """Issue 18: a maximum zoom of 8 in one place and 4 in another; now one value."""
+    """Segmentation and sessions share one maximum zoom and one resampled size limit."""
     from napari_hrtem_transfer.io import sessions
     from napari_hrtem_transfer.segmentation import SegmentConfig
 

@@ -108,7 +108,7 @@ def test_tia_values_match_between_emi_and_ser():
     np.testing.assert_array_equal(emi.data, ser.data)
     assert emi.data.min() == 255 and emi.data.max() == pytest.approx(1.417e4, rel=1e-3)
     # the .ser given alone is read through the .emi beside it: the same microscope
-    # conditions (issue 18: a .ser alone was not recognised as STEM)
+    # conditions (a .ser alone is TEM, not STEM)
     assert emi.metadata["energy_eV"] == pytest.approx(200e3)
     assert emi.metadata["acquisition_mode"] == "TEM"
     assert ser.metadata["energy_eV"] == pytest.approx(200e3)
@@ -281,8 +281,8 @@ def test_corrupt_file_gives_reader_error(tmp_path):
 
 @pytest.mark.parametrize("ext", [".dm3", ".dm4", ".emd"])
 def test_unreadable_file_gives_only_our_message(tmp_path, ext, caplog, capfd):
-    """Issue 18: HyperSpy's red "please report this error to the RosettaSciIO developers"
-    line and a .ser/.emi hint came before our own error for a broken dm3/dm4/emd."""
+    """A broken dm3/dm4/emd gives our own error only: no HyperSpy "please report this error
+    to the RosettaSciIO developers" line, no .ser/.emi hint."""
     import logging
 
     bad = tmp_path / f"broken{ext}"
@@ -298,7 +298,7 @@ def test_unreadable_file_gives_only_our_message(tmp_path, ext, caplog, capfd):
 
 @needs_data
 def test_mrc_leaves_no_file_open():
-    """Issue 18: reading an .mrc printed "ResourceWarning: unclosed file"."""
+    """Reading an .mrc closes its file (no "ResourceWarning: unclosed file")."""
     import gc
 
     with warnings.catch_warnings(record=True) as caught:
@@ -393,8 +393,8 @@ def test_uncalibrated_scale_without_units_warns(tmp_path):
 
 
 def test_simulated_dataset_is_one_defocus_by_image_stack(tmp_path):
-    """Issue 18: a simulated series is one entry with the file's defocus x image navigation
-    (it was one entry per defocus, the defocus left in the title)."""
+    """A simulated series is one entry with the file's defocus x image navigation (not one
+    entry per defocus with the defocus in the title)."""
     from napari_hrtem_transfer.io import HRTEMDataset, save_dataset
 
     rng = np.random.default_rng(1)

@@ -1,6 +1,6 @@
 """Run by test_lifecycle.py in a subprocess (a real viewer under Xvfb): open the real soot
 sample, Segment, delete the segmentation layer, Segment again; exit 0 when the viewer
-survives (issue 18: this sequence segfaulted in vispy's glDrawArrays every time).
+survives (the sequence must not crash vispy's glDrawArrays).
 
 Usage: python _segment_delete_segment.py
 """

@@ -32,8 +32,8 @@ def test_closing_the_viewer_mid_training_exits_cleanly(tmp_path, tiny_dataset_pa
 
 @pytest.mark.slow
 def test_segment_delete_the_result_and_segment_again_does_not_crash(tmp_path):
-    """Issue 18: real soot sample, Segment, delete the segmentation layer, Segment again
-    segfaulted in vispy's glDrawArrays (the OOD dock hid napari's text overlay in the same
+    """Real soot sample, Segment, delete the segmentation layer, Segment again: no crash in
+    vispy's glDrawArrays (the OOD dock must not hide napari's text overlay in the same
     event-loop turn as the layer removal). A real viewer, in a subprocess."""
     env = dict(os.environ, HRTEM_TRANSFER_RECENT_MODELS=str(tmp_path / "recent.json"),
                OMP_NUM_THREADS="1")

@@ -812,11 +812,11 @@ def test_docks_scroll_only_over_their_content_and_combos_show_whole_values(
 
 def test_eta_counts_down_between_steps(make_napari_viewer, monkeypatch):
     """The time left comes from the rate of completed work and does not grow while a step
-    runs (it used to grow by a second per second between steps)."""
-    from napari_hrtem_transfer._napari._widgets import SegmentWidget, _base
+    runs."""
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget, _job
 
     now = [100.0]
-    monkeypatch.setattr(_base.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_job.time, "monotonic", lambda: now[0])
     w = SegmentWidget(make_napari_viewer())
     w.state, w._t0 = "running", 100.0
     w._eta_fraction, w._left_at_eta = 0.0, None
