@@ -320,14 +320,7 @@ def estimate_ctf(
         )  # fmt: skip
     band_q = (qa, float(pr.q[-1]))
     kw = dict(energy_eV=float(energy_eV), Cs_mm=float(Cs_mm))
-    grid = np.arange(lo, hi + 0.25, 0.5)
-    grid = grid[grid <= hi]
-    fits = pr.fit(grid, **kw)
-    pos = _best(pr, grid, fits, grid >= 0, **kw)
-    neg = _best(pr, grid, fits, grid < 0, **kw)
-    branches = [f for f in (pos, neg) if f is not None]
-    best = max(branches, key=lambda f: f.F)
-    other = min(branches, key=lambda f: f.F) if len(branches) == 2 else None
+    best, other = _fit_branches(pr, lo, hi, **kw)
     blank_F = pr.blank_F()
     extra = dict(q_band_per_A=band_q, n_tiles=n_tiles, peak_power_fraction=peak_frac)
     # lattice peaks leave leakage behind even when masked: a periodic frame needs more
@@ -339,6 +332,11 @@ def estimate_ctf(
             ring_F=best.F, blank_F=blank_F, **extra,
         )  # fmt: skip
     lr, cs_phase, sign_det = _sign_decision(pr, best, other, focal_spread_A, **kw)
+    return _rings_estimate(best, other, lr, cs_phase, sign_det, blank_F, periodic, common, extra)
+
+
+def _rings_estimate(best, other, lr, cs_phase, sign_det, blank_F, periodic, common, extra):
+    """The estimate of a frame with Thon rings."""
     return CTFEstimate(
         defocus_nm=best.defocus_nm,
         defocus_abs_nm=abs(best.defocus_nm),
@@ -358,6 +356,20 @@ def estimate_ctf(
         cs_phase_rad=cs_phase,
         **extra,
     )
+
+
+def _fit_branches(pr: _Profile, lo: float, hi: float, **kw) -> tuple[_Fit, _Fit | None]:
+    """The best fit of each sign branch on a 0.5 nm grid over ``lo..hi`` [nm] (refined):
+    (the better branch, the other or None)."""
+    grid = np.arange(lo, hi + 0.25, 0.5)
+    grid = grid[grid <= hi]
+    fits = pr.fit(grid, **kw)
+    pos = _best(pr, grid, fits, grid >= 0, **kw)
+    neg = _best(pr, grid, fits, grid < 0, **kw)
+    branches = [f for f in (pos, neg) if f is not None]
+    best = max(branches, key=lambda f: f.F)
+    other = min(branches, key=lambda f: f.F) if len(branches) == 2 else None
+    return best, other
 
 
 def _check_arguments(sampling_A, energy_eV, Cs_mm, defocus_range_nm) -> tuple[float, float]:

@@ -9,7 +9,14 @@ package has one job per module:
   shot noise, CTF physics (:mod:`napari_hrtem_transfer.evaluation.ctf`) against the domain;
 * :mod:`.verdict` — the verdict (:func:`ood_scores`): score, calibrated caution flag,
   reasons, components, estimated defocus;
-* :mod:`.fit` — fitting and calibrating the reference (end of training, after fine-tuning).
+* :mod:`.sample` — the reference's statistics from a seeded sample of training image x D4
+  transforms (and the few-image variant that adopts the parent's);
+* :mod:`.calibrate` — the caution level (held-out frames, or derived from the parent's
+  calibration when they are too few);
+* :mod:`.domain` — the model's imaging domain from the dataset's metadata or the annotated
+  frames' estimated defoci;
+* :mod:`.fit` — the entry points (end of training, after fine-tuning, on demand); every name
+  of the three modules above is importable from it too.
 
 ``docs/ood_score.md`` describes the verdict and its measured behaviour.  Every public name of
 the former single module is importable from here.

@@ -168,12 +168,11 @@ def physics_components(
     ``defocus_margin_nm``; 0 inside), ``peak_power_fraction`` (the estimator's fraction of the
     spectrum's excess power in sharp peaks) and ``physics_reasons`` (short strings).
     """
-    from ..ctf import ctf_overlap, estimate_ctf
+    from ..ctf import estimate_ctf
 
     dom = domain or {}
     energy = float(dom.get("energy_eV") or 300e3)
     cs = float(dom.get("Cs_mm") if dom.get("Cs_mm") is not None else 0.005)
-    fs = float(dom.get("focal_spread_A") if dom.get("focal_spread_A") is not None else 10.0)
     h, w = np.shape(frame)
     c = min(crop_px, h, w)
     y0, x0 = (h - c) // 2, (w - c) // 2
@@ -206,25 +205,7 @@ def physics_components(
     blank = bool(est.blank) and not bool(est.periodic)
     everywhere = bool(est.periodic) and not bool(est.amorphous)
     if everywhere and c >= 128:
-        hq = c // 2
-        for y in (0, hq):
-            for xq in (0, hq):
-                try:
-                    sub = estimate_ctf(
-                        x[y : y + hq, xq : xq + hq],
-                        float(sampling_A),
-                        energy_eV=energy,
-                        Cs_mm=cs,
-                        tile_px=max(32, hq // 2 * 2),
-                    )
-                except ValueError:
-                    everywhere = False
-                    break
-                if not sub.periodic:
-                    everywhere = False
-                    break
-            if not everywhere:
-                break
+        everywhere = _periodic_in_every_quarter(x, float(sampling_A), energy_eV=energy, Cs_mm=cs)
     out.update(
         defocus_sign_determined=bool(est.sign_determined),
         ctf_fit_quality=float(est.fit_quality),
@@ -233,6 +214,45 @@ def physics_components(
         peak_power_fraction=peak,
         blank=blank,
     )
+    _against_domain(out, est, dom, float(sampling_A), defocus_margin_nm, min_overlap)
+    reasons: list[str] = out["physics_reasons"]
+    if blank:
+        reasons.append("blank frame: no signal above shot noise")
+    elif out["periodic"] and not est.amorphous:
+        reasons.append(
+            f"no amorphous support: lattice fringes everywhere ({100 * peak:.0f} % of the "
+            "spectrum's excess power in sharp peaks)"
+        )
+    return out
+
+
+def _periodic_in_every_quarter(x: np.ndarray, sampling_A: float, **kw) -> bool:
+    """The CTF estimator finds each quarter of the crop periodic (a crystal fills them all;
+    a particle only one)."""
+    from ..ctf import estimate_ctf
+
+    hq = x.shape[0] // 2
+    for y in (0, hq):
+        for xq in (0, hq):
+            try:
+                sub = estimate_ctf(
+                    x[y : y + hq, xq : xq + hq], sampling_A, tile_px=max(32, hq // 2 * 2), **kw
+                )
+            except ValueError:
+                return False
+            if not sub.periodic:
+                return False
+    return True
+
+
+def _against_domain(out: dict, est, dom: dict, sampling_A: float, margin_nm, min_overlap):
+    """The estimate against the training defoci: overlap, defocus excess [nm], reasons."""
+    from ..ctf import ctf_overlap
+
+    energy = float(dom.get("energy_eV") or 300e3)
+    cs = float(dom.get("Cs_mm") if dom.get("Cs_mm") is not None else 0.005)
+    fs = float(dom.get("focal_spread_A") if dom.get("focal_spread_A") is not None else 10.0)
+    defocus_margin_nm = margin_nm
     reasons: list[str] = out["physics_reasons"]
     rng = dom.get("defocus_nm_range")
     train = [float(v) for v in dom.get("defocus_nm") or []] or (list(rng) if rng else [])
@@ -247,7 +267,7 @@ def physics_components(
                     train,
                     energy_eV=energy,
                     Cs_mm=cs,
-                    sampling_A=float(sampling_A),
+                    sampling_A=sampling_A,
                     focal_spread_A=fs,
                 )
                 for v in cands
@@ -266,14 +286,6 @@ def physics_components(
         ov = out["ctf_overlap"]
         if ov is not None and ov < min_overlap:
             reasons.append(f"CTF overlap with the training defoci {ov:.2f}")
-    if blank:
-        reasons.append("blank frame: no signal above shot noise")
-    elif out["periodic"] and not est.amorphous:
-        reasons.append(
-            f"no amorphous support: lattice fringes everywhere ({100 * peak:.0f} % of the "
-            "spectrum's excess power in sharp peaks)"
-        )
-    return out
 
 
 def mean_std(frame: np.ndarray, rows: int = 512) -> tuple[float, float]:
