@@ -318,21 +318,11 @@ class SweepConfig(BaseModel):
         return out
 
     def _common(self, stage: StageSettings) -> dict[str, Any]:
-        return dict(
-            epochs=stage.epochs,
-            batch_size=stage.batch_size,
-            samples_per_epoch=stage.samples_per_epoch,
-            patch_size=stage.patch_size,
-            lr_decay=stage.lr_decay,
-            loss=stage.loss,
-            val_fraction=self.data.val_fraction,
-            split_seed=self.data.split_seed,
-            max_val_images=self.data.max_val_images,
-            device=self.run.device,
-            precision=self.run.precision,
-            deterministic=self.run.deterministic,
-            num_threads=self.run.threads_per_worker,
-        )
+        out = {k: getattr(stage, k) for k in _STAGE_FIELDS}
+        out.update({k: getattr(self.data, k) for k in _DATA_FIELDS})
+        out.update({k: getattr(self.run, k) for k in ("device", "precision", "deterministic")})
+        out["num_threads"] = self.run.threads_per_worker
+        return out
 
     def pretrain_config(self, point: RunPoint) -> TrainConfig:
         """The pretraining ``TrainConfig`` of a run."""
@@ -357,6 +347,12 @@ class SweepConfig(BaseModel):
             seed=point.seed,
             **self._common(self.transfer),
         )
+
+
+#: StageSettings fields passed to the stage's TrainConfig as they are.
+_STAGE_FIELDS = ("epochs", "batch_size", "samples_per_epoch", "patch_size", "lr_decay", "loss")
+#: DataSettings fields passed to both stages' TrainConfig.
+_DATA_FIELDS = ("val_fraction", "split_seed", "max_val_images")
 
 
 def load_sweep_config(path: str | os.PathLike) -> SweepConfig:

@@ -140,12 +140,24 @@ def _results_sql(table: str, key_decl: str, key: str, columns: str) -> str:
 )"""
 
 
+def _view_sql(view: str, table: str, key: str, values: tuple[str, ...]) -> str:
+    """``CREATE VIEW`` of the tidy records of a results table (runs that are ``done``)."""
+    run_cols = ", ".join(f"r.{c}" for c in _VIEW_RUN_COLUMNS)
+    source = "'sweep ' || r.sweep_name || ' run ' || r.run_key"
+    return f"""CREATE VIEW {view} AS
+SELECT r.run_key || ':' || t.stage AS model_id, t.stage AS stage, {run_cols},
+  t.domain_defocus_nm AS domain_defocus_nm, t.{key} AS {key},
+  {", ".join(f"t.{c} AS {c}" for c in values)},
+  {source} AS source
+FROM {table} t JOIN runs r ON r.run_key = t.run_key
+WHERE r.status = 'done'
+ORDER BY r.run_key, t.stage, t.domain_defocus_nm, t.{key}"""
+
+
 def _schema_sql() -> list[str]:
     runs = ",\n  ".join(f"{k} {v}" for k, v in _RUN_COLUMNS.items())
     dom = ",\n  ".join(f"{k} {'INTEGER' if k == 'n_images' else 'REAL'}" for k in _DOMAIN_VALUES)
     frm = ",\n  ".join(f"{k} {'TEXT' if k == 'structure_id' else 'REAL'}" for k in _FRAME_VALUES)
-    run_cols = ", ".join(f"r.{c}" for c in _VIEW_RUN_COLUMNS)
-    source = "'sweep ' || r.sweep_name || ' run ' || r.run_key"
     return [
         "CREATE TABLE schema_version (version INTEGER NOT NULL)",
         """CREATE TABLE sweeps (
@@ -159,22 +171,8 @@ def _schema_sql() -> list[str]:
         _results_sql("domain_results", "material TEXT NOT NULL", "material", dom),
         _results_sql("frame_results", "image_index INTEGER NOT NULL", "image_index", frm),
         "CREATE INDEX runs_status ON runs(status)",
-        f"""CREATE VIEW {SQLITE_VIEWS["domains"]} AS
-SELECT r.run_key || ':' || d.stage AS model_id, d.stage AS stage, {run_cols},
-  d.domain_defocus_nm AS domain_defocus_nm, d.material AS material,
-  {", ".join(f"d.{c} AS {c}" for c in _DOMAIN_VALUES)},
-  {source} AS source
-FROM domain_results d JOIN runs r ON r.run_key = d.run_key
-WHERE r.status = 'done'
-ORDER BY r.run_key, d.stage, d.domain_defocus_nm, d.material""",
-        f"""CREATE VIEW {SQLITE_VIEWS["frames"]} AS
-SELECT r.run_key || ':' || f.stage AS model_id, f.stage AS stage, {run_cols},
-  f.domain_defocus_nm AS domain_defocus_nm, f.image_index AS image_index,
-  {", ".join(f"f.{c} AS {c}" for c in _FRAME_VALUES)},
-  {source} AS source
-FROM frame_results f JOIN runs r ON r.run_key = f.run_key
-WHERE r.status = 'done'
-ORDER BY r.run_key, f.stage, f.domain_defocus_nm, f.image_index""",
+        _view_sql(SQLITE_VIEWS["domains"], "domain_results", "material", _DOMAIN_VALUES),
+        _view_sql(SQLITE_VIEWS["frames"], "frame_results", "image_index", _FRAME_VALUES),
     ]
 
 
