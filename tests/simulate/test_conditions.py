@@ -237,3 +237,13 @@ def test_silicon_nitride_support_has_its_composition_density_and_minimum_distanc
     spec = build_specimen(cfg, np.random.default_rng(1))
     film = set(spec.atoms.get_chemical_symbols()) - set(spec.particle_atoms.get_chemical_symbols())
     assert film == {"Si", "N"}
+
+
+@pytest.mark.parametrize("material", ["CdSe", "ZnS"])
+def test_wurtzite_particles_have_tetrahedral_bonds_between_unlike_atoms(material):
+    p = particle(material, 12.0, np.random.default_rng(5))
+    d, j = cKDTree(p.positions).query(p.positions, k=2)
+    bond = LATTICES[material]["a"] * np.sqrt(3 / 8)  # ideal tetrahedral bond length
+    assert np.median(d[:, 1]) == pytest.approx(bond, rel=5e-3)
+    symbols = np.asarray(p.get_chemical_symbols())
+    assert np.all(symbols[j[:, 1]] != symbols)  # every nearest neighbour is the other species
