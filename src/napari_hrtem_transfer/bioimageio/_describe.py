@@ -211,45 +211,48 @@ def rdf_description(
     }
 
 
-def _input_tensor(space: Any, stride: int, eps: float) -> dict[str, Any]:
-    """The raw-frame input: (batch, channel, y, x), y and x multiples of ``stride``."""
+def _image_tensor(
+    tensor_id: str, description: str, channel: str, yx: list[dict[str, Any]], stem: str
+) -> dict[str, Any]:
+    """A (batch, channel, y, x) tensor with its test (``.npy``) and sample (``.tif``) files."""
     return {
-        "id": "raw",
-        "description": "HRTEM frame, raw counts or any linear intensity",
-        "axes": [
-            {"type": "batch"},
-            {"type": "channel", "channel_names": ["intensity"]},
-            space("y", {"min": stride, "step": stride}),
-            space("x", {"min": stride, "step": stride}),
-        ],
-        "test_tensor": {"source": "test_input.npy"},
-        "sample_tensor": {"source": "sample_input.tif"},
-        "data": {"type": "float32"},
-        "preprocessing": [
-            {
-                "id": "zero_mean_unit_variance",
-                "kwargs": {"axes": ["channel", "y", "x"], "eps": eps},
-            }
-        ],
+        "id": tensor_id,
+        "description": description,
+        "axes": [{"type": "batch"}, {"type": "channel", "channel_names": [channel]}, *yx],
+        "test_tensor": {"source": f"test_{stem}.npy"},
+        "sample_tensor": {"source": f"sample_{stem}.tif"},
     }
+
+
+def _input_tensor(space: Any, stride: int, eps: float) -> dict[str, Any]:
+    """The raw-frame input: y and x multiples of ``stride``, standardised per image."""
+    size = {"min": stride, "step": stride}
+    tensor = _image_tensor(
+        "raw",
+        "HRTEM frame, raw counts or any linear intensity",
+        "intensity",
+        [space("y", size), space("x", size)],
+        "input",
+    )
+    tensor["data"] = {"type": "float32"}
+    tensor["preprocessing"] = [
+        {"id": "zero_mean_unit_variance", "kwargs": {"axes": ["channel", "y", "x"], "eps": eps}}
+    ]
+    return tensor
 
 
 def _output_tensor(space: Any) -> dict[str, Any]:
     """The probability output, the input's size (sigmoid of the model's logits)."""
-    return {
-        "id": "probability",
-        "description": "particle probability (sigmoid of the logits)",
-        "axes": [
-            {"type": "batch"},
-            {"type": "channel", "channel_names": ["particle"]},
-            space("y", {"tensor_id": "raw", "axis_id": "y"}),
-            space("x", {"tensor_id": "raw", "axis_id": "x"}),
-        ],
-        "test_tensor": {"source": "test_output.npy"},
-        "sample_tensor": {"source": "sample_output.tif"},
-        "data": {"type": "float32", "range": [0.0, 1.0]},
-        "postprocessing": [{"id": "sigmoid"}],
-    }
+    tensor = _image_tensor(
+        "probability",
+        "particle probability (sigmoid of the logits)",
+        "particle",
+        [space(a, {"tensor_id": "raw", "axis_id": a}) for a in ("y", "x")],
+        "output",
+    )
+    tensor["data"] = {"type": "float32", "range": [0.0, 1.0]}
+    tensor["postprocessing"] = [{"id": "sigmoid"}]
+    return tensor
 
 
 def _weights(model_config: dict[str, Any], torchscript: bool) -> dict[str, Any]:
