@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -63,8 +64,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="folder for rows.json, tables.md")
     ap.add_argument("--save-hspy", action="store_true", help="also write the .hspy sets")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch/BLAS threads (1 is fastest on a busy box)"
+    )
     args = ap.parse_args(argv)
     models = args.model or ["pretrained"]
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from napari_hrtem_transfer.segmentation import resolve_model
 
@@ -79,7 +88,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     clean = independent_dataset(cfg)
     t_sim = time.perf_counter() - t0
-    print(f"simulated {clean.n_images} structures x {clean.n_defocus} defoci in {t_sim:.0f} s")
+    print(
+        f"simulated {clean.n_images} structures x {clean.n_defocus} defoci in {t_sim:.0f} s",
+        flush=True,
+    )
     rows: list[dict] = []
     t_score = 0.0
     for dose in args.doses:
@@ -95,6 +107,7 @@ def main(argv=None) -> int:
             for r in score_frames(lm, ds):
                 rows.append({**r, "model_id": m})
             t_score += time.perf_counter() - t1
+            print(f"scored {m} at {dose:g} e/Å² ({time.perf_counter() - t1:.0f} s)", flush=True)
     print(f"scored in {t_score:.0f} s\n")
     table = per_defocus_table(rows, models, args.doses)
     card = breakdown_markdown(breakdown(rows))
