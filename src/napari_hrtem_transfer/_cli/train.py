@@ -369,24 +369,16 @@ def _no_ood_note(prog: str, out_dir: Path) -> None:
     )
 
 
-def _fit_ood(args: argparse.Namespace, out_dir: Path, data: Any, prog: str) -> None:
-    """The end-of-training OOD fit, with its own progress bar; a failure keeps the model."""
-    if args.no_ood_fit:
+def _print_ood(prog: str, out_dir: Path, ood: Any) -> None:
+    """The end-of-training OOD fit's message (a failure keeps the model), or why none ran."""
+    if ood is None:
         _no_ood_note(prog, out_dir)
-        return
-    from ..evaluation.ood import fit_ood_after_training
-
-    progress, close = _ood_progress(args)
-    try:
-        device = getattr(args, "device", None)
-        res = fit_ood_after_training(out_dir, data, progress=progress, device=device)
-    finally:
-        close()
-    print(res.message, file=sys.stdout if res.ok else sys.stderr)
+    else:
+        print(ood.message, file=sys.stdout if ood.ok else sys.stderr)
 
 
 def _run_training(args: argparse.Namespace, finetune: bool) -> int:
-    from ..training.loop import train
+    from ..evaluation.workflows import train_stage
 
     prog = f"hrtem-transfer {'finetune' if finetune else 'pretrain'}"
     images = getattr(args, "images", None)
@@ -402,13 +394,23 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
     cfg = _config_from_args(args, finetune)
     stop = threading.Event()
     progress = _Progress(show_bar=not args.no_progress)
+    ood_progress, close_ood = _ood_progress(args)
     try:
         with _sigint_to_stop(stop, prog):
-            result = train(
-                cfg, args.data, args.out, callbacks=[progress], stop=stop, resume=args.resume
+            stage = train_stage(
+                cfg,
+                args.data,
+                args.out,
+                callbacks=[progress],
+                stop=stop,
+                resume=args.resume,
+                fit_ood=not args.no_ood_fit,
+                ood_progress=ood_progress,
             )
     finally:
         progress.close()
+        close_ood()
+    result = stage.train
     if result.stopped:
         print(
             f"{prog}: stopped after {result.epochs_completed} complete epoch(s); the checkpoint in "
@@ -421,7 +423,7 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
         f"(val loss {result.best_val_loss:.4f}) in {result.time_s:.0f} s; "
         f"checkpoint {result.out_dir}"
     )
-    _fit_ood(args, result.out_dir, args.data, prog)
+    _print_ood(prog, result.out_dir, stage.ood)
     return 0
 
 
@@ -496,10 +498,7 @@ def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
         print(f"{prog}: stopped; rerun with --resume to continue.", file=sys.stderr)
         return 130
     print(f"done: checkpoint {result.out_dir} (val loss {result.train.best_val_loss:.4f})")
-    if result.ood is None:
-        _no_ood_note(prog, result.out_dir)
-    else:
-        print(result.ood.message, file=sys.stdout if result.ood.ok else sys.stderr)
+    _print_ood(prog, result.out_dir, result.ood)
     return 0
 
 
