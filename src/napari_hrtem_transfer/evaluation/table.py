@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["REQUIRED_COLUMNS", "SQLITE_VIEWS", "ResultTable"]
+__all__ = ["REQUIRED_COLUMNS", "SQLITE_VIEWS", "ResultTable", "read_schema_version"]
 
 #: Views of a sweep database (``napari_hrtem_transfer.sweep.store``) holding tidy records:
 #: ``"domains"`` one row per run x stage x domain (x material), ``"frames"`` one per frame.
@@ -48,6 +48,31 @@ SQLITE_VIEWS = {"domains": "domain_records", "frames": "frame_records"}
 
 #: Highest version of the sweep database schema this module reads.
 SQLITE_SCHEMA_VERSION = 1
+
+
+def read_schema_version(conn: Any) -> int | None:
+    """The schema version of an open sweep database; None for an empty database.
+
+    The one reader of the ``schema_version`` table (the writer is
+    ``napari_hrtem_transfer.sweep.store``).
+
+    Raises
+    ------
+    sqlite3.DatabaseError
+        The file is not a sweep results database (no ``schema_version`` table).
+    """
+    import sqlite3
+
+    tables = {
+        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+    }
+    if not tables:
+        return None
+    if "schema_version" not in tables:
+        raise sqlite3.DatabaseError("not a sweep results database (no schema_version table)")
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
 
 #: Columns every result table needs for the study's views.
 REQUIRED_COLUMNS = (
@@ -213,7 +238,7 @@ class ResultTable:
             raise DatasetError(f"cannot open {p}: {exc}.") from None
         try:
             try:
-                version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+                version = read_schema_version(conn)
             except sqlite3.DatabaseError as exc:
                 raise DatasetError(
                     f"{p} is not a sweep results database ({exc}); write one with "

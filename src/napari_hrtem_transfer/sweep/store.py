@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..evaluation.table import SQLITE_SCHEMA_VERSION, SQLITE_VIEWS
+from ..evaluation.table import SQLITE_SCHEMA_VERSION, SQLITE_VIEWS, read_schema_version
 
 __all__ = ["SCHEMA_VERSION", "ResultStore", "check_database", "read_status"]
 
@@ -176,19 +176,6 @@ def _schema_sql() -> list[str]:
     ]
 
 
-def _read_version(conn: sqlite3.Connection) -> int | None:
-    """The stored schema version; None for an empty database."""
-    tables = {
-        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
-    }
-    if not tables:
-        return None
-    if "schema_version" not in tables:
-        raise sqlite3.DatabaseError("not a sweep results database (no schema_version table)")
-    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-    return int(row[0]) if row and row[0] is not None else None
-
-
 def _writable(path: Path) -> bool:
     """May this process write ``path`` (a file or folder)?  One place, so that tests can
     emulate an ordinary user's permissions when they run as root."""
@@ -233,7 +220,7 @@ def check_database(path: str | os.PathLike, flag: str = "--db") -> Path:
         raise ConfigError(f"{flag} {p} cannot be opened: {exc}.", flag) from None
     try:
         try:
-            version = _read_version(conn)
+            version = read_schema_version(conn)
         except sqlite3.DatabaseError as exc:
             if "locked" in str(exc):
                 raise _locked(p, flag) from None
@@ -299,7 +286,7 @@ class ResultStore:
     # ------------------------------------------------------------------ lifecycle
     def _init_schema(self) -> None:
         with self.transaction() as c:
-            version = _read_version(c)
+            version = read_schema_version(c)
             if version is None:
                 for stmt in _schema_sql():
                     c.execute(stmt)
