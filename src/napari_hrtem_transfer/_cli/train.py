@@ -369,6 +369,27 @@ def _no_ood_note(prog: str, out_dir: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def _session(args: argparse.Namespace, prog: str) -> Iterator[dict[str, Any]]:
+    """The keyword arguments of a training stage run from the terminal: progress bars,
+    Ctrl-C as a stop request, resume and the OOD fit as the flags say."""
+    stop = threading.Event()
+    progress = _Progress(show_bar=not args.no_progress)
+    ood_progress, close_ood = _ood_progress(args)
+    try:
+        with _sigint_to_stop(stop, prog):
+            yield dict(
+                callbacks=[progress],
+                stop=stop,
+                resume=args.resume,
+                fit_ood=not args.no_ood_fit,
+                ood_progress=ood_progress,
+            )
+    finally:
+        progress.close()
+        close_ood()
+
+
 def _print_ood(prog: str, out_dir: Path, ood: Any) -> None:
     """The end-of-training OOD fit's message (a failure keeps the model), or why none ran."""
     if ood is None:
@@ -392,24 +413,8 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
             "--data",
         )
     cfg = _config_from_args(args, finetune)
-    stop = threading.Event()
-    progress = _Progress(show_bar=not args.no_progress)
-    ood_progress, close_ood = _ood_progress(args)
-    try:
-        with _sigint_to_stop(stop, prog):
-            stage = train_stage(
-                cfg,
-                args.data,
-                args.out,
-                callbacks=[progress],
-                stop=stop,
-                resume=args.resume,
-                fit_ood=not args.no_ood_fit,
-                ood_progress=ood_progress,
-            )
-    finally:
-        progress.close()
-        close_ood()
+    with _session(args, prog) as kw:
+        stage = train_stage(cfg, args.data, args.out, **kw)
     result = stage.train
     if result.stopped:
         print(
@@ -472,28 +477,17 @@ def _run_annotation_finetune(args: argparse.Namespace, prog: str) -> int:
             f"{ds.info['frames']}"
         )
 
-    stop = threading.Event()
-    progress = _Progress(show_bar=not args.no_progress)
-    ood_progress, close_ood = _ood_progress(args)
-    try:
-        with _sigint_to_stop(stop, prog):
-            result = finetune_on_annotations(
-                images.frames(),
-                labels.frames(),
-                out_dir=args.out,
-                model=args.model,
-                sampling_A=args.sampling if args.sampling is not None else images.sampling_A,
-                callbacks=[progress],
-                stop=stop,
-                resume=args.resume,
-                fit_ood=not args.no_ood_fit,
-                ood_progress=ood_progress,
-                on_dataset=on_dataset,
-                **options,
-            )
-    finally:
-        progress.close()
-        close_ood()
+    with _session(args, prog) as kw:
+        result = finetune_on_annotations(
+            images.frames(),
+            labels.frames(),
+            out_dir=args.out,
+            model=args.model,
+            sampling_A=args.sampling if args.sampling is not None else images.sampling_A,
+            on_dataset=on_dataset,
+            **kw,
+            **options,
+        )
     if result.train.stopped:
         print(f"{prog}: stopped; rerun with --resume to continue.", file=sys.stderr)
         return 130
