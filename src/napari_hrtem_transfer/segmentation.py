@@ -35,14 +35,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError, HrtemTransferError, config_error_from_validation
+from .errors import HrtemTransferError, config_error_from_validation
 from .io.frames import RESAMPLING
 
 __all__ = [
@@ -61,7 +60,6 @@ PRETRAINED = "pretrained"
 
 Progress = Callable[[int, int, str], None]
 StopRequest = threading.Event | Callable[[], bool] | None
-
 
 
 class SegmentationWarning(UserWarning):
@@ -101,11 +99,15 @@ class SegmentConfig(BaseModel):
     max_resampled_px: int = Field(default=RESAMPLING.max_resampled_px, ge=64)
     """Largest side of a resampled frame [px]."""
 
-    tile_size: int = Field(default=1024, ge=64, le=16384)
-    """Largest tile side for prediction and the OOD pass [px]."""
+    tile_size: int | None = Field(default=None, ge=64, le=16384)
+    """Largest tile side for prediction and the OOD pass [px]; None: the largest that
+    ``tile_memory_MiB`` allows (never less than the receptive field needs)."""
+
+    tile_memory_MiB: int = Field(default=768, ge=64, le=1 << 20)
+    """Working memory of one forward pass [MiB]: sets the tile side and the batch."""
 
     batch_size: int = Field(default=4, ge=1, le=256)
-    """Tiles per forward pass."""
+    """Most tiles (or small frames) per forward pass, within ``tile_memory_MiB``."""
 
     min_frame_px: int = Field(default=32, ge=8, le=4096)
     """Smaller frames are reflect-padded up to this side (and cropped back)."""
@@ -265,63 +267,25 @@ def pretrained_model_dir() -> Path:
     CheckpointError
         If this installation has no shipped model.
     """
-    from .errors import CheckpointError
+    from .inference import pretrained_model_dir as shipped
 
-    root = resources.files("napari_hrtem_transfer") / "models" / "pretrained"
-    path = Path(str(root))
-    if not (path / "best.json").is_file():
-        raise CheckpointError(
-            f"the pretrained model is missing from this installation ({path}); reinstall "
-            "napari-hrtem-transfer, or pass a checkpoint folder you trained yourself."
-        )
-    return path
-
-
-_CACHE: dict[tuple, Any] = {}
-_CACHE_LOCK = threading.Lock()
+    return shipped()
 
 
 def resolve_model(model: Any = PRETRAINED, which: str = "best", device: str = "auto") -> Any:
     """A :class:`~napari_hrtem_transfer.training.LoadedModel` for ``model``.
 
-    ``model`` is ``"pretrained"`` (the shipped model), a checkpoint folder, a bioimage.io
-    model package (``.zip``, ``rdf.yaml``/``bioimageio.yaml``: unpacked once into a cache
-    folder by :func:`napari_hrtem_transfer.bioimageio.import_bioimageio`, which refuses
-    architectures that are not ours and pickles), or an already loaded model (returned as
-    is).  Loaded folders are cached by path, file time and device, so repeated calls from a
-    GUI do not reload the weights.
+    The one loader, :func:`napari_hrtem_transfer.inference.load_model`: ``model`` is
+    ``"pretrained"`` (the shipped model), a checkpoint folder, a bioimage.io model package
+    (``.zip``, ``rdf.yaml``/``bioimageio.yaml``: unpacked once into a cache folder by
+    :func:`napari_hrtem_transfer.bioimageio.import_bioimageio`, which refuses architectures
+    that are not ours and pickles), or an already loaded model (returned as is).  Loaded
+    folders are cached by path, file time, which and device, so repeated calls from a GUI
+    do not reload the weights.
     """
-    if hasattr(model, "predict_proba") and hasattr(model, "info"):
-        return model
-    from .training import load_checkpoint
+    from .inference import load_model
 
-    path = pretrained_model_dir() if str(model) == PRETRAINED else Path(model).expanduser()
-    from .bioimageio import import_bioimageio, is_bioimageio_package
-
-    if is_bioimageio_package(path):
-        if which != "best":
-            raise ConfigError(
-                f"{path}: a bioimage.io package holds one checkpoint; use which='best' "
-                f"(got {which!r}).",
-                "which",
-            )
-        path = import_bioimageio(path)
-    sidecar = path / f"{which}.json"
-    key = (
-        str(path.resolve()),
-        which,
-        device,
-        sidecar.stat().st_mtime_ns if sidecar.exists() else 0,
-    )
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-    loaded = load_checkpoint(path, which, device=device)
-    with _CACHE_LOCK:
-        if len(_CACHE) > 4:
-            _CACHE.clear()
-        _CACHE[key] = loaded
-    return loaded
+    return load_model(model, which, device)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -474,16 +438,30 @@ def segment(
 
     stopped = _stop_fn(stop)
     inp = _as_frames(data, sampling_A, axes)
-    from .io.frames import check_zoom, input_warnings
+    from .io.frames import input_warnings
 
     notes: list[str] = []
     for warn in input_warnings(inp.model):
         notes.append(warn)
         warnings.warn(warn, SegmentationWarning, stacklevel=2)
-
     lm = resolve_model(model, cfg.which, cfg.device)
-    model_s = lm.sampling_A
-    factor: float | None = None
+    factor = _resampling(inp, lm.sampling_A, cfg, notes)
+    job = _Job(inp, lm, cfg, factor, notes, _ood_reference(lm, notes) if cfg.ood else None)
+    n = job.n
+    for g0 in range(0, n, job.per_group):
+        if stopped():
+            raise SegmentationStopped(f"stopped after {g0} of {n} frames; nothing was written")
+        job.run_group(range(g0, min(n, g0 + job.per_group)))
+        if progress is not None:
+            done = min(n, g0 + job.per_group)
+            progress(done, n, f"segmented frame {done}/{n}")
+    return job.result(model)
+
+
+def _resampling(inp: _Frames, model_s: float | None, cfg: SegmentConfig, notes: list[str]):
+    """The zoom factor to the model's pixel size (None: none), with its notes and warnings."""
+    from .io.frames import check_zoom
+
     ny, nx = (int(v) for v in inp.frames.shape[-2:])
     if inp.sampling_A is None:
         msg = (
@@ -493,149 +471,207 @@ def segment(
             else f"{inp.name}: neither the image nor the model has a pixel size."
         )
         notes.append(msg)
-        warnings.warn(msg, SegmentationWarning, stacklevel=2)
-    elif model_s and abs(inp.sampling_A / model_s - 1.0) > cfg.resample_tolerance:
-        ratio = inp.sampling_A / model_s
-        if not cfg.resample:
-            msg = (
-                f"{inp.name}: pixel size {inp.sampling_A:.4g} Å differs from the model's "
-                f"{model_s:.4g} Å (x{ratio:.3g}) and resampling is off; results may be poor."
-            )
-            notes.append(msg)
-            warnings.warn(msg, SegmentationWarning, stacklevel=2)
-        else:
-            factor = check_zoom(
-                inp.sampling_A,
-                model_s,
-                (ny, nx),
-                inp.name,
-                max_zoom=cfg.max_zoom,
-                max_resampled_px=cfg.max_resampled_px,
-            )
-            notes.append(
-                f"resampled frames from {inp.sampling_A:.4g} to the model's {model_s:.4g} Å/px "
-                f"(zoom x{ratio:.3g}) and the probabilities back to the input grid"
-            )
+        warnings.warn(msg, SegmentationWarning, stacklevel=3)
+        return None
+    if not model_s or abs(inp.sampling_A / model_s - 1.0) <= cfg.resample_tolerance:
+        return None
+    ratio = inp.sampling_A / model_s
+    if not cfg.resample:
+        msg = (
+            f"{inp.name}: pixel size {inp.sampling_A:.4g} Å differs from the model's "
+            f"{model_s:.4g} Å (x{ratio:.3g}) and resampling is off; results may be poor."
+        )
+        notes.append(msg)
+        warnings.warn(msg, SegmentationWarning, stacklevel=3)
+        return None
+    factor = check_zoom(
+        inp.sampling_A,
+        model_s,
+        (ny, nx),
+        inp.name,
+        max_zoom=cfg.max_zoom,
+        max_resampled_px=cfg.max_resampled_px,
+    )
+    notes.append(
+        f"resampled frames from {inp.sampling_A:.4g} to the model's {model_s:.4g} Å/px "
+        f"(zoom x{ratio:.3g}) and the probabilities back to the input grid"
+    )
+    return factor
 
-    ref = _ood_reference(lm, notes) if cfg.ood else None
-    scorer = None
-    if ref is not None:
-        from .evaluation._model import ScoringModel
-        from .evaluation.ood import ood_scores
 
-        scorer = ScoringModel(lm)
+class _Job:
+    """The state of one :func:`segment` run: outputs, tiles and the OOD verdicts."""
 
-    n = int(inp.frames.shape[0])
-    labels = np.empty((n, ny, nx), dtype=np.uint8)
-    proba_out = np.empty((n, ny, nx), dtype=np.float32) if cfg.probabilities else None
-    scores = np.full(n, np.nan) if ref is not None else None
-    flags = np.zeros(n, bool) if ref is not None else None
-    reasons: list[list[str]] = [[] for _ in range(n)] if ref is not None else []
-    comps: list[dict[str, Any]] = [{} for _ in range(n)] if ref is not None else []
-    defoci = np.full(n, np.nan) if ref is not None else None
-    signs = np.zeros(n, bool) if ref is not None else None
-    stride = max(1, int(lm.output_stride))
-    min_px = max(cfg.min_frame_px, stride)
-    tile = max(cfg.tile_size // stride * stride, stride)
-    # prediction tiles must hold the model's reach on both sides of their useful centre
-    reach = -(-int(getattr(lm.model, "receptive_field", 0)) // stride) * stride
-    pred_tile = max(tile, 2 * reach + stride)
-    # small frames are processed several at a time (at most one tile's worth of pixels)
-    zy, zx = (ny, nx) if factor is None else (round(ny * factor), round(nx * factor))
-    per_group = max(1, (tile * tile) // max(1, max(zy, min_px) * max(zx, min_px)))
-    small_warned = False
-    for g0 in range(0, n, per_group):
-        if stopped():
-            raise SegmentationStopped(f"stopped after {g0} of {n} frames; nothing was written")
-        idx = range(g0, min(n, g0 + per_group))
-        chunk = inp.frames[idx.start : idx.stop]
-        chunk = np.asarray(chunk.compute() if hasattr(chunk, "compute") else chunk, np.float32)
+    def __init__(self, inp, lm, cfg: SegmentConfig, factor, notes: list[str], ref) -> None:
+        from .inference import DEFAULT_BYTES_PER_PX, overlap_for, tile_for_budget
+        from .training.device import resolve_precision
+
+        self.inp, self.lm, self.cfg, self.factor, self.notes, self.ref = (
+            inp,
+            lm,
+            cfg,
+            factor,
+            notes,
+            ref,
+        )
+        n, (ny, nx) = int(inp.frames.shape[0]), (int(v) for v in inp.frames.shape[-2:])
+        self.n, self.ny, self.nx = n, ny, nx
+        self.labels = np.empty((n, ny, nx), dtype=np.uint8)
+        self.proba = np.empty((n, ny, nx), dtype=np.float32) if cfg.probabilities else None
+        self.verdicts: dict[int, tuple] = {}
+        self.scorer = None
+        if ref is not None:
+            from .evaluation._model import ScoringModel
+
+            self.scorer = ScoringModel(lm)
+            self.scorer.precision = cfg.precision
+        stride = max(1, int(lm.output_stride))
+        self.min_px = max(cfg.min_frame_px, stride)
+        overlap = overlap_for(int(getattr(lm.model, "receptive_field", 0)), stride)
+        budget = cfg.tile_memory_MiB * 2**20
+        self.bytes_per_px = DEFAULT_BYTES_PER_PX[resolve_precision(cfg.precision, lm.device)]
+        tile = cfg.tile_size or tile_for_budget(budget, self.bytes_per_px, stride, overlap)
+        # prediction tiles must hold the model's reach on both sides of their useful centre
+        self.tile = max(tile // stride * stride, 2 * overlap + stride)
+        self.budget_px = max(budget // self.bytes_per_px, self.tile**2)
+        # small frames are processed several at a time (at most one tile's worth of pixels)
+        zy, zx = (ny, nx) if factor is None else (round(ny * factor), round(nx * factor))
+        per_px = max(zy, self.min_px) * max(zx, self.min_px)
+        self.per_group = max(1, (tile * tile) // max(1, per_px))
+        self.small_warned = False
+
+    def _work(self, chunk: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Frames at the model's pixel size (resampled once), padded to ``min_px``."""
         works = []
         for frame in chunk:
-            work = _zoom(frame, factor) if factor is not None else frame
-            work, (wy, wx) = _pad_to(work, min_px)
+            work = _zoom(frame, self.factor) if self.factor is not None else frame
+            work, (wy, wx) = _pad_to(work, self.min_px)
             works.append(work)
-        if (wy, wx) != works[0].shape and not small_warned:
-            small_warned = True
-            notes.append(
+        if (wy, wx) != works[0].shape and not self.small_warned:
+            self.small_warned = True
+            self.notes.append(
                 f"frames of {wy}x{wx} px (at the model's pixel size) are smaller than "
-                f"{min_px} px and were reflect-padded; the model sees little context, so "
-                "treat the result with caution"
+                f"{self.min_px} px and were reflect-padded; the model sees little context, "
+                "so treat the result with caution"
             )
-        work = works[0][None] if len(works) == 1 else np.stack(works)  # no copy of one frame
-        p = lm.predict_proba(
-            work, tile_size=pred_tile, batch_size=cfg.batch_size, precision=cfg.precision
-        )
-        if scorer is not None:
-            try:
-                sc = ood_scores(
-                    scorer,
-                    work,
-                    reference=ref,
-                    proba=p,
-                    tile_px=pred_tile,
-                    native_frames=chunk if factor is not None else None,
-                    native_sampling_A=inp.sampling_A,
-                    zoom=factor,
-                    precision=cfg.precision,
-                )
-                sl = slice(idx.start, idx.stop)
-                scores[sl] = np.asarray(sc.score, dtype=float)
-                flags[sl] = sc.caution
-                reasons[sl] = sc.reasons
-                comps[sl] = sc.components
-                defoci[sl] = [np.nan if d is None else d for d in sc.estimated_defocus_nm]
-                signs[sl] = sc.defocus_sign_determined
-            except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
-                notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")
+        return (works[0][None] if len(works) == 1 else np.stack(works)), (wy, wx)
+
+    def _batch(self, shape: tuple[int, ...]) -> int:
+        ty, tx = min(self.tile, shape[-2]), min(self.tile, shape[-1])
+        return max(1, min(self.cfg.batch_size, self.budget_px // max(1, ty * tx)))
+
+    def run_group(self, idx: range) -> None:
+        """Segment (and score) frames ``idx``: one network pass, probabilities back."""
+        cfg = self.cfg
+        chunk = self.inp.frames[idx.start : idx.stop]
+        chunk = np.asarray(chunk.compute() if hasattr(chunk, "compute") else chunk, np.float32)
+        work, (wy, wx) = self._work(chunk)
+        bs = self._batch(work.shape)
+        if self.scorer is None:
+            p = self.lm.predict_proba(
+                work, tile_size=self.tile, batch_size=bs, precision=cfg.precision
+            )
+        else:  # features, entropy and probabilities from the same forward passes
+            from .evaluation.ood.verdict import ENCODER_MAX_TILES
+
+            st = self.scorer.frame_stats(
+                work, want_proba=True, tile_px=self.tile, batch_size=bs, max_tiles=ENCODER_MAX_TILES
+            )
+            p = st.proba
+            self._verdict(idx, st, work, chunk)
         for k, i in enumerate(idx):
             pk = p[k, :wy, :wx]
-            if factor is not None:
-                pk = np.clip(_zoom(pk, 0.0, (ny, nx)), 0.0, 1.0)
-            labels[i] = pk >= cfg.threshold
-            if proba_out is not None:
-                proba_out[i] = pk
-        if progress is not None:
-            progress(idx.stop, n, f"segmented frame {idx.stop}/{n}")
+            if self.factor is not None:
+                pk = np.clip(_zoom(pk, 0.0, (self.ny, self.nx)), 0.0, 1.0)
+            self.labels[i] = pk >= cfg.threshold
+            if self.proba is not None:
+                self.proba[i] = pk
 
-    shape = (*inp.nav_shape, ny, nx)
-    ood = None
-    caution = None
-    nav = inp.nav_shape if inp.nav_shape else ()
-    if scores is not None:
-        ood = scores.reshape(nav)
-        caution = float(ref.caution)
-    from . import __version__
+    def _verdict(self, idx: range, st, work: np.ndarray, chunk: np.ndarray) -> None:
+        from .evaluation.ood import verdict
 
-    provenance = {
-        "model": PRETRAINED if str(model) == PRETRAINED else str(lm.path),
-        "model_path": str(lm.path),
-        "which": cfg.which,
-        "weights_sha256": lm.info.get("weights_sha256"),
-        "model_sampling_A": model_s,
-        "threshold": cfg.threshold,
-        "resampled_zoom": factor,
-        "package": "napari-hrtem-transfer",
-        "version": __version__,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "ood_reference": ref is not None,
-        "ood_caution": caution,
-    }
-    return SegmentationResult(
-        labels=labels.reshape(shape),
-        proba=None if proba_out is None else proba_out.reshape(shape),
-        ood_score=ood,
-        ood_caution=caution,
-        axes=[dict(a) for a in inp.axes],
-        sampling_A=inp.sampling_A,
-        model_sampling_A=model_s,
-        resampled=factor,
-        notes=notes,
-        provenance=provenance,
-        ood_flag=None if flags is None else flags.reshape(nav),
-        ood_reasons=reasons if ref is not None else None,
-        estimated_defocus_nm=None if defoci is None else defoci.reshape(nav),
-        defocus_sign_determined=None if signs is None else signs.reshape(nav),
-        ood_components=comps if ref is not None else None,
-        imaging_domain=None if ref is None else _with_sampling(ref.domain, model_s),
-    )
+        try:
+            sc = verdict(
+                self.ref,
+                st,
+                work,
+                native_frames=chunk if self.factor is not None else None,
+                native_sampling_A=self.inp.sampling_A,
+                model_sampling_A=self.scorer.sampling_A,
+                zoom=self.factor,
+            )
+        except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
+            self.notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")
+            return
+        for k, i in enumerate(idx):
+            d = sc.estimated_defocus_nm[k]
+            self.verdicts[i] = (
+                float(np.asarray(sc.score, dtype=float).reshape(-1)[k]),
+                bool(np.asarray(sc.caution).reshape(-1)[k]),
+                list(sc.reasons[k]),
+                dict(sc.components[k]),
+                np.nan if d is None else float(d),
+                bool(np.asarray(sc.defocus_sign_determined).reshape(-1)[k]),
+            )
+
+    def _ood_arrays(self, nav: tuple[int, ...]) -> dict[str, Any]:
+        """The result's OOD fields (None without a reference)."""
+        if self.ref is None:
+            return {
+                k: None
+                for k in (
+                    "ood_score",
+                    "ood_caution",
+                    "ood_flag",
+                    "ood_reasons",
+                    "estimated_defocus_nm",
+                    "defocus_sign_determined",
+                    "ood_components",
+                    "imaging_domain",
+                )
+            }
+        blank = (np.nan, False, [], {}, np.nan, False)
+        rows = [self.verdicts.get(i, blank) for i in range(self.n)]
+        return {
+            "ood_score": np.array([r[0] for r in rows], float).reshape(nav),
+            "ood_caution": float(self.ref.caution),
+            "ood_flag": np.array([r[1] for r in rows], bool).reshape(nav),
+            "ood_reasons": [r[2] for r in rows],
+            "ood_components": [r[3] for r in rows],
+            "estimated_defocus_nm": np.array([r[4] for r in rows], float).reshape(nav),
+            "defocus_sign_determined": np.array([r[5] for r in rows], bool).reshape(nav),
+            "imaging_domain": _with_sampling(self.ref.domain, self.lm.sampling_A),
+        }
+
+    def result(self, model: Any) -> SegmentationResult:
+        """The :class:`SegmentationResult` of the frames segmented so far."""
+        from . import __version__
+
+        inp, lm, cfg = self.inp, self.lm, self.cfg
+        shape = (*inp.nav_shape, self.ny, self.nx)
+        ood = self._ood_arrays(inp.nav_shape if inp.nav_shape else ())
+        provenance = {
+            "model": PRETRAINED if str(model) == PRETRAINED else str(lm.path),
+            "model_path": str(lm.path),
+            "which": cfg.which,
+            "weights_sha256": lm.info.get("weights_sha256"),
+            "model_sampling_A": lm.sampling_A,
+            "threshold": cfg.threshold,
+            "resampled_zoom": self.factor,
+            "package": "napari-hrtem-transfer",
+            "version": __version__,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ood_reference": self.ref is not None,
+            "ood_caution": ood["ood_caution"],
+        }
+        return SegmentationResult(
+            labels=self.labels.reshape(shape),
+            proba=None if self.proba is None else self.proba.reshape(shape),
+            axes=[dict(a) for a in inp.axes],
+            sampling_A=inp.sampling_A,
+            model_sampling_A=lm.sampling_A,
+            resampled=self.factor,
+            notes=self.notes,
+            provenance=provenance,
+            **ood,
+        )

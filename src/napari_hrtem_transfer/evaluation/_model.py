@@ -19,7 +19,6 @@ result equals the whole-frame result up to floating-point rounding.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from ..inference._engine import boundary_mask
+
+__all__ = ["DEFAULT_TILE_PX", "FrameStats", "ScoringModel", "boundary_mask", "boundary_statistics"]
 
 #: Largest tile side [px] of the OOD pass (rounded down to the output stride).  A 1024 px
 #: tile of the compact U-Net needs a few hundred MB; frames up to this size are one tile.
@@ -81,30 +83,6 @@ class FrameStats:
     particle_fraction: np.ndarray | None = None
 
 
-class _Moments:
-    """Running count, mean and sum of squared deviations per channel (Chan et al. update)."""
-
-    __slots__ = ("n", "mean", "m2")
-
-    def __init__(self, c: int) -> None:
-        self.n = 0.0
-        self.mean = np.zeros(c)
-        self.m2 = np.zeros(c)
-
-    def add(self, n: float, mean: np.ndarray, m2: np.ndarray) -> None:
-        if n <= 0:
-            return
-        tot = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / tot)
-        self.m2 = self.m2 + m2 + delta * delta * (self.n * n / tot)
-        self.n = tot
-
-    def pooled(self) -> np.ndarray:
-        std = np.sqrt(np.maximum(self.m2 / max(self.n, 1.0), 0.0))
-        return np.concatenate([self.mean, std])
-
-
 def _entropy_sum(p: np.ndarray) -> float:
     """Sum of the binary entropy [nats] of probabilities ``p`` (any shape), float64."""
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
@@ -123,19 +101,6 @@ def _entropy_map(p: np.ndarray) -> np.ndarray:
     """Binary entropy [nats] of probabilities ``p`` (any shape), float64."""
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
     return -(p * np.log(p) + (1 - p) * np.log1p(-p))
-
-
-def boundary_mask(pred: np.ndarray) -> np.ndarray:
-    """Pixels of a binary map (..., H, W) with a 4-neighbour of the other class (bool)."""
-    pred = np.asarray(pred, dtype=bool)
-    edge = np.zeros_like(pred)
-    dy = pred[..., 1:, :] != pred[..., :-1, :]
-    dx = pred[..., :, 1:] != pred[..., :, :-1]
-    edge[..., 1:, :] |= dy
-    edge[..., :-1, :] |= dy
-    edge[..., :, 1:] |= dx
-    edge[..., :, :-1] |= dx
-    return edge
 
 
 def _boundary_sums(p: np.ndarray, rows: int = 512) -> tuple[float, int]:
@@ -207,13 +172,9 @@ class ScoringModel:
         self.loaded = None
         if isinstance(model, str | os.PathLike):
             self.model_dir = Path(model)
-            try:
-                from ..training import load_checkpoint
-            except ImportError as exc:  # pragma: no cover - training core missing
-                raise CheckpointError(
-                    f"cannot load {model}: the training core is not available ({exc})."
-                ) from exc
-            model = load_checkpoint(self.model_dir, which=which, device=device or "auto")
+            from ..inference import load_model
+
+            model = load_model(self.model_dir, which=which, device=device or "auto")
         if hasattr(model, "model") and hasattr(model, "info"):
             self.loaded = model
             self.net = model.model
@@ -292,47 +253,27 @@ class ScoringModel:
                 )
 
     # ------------------------------------------------------------------ forward
-    def _net_parts(self):
-        """The network to run (BatchNorm folded when the checkpoint offers it) and its encoder."""
-        net = self.net
-        if self.loaded is not None and hasattr(self.loaded, "_inference_model"):
-            try:
-                net = self.loaded._inference_model()
-            except Exception:  # noqa: BLE001 - fall back to the plain module
-                net = self.net
-        return net, getattr(net, "encoder", None)
+    def _forward_fn(self):
+        """``forward(tiles, decode)`` of the one engine (BatchNorm folded when the checkpoint
+        offers it, bf16 weights on a CPU at bf16)."""
+        from ..inference import make_forward
+        from ..training.device import resolve_precision
 
-    def _forward(self, net, encoder, x: np.ndarray, decode: bool):
-        """Run one batch (B, h, w) of standardised tiles; logits (B, h, w) or None, and maps."""
-        import torch
-
-        from ..training.device import autocast, resolve_precision
-
-        t = torch.from_numpy(np.ascontiguousarray(x[:, None], dtype=np.float32)).to(self.device)
-        captured: list = []
-        hook = None
-        self.n_forward += 1
         prec = (
             resolve_precision(self.precision, self.device) if self.precision != "fp32" else "fp32"
         )
-        with torch.inference_mode(), autocast(self.device, prec):
-            if isinstance(encoder, torch.nn.Module):
-                if not decode:
-                    out = encoder(t)
-                    maps = list(out) if isinstance(out, list | tuple) else [out]
-                    return None, maps
+        lm = self.loaded
+        if lm is not None and hasattr(lm, "forward_fn") and lm.device == self.device:
+            return lm.forward_fn(prec)
+        return make_forward(self.net, self.device, prec)
 
-                def _grab(_m, _inp, out):
-                    captured.append(list(out) if isinstance(out, list | tuple) else [out])
+    def _plan(self, h: int, w: int, tile_px: int, overlap_px: int | None):
+        from ..inference import overlap_for, plan_tiles
 
-                hook = encoder.register_forward_hook(_grab)
-            try:
-                z = net(t) if decode else None
-                maps = captured[-1] if captured else [net.encoder_features(t)]
-            finally:
-                if hook is not None:
-                    hook.remove()
-        return (None if z is None else z[:, 0].float().cpu().numpy()), maps
+        s = self.output_stride
+        if overlap_px is None:
+            overlap_px = overlap_for(self.receptive_field, s)
+        return plan_tiles(h, w, stride=s, max_tile=tile_px, overlap=overlap_px)
 
     def frame_stats(
         self,
@@ -366,10 +307,10 @@ class ScoringModel:
             Overlap of neighbouring tiles [px]; default: the receptive field plus two strides,
             which makes tiled and whole-frame results equal up to rounding.
         max_tiles
-            With ``proba`` given (encoder only): pool the features over at most this many
-            tiles per frame, evenly spread over the frame (an unbiased estimate of the pooled
-            statistics that bounds the cost on large frames; the entropy and boundary
-            statistics still use the whole ``proba``).  None: every tile.
+            Pool the features over at most this many tiles per frame, evenly spread over
+            the frame (an unbiased estimate of the pooled statistics that bounds the cost on
+            large frames; the entropy and boundary statistics still use every pixel).  With
+            ``proba`` given (encoder only) only those tiles are run.  None: every tile.
         """
         x = np.asarray(frames.compute() if hasattr(frames, "compute") else frames)
         if x.ndim == 2:
@@ -386,115 +327,48 @@ class ScoringModel:
                 )
         else:
             pr = None
-        decode = pr is None or want_proba or want_logits
-        s = self.output_stride
-        tile = max(int(tile_px) // s * s, s)
-        ph, pw = -(-h // s) * s, -(-w // s) * s
-        if overlap_px is None:
-            overlap_px = -(-self.receptive_field // s) * s + 2 * s
-        overlap = min(int(overlap_px), tile - s) if tile > s else 0
-        ty, tx = min(tile, ph), min(tile, pw)
-        ys = _starts(ph, ty, overlap, s)
-        xs = _starts(pw, tx, overlap, s)
-        cy, cx = _bounds(ys, ty, ph, s), _bounds(xs, tx, pw, s)
-        net, encoder = self._net_parts()
+        from ..inference import run_pass
 
-        feats = np.zeros((n, 0))
-        ent_sum = np.zeros(n)
-        b_sum, b_cnt = np.zeros(n), np.zeros(n, np.int64)
-        fg = np.zeros(n, np.int64)
-        out_p = np.empty((n, h, w), np.float32) if want_proba else None
-        out_z = np.empty((n, h, w), np.float32) if want_logits else None
-        moments: list[list[_Moments]] | None = None
-        jobs = [
-            (i, y0, x0, a, b)
-            for i in range(n)
-            for y0, a in zip(ys, cy, strict=True)
-            for x0, b in zip(xs, cx, strict=True)
-        ]
-        per_frame = len(ys) * len(xs)
-        if max_tiles is not None and not decode and per_frame > max_tiles > 0:
-            keep = set(np.linspace(0, per_frame - 1, int(max_tiles)).round().astype(int))
-            jobs = [j for k, j in enumerate(jobs) if k % per_frame in keep]
-        mode = "reflect" if min(h, w) > 1 else "edge"
-        cache: dict[int, np.ndarray] = {}
-        for k in range(0, len(jobs), batch_size):
-            chunk = jobs[k : k + batch_size]
-            # standardise (whole frame) and pad only the frames this batch needs
-            for i in {j[0] for j in chunk}:
-                if i not in cache:
-                    fr = _normalize(x[i][None], self.normalization)[0]
-                    cache[i] = np.pad(fr, ((0, ph - h), (0, pw - w)), mode=mode)
-            tiles = np.stack([cache[i][y0 : y0 + ty, x0 : x0 + tx] for i, y0, x0, _, _ in chunk])
-            logits, maps = self._forward(net, encoder, tiles, decode)
-            if moments is None:
-                moments = [[_Moments(int(m.shape[1])) for m in maps] for _ in range(n)]
-                self.stage_sizes = [2 * int(m.shape[1]) for m in maps]
-            for j, (i, y0, x0, (a0, a1), (b0, b1)) in enumerate(chunk):
-                ya1, xb1 = min(a1, h), min(b1, w)  # clip to the unpadded frame
-                if ya1 <= a0 or xb1 <= b0:
-                    continue
-                for st, m in enumerate(maps):
-                    fy, fx = ty / m.shape[2], tx / m.shape[3]
-                    r0, r1 = int((a0 - y0) // fy), int(math.ceil((ya1 - y0) / fy))
-                    c0, c1 = int((b0 - x0) // fx), int(math.ceil((xb1 - x0) / fx))
-                    v = m[j, :, r0:r1, c0:c1].double().flatten(1)
-                    cnt = v.shape[1]
-                    mu = v.mean(1)
-                    m2 = ((v - mu[:, None]) ** 2).sum(1)
-                    moments[i][st].add(float(cnt), mu.cpu().numpy(), m2.cpu().numpy())
-                if logits is not None:
-                    zz = logits[j, a0 - y0 : ya1 - y0, b0 - x0 : xb1 - x0]
-                    pp = 1.0 / (1.0 + np.exp(-zz.astype(np.float64)))
-                    fg[i] += int((zz > 0).sum())
-                    if pr is None:
-                        hh = _entropy_map(pp)
-                        ent_sum[i] += float(hh.sum())
-                        # the boundary from the tile's whole unpadded part, so that pixels
-                        # on the responsibility region's edge see their neighbours
-                        zt = logits[j, : min(ty, h - y0), : min(tx, w - x0)] > 0
-                        edge = boundary_mask(zt)[a0 - y0 : ya1 - y0, b0 - x0 : xb1 - x0]
-                        b_sum[i] += float(hh[edge].sum())
-                        b_cnt[i] += int(edge.sum())
-                    if out_p is not None:
-                        out_p[i, a0:ya1, b0:xb1] = pp
-                    if out_z is not None:
-                        out_z[i, a0:ya1, b0:xb1] = zz
-            # forget frames that no later job needs
-            later = {j[0] for j in jobs[k + batch_size : k + batch_size + 1]}
-            for i in list(cache):
-                if i not in later:
-                    del cache[i]
-        if moments is not None:
-            feats = np.stack([np.concatenate([mm.pooled() for mm in fm]) for fm in moments])
+        res = run_pass(
+            self._forward_fn(),
+            lambda i: _normalize(x[i][None], self.normalization)[0],
+            n,
+            (h, w),
+            self._plan(h, w, tile_px, overlap_px),
+            batch_size=batch_size,
+            want_proba=want_proba,
+            want_logits=want_logits,
+            want_features=True,
+            want_uncertainty=pr is None,
+            max_tiles=max_tiles,
+        )
+        self.n_forward += res.n_forward
+        self.stage_sizes = res.stage_sizes
+        feats = res.features()
+        feats = np.zeros((n, 0)) if feats is None else feats
+        out_p, out_z = res.proba, res.logits
         if pr is not None:
             ent = np.array([_entropy_mean_chunked(pr[i]) for i in range(n)])
             bnd, band = _boundary_from_maps(pr, ent)
             frac = np.array([float(np.count_nonzero(pr[i] > 0.5)) for i in range(n)]) / (h * w)
         else:
-            ent = ent_sum / (h * w)
-            bnd = np.where(b_cnt > 0, b_sum / np.maximum(b_cnt, 1), np.nan)
-            band = ent_sum / (b_cnt + 1)
-            frac = fg / float(h * w)
+            ent = res.entropy_sum / (h * w)
+            b_cnt = res.boundary_count
+            bnd = np.where(b_cnt > 0, res.boundary_sum / np.maximum(b_cnt, 1), np.nan)
+            band = res.entropy_sum / (b_cnt + 1)
+            frac = res.foreground / float(h * w)
         return FrameStats(feats.astype(np.float64), ent, out_p, out_z, bnd, band, frac)
 
 
 def _starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
-    """Start offsets (multiples of ``stride``) of tiles of ``tile`` px covering ``size`` px."""
-    if size <= tile:
-        return [0]
-    step = max((tile - overlap) // stride * stride, stride)
-    starts = list(range(0, size - tile, step))
-    starts.append(size - tile)
-    return sorted(set(starts))
+    """Start offsets of tiles (the one tiler: :func:`..inference.tile_starts`)."""
+    from ..inference import tile_starts
+
+    return tile_starts(size, tile, overlap, stride)
 
 
 def _bounds(starts: list[int], tile: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """The part of the axis each tile is responsible for: overlaps split near their middle,
-    on multiples of ``stride`` (so every encoder stage's grid is split on a pixel edge)."""
-    b = [0]
-    for a, c in zip(starts[:-1], starts[1:], strict=True):
-        mid = (c + min(a + tile, size)) // 2
-        b.append(int(round(mid / stride)) * stride)
-    b.append(size)
-    return list(zip(b[:-1], b[1:], strict=True))
+    """The part of the axis each tile owns (the one tiler: :func:`..inference.tile_bounds`)."""
+    from ..inference import tile_bounds
+
+    return tile_bounds(starts, tile, size, stride)

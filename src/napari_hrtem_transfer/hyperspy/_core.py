@@ -121,9 +121,11 @@ def _core():
 
 
 def _resolve_model(model: Any, which: str, device: str) -> Any:
-    """Load the model once (for chunk-by-chunk work); the core accepts what it returns."""
-    resolve = getattr(_core(), "resolve_model", None)
-    return model if resolve is None else resolve(model, which=which, device=device)
+    """Load the model once (for chunk-by-chunk work) with the one loader,
+    :func:`napari_hrtem_transfer.inference.load_model`; the core accepts what it returns."""
+    from ..inference import load_model
+
+    return load_model(model, which=which, device=device)
 
 
 def _check_lazy(s: Any, loaded: Any, px: float | None, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Inference with a loaded checkpoint: standardisation, padding and overlapping tiles."""
+"""A loaded checkpoint: standardisation, then the one tiled pass of :mod:`..inference`."""
 
 from __future__ import annotations
 
@@ -15,28 +15,17 @@ from .device import autocast, resolve_precision
 
 
 def tile_starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
-    """Start offsets of overlapping tiles along one axis of length ``size`` [px].
+    """Start offsets of overlapping tiles along one axis (:func:`..inference.tile_starts`)."""
+    from ..inference import tile_starts as starts
 
-    Tiles are ``tile`` long, consecutive starts are at most ``tile - overlap`` apart and are
-    multiples of ``stride`` (so every tile sees the same down-sampling grid as the whole
-    image); the last tile ends at ``size``.  ``size`` and ``tile`` must be multiples of
-    ``stride``.
-    """
-    if size <= tile:
-        return [0]
-    step = max((tile - overlap) // stride * stride, stride)
-    starts = list(range(0, size - tile, step))
-    starts.append(size - tile)
-    return sorted(set(starts))
+    return starts(size, tile, overlap, stride)
 
 
-def _cuts(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
-    """Region of the output each tile is responsible for: split overlaps at their middle."""
-    bounds = [0]
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
-        bounds.append((b + min(a + tile, size)) // 2)
-    bounds.append(size)
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+def _cuts(starts: list[int], tile: int, size: int, stride: int = 1) -> list[tuple[int, int]]:
+    """Region of the output each tile is responsible for (:func:`..inference.tile_bounds`)."""
+    from ..inference import tile_bounds
+
+    return tile_bounds(starts, tile, size, stride)
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -142,11 +131,13 @@ class LoadedModel:
         """Apply the checkpoint's input normalisation to raw images (N, H, W) or (H, W)."""
         return apply_normalization(self._as_stack(images), self.info["normalization"])
 
-    def _inference_model(self) -> torch.nn.Module:
-        """The model with BatchNorm folded into the convolutions.
+    def _inference_model(self, precision: str = "fp32") -> torch.nn.Module:
+        """The model with BatchNorm folded into the convolutions, channels_last.
 
-        Cached, and rebuilt whenever ``self.model`` is replaced or any of its tensors is
-        modified in place (tracked by the tensors' version counters).
+        With ``precision="bf16"`` on a CPU, a copy with bf16 weights (no autocast: its
+        casts cost more than the convolutions on small maps).  Cached, and rebuilt whenever
+        ``self.model`` is replaced or any of its tensors is modified in place (tracked by
+        the tensors' version counters).
         """
         key = (
             id(self.model),
@@ -156,18 +147,81 @@ class LoadedModel:
             fast = fold_batchnorm(self.model)
             if self.device.type in ("cpu", "cuda"):
                 fast = fast.to(memory_format=torch.channels_last)
-            self._fast, self._fast_key = fast, key
+            self._fast, self._fast_key, self._fast_bf16 = fast, key, None
+        if precision == "bf16" and self.device.type == "cpu":
+            if self._fast_bf16 is None:
+                import copy
+
+                self._fast_bf16 = copy.deepcopy(self._fast).to(torch.bfloat16)
+            return self._fast_bf16
         return self._fast
 
-    def _forward(self, x: np.ndarray, precision: str) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x[:, None])).to(self.device)
-        if self.device.type in ("cpu", "cuda"):
-            t = t.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(self.device, precision):
-            y = self._inference_model()(t)
-        return y.float()[:, 0].cpu().numpy()
+    def forward_fn(self, precision: str = "auto"):
+        """``forward(tiles, decode)`` for :func:`..inference.run_pass` at ``precision``."""
+        from ..inference import make_forward
+
+        prec = resolve_precision(precision, self.device)
+        net = self._inference_model(prec)
+        bf16_weights = prec == "bf16" and self.device.type == "cpu"
+        return make_forward(
+            net, self.device, prec, weights_dtype=torch.bfloat16 if bf16_weights else None
+        )
+
+    def tile_plan(self, h: int, w: int, tile_size: int, overlap: int | None = None):
+        """The tiles of an ``h`` x ``w`` frame (:func:`..inference.plan_tiles`).
+
+        ``overlap`` None: the least that makes tiled and whole-image output equal
+        (:func:`..inference.overlap_for` of the receptive field).
+        """
+        from ..inference import overlap_for, plan_tiles
+
+        s = self.output_stride
+        tile = max(int(tile_size) // s * s, s)
+        if overlap is None:
+            overlap = overlap_for(int(getattr(self.model, "receptive_field", 0)), s)
+            tile = max(tile, 2 * overlap + s)
+        if overlap < 0 or overlap >= tile:
+            raise ConfigError(
+                f"overlap must be in [0, {tile}) px for tiles of {tile} px (got {overlap}); "
+                "use larger tiles or a smaller overlap.",
+                "overlap",
+            )
+        return plan_tiles(h, w, stride=s, max_tile=tile, overlap=overlap)
 
     # ------------------------------------------------------------------ API
+    def run(
+        self,
+        images: Any,
+        *,
+        tile_size: int = 2048,
+        overlap: int | None = None,
+        batch_size: int = 1,
+        precision: str = "auto",
+        **want: Any,
+    ):
+        """The one tiled pass (:func:`..inference.run_pass`) over raw images (N, H, W).
+
+        Each image is standardised as a whole by the checkpoint's record
+        (:func:`~..models.normalization.apply_normalization`, exactly as in training).
+        ``want`` holds ``want_proba``, ``want_logits``, ``want_features``,
+        ``want_uncertainty``, ``max_tiles``.
+        """
+        from ..inference import run_pass
+
+        stack = self._as_stack(images)
+        n, h, w = stack.shape
+        plan = self.tile_plan(h, w, tile_size, overlap)
+        record = self.info["normalization"]
+        return run_pass(
+            self.forward_fn(precision),
+            lambda i: apply_normalization(stack[i], record),
+            n,
+            (h, w),
+            plan,
+            batch_size=batch_size,
+            **want,
+        )
+
     def predict_logits(
         self,
         images: Any,
@@ -180,7 +234,7 @@ class LoadedModel:
 
         Each image is standardised as a whole, reflect-padded to a multiple of the output
         stride, and processed in one piece if it fits in ``tile_size`` x ``tile_size``, else
-        in overlapping tiles whose overlaps are split at their middle (each output pixel
+        in overlapping tiles whose overlaps are split near their middle (each output pixel
         comes from the tile in which it lies farthest from the edge).
 
         Parameters
@@ -190,77 +244,30 @@ class LoadedModel:
         tile_size
             Largest tile side [px] (rounded down to a multiple of the output stride).
         overlap
-            Minimum overlap of neighbouring tiles [px]; output pixels are at least
-            ``overlap / 2`` from a tile edge (except at the image border).  None: the model's
-            receptive field (rounded up to the stride), which makes tiled and whole-image
+            Minimum overlap of neighbouring tiles [px].  None: the model's receptive field
+            rounded up to the stride plus one stride, which makes tiled and whole-image
             results equal up to floating-point rounding.
         batch_size
-            Tiles or images per forward pass.
+            Tiles per forward pass.
         precision
             ``"auto"`` (bf16 where native), ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA).
         """
-        stack = self.standardize(images)
-        s = self.output_stride
-        tile = max(int(tile_size) // s * s, s)
-        if overlap is None:
-            overlap = -(-int(self.model.receptive_field) // s) * s
-        if overlap < 0 or overlap >= tile:
-            raise ConfigError(
-                f"overlap must be in [0, {tile}) px for tiles of {tile} px (got {overlap}); "
-                "use larger tiles or a smaller overlap.",
-                "overlap",
-            )
-        prec = resolve_precision(precision, self.device)
-        n, h, w = stack.shape
-        ph, pw = -(-h // s) * s, -(-w // s) * s
-        out = np.empty((n, h, w), dtype=np.float32)
-        if ph <= tile and pw <= tile:
-            for k in range(0, n, batch_size):
-                x = stack[k : k + batch_size]
-                x = np.pad(
-                    x,
-                    ((0, 0), (0, ph - h), (0, pw - w)),
-                    mode="reflect" if min(h, w) > 1 else "edge",
-                )
-                out[k : k + batch_size] = self._forward(x, prec)[:, :h, :w]
-            return out
-        ys, xs = tile_starts(ph, tile, overlap, s), tile_starts(pw, tile, overlap, s)
-        ty, tx = min(tile, ph), min(tile, pw)
-        cy, cx = _cuts(ys, ty, ph), _cuts(xs, tx, pw)
-        for i in range(n):
-            padded = (ph, pw) != (h, w)
-            img = stack[i]
-            if padded:
-                img = np.pad(img, ((0, ph - h), (0, pw - w)), mode="reflect")
-            full = np.empty((ph, pw), dtype=np.float32) if padded else out[i]
-            jobs = [
-                (y0, x0, c0, c1)
-                for y0, c0 in zip(ys, cy, strict=True)
-                for x0, c1 in zip(xs, cx, strict=True)
-            ]
-            for k in range(0, len(jobs), batch_size):
-                chunk = jobs[k : k + batch_size]
-                x = np.stack([img[y0 : y0 + ty, x0 : x0 + tx] for y0, x0, _, _ in chunk])
-                y = self._forward(x, prec)
-                for (y0, x0, (a0, a1), (b0, b1)), yy in zip(chunk, y, strict=True):
-                    full[a0:a1, b0:b1] = yy[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-            if padded:
-                out[i] = full[:h, :w]
-        return out
+        return self.run(
+            images,
+            tile_size=tile_size,
+            overlap=overlap,
+            batch_size=batch_size,
+            precision=precision,
+            want_logits=True,
+        ).logits
 
     def predict_proba(self, images: Any, **kwargs: Any) -> np.ndarray:
         """Particle probability (N, H, W) float32 in [0, 1] of raw images (N, H, W) or (H, W).
 
         Accepts the keyword arguments of :meth:`predict_logits` (``tile_size``, ``overlap``,
-        ``batch_size``, ``precision``).
+        ``batch_size``, ``precision``); the sigmoid is taken in float32 on each tile.
         """
-        logits = np.ascontiguousarray(self.predict_logits(images, **kwargs))
-        flat = logits.reshape(-1, logits.shape[-1])  # a view: the sigmoid is in place
-        step = max(1, (1 << 20) // max(1, flat.shape[-1]))
-        for r in range(0, flat.shape[0], step):  # in place, float64 a block at a time
-            blk = flat[r : r + step]
-            blk[...] = 1.0 / (1.0 + np.exp(-blk.astype(np.float64)))
-        return logits
+        return self.run(images, want_proba=True, **kwargs).proba
 
     def encoder_features(
         self, images: Any, batch_size: int = 4, precision: str = "fp32"

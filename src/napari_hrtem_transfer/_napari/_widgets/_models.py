@@ -67,26 +67,24 @@ recent_models = _RecentModels()
 
 
 def resolve_model(spec: str | os.PathLike) -> Path | None:
-    """The checkpoint folder of ``spec``; None if unavailable.
+    """The checkpoint folder of ``spec``; None if unavailable (no weights are read).
 
     ``spec`` is ``"pretrained"``, a checkpoint folder, or a bioimage.io model package
     (``.zip``, ``rdf.yaml``/``bioimageio.yaml``), which is unpacked into the package cache by
-    the same importer as ``segment --model`` (:func:`napari_hrtem_transfer.bioimageio.
-    import_bioimageio`: no code from the package is run; a refused package raises its
-    :class:`~napari_hrtem_transfer.errors.CheckpointError`, shown in the model card).
+    the same importer as ``segment --model`` (:func:`napari_hrtem_transfer.inference.
+    resolve_model_path`, the path step of the one loader; no code from the package is run;
+    a refused package raises its :class:`~napari_hrtem_transfer.errors.CheckpointError`,
+    shown in the model card).  The weights are loaded by
+    :func:`napari_hrtem_transfer.inference.load_model` when the model runs.
     """
-    if str(spec) == PRETRAINED:
-        from ...segmentation import pretrained_model_dir
+    from ...inference import resolve_model_path
 
+    if str(spec) == PRETRAINED:
         try:
-            return pretrained_model_dir()
+            return resolve_model_path(PRETRAINED)
         except Exception:  # noqa: BLE001 - not shipped in this installation
             return None
-    from ...bioimageio import import_bioimageio, is_bioimageio_package
-
-    if is_bioimageio_package(spec):
-        return import_bioimageio(spec)
-    return Path(spec)
+    return resolve_model_path(spec)
 
 
 def model_card(spec: str | os.PathLike, which: str = "best") -> str:
