@@ -247,3 +247,21 @@ def test_wurtzite_particles_have_tetrahedral_bonds_between_unlike_atoms(material
     assert np.median(d[:, 1]) == pytest.approx(bond, rel=5e-3)
     symbols = np.asarray(p.get_chemical_symbols())
     assert np.all(symbols[j[:, 1]] != symbols)  # every nearest neighbour is the other species
+
+
+def test_particles_reference_cell_gives_the_full_cells_mask_and_zero_defocus():
+    """Skipping the empty slices under the film is one free-space propagation: same result."""
+    cfg = _tiny(
+        image_size_px=96, sampling_A=0.4, sim_sampling_A=0.2, radius_nm=(0.8, 0.8),
+        substrate_thickness_nm=(6.0, 6.0), calibrate_zero_defocus=True,
+    )
+    spec = build_specimen(cfg, np.random.default_rng(2))
+    full_mask, full_zero = particle_reference(spec.particle_atoms, cfg)
+    cut = cfg.model_copy(update={"reference_cell": "particles"})
+    from napari_hrtem_transfer.simulate.physics import _particles_cell
+
+    assert _particles_cell(spec.particle_atoms, cut)[1] > 50  # most of the cell is skipped
+    mask, zero = particle_reference(spec.particle_atoms, cut)
+    assert abs(zero - full_zero) <= 0.5  # the fine scan's step [Å]
+    assert (mask != full_mask).sum() <= 0.005 * mask.size
+    assert abs(full_zero) > 50  # the focus lies far from the exit plane: a real check

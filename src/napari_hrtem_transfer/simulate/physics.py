@@ -186,6 +186,28 @@ def min_contrast_defocus(waves, config, half_range_A: float, step_A: float = 0.5
     return float(fine[int(np.argmin(c))])
 
 
+def _particles_cell(particle_atoms, config):
+    """The particles and the vacuum [Å] the reference may skip (``config.reference_cell``).
+
+    ``"full"``: the particles in the specimen's whole cell (0 skipped).  ``"particles"``: the
+    cell cut a whole number of slices above the highest particle atom (+ 2 Å); the vacuum
+    beyond it, where the carbon was, is one free-space propagation instead of many empty
+    slices (the same wave up to the slices' rounding, at a fraction of the cost).
+    """
+    if getattr(config, "reference_cell", "full") != "particles" or not len(particle_atoms):
+        return particle_atoms, 0.0
+    cell_z = float(particle_atoms.cell.lengths()[2])
+    n_slices = int(np.ceil((particle_atoms.positions[:, 2].max() + 2.0) / config.slice_thickness_A))
+    cut_A = n_slices * config.slice_thickness_A
+    if cut_A >= cell_z:
+        return particle_atoms, 0.0
+    atoms = particle_atoms.copy()
+    cell = np.array(atoms.cell)
+    cell[2, 2] = cut_A
+    atoms.set_cell(cell, scale_atoms=False)
+    return atoms, cell_z - cut_A
+
+
 def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.ndarray, float]:
     """Ground-truth mask and zero-defocus offset from the particles alone in vacuum.
 
@@ -210,17 +232,20 @@ def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.
     """
     from scipy import ndimage
 
+    atoms, vacuum_A = _particles_cell(particle_atoms, config)
     with abtem_settings() as abtem:
         from abtem.core.energy import energy2sigma
 
         potential = abtem.Potential(
-            particle_atoms,
+            atoms,
             gpts=config.sim_gpts,
             slice_thickness=config.slice_thickness_A,
             projection="infinite",
             device=device,
         )
         waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+        if vacuum_A > 0:  # the empty rest of the cell: free-space propagation by vacuum_A
+            waves = waves.apply_ctf(abtem.CTF(energy=config.energy_eV, defocus=-vacuum_A))
         offset_A = 0.0
         if config.calibrate_zero_defocus and len(particle_atoms):
             n = config.image_size_px
