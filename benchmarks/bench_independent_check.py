@@ -32,8 +32,10 @@ from napari_hrtem_transfer.evaluation.independent import (
 )
 
 
-def per_defocus_table(rows: list[dict], models: list[str], doses: list[float]) -> str:
-    """Markdown: mean Dice per defocus (rows) for each model x dose (columns)."""
+def per_defocus_table(
+    rows: list[dict], models: list[str], doses: list[float], key: str = "dice"
+) -> str:
+    """Markdown: mean ``key`` per defocus (rows) for each model x dose (columns)."""
     defoci = sorted({r["defocus_nm"] for r in rows})
     head = ["defocus [nm]"] + [f"{m} @ {d:g} e/Å²" for m in models for d in doses]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -42,7 +44,7 @@ def per_defocus_table(rows: list[dict], models: list[str], doses: list[float]) -
         for m in models:
             for d in doses:
                 v = [
-                    r["dice"]
+                    r[key]
                     for r in rows
                     if r["model_id"] == m
                     and r["dose_e_per_A2"] == d
@@ -64,6 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="folder for rows.json, tables.md")
     ap.add_argument("--save-hspy", action="store_true", help="also write the .hspy sets")
+    ap.add_argument(
+        "--mask-margins-A",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also score against masks grown by these margins [Å] (mask-definition sensitivity)",
+    )
     ap.add_argument(
         "--threads", type=int, default=1, help="torch/BLAS threads (1 is fastest on a busy box)"
     )
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
         for m in models:
             lm = resolve_model(m, device="cpu")
             t1 = time.perf_counter()
-            for r in score_frames(lm, ds):
+            for r in score_frames(lm, ds, mask_margins_A=tuple(args.mask_margins_A)):
                 rows.append({**r, "model_id": m})
             t_score += time.perf_counter() - t1
             print(f"scored {m} at {dose:g} e/Å² ({time.perf_counter() - t1:.0f} s)", flush=True)
@@ -112,6 +121,10 @@ def main(argv=None) -> int:
     table = per_defocus_table(rows, models, args.doses)
     card = breakdown_markdown(breakdown(rows))
     print(table, "\n")
+    for mm in args.mask_margins_A:
+        key = f"dice_mask+{mm:g}A"
+        print(f"Dice against the masks grown by {mm:g} Å:")
+        print(per_defocus_table(rows, models, args.doses, key), "\n")
     print(card)
     area = {
         (m, d): float(

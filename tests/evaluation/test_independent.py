@@ -209,11 +209,28 @@ def test_score_frames_dice_and_resampling():
     ds = ind.independent_dataset(cfg)
     for model_px, shape in ((0.4, (2, 96, 96)), (0.2, (2, 192, 192))):
         m = _AllParticle(model_px)
-        rows = ind.score_frames(m, ds)
+        rows = ind.score_frames(m, ds, mask_margins_A=(1.0,))
         assert m.shapes == [shape]
         for r in rows:
             t = ds.masks[r["image_index"]].sum()
             assert t > 0
             assert r["dice"] == pytest.approx(2 * t / (96 * 96 + t))
             assert r["area_ratio"] == pytest.approx(96 * 96 / t)
+            t1 = ind._dilate(ds.masks[r["image_index"]][None], 1.0 / 0.4)[0].sum()
+            assert t1 > t
+            assert r["dice_mask+1A"] == pytest.approx(2 * t1 / (96 * 96 + t1))
             assert r["material"] == "Au" and r["dose_e_per_A2"] == 400.0
+
+
+def test_mask_margin_equals_grown_atom_radii():
+    s, m = 0.05, 1.0
+    xy, sym = np.array([[10.0, 10.0], [13.0, 10.0]]), np.array(["Au", "Au"])
+    grown = ind._dilate(ind.footprint_mask(xy, sym, s, (400, 400))[None], m / s)[0]
+    old = ind.ATOM_RADII_A["Au"]
+    try:
+        ind.ATOM_RADII_A["Au"] = old + m
+        direct = ind.footprint_mask(xy, sym, s, (400, 400))
+    finally:
+        ind.ATOM_RADII_A["Au"] = old
+    assert np.mean(grown != direct) < 1e-3
+    assert grown.sum() > ind.footprint_mask(xy, sym, s, (400, 400)).sum()

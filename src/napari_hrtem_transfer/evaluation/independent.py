@@ -576,6 +576,7 @@ def score_frames(
     *,
     precision: str = "auto",
     batch_size: int = 4,
+    mask_margins_A: tuple[float, ...] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Dice and IoU of ``model`` on every frame of a labelled dataset, frames of any size.
@@ -586,7 +587,10 @@ def score_frames(
     logits back to the frame (bilinear).  Rows: ``structure_id``, ``image_index``,
     ``material``, ``defocus_nm`` [nm], ``dose_e_per_A2``, ``diameter_nm`` [nm],
     ``n_particles``, ``dice``, ``iou``, ``area_ratio`` (predicted / true particle area),
-    ``sampling_A`` [Å/px].
+    ``sampling_A`` [Å/px].  For each margin m of ``mask_margins_A`` [Å] a column
+    ``dice_mask+<m>A`` holds the Dice against the mask dilated by a disk of radius m (the
+    footprint mask with every atom radius grown by m): how much a score depends on where the
+    mask definition puts the particle edge.
     """
     from ..io.dataset import HRTEMDataset, load_dataset
     from .metrics import dice, iou
@@ -601,6 +605,7 @@ def score_frames(
     ny, nx = ds.image_shape
     shape = (max(8, round(ny * ds.sampling_A / ms)), max(8, round(nx * ds.sampling_A / ms)))
     meta = list((ds.info or {}).get("structures") or [{}] * ds.n_images)
+    grown = {m: _dilate(ds.masks, m / ds.sampling_A) for m in mask_margins_A}
     rows: list[dict] = []
     for di in range(ds.n_defocus):
         imgs = np.asarray(ds.images[di]).astype(np.float32)
@@ -608,6 +613,7 @@ def score_frames(
         logits = lm.predict_logits(imgs, batch_size=batch_size, precision=precision)
         pred = np.stack([_resample(lg, (ny, nx)) for lg in logits]) > 0
         dsc, jac = dice(pred, ds.masks), iou(pred, ds.masks)
+        extra = {f"dice_mask+{m:g}A": dice(pred, g) for m, g in grown.items()}
         for i in range(ds.n_images):
             m = meta[i] if i < len(meta) else {}
             rows.append(
@@ -623,11 +629,22 @@ def score_frames(
                     "area_ratio": float(pred[i].sum() / max(1, ds.masks[i].sum())),
                     "iou": float(jac[i]),
                     "sampling_A": float(ds.sampling_A),
+                    **{k: float(v[i]) for k, v in extra.items()},
                 }
             )
         if progress is not None:
             progress(di + 1, ds.n_defocus)
     return rows
+
+
+def _dilate(masks: np.ndarray, radius_px: float) -> np.ndarray:
+    """Binary dilation of masks (N, H, W) by a disk of ``radius_px`` [px]."""
+    from scipy import ndimage
+
+    r = int(math.floor(radius_px))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = yy**2 + xx**2 <= radius_px**2
+    return np.stack([ndimage.binary_dilation(m, disk) for m in np.asarray(masks, bool)])
 
 
 def _diameter(meta: dict) -> float:
