@@ -53,7 +53,9 @@ def train_one(data: Path, mdir: Path, d: float, seed: int, a) -> None:
     from napari_hrtem_transfer.io import load_dataset
     from napari_hrtem_transfer.training import TrainConfig, train
 
-    if (mdir / "best.json").is_file():
+    last = mdir / "last.json"
+    done = json.loads(last.read_text()).get("epochs_completed", 0) if last.is_file() else 0
+    if done >= a.epochs:
         return
     tc = TrainConfig(
         train_defocus_nm=[d],
@@ -68,7 +70,7 @@ def train_one(data: Path, mdir: Path, d: float, seed: int, a) -> None:
         split_seed=0,
     )
     t = time.time()
-    train(tc, load_dataset(data, lazy=False), mdir)
+    train(tc, load_dataset(data, lazy=False), mdir, resume=done > 0)  # an interrupted run goes on
     print(f"trained {mdir.name} in {time.time() - t:.0f} s", flush=True)
 
 
@@ -143,8 +145,8 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     res: dict[str, dict] = {}
     z_by: dict[tuple[float, int], dict] = {}
-    for d in a.train_defocus:
-        for s in a.seeds:
+    for s in a.seeds:  # every pretraining of the first seed first, then the others
+        for d in a.train_defocus:
             name = f"pre_{d:g}nm_s{s}"
             train_one(a.data, a.out / name, d, s, a)
             z = arrays(evaluate(a.out / name, a.data, a.out / f"eval_{name}"))
