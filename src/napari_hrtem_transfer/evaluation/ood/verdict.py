@@ -8,7 +8,8 @@ score = network + ps_weight * max(ps_distance - 1, 0) + physics_weight * n_physi
 * ``ps_distance``: the power-spectrum distance to the training images in units of their
   median (:mod:`.components`);
 * ``n_physics``: the number of physics reasons other than the defocus (blank, lattice
-  everywhere, implausible pixel size, confident particles without support);
+  everywhere, a pixel size outside the model's domain or implausible, confident particles
+  without support);
 * the defocus excess over the training range plus margin [nm] (weight 0 by default: see
   :class:`VerdictConfig`).
 
@@ -72,7 +73,8 @@ class VerdictConfig(BaseModel):
     blank_cv: float = Field(1e-3, ge=0)
     """Relative intensity spread (std / mean) below which a frame has no contrast."""
     hf_deficit_z: float = Field(4.0, ge=0)
-    """High-frequency deficit (training spreads) above which the pixel size is implausible
+    """High-frequency deficit (training spreads) above which the frame has too little detail
+    for the model's pixel size (coarser than its domain, or an implausible pixel size)
     (training-like and wide-series frames: at most 1.2; a frame at 2x or 3x its true pixel
     size: 7.3 / 6.7)."""
     confident_fraction: float = Field(0.01, ge=0, le=1)
