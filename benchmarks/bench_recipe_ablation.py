@@ -14,8 +14,10 @@ spread 10 Å, ideal detector), then each row adds one piece to the row above:
     detector         the preset's scintillator detector (MTF, DQE)
     drift            the preset's drift-blur range
     illumination     the preset's uneven-illumination range
-    flat-field       the model's flat-field preprocessing (TrainConfig), same data
-    pixel-size aug   pixel-size augmentation in training (TrainConfig), same data
+    flat-field       the model's flat-field preprocessing (TrainConfig.preprocessing,
+                     sigma 40 Å: the frames here are only 64 Å wide), same data
+    pixel-size aug   pixel-size augmentation in training (pixel_size_augment 1.25), same data
+    dose aug         dose (noise) augmentation in training (50-1000 e/Å²), same data
 
 A variant whose fields the package does not have (not landed) is left out and said so.
 Every variant has the same number of training structures and the same training budget; the
@@ -58,8 +60,12 @@ PRESET_FIELDS = {
 }
 
 
-def pieces(sim_fields: set[str], train_fields: set[str], preset: dict) -> list[dict]:
-    """The cumulative pieces: name, simulation and training overrides, or why it is missing."""
+def pieces(sim_fields: set[str], train_fields: set[str], preset: dict, fov_A: float) -> list:
+    """The cumulative pieces: name, simulation and training overrides, or why it is missing.
+
+    The illumination field's highest frequency is given per field of view; it is scaled so
+    that its period in Å is the real_sessions preset's (not its count of cycles per frame).
+    """
     out = [
         {
             "name": "sizes+materials",
@@ -76,51 +82,52 @@ def pieces(sim_fields: set[str], train_fields: set[str], preset: dict) -> list[d
     for name, fields in PRESET_FIELDS.items():
         missing = [f for f in fields if f not in sim_fields or f not in preset]
         piece = {"name": name, "sim": {f: preset.get(f) for f in fields}, "train": {}}
+        if name == "illumination" and not missing:
+            preset_fov = preset.get("field_of_view_A") or (
+                preset["image_size_px"] * preset["sampling_A"]
+            )
+            cycles = preset["illumination_cutoff_cycles"] * fov_A / preset_fov
+            piece["sim"]["illumination_cutoff_cycles"] = round(cycles, 3)
         if missing:
             piece["missing"] = f"SimulationConfig has no {', '.join(missing)}"
         out.append(piece)
-    out.append(_train_piece("flat-field", train_fields, _flat_field_overrides))
-    out.append(_train_piece("pixel-size aug", train_fields, _pixel_aug_overrides))
+    out.append(_train_piece("flat-field", _flat_field_overrides(train_fields, 40.0)))
+    out.append(_train_piece("pixel-size aug", _pixel_aug_overrides(train_fields, 1.25)))
+    out.append(_train_piece("dose aug", _dose_aug_overrides(train_fields, (50.0, 1000.0))))
     return out
 
 
-def _train_piece(name, train_fields, make) -> dict:
-    over, why = make(train_fields)
+def _train_piece(name: str, made) -> dict:
+    over, why = made
     piece = {"name": name, "sim": {}, "train": over or {}}
     if why:
         piece["missing"] = why
     return piece
 
 
-def _flat_field_overrides(fields: set[str]):
+def _flat_field_overrides(fields: set[str], sigma_A: float):
     """TrainConfig overrides that switch on flat-field preprocessing, if the package has it."""
     if "preprocessing" not in fields:
         return None, "TrainConfig has no preprocessing field"
     from napari_hrtem_transfer.training import TrainConfig
 
-    default = TrainConfig().preprocessing
-    dump = default.model_dump() if hasattr(default, "model_dump") else dict(default or {})
-    for key in ("flat_field", "flat_field_correction"):
-        if key in dump:
-            val = dump[key]
-            if isinstance(val, bool) or val is None:
-                dump[key] = True if isinstance(val, bool) else {}
-            return {"preprocessing": {**dump, key: dump[key]}}, None
-    for key in ("flat_field_sigma_A", "flat_field_sigma_px"):
-        if key in dump:
-            dump[key] = 30.0 if key.endswith("_A") else 75.0
-            return {"preprocessing": dump}, None
-    if "steps" in dump:
-        return {"preprocessing": {**dump, "steps": ["flat_field", "standardize"]}}, None
-    return None, f"no flat-field switch in the preprocessing record {sorted(dump)}"
+    if "flat_field_sigma_A" not in type(TrainConfig().preprocessing).model_fields:
+        return None, "the preprocessing record has no flat_field_sigma_A"
+    return {"preprocessing": {"flat_field_sigma_A": sigma_A}}, None
 
 
-def _pixel_aug_overrides(fields: set[str]):
-    """TrainConfig overrides for pixel-size augmentation (factor 1.25 either way)."""
-    for key in ("pixel_size_augmentation", "scale_augmentation", "rescale_range"):
-        if key in fields:
-            return {key: 1.25}, None
-    return None, "TrainConfig has no pixel-size augmentation field"
+def _pixel_aug_overrides(fields: set[str], factor: float):
+    """TrainConfig overrides for pixel-size augmentation (factor r: rescale in [1/r, r])."""
+    if "pixel_size_augment" not in fields:
+        return None, "TrainConfig has no pixel_size_augment field"
+    return {"pixel_size_augment": factor}, None
+
+
+def _dose_aug_overrides(fields: set[str], dose_range: tuple[float, float]):
+    """TrainConfig overrides for dose (noise) augmentation."""
+    if "dose_augment_e_per_A2" not in fields:
+        return None, "TrainConfig has no dose_augment_e_per_A2 field"
+    return {"dose_augment_e_per_A2": dose_range}, None
 
 
 def simulate(sim: dict, n_structures: int, seed: int, px: float, size: int, workers: int):
@@ -259,7 +266,12 @@ def main(argv=None) -> int:
     checks = check_sets(args.px, args.check_per_material, seed=1234)
     print(f"independent check: {checks[400.0].n_images} structures x 11 defoci", flush=True)
     preset = PRESETS.get("real_sessions", {})
-    plan = pieces(set(SimulationConfig.model_fields), set(TrainConfig.model_fields), preset)
+    plan = pieces(
+        set(SimulationConfig.model_fields),
+        set(TrainConfig.model_fields),
+        preset,
+        args.size * args.px,
+    )
     sim, train_over = dict(BASELINE_SIM), {}
     variants = [("baseline", "", dict(sim), {})]
     skipped = []
