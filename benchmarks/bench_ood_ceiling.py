@@ -90,7 +90,8 @@ def evaluate(model: Path, data: Path, out: Path) -> list[dict]:
 def arrays(rows: list[dict]) -> dict[str, np.ndarray]:
     keys = ("domain_defocus_nm", "image_index", "loss", "ood_score", "verdict_score")
     out = {k: np.array([float(r[k]) for r in rows]) for k in keys}
-    out["caution"] = np.array([r["ood_caution"] in ("True", "true", "1") for r in rows])
+    flag = [str(r["ood_caution"]).strip().lower() in ("true", "1", "1.0") for r in rows]
+    out["caution"] = np.array(flag)  # frames.csv writes the flag as 1.0 / 0.0
     return out
 
 
