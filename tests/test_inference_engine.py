@@ -125,12 +125,17 @@ def test_preprocessing_is_the_training_pipelines(shipped, monkeypatch):
 
     monkeypatch.setattr(_engine, "tile_of", spy)
     shipped.predict_proba(raw, precision="fp32")
-    td = object.__new__(TrainingData)
+    from types import SimpleNamespace
+
+    td = object.__new__(TrainingData)  # only what image() reads: no dataset on disk
     td._cache = {}
+    td.config = SimpleNamespace(dose_augment_e_per_A2=None)
+    td.normalization = dict(shipped.info["normalization"])
 
     class _DS:
         images = raw[None, None]
         defocus_nm = [0.0]
+        sampling_A = shipped.sampling_A
 
     td.dataset = _DS()
     train_input = td.image(0, 0)

@@ -264,8 +264,15 @@ class ScoringModel:
         )
         lm = self.loaded
         if lm is not None and hasattr(lm, "forward_fn") and lm.device == self.device:
-            return lm.forward_fn(prec)
-        return make_forward(self.net, self.device, prec)
+            self._engine_forward = lm.forward_fn(prec)
+        else:
+            self._engine_forward = make_forward(self.net, self.device, prec)
+        return lambda x, decode: self._forward(None, None, x, decode)
+
+    def _forward(self, net, encoder, x: np.ndarray, decode: bool):
+        """Run one batch (B, h, w) of standardised tiles through the engine's forward:
+        logits (B, h, w) (a float32 tensor) or None, and the encoder stage maps."""
+        return self._engine_forward(x, decode)
 
     def _plan(self, h: int, w: int, tile_px: int, overlap_px: int | None):
         from ..inference import overlap_for, plan_tiles

@@ -11,6 +11,7 @@ computed in float32 on each tile, with float64 sums.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from ._tiles import TilePlan
 
 #: Elements of a feature map reduced at once when pooling (bounds the float32 temporaries).
 _POOL_ELEMENTS = 1 << 20
+#: Serialises passes that capture stage maps with a forward hook (modules without parts).
+_HOOK_LOCK = threading.Lock()
 #: Probabilities are clipped to [eps, 1 - eps] in the entropy (as the OOD reference's).
 _ENTROPY_EPS = 1e-7
 
@@ -268,8 +271,28 @@ def make_forward(
 
     encoder = getattr(net, "encoder", None)
     is_module = isinstance(encoder, torch.nn.Module)
+    # encoder -> decoder -> head called in turn: the stage maps without a forward hook (a
+    # hook on a shared module would see other threads' passes, e.g. dask blocks)
+    parts = is_module and all(hasattr(net, k) for k in ("decoder", "head"))
     channels_last = device.type in ("cpu", "cuda")
     prec = "fp32" if weights_dtype is not None else precision
+
+    def as_list(out) -> list:
+        return list(out) if isinstance(out, list | tuple) else [out]
+
+    def hooked(t):
+        captured: list = []
+
+        def _grab(_m, _inp, out):
+            captured.append(as_list(out))
+
+        with _HOOK_LOCK:
+            hook = encoder.register_forward_hook(_grab)
+            try:
+                z = net(t)
+            finally:
+                hook.remove()
+        return z, captured[-1]
 
     def forward(x: np.ndarray, decode: bool):
         t = torch.from_numpy(np.ascontiguousarray(x[:, None], dtype=np.float32)).to(device)
@@ -277,24 +300,19 @@ def make_forward(
             t = t.contiguous(memory_format=torch.channels_last)
         if weights_dtype is not None:
             t = t.to(weights_dtype)
-        captured: list = []
         with torch.inference_mode(), autocast(device, prec):
             if is_module and not decode:
-                out = encoder(t)
-                return None, list(out) if isinstance(out, list | tuple) else [out]
-            hook = None
-            if is_module:
-
-                def _grab(_m, _inp, out):
-                    captured.append(list(out) if isinstance(out, list | tuple) else [out])
-
-                hook = encoder.register_forward_hook(_grab)
-            try:
+                return None, as_list(encoder(t))
+            if parts:
+                if hasattr(net, "check_input_shape"):
+                    net.check_input_shape(t)
+                maps = as_list(encoder(t))
+                z = net.head(net.decoder(maps))
+            elif is_module:
+                z, maps = hooked(t)
+            else:
                 z = net(t) if decode else None
-            finally:
-                if hook is not None:
-                    hook.remove()
-            maps = captured[-1] if captured else [net.encoder_features(t)]
+                maps = [net.encoder_features(t)]
         return (None if z is None else z[:, 0].float()), maps
 
     return forward
