@@ -86,7 +86,8 @@ def pieces(sim_fields: set[str], train_fields: set[str], preset: dict, fov_A: fl
             preset_fov = preset.get("field_of_view_A") or (
                 preset["image_size_px"] * preset["sampling_A"]
             )
-            cycles = preset["illumination_cutoff_cycles"] * fov_A / preset_fov
+            # at least 1 cycle: the lowest non-zero frequency of a periodic field
+            cycles = max(1.0, preset["illumination_cutoff_cycles"] * fov_A / preset_fov)
             piece["sim"]["illumination_cutoff_cycles"] = round(cycles, 3)
         if missing:
             piece["missing"] = f"SimulationConfig has no {', '.join(missing)}"
@@ -153,7 +154,8 @@ def simulate(sim: dict, n_structures: int, seed: int, px: float, size: int, work
             **sim,
         )
         parts.append(simulate_dataset(cfg, workers=workers))
-    images = np.concatenate([np.asarray(p.images, np.float32) for p in parts], axis=1)
+    dtype = np.result_type(*[p.images.dtype for p in parts])  # counts stay integer counts
+    images = np.concatenate([np.asarray(p.images).astype(dtype) for p in parts], axis=1)
     return HRTEMDataset(
         images=images,
         defocus_nm=parts[0].defocus_nm,
@@ -251,6 +253,14 @@ def main(argv=None) -> int:
     ap.add_argument("--check-per-material", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1, help="simulation processes")
     ap.add_argument("--only", nargs="*", help="stop after these variants (names)")
+    ap.add_argument(
+        "--mode",
+        choices=("cumulative", "single"),
+        default="cumulative",
+        help="cumulative: each row adds a piece to the row above; single: each piece alone "
+        "on the baseline",
+    )
+    ap.add_argument("--pieces", nargs="*", help="only these pieces (names; single mode)")
     args = ap.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(var, "1")
@@ -278,6 +288,11 @@ def main(argv=None) -> int:
     for p in plan:
         if "missing" in p:
             skipped.append(f"{p['name']}: {p['missing']}")
+            continue
+        if args.pieces and p["name"] not in args.pieces:
+            continue
+        if args.mode == "single":
+            variants.append((p["name"], p["name"], {**BASELINE_SIM, **p["sim"]}, dict(p["train"])))
             continue
         sim.update(p["sim"])
         train_over.update(p["train"])
