@@ -131,3 +131,27 @@ def test_rows_from_an_evaluation_result_join_the_structure_sizes():
     ]
     no_sizes = frame_rows_from_evaluation(_Result(frames))
     assert all(np.isnan(r["diameter_nm"]) for r in no_sizes)
+
+
+def test_per_image_doses_of_the_simulator_are_used():
+    frames = [
+        {
+            "image_index": i,
+            "material": "Au",
+            "domain_defocus_nm": df,
+            "dice": 0.9,
+            "dose_e_per_A2": 224.0,
+        }
+        for df in (-5.0, 5.0)
+        for i in (0, 1)
+    ]
+
+    class _DS:
+        defocus_nm = np.array([-5.0, 5.0])
+        info = {
+            "structures": [{"radii_nm": [1.0]}, {"radii_nm": [2.0]}],
+            "per_image": {"dose_e_per_A2": [[60.0, 900.0], [300.0, None]]},
+        }
+
+    rows = frame_rows_from_evaluation(_Result(frames), _DS())
+    assert [r["dose_e_per_A2"] for r in rows] == [60.0, 900.0, 300.0, 224.0]

@@ -52,23 +52,32 @@ def frame_rows_from_evaluation(result: Any, dataset: Any = None) -> list[dict]:
 
     ``dataset`` (the evaluated :class:`~..io.dataset.HRTEMDataset`) supplies each
     structure's diameter (``info["structures"][i]``: ``diameter_nm`` or ``radii_nm``) and
-    per-structure dose when it has one; without it the diameter is NaN.
+    each image's dose: ``info["per_image"]["dose_e_per_A2"][defocus index][i]`` (the
+    simulator's per-image conditions) when recorded, else the structure's ``dose_e_per_A2``,
+    else the file's.  Without it the diameter is NaN and the dose the file's.
     """
-    meta: list = []
-    if dataset is not None:
-        meta = list((getattr(dataset, "info", None) or {}).get("structures") or [])
+    info = (getattr(dataset, "info", None) or {}) if dataset is not None else {}
+    meta = list(info.get("structures") or [])
+    per_dose = (info.get("per_image") or {}).get("dose_e_per_A2")
+    defoci = np.asarray(getattr(dataset, "defocus_nm", []), float)
     out = []
     for r in result.frames.records():
         i = int(r["image_index"])
         m = meta[i] if 0 <= i < len(meta) and isinstance(meta[i], Mapping) else {}
+        dose = m.get("dose_e_per_A2", r.get("dose_e_per_A2"))
+        df = float(r["domain_defocus_nm"])
+        if per_dose is not None and defoci.size:
+            di = int(np.argmin(np.abs(defoci - df)))
+            v = per_dose[di][i] if di < len(per_dose) and i < len(per_dose[di]) else None
+            dose = dose if v is None else float(v)
         out.append(
             {
                 "model_id": r.get("model_id", getattr(result, "model_id", "")),
                 "structure_id": r.get("structure_id"),
                 "image_index": i,
                 "material": r.get("material"),
-                "defocus_nm": float(r["domain_defocus_nm"]),
-                "dose_e_per_A2": m.get("dose_e_per_A2", r.get("dose_e_per_A2")),
+                "defocus_nm": df,
+                "dose_e_per_A2": dose,
                 "diameter_nm": _diameter_nm(m),
                 "dice": float(r["dice"]),
             }
