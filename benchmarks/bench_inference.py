@@ -112,7 +112,7 @@ def main() -> int:
     )
     print(
         "| model | frame | OOD | px seen | wall [s] | peak RSS [MiB] | time x fp32 peak "
-        "[TFLOP] | GFLOP/px-frame | fraction of peak | time x peak [s GiB] |"
+        "[TFLOP] | network GFLOP | fraction of peak | time x peak [s GiB] |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model in models:
