@@ -42,7 +42,15 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import CheckpointError, ConfigError
 from ..io._atomic import write_bytes_atomic, write_text_atomic
@@ -297,13 +305,30 @@ _Strict = ConfigDict(strict=True, extra="allow")
 
 
 class SidecarNormalization(BaseModel):
-    """The input normalisation record (``models.normalization.NORMALIZATION``)."""
+    """The input preprocessing record (``models.normalization``; :class:`PreprocessConfig`).
+
+    ``per_image_standardize`` (every older checkpoint) needs only ``eps``;
+    ``flat_field_standardize`` also needs ``flat_field_sigma_A`` [Å] and ``sampling_A``
+    [Å/px], the pixel size the record expects (the model's).
+    """
 
     model_config = _Strict
-    method: Literal["per_image_standardize"]
-    """Per-image standardisation (the only method of format version 1)."""
+    method: Literal["per_image_standardize", "flat_field_standardize"]
+    """Standardisation only, or flat-field correction then standardisation."""
     eps: Annotated[float, AfterValidator(_finite), Field(ge=0.0)] = 1e-6
     """Added to the standard deviation."""
+    flat_field_sigma_A: Annotated[float | None, AfterValidator(_finite), Field(gt=0.0)] = None
+    """Sigma of the flat-field blur [Å]."""
+    sampling_A: Annotated[float | None, AfterValidator(_finite), Field(gt=0.0)] = None
+    """Pixel size of the images the record expects [Å/px]."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> SidecarNormalization:
+        if self.method == "flat_field_standardize" and (
+            self.flat_field_sigma_A is None or self.sampling_A is None
+        ):
+            raise ValueError("flat_field_standardize needs flat_field_sigma_A and sampling_A")
+        return self
 
 
 class SidecarTraining(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..models.config import CompactUNetConfig, ModelConfig, ResNet18UNetConfig
+from ..models.normalization import PreprocessConfig
 
 FreezeMode = Literal["none", "encoder", "decoder", "gradual"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -103,6 +104,27 @@ class TrainConfig(BaseModel):
     augment: bool = True
     """Random D4 (8 dihedral) transforms."""
 
+    preprocessing: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    """Input preprocessing of a new model (flat-field correction, standardisation); stored in
+    the checkpoint as its ``normalization`` record and applied identically in training and
+    inference.  Fine-tuning and resuming keep the checkpoint's own record.  Default:
+    standardisation only."""
+
+    pixel_size_augment: float = Field(default=1.0, ge=1.0, le=4.0)
+    """Pixel-size augmentation r: each training crop is rescaled by a factor drawn
+    log-uniformly in [1/r, r] around the dataset's (the model's native) pixel size, the crop
+    size kept (image: linear interpolation, mask: linear then thresholded at 0.5; regions
+    beyond the frame are mirrored).  1: off."""
+
+    dose_augment_e_per_A2: tuple[float, float] | None = None
+    """Dose (noise) augmentation: a range [low, high] [e/Å²]; each re-noised training frame
+    gets a dose drawn log-uniformly in it.  Noise-free datasets are Poisson-sampled at that
+    dose; datasets of counts at dose D are binomially thinned to it (exact Poisson statistics
+    at the lower dose), and keep their own noise where the drawn dose is >= D.  None: off."""
+
+    dose_augment_probability: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of training samples re-noised when ``dose_augment_e_per_A2`` is set."""
+
     loss: Literal["bce", "bce_dice"] = "bce"
     """Training loss on logits: binary cross-entropy, optionally plus soft Dice.  Validation
     losses are always the binary cross-entropy."""
@@ -141,6 +163,13 @@ class TrainConfig(BaseModel):
                 raise ValueError("the domain selection is empty; give defoci [nm] or 'all'")
             if len(set(v)) != len(v):
                 raise ValueError(f"defocus values are repeated (got {v})")
+        return v
+
+    @field_validator("dose_augment_e_per_A2")
+    @classmethod
+    def _dose_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1]:
+            raise ValueError(f"the dose range must be 0 < low <= high [e/Å²] (got {v})")
         return v
 
     @field_validator("init_from")

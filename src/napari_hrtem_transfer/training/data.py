@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, DatasetError
 from ..io.dataset import HRTEMDataset, load_dataset
-from ..models.normalization import standardize
+from ..models.normalization import apply_normalization
 from .config import TrainConfig
 
 
@@ -209,6 +209,66 @@ def training_crop(
     return side, side
 
 
+def rescale_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    origin: tuple[float, float],
+    crop: tuple[int, int],
+    factor: float,
+    order: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A crop of ``crop`` px magnified by ``factor`` from the region at ``origin`` [px].
+
+    The crop shows the source region of ``crop / factor`` px whose top-left pixel is at
+    ``origin`` (may be negative or beyond the frame: mirrored there), so features appear
+    ``factor`` times larger, as at a pixel size ``factor`` times smaller.  Pixel centres map
+    as in :func:`napari_hrtem_transfer.io.frames.zoom` (``grid_mode``), the resampling of
+    inference.
+
+    Returns
+    -------
+    image, mask
+        float32 (cy, cx); the image interpolated with spline ``order``, the mask linearly,
+        then thresholded at 0.5 (values 0/1).
+    """
+    from scipy import ndimage
+
+    inv = 1.0 / float(factor)
+    offset = [o + 0.5 * inv - 0.5 for o in origin]
+    kw = {"matrix": [inv, inv], "offset": offset, "output_shape": tuple(crop), "mode": "mirror"}
+    img = ndimage.affine_transform(
+        np.asarray(image, np.float32), order=order, prefilter=order > 1, **kw
+    )
+    msk = ndimage.affine_transform(np.asarray(mask, np.float32), order=1, **kw) >= 0.5
+    return img.astype(np.float32, copy=False), msk.astype(np.float32)
+
+
+def renoise(
+    raw: np.ndarray,
+    dose_e_per_A2: float | None,
+    target_e_per_A2: float,
+    sampling_A: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The frame ``raw`` as recorded at the lower dose ``target_e_per_A2`` [e/Å²].
+
+    Noise-free intensities (``dose_e_per_A2`` None, vacuum = 1) are Poisson-sampled with
+    ``intensity * target * sampling_A**2`` expected counts per pixel.  Integer counts at dose
+    D are binomially thinned with p = target / D, which gives exactly Poisson counts at the
+    target dose; non-integer counts are Poisson-sampled with mean ``counts * p`` (slightly more
+    noise than thinning).  A target at or above D returns ``raw`` unchanged.
+    """
+    if dose_e_per_A2 is None:
+        lam = np.clip(raw, 0, None).astype(np.float64) * (target_e_per_A2 * sampling_A**2)
+        return rng.poisson(lam).astype(np.float32)
+    p = float(target_e_per_A2) / float(dose_e_per_A2)
+    if p >= 1.0:
+        return raw
+    if np.issubdtype(raw.dtype, np.integer):
+        return rng.binomial(np.clip(raw, 0, None).astype(np.int64), p).astype(np.float32)
+    return rng.poisson(np.clip(raw, 0, None).astype(np.float64) * p).astype(np.float32)
+
+
 @dataclass
 class TrainingData:
     """The arrays and the sampling plan of one training stage.
@@ -229,6 +289,9 @@ class TrainingData:
         The model's output stride [px]; crops and validation images are multiples of it.
     crop
         Size (cy, cx) [px] of the training crops (:func:`training_crop`).
+    normalization
+        The model's input preprocessing record (:func:`apply_normalization`), applied to
+        every whole frame exactly as inference applies it.
     """
 
     dataset: HRTEMDataset
@@ -241,13 +304,23 @@ class TrainingData:
     val_structures: list[str]
     stride: int = 32
     crop: tuple[int, int] | None = None
+    normalization: dict[str, Any] = field(default_factory=dict)
     _cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
     _cached: bool = False
 
     # -------------------------------------------------------------- construction
     @classmethod
-    def prepare(cls, config: TrainConfig, ds: HRTEMDataset, stride: int = 32) -> TrainingData:
+    def prepare(
+        cls,
+        config: TrainConfig,
+        ds: HRTEMDataset,
+        stride: int = 32,
+        normalization: dict[str, Any] | None = None,
+    ) -> TrainingData:
         """Validate the selection against ``ds`` and draw the split and the subset.
+
+        ``normalization`` is the model's preprocessing record; None: the record of
+        ``config.preprocessing`` at the dataset's pixel size (what a new model stores).
 
         Raises
         ------
@@ -305,6 +378,7 @@ class TrainingData:
             val_structures=sorted(set(sids[val_idx].tolist())),
             stride=stride,
             crop=crop,
+            normalization=dict(normalization or config.preprocessing.record(ds.sampling_A)),
         )
         out._maybe_cache()
         return out
@@ -327,10 +401,19 @@ class TrainingData:
             block = self.dataset.images[d][idx]
             block = np.asarray(block.compute() if hasattr(block, "compute") else block)
             self._check_finite(block, d, idx)
-            std = standardize(block)
+            # dose augmentation re-noises raw frames: keep those, normalise per sample
+            std = block if self._renoise else self.normalize(block)
             for j, i in enumerate(idx.tolist()):
                 self._cache[(d, i)] = std[j]
         self._cached = True
+
+    @property
+    def _renoise(self) -> bool:
+        return self.config.dose_augment_e_per_A2 is not None
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        """The model's input preprocessing of raw frames (..., H, W) of this dataset."""
+        return apply_normalization(raw, self.normalization, sampling_A=self.dataset.sampling_A)
 
     def _check_finite(self, block: np.ndarray, d: int, idx: np.ndarray) -> None:
         if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
@@ -341,15 +424,22 @@ class TrainingData:
             )
 
     # -------------------------------------------------------------- access
-    def image(self, d: int, i: int) -> np.ndarray:
-        """Standardised float32 image (ny, nx) of domain ``d``, structure index ``i``."""
+    def raw_image(self, d: int, i: int) -> np.ndarray:
+        """The dataset's raw frame (ny, nx) of domain ``d``, structure index ``i``."""
         key = (int(d), int(i))
-        if key in self._cache:
+        if self._renoise and key in self._cache:
             return self._cache[key]
         raw = self.dataset.images[key[0], key[1]]
         raw = np.asarray(raw.compute() if hasattr(raw, "compute") else raw)
         self._check_finite(raw[None], key[0], np.array([key[1]]))
-        return standardize(raw)
+        return raw
+
+    def image(self, d: int, i: int) -> np.ndarray:
+        """Preprocessed float32 image (ny, nx) of domain ``d``, structure index ``i``."""
+        key = (int(d), int(i))
+        if key in self._cache and not self._renoise:
+            return self._cache[key]
+        return self.normalize(self.raw_image(*key))
 
     def mask(self, i: int) -> np.ndarray:
         """Ground-truth mask (ny, nx) float32 of image ``i``."""
@@ -375,6 +465,8 @@ class TrainingData:
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """The epoch's samples as an (n, 4) int array: item index, D4 code, crop y, crop x.
 
+        With pixel-size or dose augmentation, (n, 7): see :meth:`_extra_columns`.
+
         A function of ``(config.seed, epoch)`` only.
         """
         cfg = self.config
@@ -396,7 +488,44 @@ class TrainingData:
         else:
             ys = rng.integers(0, ny - cy + 1, size=n)
             xs = rng.integers(0, nx - cx + 1, size=n)
-        return np.stack([order, codes, ys, xs], axis=1).astype(np.int64)
+        plan = np.stack([order, codes, ys, xs], axis=1).astype(np.int64)
+        if cfg.pixel_size_augment > 1.0 or cfg.dose_augment_e_per_A2 is not None:
+            plan = self._extra_columns(plan, epoch)
+        return plan
+
+    def _extra_columns(self, plan: np.ndarray, epoch: int) -> np.ndarray:
+        """Columns 4-6: magnification x 1e6, target dose [e/Å²] x 1e3 (0: none), noise seed.
+
+        Drawn from their own stream, so columns 0-3 (order, D4 code) are those of a run
+        without these augmentations; with pixel-size augmentation columns 2-3 are the origin
+        of the source region (``crop / factor`` px; centred, and mirrored at the borders,
+        where it is larger than the frame).
+        """
+        cfg = self.config
+        rng = np.random.default_rng([int(cfg.seed), int(epoch), 0x5CA1E])
+        n = len(plan)
+        ny, nx = self.dataset.image_shape
+        cy, cx = self.crop_size
+        log_r = np.log(cfg.pixel_size_augment)
+        factor = np.exp(rng.uniform(-log_r, log_r, size=n)) if log_r > 0 else np.ones(n)
+        scale = np.round(factor * 1e6).astype(np.int64)
+        if log_r > 0:
+            f = scale / 1e6
+            for col, size, c in ((2, ny, cy), (3, nx, cx)):
+                h = np.ceil(c / f).astype(np.int64)
+                u = rng.uniform(size=n)
+                fits = h <= size
+                plan[:, col] = np.where(
+                    fits, np.floor(u * (size - h + 1)).astype(np.int64), (size - h) // 2
+                )
+        dose = np.zeros(n, dtype=np.int64)
+        if cfg.dose_augment_e_per_A2 is not None:
+            lo, hi = np.log(cfg.dose_augment_e_per_A2)
+            target = np.exp(rng.uniform(lo, hi, size=n))
+            on = rng.uniform(size=n) < cfg.dose_augment_probability
+            dose = np.where(on, np.maximum(np.round(target * 1e3), 1), 0).astype(np.int64)
+        seeds = rng.integers(0, 2**31 - 1, size=n)
+        return np.column_stack([plan, scale, dose, seeds]).astype(np.int64)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's plan cut into batches of ``config.batch_size``."""
@@ -406,18 +535,35 @@ class TrainingData:
 
     def load_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images and masks of one batch, each float32 (B, 1, cy, cx) (see :attr:`crop_size`)."""
-        cy, cx = self.crop_size
         xs, ys = [], []
-        for item, code, y0, x0 in rows.tolist():
-            d, i = self.train_items[item]
-            img = self.image(d, i)[y0 : y0 + cy, x0 : x0 + cx]
-            msk = self.mask(i)[y0 : y0 + cy, x0 : x0 + cx]
-            xs.append(d4_transform(img, code))
-            ys.append(d4_transform(msk, code))
+        for row in rows.tolist():
+            img, msk = self.sample(row)
+            xs.append(img)
+            ys.append(msk)
         return (
             np.ascontiguousarray(np.stack(xs)[:, None], dtype=np.float32),
             np.ascontiguousarray(np.stack(ys)[:, None], dtype=np.float32),
         )
+
+    def sample(self, row: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Image and mask (cy, cx) of one plan row (:meth:`epoch_plan`), augmented."""
+        cy, cx = self.crop_size
+        item, code, y0, x0 = row[:4]
+        d, i = self.train_items[item]
+        factor, dose, seed = (row[4] / 1e6, row[5] / 1e3, row[6]) if len(row) > 4 else (1, 0, 0)
+        if dose > 0:
+            rng = np.random.default_rng([int(seed), 0xD05E])
+            ds = self.dataset
+            raw = renoise(self.raw_image(d, i), ds.dose_e_per_A2, dose, ds.sampling_A, rng)
+            full = self.normalize(raw)
+        else:
+            full = self.image(d, i)
+        if factor == 1:
+            img = full[y0 : y0 + cy, x0 : x0 + cx]
+            msk = self.mask(i)[y0 : y0 + cy, x0 : x0 + cx]
+        else:
+            img, msk = rescale_crop(full, self.mask(i), (y0, x0), (cy, cx), factor)
+        return d4_transform(img, code), d4_transform(msk, code)
 
     def val_batches(self, d: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Validation images of domain ``d`` (whole, cropped to a multiple of the stride)."""

@@ -32,7 +32,6 @@ from ..errors import CheckpointError, ConfigError, DatasetError
 from ..io.dataset import HRTEMDataset
 from ..models.config import parse_model_config
 from ..models.factory import build_model
-from ..models.normalization import NORMALIZATION
 from .callbacks import EpochUpdate, StepUpdate, TrainResult, TrainStart, dispatch
 from .checkpoint import (
     load_model_weights,
@@ -277,7 +276,8 @@ def _init_model(
         return model, model_cfg, pside["normalization"], _parent_summary(pside, cfg.init_from)
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.resolved_model()
-    return build_model(model_cfg), model_cfg, dict(NORMALIZATION), None
+    normalization = cfg.preprocessing.record(ds.sampling_A)
+    return build_model(model_cfg), model_cfg, normalization, None
 
 
 def _setup(
@@ -289,7 +289,7 @@ def _setup(
 ) -> _Run:
     """Model, data, device, precision and optimizer of a run (nothing is written)."""
     model, model_cfg, normalization, parent = _init_model(cfg, out, ds, resume_side)
-    tdata = TrainingData.prepare(cfg, ds, stride=model.output_stride)
+    tdata = TrainingData.prepare(cfg, ds, stride=model.output_stride, normalization=normalization)
     data_record = tdata.describe()
     if resume_side is not None:
         fp = (resume_side.get("data") or {}).get("fingerprint")

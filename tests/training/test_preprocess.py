@@ -1,0 +1,161 @@
+"""Preprocessing shared by training and inference; pixel-size and dose augmentation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_hrtem_transfer.errors import CheckpointError
+from napari_hrtem_transfer.models.normalization import (
+    NORMALIZATION,
+    PreprocessConfig,
+    apply_normalization,
+)
+from napari_hrtem_transfer.training import TrainConfig
+from napari_hrtem_transfer.training.checkpoint import validate_sidecar
+from napari_hrtem_transfer.training.data import TrainingData, renoise, rescale_crop
+
+from .conftest import make_dataset
+
+FLAT = PreprocessConfig(flat_field_sigma_A=4.0)  # 20 px at the fixture's 0.2 Å/px
+
+
+def _illuminated(size=64, seed=0):
+    """The disc fixture under a strong illumination gradient."""
+    ds = make_dataset(n_images=12, size=size, seed=seed)
+    ramp = 1.0 + 0.8 * np.linspace(0, 1, size)[None, :]
+    ds.images = np.round(ds.images * ramp).astype(np.uint16)
+    return ds
+
+
+def test_training_and_inference_preprocess_identically(small_config, tmp_path):
+    from napari_hrtem_transfer.training import load_checkpoint, train
+
+    ds = _illuminated()
+    cfg = small_config.model_copy(update={"preprocessing": FLAT, "epochs": 1})
+    train(cfg, ds, tmp_path / "m")
+    side = json.loads((tmp_path / "m" / "best.json").read_text())
+    assert side["normalization"] == {
+        "method": "flat_field_standardize",
+        "eps": 1e-6,
+        "flat_field_sigma_A": 4.0,
+        "sampling_A": 0.2,
+    }
+    lm = load_checkpoint(tmp_path / "m", device="cpu")
+    td = TrainingData.prepare(cfg, ds, normalization=side["normalization"])
+    td_default = TrainingData.prepare(cfg, ds)  # the record of cfg.preprocessing
+    d, i = (int(v) for v in td.train_items[0])
+    raw = np.asarray(ds.images[d, i])
+    np.testing.assert_array_equal(td.image(d, i), lm.standardize(raw)[0])
+    np.testing.assert_array_equal(td_default.image(d, i), td.image(d, i))
+    # and the step changed something: not plain standardisation
+    assert np.abs(td.image(d, i) - apply_normalization(raw, NORMALIZATION)).max() > 0.1
+
+
+def test_sidecar_schema_reads_old_and_new_records():
+    base = {
+        "format": "napari-hrtem-transfer checkpoint",
+        "format_version": "1",
+        "which": "best",
+        "weights_file": "best-0123456789ab.safetensors",
+        "weights_sha256": "0" * 64,
+        "model": {"architecture": "compact"},
+    }
+    old = validate_sidecar({**base, "normalization": dict(NORMALIZATION)}, "x.json", "best")
+    assert old.normalization.method == "per_image_standardize"
+    new = validate_sidecar(
+        {**base, "normalization": FLAT.record(0.2)}, "x.json", "best"
+    ).normalization
+    assert (new.flat_field_sigma_A, new.sampling_A) == (4.0, 0.2)
+    with pytest.raises(CheckpointError, match="flat_field_sigma_A"):
+        validate_sidecar(
+            {**base, "normalization": {"method": "flat_field_standardize"}}, "x.json", "best"
+        )
+
+
+def _disc(n=128, r=20.0, c=(64.0, 64.0)):
+    yy, xx = np.mgrid[:n, :n]
+    return ((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < r * r).astype(np.float32)
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.8, 1.3, 1.7])
+def test_rescale_crop_scales_a_disc_and_keeps_image_and_mask_aligned(factor):
+    mask = _disc()
+    image = 5.0 * mask + 1.0
+    crop = (128, 128)
+    h = 128 / factor  # source region, centred on the frame
+    origin = ((128 - h) / 2, (128 - h) / 2)
+    img, msk = rescale_crop(image, mask, origin, crop, factor)
+    assert img.shape == msk.shape == crop
+    assert set(np.unique(msk).tolist()) <= {0.0, 1.0}
+    ratio = msk.sum() / mask.sum()
+    assert ratio == pytest.approx(factor**2, rel=0.05)
+    yy, xx = np.mgrid[: crop[0], : crop[1]]
+    w = img - img.min()
+    cm_img = (np.sum(w * yy) / w.sum(), np.sum(w * xx) / w.sum())
+    cm_msk = (np.sum(msk * yy) / msk.sum(), np.sum(msk * xx) / msk.sum())
+    assert np.allclose(cm_img, cm_msk, atol=0.3)
+    # the disc's centre (64, 64) is 0.5 px from the frame centre 63.5: magnified about it
+    expect = 63.5 + 0.5 * factor
+    assert np.allclose(cm_msk, (expect, expect), atol=0.1)
+
+
+def test_pixel_size_augmentation_is_seeded_and_varies_the_scale():
+    ds = make_dataset(n_images=12, size=64)
+    cfg = TrainConfig(patch_size=32, pixel_size_augment=1.5, samples_per_epoch=40)
+    td = TrainingData.prepare(cfg, ds)
+    plan, again = td.epoch_plan(0), TrainingData.prepare(cfg, ds).epoch_plan(0)
+    assert plan.shape == (40, 7) and np.array_equal(plan, again)
+    f = plan[:, 4] / 1e6
+    assert f.min() >= 1 / 1.5 and f.max() <= 1.5 and f.std() > 0.1
+    plain = TrainingData.prepare(cfg.model_copy(update={"pixel_size_augment": 1.0}), ds)
+    assert np.array_equal(plain.epoch_plan(0)[:, :2], plan[:, :2])  # order and D4 unchanged
+    assert plain.epoch_plan(0).shape == (40, 4)
+    for rows in td.batches(0):
+        x, y = td.load_batch(rows)
+        x2, y2 = td.load_batch(rows)
+        assert x.shape == (len(rows), 1, 32, 32)
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    # each sample is the rescaled crop of its plan row, D4-transformed
+    from napari_hrtem_transfer.training.data import d4_transform
+
+    for row in plan[:10].tolist():
+        img, msk = td.sample(row)
+        d, i = (int(v) for v in td.train_items[row[0]])
+        ex_img, ex_msk = rescale_crop(
+            td.image(d, i), ds.masks[i], (row[2], row[3]), (32, 32), row[4] / 1e6
+        )
+        np.testing.assert_array_equal(msk, d4_transform(ex_msk, row[1]))
+        np.testing.assert_array_equal(img, d4_transform(ex_img, row[1]))
+
+
+def test_dose_thinning_is_poisson_at_the_lower_dose():
+    rng = np.random.default_rng(0)
+    lam = 40.0
+    counts = rng.poisson(lam, (400, 400)).astype(np.uint16)
+    low = renoise(counts, 400.0, 100.0, 0.2, np.random.default_rng(1))
+    assert low.mean() == pytest.approx(lam / 4, rel=0.01)
+    assert low.var() == pytest.approx(lam / 4, rel=0.03)  # Poisson: variance = mean
+    assert renoise(counts, 400.0, 800.0, 0.2, rng) is counts  # no dose can be added
+    clean = np.full((400, 400), 0.5, np.float32)
+    noisy = renoise(clean, None, 250.0, 0.2, np.random.default_rng(2))
+    assert noisy.mean() == pytest.approx(0.5 * 250 * 0.04, rel=0.02)
+
+
+def test_dose_augmentation_in_batches_is_seeded():
+    ds = make_dataset(n_images=12, size=64)
+    cfg = TrainConfig(patch_size=32, dose_augment_e_per_A2=(50.0, 1000.0), augment=False)
+    td = TrainingData.prepare(cfg, ds)
+    plan = td.epoch_plan(0)
+    assert plan.shape[1] == 7 and (plan[:, 5] > 0).all()
+    rows = plan[:4]
+    x1, _ = td.load_batch(rows)
+    x2, _ = td.load_batch(rows)
+    np.testing.assert_array_equal(x1, x2)
+    plain = TrainingData.prepare(cfg.model_copy(update={"dose_augment_e_per_A2": None}), ds)
+    xp, _ = plain.load_batch(plain.epoch_plan(0)[:4])
+    assert not np.array_equal(x1, xp)  # re-noised at a dose below the dataset's 5000
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        TrainConfig(dose_augment_e_per_A2=(100.0, 50.0))
