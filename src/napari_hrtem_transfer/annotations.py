@@ -178,7 +178,7 @@ def dataset_from_annotations(
         Shapes differ, no frame is annotated, frames too small, indices outside the stack.
     """
     from .io.dataset import HRTEMDataset
-    from .segmentation import _zoom
+    from .io.frames import zoom as _zoom
 
     frames, nav, s_img = _array(images, "images")
     lab, lab_nav, _ = _array(labels, "labels")

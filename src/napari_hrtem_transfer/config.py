@@ -371,7 +371,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
 
     Returns the path written.  :func:`load_config` reads it back to an equal config.
     """
-    from .io._atomic import write_text_atomic
+    from .io.atomic import write_text_atomic
 
     text = config_to_toml(cfg)
     return write_text_atomic(Path(path).expanduser(), text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError
+from ..training.progress import Progress as Progress
 
 #: Key of our section in the package's ``config``.
 CONFIG_KEY = "napari_hrtem_transfer"
@@ -50,7 +50,6 @@ UNIT_TO_A = {
 }
 MAX_MEMBER_BYTES = 2 << 30  # refuse zip members above 2 GiB (zip bombs)
 
-Progress = Callable[[int, int, str], None]
 
 
 class BioimageioExportConfig(BaseModel):

@@ -49,6 +49,9 @@ _LAZY = {
     "estimate_ctf_with_metadata": "ctf",
     "DemoSettings": "protocol",
     "run_protocol": "protocol",
+    "run_transfer": "workflows",
+    "TransferEvaluation": "workflows",
+    "TransferResult": "workflows",
 }
 
 
@@ -77,4 +80,7 @@ __all__ = [
     "shift_matrix",
     "target_matrix",
     *_LAZY,
+    "run_transfer",
+    "TransferEvaluation",
+    "TransferResult",
 ]

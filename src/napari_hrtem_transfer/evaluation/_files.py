@@ -1,6 +1,6 @@
 """Atomic writers for report files (temporary name, then rename).
 
-Text and bytes go through the one implementation in :mod:`napari_hrtem_transfer.io._atomic`;
+Text and bytes go through the one implementation in :mod:`napari_hrtem_transfer.io.atomic`;
 only the matplotlib figure writer lives here.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..io._atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from ..io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 
 __all__ = ["savefig_atomic", "write_bytes_atomic", "write_text_atomic"]
 

@@ -168,7 +168,8 @@ def simulate_dataset(
     -------
     HRTEMDataset
     """
-    from ..io.dataset import HRTEMDataset, _versions
+    from ..io.dataset import HRTEMDataset
+    from ..io.provenance import SIMULATION_PACKAGES, package_versions
 
     _check_resources(config)
     if device == "gpu":
@@ -258,7 +259,7 @@ def simulate_dataset(
             "structures": per_structure,
             **info_extra,
             "elapsed_s": elapsed,
-            "versions": _versions(),
+            "versions": package_versions(SIMULATION_PACKAGES),
         },
     )
 

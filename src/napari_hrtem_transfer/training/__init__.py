@@ -21,6 +21,8 @@ __all__ = [
     "Callback",
     "EpochUpdate",
     "LoadedModel",
+    "Progress",
+    "StopRequest",
     "StepUpdate",
     "TrainCallback",
     "TrainConfig",
@@ -28,6 +30,7 @@ __all__ = [
     "TrainStart",
     "load_checkpoint",
     "read_sidecar",
+    "stop_checker",
     "train",
     "update_checkpoint_extra",
 ]
@@ -44,6 +47,9 @@ _LAZY = {
     "StepUpdate": "callbacks",
     "EpochUpdate": "callbacks",
     "TrainResult": "callbacks",
+    "Progress": "progress",
+    "StopRequest": "progress",
+    "stop_checker": "progress",
 }
 
 
