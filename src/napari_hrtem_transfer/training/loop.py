@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -44,23 +43,13 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import TrainingData, domain_key, open_dataset
 from .device import autocast, resolve_device, resolve_precision, torch_settings
-
-StopRequest = threading.Event | Callable[[], bool] | None
+from .progress import StopRequest, stop_checker
 
 #: Config fields that may change when resuming (they do not change the result on a CPU).
 RESUMABLE_CHANGES = ("epochs", "num_threads", "cache_bytes", "device")
 
-
-def _stop_fn(stop: StopRequest) -> Callable[[], bool]:
-    if stop is None:
-        return lambda: False
-    if isinstance(stop, threading.Event):
-        return stop.is_set
-    if callable(stop):
-        return lambda: bool(stop())
-    raise ConfigError(
-        f"stop must be a threading.Event or a callable returning bool (got {stop!r})", "stop"
-    )
+#: Deprecated alias of :func:`.progress.stop_checker`.
+_stop_fn = stop_checker
 
 
 def segmentation_loss(
@@ -566,7 +555,7 @@ def train(
     t0 = time.perf_counter()
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config)
     out = Path(out_dir).expanduser()
-    should_stop = _stop_fn(stop)
+    should_stop = stop_checker(stop)
     _check_out_dir(out, resume)
     ds = open_dataset(data)
     resume_side = _resume_sidecar(cfg, out) if resume else None
