@@ -282,9 +282,9 @@ def fit_ood_after_training(
     """
     t0 = time.perf_counter()
     cfg = config or OODFitConfig()
-    from ...training.loop import _stop_fn  # the one stop convention (Event or callable)
+    from ...training.progress import stop_checker
 
-    should_stop = None if stop is None else _stop_fn(stop)
+    should_stop = None if stop is None else stop_checker(stop)
     try:
         return _fit_for_checkpoint(model_dir, data, which, device, True, cfg, progress, should_stop)
     except OODFitStopped as exc:

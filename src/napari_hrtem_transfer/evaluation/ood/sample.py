@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError
+from ...training.progress import Progress
 from . import components as comp
 from .calibrate import OODFitStopped, _calibrate_in_sample
 from .domain import _domain_from_info
@@ -32,7 +33,7 @@ from .reference import (
 )
 from .verdict import VerdictConfig, frame_components
 
-ProgressCallback = Callable[[int, int, str], None]
+ProgressCallback = Progress
 
 
 class OODFitConfig(BaseModel):
