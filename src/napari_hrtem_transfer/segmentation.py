@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,8 +39,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import HrtemTransferError, config_error_from_validation
+from .errors import ConfigError, HrtemTransferError, config_error_from_validation
 from .io.frames import RESAMPLING
+from .training.progress import Progress, StopRequest
 
 __all__ = [
     "PRETRAINED",
@@ -58,8 +57,6 @@ __all__ = [
 #: Name of the model shipped inside the package (``--model pretrained``).
 PRETRAINED = "pretrained"
 
-Progress = Callable[[int, int, str], None]
-StopRequest = threading.Event | Callable[[], bool] | None
 
 
 class SegmentationWarning(UserWarning):
@@ -285,7 +282,30 @@ def resolve_model(model: Any = PRETRAINED, which: str = "best", device: str = "a
     """
     from .inference import load_model
 
-    return load_model(model, which, device)
+    return load_model(open_model_spec(model, which), which, device)
+
+
+def open_model_spec(model: Any, which: str = "best") -> Any:
+    """``model`` with a bioimage.io package replaced by its unpacked checkpoint folder.
+
+    Raises
+    ------
+    ConfigError
+        ``which`` is not ``"best"`` for a package (a package holds one checkpoint).
+    CheckpointError
+        The package is refused (not our architecture, pickled weights, ...).
+    """
+    from .bioimageio import import_bioimageio, is_bioimageio_package
+
+    if not is_bioimageio_package(model):
+        return model
+    if which != "best":
+        raise ConfigError(
+            f"{model}: a bioimage.io package holds one checkpoint; use which='best' "
+            f"(got {which!r}).",
+            "which",
+        )
+    return import_bioimageio(Path(model).expanduser())
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -434,9 +454,9 @@ def segment(
         cfg = SegmentConfig(**{**base.model_dump(), **options}) if options else base
     except ValidationError as exc:
         raise config_error_from_validation(exc, first_only=True) from None
-    from .training.loop import _stop_fn  # one definition of a stop request
+    from .training.progress import stop_checker
 
-    stopped = _stop_fn(stop)
+    stopped = stop_checker(stop)
     inp = _as_frames(data, sampling_A, axes)
     from .io.frames import input_warnings
 
@@ -521,7 +541,7 @@ class _Job:
         self.verdicts: dict[int, tuple] = {}
         self.scorer = None
         if ref is not None:
-            from .evaluation._model import ScoringModel
+            from .evaluation import ScoringModel
 
             self.scorer = ScoringModel(lm)
             self.scorer.precision = cfg.precision

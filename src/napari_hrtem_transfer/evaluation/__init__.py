@@ -50,6 +50,7 @@ _LAZY = {
     "DemoSettings": "protocol",
     "run_protocol": "protocol",
     "run_transfer": "workflows",
+    "ScoringModel": "_model",
     "TransferEvaluation": "workflows",
     "TransferResult": "workflows",
 }
@@ -83,4 +84,5 @@ __all__ = [
     "run_transfer",
     "TransferEvaluation",
     "TransferResult",
+    "ScoringModel",
 ]

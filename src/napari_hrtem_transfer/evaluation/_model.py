@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
-from ..inference._engine import boundary_mask
+from ..inference import boundary_mask
 
 __all__ = ["DEFAULT_TILE_PX", "FrameStats", "ScoringModel", "boundary_mask", "boundary_statistics"]
 

@@ -121,11 +121,11 @@ def _core():
 
 
 def _resolve_model(model: Any, which: str, device: str) -> Any:
-    """Load the model once (for chunk-by-chunk work) with the one loader,
-    :func:`napari_hrtem_transfer.inference.load_model`; the core accepts what it returns."""
-    from ..inference import load_model
+    """The loaded model: through :func:`napari_hrtem_transfer.segmentation.resolve_model`
+    (packages opened, then the one loader, :func:`napari_hrtem_transfer.inference.load_model`)."""
+    from ..segmentation import resolve_model
 
-    return load_model(model, which=which, device=device)
+    return resolve_model(model, which=which, device=device)
 
 
 def _check_lazy(s: Any, loaded: Any, px: float | None, name: str) -> None:
@@ -261,7 +261,7 @@ def _grey(frames: Any) -> np.ndarray:
     """A chunk as real numbers: RGB exports become grey by the reader's rule."""
     frames = np.asarray(frames)
     if frames.dtype.names:
-        from ..io.readers import _to_grey
+        from ..io.frames import to_grey as _to_grey
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

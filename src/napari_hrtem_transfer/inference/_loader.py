@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 
 #: Name of the model shipped inside the package (``--model pretrained``).
 PRETRAINED = "pretrained"
@@ -51,34 +51,41 @@ def is_loaded_model(model: Any) -> bool:
     return hasattr(model, "predict_proba") and hasattr(model, "info")
 
 
+def _looks_like_package(path: Path) -> bool:
+    """A bioimage.io package name: a ``.zip``, an ``rdf.yaml``/``bioimageio.yaml``, or a
+    folder holding one of them and no checkpoint sidecar."""
+    names = ("rdf.yaml", "bioimageio.yaml")
+    if path.suffix.lower() == ".zip" or path.name in names:
+        return True
+    if path.is_dir() and not (path / "best.json").exists() and not (path / "last.json").exists():
+        return any((path / n).is_file() for n in names)
+    return False
+
+
 def resolve_model_path(spec: str | os.PathLike, which: str = "best") -> Path:
     """The checkpoint folder of ``spec`` (no weights are read).
 
-    ``spec`` is ``"pretrained"``, a checkpoint folder, or a bioimage.io model package
-    (``.zip``, ``rdf.yaml``/``bioimageio.yaml``), unpacked once into a cache folder by
-    :func:`napari_hrtem_transfer.bioimageio.import_bioimageio` (which refuses architectures
-    that are not ours and pickles).
+    ``spec`` is ``"pretrained"`` or a checkpoint folder.  A bioimage.io model package is
+    opened one layer up, by :func:`napari_hrtem_transfer.segmentation.resolve_model` (the
+    front ends' entry), which unpacks it into a checkpoint folder with
+    :func:`napari_hrtem_transfer.bioimageio.import_bioimageio` and then calls
+    :func:`load_model` on that folder.
 
     Raises
     ------
     CheckpointError
-        The shipped model is missing, or a package is refused.
-    ConfigError
-        ``which`` is not ``"best"`` for a bioimage.io package.
+        The shipped model is missing, or ``spec`` is a package given to this layer directly.
     """
     if str(spec) == PRETRAINED:
         return pretrained_model_dir()
     path = Path(spec).expanduser()
-    from ..bioimageio import import_bioimageio, is_bioimageio_package
-
-    if is_bioimageio_package(path):
-        if which != "best":
-            raise ConfigError(
-                f"{path}: a bioimage.io package holds one checkpoint; use which='best' "
-                f"(got {which!r}).",
-                "which",
-            )
-        path = import_bioimageio(path)
+    if _looks_like_package(path):
+        raise CheckpointError(
+            f"{path} is a bioimage.io package; open it with "
+            "napari_hrtem_transfer.segmentation.resolve_model(...) or "
+            "napari_hrtem_transfer.bioimageio.import_bioimageio(...) first (the CLI, napari "
+            "and HyperSpy do this for you)."
+        )
     return path
 
 

@@ -53,7 +53,7 @@ from pydantic import (
 )
 
 from ..errors import CheckpointError, ConfigError
-from ..io._atomic import write_bytes_atomic, write_text_atomic
+from ..io.atomic import write_bytes_atomic, write_text_atomic
 
 FORMAT = "napari-hrtem-transfer checkpoint"
 FORMAT_VERSION = "1"

@@ -12,7 +12,7 @@ from typing import Any
 from magicgui.widgets import ComboBox, FileEdit
 from psygnal import Signal
 
-from ...io._atomic import write_text_atomic
+from ...io.atomic import write_text_atomic
 from ._base import WrapLabel
 
 PRETRAINED = "pretrained"
@@ -71,20 +71,21 @@ def resolve_model(spec: str | os.PathLike) -> Path | None:
 
     ``spec`` is ``"pretrained"``, a checkpoint folder, or a bioimage.io model package
     (``.zip``, ``rdf.yaml``/``bioimageio.yaml``), which is unpacked into the package cache by
-    the same importer as ``segment --model`` (:func:`napari_hrtem_transfer.inference.
-    resolve_model_path`, the path step of the one loader; no code from the package is run;
+    the same importer as ``segment --model`` (:func:`napari_hrtem_transfer.segmentation.
+    open_model_spec`, then the path step of the one loader; no code from the package is run;
     a refused package raises its :class:`~napari_hrtem_transfer.errors.CheckpointError`,
     shown in the model card).  The weights are loaded by
     :func:`napari_hrtem_transfer.inference.load_model` when the model runs.
     """
     from ...inference import resolve_model_path
+    from ...segmentation import open_model_spec
 
     if str(spec) == PRETRAINED:
         try:
             return resolve_model_path(PRETRAINED)
         except Exception:  # noqa: BLE001 - not shipped in this installation
             return None
-    return resolve_model_path(spec)
+    return resolve_model_path(open_model_spec(spec))
 
 
 def model_card(spec: str | os.PathLike, which: str = "best") -> str:

@@ -342,7 +342,7 @@ class OODReference:
         """Write ``ood_reference.safetensors`` and ``ood_reference.json`` atomically."""
         from safetensors.numpy import save_file
 
-        from ...io._atomic import atomic_path
+        from ...io.atomic import atomic_path
         from .._files import write_text_atomic
 
         if self.caution_level is None or not math.isfinite(float(self.caution_level)):
