@@ -1,15 +1,22 @@
 """Train the pretrained model shipped in the wheel (``--model pretrained``).
 
 Reproduces ``src/napari_hrtem_transfer/models/pretrained/`` and ``docs/pretrained_model.md``
-from scratch on 2 CPU cores (about an hour on a quiet machine)::
+from scratch on 2 CPU cores::
 
-    .venv/bin/python scripts/train_pretrained_model.py --work /tmp/pretrained_work
+    .venv/bin/python scripts/train_pretrained_model.py --work /tmp/pretrained_work [--recipe R]
+
+Two recipes (:data:`RECIPES`): ``legacy`` is the shipped model's (CdSe and Au, 0.2 Å/px,
+256 px, Cs 5 µm, 400 e/Å², no detector; about an hour); ``real_sessions`` is the candidate for
+real microscopes (Au, Ag, Pt, Pd, CdSe, ZnS on 2-10 nm carbon, particles up to 10 nm, 1-6 per
+frame, per-image dose 50-1000 e/Å², Cs ±20 µm, focal spread 5-40 Å, drift, uneven
+illumination, a scintillator detector; native 0.3 Å/px, 384 px; flat-field preprocessing,
+pixel-size augmentation, BCE + Dice loss).  ``--no-install`` keeps the package's model.
 
 Stages (each is skipped when its output already exists in ``--work``, so an interrupted run
-resumes):
+resumes; a larger ``--epochs`` resumes the training):
 
-1. simulate CdSe and Au defocus series (abTEM, the study's 11 defoci -25 ... +25 nm, 0.2 Å/px,
-   256 px, 400 e/Å², Cs 5 µm), one file per material, and merge them into one dataset;
+1. simulate each material's defocus series (abTEM, the study's 11 defoci -25 ... +25 nm) and
+   merge them into one dataset (per-image imaging conditions kept);
 2. pretrain the compact U-Net on the mixture of all defoci (the study's "mixture" baseline);
 3. fit the label-free OOD reference on the training images;
 4. evaluate loss/Dice/IoU per defocus on the held-out structures (split by structure);
@@ -32,27 +39,72 @@ PACKAGE_MODEL = REPO / "src" / "napari_hrtem_transfer" / "models" / "pretrained"
 CARD = REPO / "docs" / "pretrained_model.md"
 
 DEFOCI_NM = [-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
-MATERIALS = ("CdSe", "Au")
+
+#: The recipes: ``real_sessions`` (the shipped model: six materials, the imaging and structure
+#: distribution of real sessions, native 0.3 Å/px) and ``legacy`` (the first shipped model:
+#: CdSe and Au at 0.2 Å/px, Cs 5 µm, 400 e/Å², no detector).
+#: The recipe of the model installed in the package today.
+SHIPPED_RECIPE = "legacy"
+
+RECIPES: dict[str, dict] = {
+    "real_sessions": dict(
+        materials=("Au", "Ag", "Pt", "Pd", "CdSe", "ZnS"),
+        preset="real_sessions",
+        overrides=dict(
+            # 384 px at 0.3 Å/px = an 11.5 nm field; particles up to 10 nm across
+            image_size_px=384,
+            sim_sampling_A=0.2,  # band limit 1/(3 x 0.2 Å) = the 0.3 Å/px Nyquist frequency
+            n_phonons=1,
+            substrate_thickness_nm=(2.0, 10.0),
+            radius_nm=(1.0, 5.0),
+            # absolute abTEM defocus: the coordinate the Thon-ring estimate of a real frame
+            # measures (no per-structure minimum-contrast shift)
+            calibrate_zero_defocus=False,
+        ),
+        train=dict(
+            # flat field over 20 nm: removes a session's slow illumination gradient on a
+            # large real frame; on the 11.5 nm training frames it is close to a division
+            # by the mean (their own illumination field is left for the network to learn)
+            preprocessing=dict(flat_field_sigma_A=200.0),
+            pixel_size_augment=1.25,
+            loss="bce_dice",
+        ),
+    ),
+    "legacy": dict(
+        materials=("CdSe", "Au"),
+        preset="laptop",
+        overrides=dict(
+            defocus_jitter_nm=1.0,
+            radius_nm=(0.8, 1.8),
+            particles_per_image=(1, 3),
+            dose_e_per_A2=400.0,
+        ),
+        train=dict(),
+    ),
+}
 
 
-def simulation_config(material: str, n_structures: int, seed: int):
+def simulation_config(recipe: str, material: str, n_structures: int, seed: int):
+    """The simulation config of one material of ``recipe`` (see :data:`RECIPES`)."""
     from napari_hrtem_transfer.simulate import SimulationConfig
 
+    r = RECIPES[recipe]
     return SimulationConfig.from_preset(
-        "laptop",
+        r["preset"],
         material=material,
         n_structures=n_structures,
         defocus_nm=DEFOCI_NM,
-        defocus_jitter_nm=1.0,
-        radius_nm=(0.8, 1.8),
-        particles_per_image=(1, 3),
-        dose_e_per_A2=400.0,
         seed=seed,
+        **r["overrides"],
     )
 
 
-def merge(datasets):
-    """Concatenate datasets of identical defoci, size and sampling along the image axis."""
+def merge(datasets, materials):
+    """Concatenate datasets of identical defoci, size and sampling along the image axis.
+
+    Per-image imaging conditions (``info["per_image"]``, arrays (n_defocus, n_images)) are
+    concatenated along the image axis too, so the model card can break Dice down by dose.
+    """
     from napari_hrtem_transfer.io.dataset import HRTEMDataset
 
     first = datasets[0]
@@ -62,20 +114,29 @@ def merge(datasets):
     images = np.concatenate([np.asarray(ds.images) for ds in datasets], axis=1)
     masks = np.concatenate([np.asarray(ds.masks) for ds in datasets], axis=0)
     ids = np.concatenate(
-        [[f"{m}-{s}" for s in ds.structure_ids] for ds, m in zip(datasets, MATERIALS, strict=True)]
+        [[f"{m}-{s}" for s in ds.structure_ids] for ds, m in zip(datasets, materials, strict=True)]
     )
-    materials = np.concatenate([ds.materials for ds in datasets])
-    actual = np.concatenate([ds.actual_defocus_nm for ds in datasets], axis=1)
-    info = {"merged_from": [ds.info for ds in datasets]}
+    info: dict = {"merged_from": [ds.info for ds in datasets]}
+    per_image = [ds.info.get("per_image") for ds in datasets]
+    if all(per_image):
+        keys = set.intersection(*(set(p) for p in per_image))
+        info["per_image"] = {
+            k: np.concatenate(
+                [np.asarray(p[k], dtype=float) for p in per_image], axis=1
+            ).tolist()
+            for k in sorted(keys)
+        }
+        info["per_image_units"] = datasets[0].info.get("per_image_units", {})
+    doses = {ds.dose_e_per_A2 for ds in datasets}
     return HRTEMDataset(
         images=images,
         defocus_nm=first.defocus_nm,
         sampling_A=first.sampling_A,
         masks=masks,
         structure_ids=ids,
-        materials=materials,
-        actual_defocus_nm=actual,
-        dose_e_per_A2=first.dose_e_per_A2,
+        materials=np.concatenate([ds.materials for ds in datasets]),
+        actual_defocus_nm=np.concatenate([ds.actual_defocus_nm for ds in datasets], axis=1),
+        dose_e_per_A2=doses.pop() if len(doses) == 1 else None,
         energy_eV=first.energy_eV,
         info=info,
     )
@@ -84,9 +145,10 @@ def merge(datasets):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("pretrained_work"))
-    p.add_argument("--n-structures", type=int, default=40, help="per material")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--samples-per-epoch", type=int, default=384)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="real_sessions")
+    p.add_argument("--n-structures", type=int, default=12, help="per material")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--samples-per-epoch", type=int, default=320)
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--stage", choices=("simulate", "train", "all"), default="all")
@@ -105,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     merged = work / "mixture.hspy"
     if not merged.exists():
         parts = []
-        for i, material in enumerate(MATERIALS):
+        materials = RECIPES[args.recipe]["materials"]
+        for i, material in enumerate(materials):
             path = work / f"{material}.hspy"
             if not path.exists():
                 log(f"simulating {args.n_structures} {material} structures x 11 defoci")
-                cfg = simulation_config(material, args.n_structures, args.seed + i)
+                cfg = simulation_config(args.recipe, material, args.n_structures, args.seed + i)
                 simulate_to_file(cfg, path, workers=args.workers, progress=True)
             parts.append(load_dataset(path, lazy=False))
-        save_dataset(merge(parts), merged)
+        save_dataset(merge(parts, materials), merged)
         log(f"merged dataset: {merged}")
     if args.stage == "simulate":
         return 0
@@ -129,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         split_seed=0,
         patch_size=256,
         lr=1e-3,
+        **RECIPES[args.recipe]["train"],
     )
     if (
         not (model_dir / "best.json").exists()
@@ -149,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     (work / "evaluation.json").write_text(json.dumps(_jsonable(records), indent=1))
     if not args.no_install:
         install(model_dir)
-    write_card(config, merged, model_dir, records, args, time.perf_counter() - t0)
-    log(f"model card: {CARD}")
+    # a candidate (--no-install) gets its card beside the model, the package's card stays
+    card = work / "model_card.md" if args.no_install else CARD
+    write_card(config, merged, model_dir, records, args, time.perf_counter() - t0, card)
+    log(f"model card: {card}")
     return 0
 
 
@@ -199,7 +265,9 @@ def _jsonable(obj):  # noqa: D103
     return obj
 
 
-def write_card(config, data: Path, model_dir: Path, records, args, seconds: float) -> None:
+def write_card(
+    config, data: Path, model_dir: Path, records, args, seconds: float, card: Path = CARD
+) -> None:
     """Write the measured per-defocus table into the model card (between the markers)."""
     sidecar = json.loads((model_dir / "best.json").read_text())
     ood = json.loads((model_dir / "ood_reference.json").read_text())
@@ -220,7 +288,7 @@ def write_card(config, data: Path, model_dir: Path, records, args, seconds: floa
         rows.append(f"| {d:+g} | " + " | ".join(cells) + f" | {np.mean(losses):.4f} | {n} |")
     hist = json.loads((model_dir / "last.json").read_text()).get("history", [])
     train_min = sum(float(h.get("time_s", 0.0)) for h in hist) / 60
-    text = CARD.read_text() if CARD.exists() else ""
+    text = card.read_text() if card.exists() else CARD.read_text()
     marker = "<!-- measured -->"
     table = "\n".join(
         [
@@ -248,8 +316,8 @@ def write_card(config, data: Path, model_dir: Path, records, args, seconds: floa
         text = head + table + tail
     else:
         text = text + "\n" + table + "\n"
-    CARD.parent.mkdir(parents=True, exist_ok=True)
-    CARD.write_text(text)
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(text)
 
 
 if __name__ == "__main__":

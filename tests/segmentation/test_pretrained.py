@@ -42,7 +42,9 @@ def test_pretrained_model_segments_held_out_structures():
 
     dice = {}
     for k, material in enumerate(("CdSe", "Au")):
-        cfg = script.simulation_config(material, n_structures=2, seed=90_000 + k)
+        cfg = script.simulation_config(
+            script.SHIPPED_RECIPE, material, n_structures=2, seed=90_000 + k
+        )
         cfg = cfg.model_copy(update={"defocus_nm": [-10.0, 10.0]})
         ds = simulate_dataset(cfg)
         res = segment(np.asarray(ds.images), "pretrained", sampling_A=ds.sampling_A, ood=False)
