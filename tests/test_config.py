@@ -127,6 +127,11 @@ def _other_examples(kind):
             c.BioimageioExportConfig(),
             c.BioimageioExportConfig(name="my model (v2)", authors=["A", "B"], test=False),
         ],
+        "independent-check": lambda: [
+            c.IndependentConfig(),
+            c.IndependentConfig(materials=("Au",), dose_e_per_A2=None, defocus_nm=[-5.0, 7.5]),
+        ],
+        "preprocess": lambda: [c.PreprocessConfig(), c.PreprocessConfig(flat_field_sigma_A=200.0)],
     }[kind]()
 
 
@@ -134,7 +139,7 @@ def _other_examples(kind):
 def test_every_kind_round_trips_through_its_file(tmp_path, kind):
     if kind == "sweep":
         cfgs = [_sweep_example(tmp_path)]
-    elif kind in ("ood-fit", "ood-verdict", "bioimageio-export"):
+    elif kind in ("ood-fit", "ood-verdict", "bioimageio-export", "independent-check", "preprocess"):
         cfgs = _other_examples(kind)
     else:
         cfgs = _examples()[kind]
@@ -156,7 +161,10 @@ def test_file_layout_none_values_and_defaults(tmp_path):
     cfg.dose_e_per_A2 = None
     doc = tomllib.loads(save_config(cfg, tmp_path / "s.toml").read_text(encoding="utf-8"))
     assert sorted(doc) == ["fields", "kind", "null", "version"]
-    assert sorted(doc["null"]) == ["dose_e_per_A2", "semiangle_cutoff_mrad"]
+    nones = sorted(k for k, v in cfg.model_dump().items() if v is None)
+    assert {"dose_e_per_A2", "semiangle_cutoff_mrad"} <= set(nones)
+    assert sorted(doc["null"]) == nones
+    assert not set(nones) & set(doc["fields"])
     assert doc["fields"]["n_structures"] == 2 and doc["fields"]["radius_nm"] == [0.8, 1.4]
     # a hand-written file gives only what differs from the defaults
     (tmp_path / "h.toml").write_text(
@@ -191,26 +199,50 @@ def _write(tmp_path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "kind", "words"),
     [
-        ('kind = "simulaton"\nversion = "1"\n[fields]\n', None, ["unknown config kind",
-                                                                 "'simulation'"]),
+        (
+            'kind = "simulaton"\nversion = "1"\n[fields]\n',
+            None,
+            ["unknown config kind", "'simulation'"],
+        ),
         ('kind = "simulation"\nversion = "2"\n[fields]\n', None, ["version '2'", "upgrade"]),
         ('kind = "simulation"\n[fields]\n', None, ["version", "reads version(s) 1"]),
-        ('kind = "train"\nversion = "1"\n[fields]\n', "simulation", ["'train' config",
-                                                                     "'simulation'"]),
+        (
+            'kind = "train"\nversion = "1"\n[fields]\n',
+            "simulation",
+            ["'train' config", "'simulation'"],
+        ),
         ('material = "Au"\n', None, ["not a napari-hrtem-transfer config", "[fields]"]),
-        ('kind = "simulation"\nversion = "1"\nseed = 1\n[fields]\n', None, ["seed",
-                                                                            "under [fields]"]),
-        ('kind = "simulation"\nversion = "1"\n[fields]\nmateral = "Au"\n', None,
-         ["[fields]", "unknown field(s) materal", "material"]),
+        (
+            'kind = "simulation"\nversion = "1"\nseed = 1\n[fields]\n',
+            None,
+            ["seed", "under [fields]"],
+        ),
+        (
+            'kind = "simulation"\nversion = "1"\n[fields]\nmateral = "Au"\n',
+            None,
+            ["[fields]", "unknown field(s) materal", "material"],
+        ),
         # also for a model that ignores extra keys itself
-        ('kind = "ood-verdict"\nversion = "1"\n[fields]\nps_wieght = 1.0\n', None,
-         ["unknown field(s) ps_wieght", "ps_weight"]),
-        ('kind = "simulation"\nversion = "1"\n[fields]\nsampling_A = -1\n', None,
-         ["sampling_A", "greater than 0", "got -1"]),
-        ('kind = "simulation"\nversion = "1"\nnull = ["seed"]\n[fields]\nseed = 2\n', None,
-         ["seed", "both"]),
-        ('kind = "simulation"\nversion = "1"\nnull = ["seed"]\n[fields]\n', None,
-         ["seed", "valid integer"]),
+        (
+            'kind = "ood-verdict"\nversion = "1"\n[fields]\nps_wieght = 1.0\n',
+            None,
+            ["unknown field(s) ps_wieght", "ps_weight"],
+        ),
+        (
+            'kind = "simulation"\nversion = "1"\n[fields]\nsampling_A = -1\n',
+            None,
+            ["sampling_A", "greater than 0", "got -1"],
+        ),
+        (
+            'kind = "simulation"\nversion = "1"\nnull = ["seed"]\n[fields]\nseed = 2\n',
+            None,
+            ["seed", "both"],
+        ),
+        (
+            'kind = "simulation"\nversion = "1"\nnull = ["seed"]\n[fields]\n',
+            None,
+            ["seed", "valid integer"],
+        ),
         ("kind = = 1", None, ["not valid TOML"]),
     ],
 )
@@ -275,9 +307,14 @@ def test_validation_error_nested_locations_and_missing_fields():
 
     with pytest.raises(ValidationError) as info:
         SweepConfig.model_validate(
-            {"data": {"pretrain": "x.hspy"}, "grid": {"pretrain_defocus_nm": [0],
-                                                       "transfer_defocus_nm": [5],
-                                                       "freeze": ["none", "elbow"]}}
+            {
+                "data": {"pretrain": "x.hspy"},
+                "grid": {
+                    "pretrain_defocus_nm": [0],
+                    "transfer_defocus_nm": [5],
+                    "freeze": ["none", "elbow"],
+                },
+            }
         )
     text = str(config_error_from_validation(info.value))
     assert "grid.freeze[1]" in text and "'elbow'" in text

@@ -101,6 +101,18 @@ def _ood() -> dict[str, Any]:
     }
 
 
+def _independent() -> dict[str, Any]:
+    from .evaluation.independent import IndependentConfig
+
+    return {"IndependentConfig": IndependentConfig}
+
+
+def _preprocess() -> dict[str, Any]:
+    from .models.normalization import PreprocessConfig
+
+    return {"PreprocessConfig": PreprocessConfig}
+
+
 def _bioimageio() -> dict[str, Any]:
     from .bioimageio import BioimageioExportConfig
 
@@ -169,6 +181,8 @@ _LOADERS: dict[str, Callable[[], dict[str, Any]]] = {
     "ImagingDomain": _ood,
     "ReferenceFile": _ood,
     "BioimageioExportConfig": _bioimageio,
+    "IndependentConfig": _independent,
+    "PreprocessConfig": _preprocess,
 }
 
 #: File kind -> the name of its model.  A kind names a job, not a class, so that a class can
@@ -184,6 +198,8 @@ KINDS: dict[str, str] = {
     "resample": "ResampleConfig",
     "ood-verdict": "VerdictConfig",
     "bioimageio-export": "BioimageioExportConfig",
+    "independent-check": "IndependentConfig",
+    "preprocess": "PreprocessConfig",
 }
 
 #: Format version of a kind whose model has no ``version`` field of its own.

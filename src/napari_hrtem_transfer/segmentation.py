@@ -585,6 +585,14 @@ class _Job:
         cfg = self.cfg
         chunk = self.inp.frames[idx.start : idx.stop]
         chunk = np.asarray(chunk.compute() if hasattr(chunk, "compute") else chunk, np.float32)
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if not finite.all():
+            bad = [idx.start + int(k) for k in np.flatnonzero(~finite)[:10]]
+            raise ConfigError(
+                f"frame(s) {bad} contain NaN or infinite pixels; fill them (for example with "
+                "the frame's median) or crop them away before segmenting",
+                "data",
+            )
         work, (wy, wx) = self._work(chunk)
         bs = self._batch(work.shape)
         if self.scorer is None:

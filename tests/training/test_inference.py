@@ -134,14 +134,22 @@ def test_tiled_equals_whole_image_away_from_tile_edges(tmp_path):
     lm = load_checkpoint(tmp_path, device="cpu")
     img = _image(400)
     shapes = []
-    forward = lm._forward
-    lm._forward = lambda x, p: (shapes.append(x.shape), forward(x, p))[1]
+    make_forward = lm.forward_fn
+
+    def spy(precision="auto"):  # every forward pass of the one engine, with its tile shape
+        forward = make_forward(precision)
+        return lambda x, decode: (shapes.append(tuple(x.shape)), forward(x, decode))[1]
+
+    lm.forward_fn = spy
     whole = lm.predict_proba(img, tile_size=416, precision="fp32")[0]
     assert shapes == [(1, 400, 400)]  # one piece
     shapes.clear()
     tiled = lm.predict_proba(img, tile_size=208, batch_size=1, precision="fp32")[0]
-    # overlap = the receptive field (144 px): starts 0, 64, 128, 192 per axis
-    assert shapes == [(1, 208, 208)] * 16
+    # the least overlap the receptive field needs (144 px + one stride) forces tiles of at
+    # least 2 * 160 + 16 px, balanced over the frame: 2 x 2 tiles of 272 px
+    plan = lm.tile_plan(400, 400, 208)
+    assert plan.n_tiles == 4 and (plan.ty, plan.tx) == (272, 272)
+    assert shapes == [(1, 272, 272)] * 4
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
     # a too small overlap is only approximately equal
     rough = lm.predict_proba(img, tile_size=208, overlap=32, precision="fp32")[0]
@@ -149,10 +157,25 @@ def test_tiled_equals_whole_image_away_from_tile_edges(tmp_path):
 
 
 def test_default_model_tiles_match_closely(loaded):
-    img = _image(384)
-    whole = loaded.predict_proba(img, precision="fp32")[0]
-    tiled = loaded.predict_proba(img, tile_size=352, overlap=128, precision="fp32")[0]
-    assert np.mean(np.abs(tiled - whole)) < 1e-2
+    img = _image(1024)
+    whole = loaded.predict_proba(img, tile_size=1024, precision="fp32")[0]
+    # the default overlap (the receptive field, 314 px, rounded up plus a stride): equal
+    # up to rounding
+    exact = loaded.predict_proba(img, tile_size=512, precision="fp32")[0]
+    assert loaded.tile_plan(1024, 1024, 512).n_tiles == 4
+    np.testing.assert_allclose(exact, whole, atol=1e-4)
+    # smaller overlaps: each output pixel sees less of its context, and the error grows
+    err = [
+        float(
+            np.mean(
+                np.abs(
+                    loaded.predict_proba(img, tile_size=512, overlap=o, precision="fp32")[0] - whole
+                )
+            )
+        )
+        for o in (128, 32)
+    ]
+    assert err[0] < err[1] and err[1] > 1e-3, err
 
 
 def test_bad_inputs(loaded):
