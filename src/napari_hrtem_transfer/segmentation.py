@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError, HrtemTransferError, config_error_from_validation
 from .io.frames import RESAMPLING
+from .io.frames import zoom as _zoom
 from .training.progress import Progress, StopRequest
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
 
 #: Name of the model shipped inside the package (``--model pretrained``).
 PRETRAINED = "pretrained"
-
 
 
 class SegmentationWarning(UserWarning):
@@ -330,13 +330,6 @@ def _as_frames(data: Any, sampling_A: float | None, axes: list[dict] | None) -> 
     return _Frames(
         f.data, f.nav_shape, f.full_axes, f.sampling_A, dict(f.metadata), f.name or "image", f
     )
-
-
-def _zoom(frame: np.ndarray, factor: float, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Resample one frame by ``factor`` (linear); with ``shape``, to exactly that shape."""
-    from .io.frames import zoom
-
-    return zoom(frame, factor, shape)
 
 
 # ----------------------------------------------------------------------------- numerics
