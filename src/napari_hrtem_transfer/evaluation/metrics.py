@@ -79,11 +79,7 @@ def dice(pred, target, empty: float = 1.0):
     float or numpy.ndarray
         A float for one image, an array (N,) for a batch.
     """
-    p, t, single = _check_pair(pred, target)
-    inter = np.logical_and(p, t).sum(axis=1).astype(float)
-    total = p.sum(axis=1).astype(float) + t.sum(axis=1)
-    out = np.where(total > 0, 2.0 * inter / np.maximum(total, 1), empty)
-    return float(out[0]) if single else out
+    return _overlap(pred, target, empty, union=False)
 
 
 def iou(pred, target, empty: float = 1.0):
@@ -91,20 +87,28 @@ def iou(pred, target, empty: float = 1.0):
 
     Parameters
     ----------
-    pred, target
-        Binary masks, shape (H, W) or (N, H, W).
-    empty
-        Value returned for an image where both masks are empty.
+    pred, target, empty
+        As in :func:`dice`: binary masks (H, W) or (N, H, W), and the value returned for an
+        image where both masks are empty.
 
     Returns
     -------
     float or numpy.ndarray
-        A float for one image, an array (N,) for a batch.
+        As :func:`dice`: a float for one image, an array (N,) for a batch.
     """
+    return _overlap(pred, target, empty, union=True)
+
+
+def _overlap(pred, target, empty: float, union: bool):
+    """Dice (``union`` False) or IoU (True) per image; ``empty`` where both masks are empty."""
     p, t, single = _check_pair(pred, target)
     inter = np.logical_and(p, t).sum(axis=1).astype(float)
-    union = np.logical_or(p, t).sum(axis=1).astype(float)
-    out = np.where(union > 0, inter / np.maximum(union, 1), empty)
+    if union:
+        denom = np.logical_or(p, t).sum(axis=1).astype(float)
+    else:
+        inter = 2.0 * inter
+        denom = p.sum(axis=1).astype(float) + t.sum(axis=1)
+    out = np.where(denom > 0, inter / np.maximum(denom, 1), empty)
     return float(out[0]) if single else out
 
 
