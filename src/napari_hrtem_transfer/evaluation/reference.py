@@ -17,7 +17,6 @@ like a user's own evaluations.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from importlib.resources import as_file, files
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .table import ResultTable
+from .table import ResultTable, _read_csv
 
 __all__ = [
     "REFERENCE_CITATION",
@@ -134,13 +133,8 @@ def _read_reference_csv(path: Path, origin: str = "") -> ResultTable:
             f"published table {path}{via} does not exist; pass an existing file, or leave it "
             f"out to use the copy that ships with the package."
         )
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DatasetError(f"{path} is empty.") from None
-        rows = [r for r in reader if r]
+    header, rows = _read_csv(path, str(path))
+    rows = [r for r in rows if r]
     pre = {float(m.group(1)): i for i, h in enumerate(header) if (m := _PRE.match(h))}
     post = {float(m.group(1)): i for i, h in enumerate(header) if (m := _POST.match(h))}
     missing = [c for c in REFERENCE_META_COLUMNS if c not in header]

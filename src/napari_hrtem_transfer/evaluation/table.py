@@ -185,13 +185,7 @@ class ResultTable:
         path = Path(path)
         if not path.exists():
             raise DatasetError(f"results table {path} does not exist.")
-        with open(path, newline="") as fh:
-            reader = csv.reader(fh)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise DatasetError(f"results table {path} is empty.") from None
-            rows = list(reader)
+        header, rows = _read_csv(path, f"results table {path}")
         cols = {
             h: _column([r[i] if i < len(r) else "" for r in rows], h) for i, h in enumerate(header)
         }
@@ -375,6 +369,21 @@ class ResultTable:
 
     def __repr__(self) -> str:
         return f"ResultTable({self._n} rows; columns: {', '.join(self.columns)})"
+
+
+def _read_csv(path: Path, what: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (blank lines as empty rows) of an existing CSV file.
+
+    Raises :class:`~napari_hrtem_transfer.errors.DatasetError` ``"{what} is empty."`` for a
+    file without a header line.
+    """
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DatasetError(f"{what} is empty.") from None
+        return header, list(reader)
 
 
 def _equal(col: np.ndarray, value: Any) -> np.ndarray:
