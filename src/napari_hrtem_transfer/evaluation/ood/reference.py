@@ -128,6 +128,30 @@ class ReferenceFile(BaseModel):
     verdict: dict[str, Any] = Field(default_factory=dict)
 
 
+#: The fields that :class:`ReferenceFile` and :class:`OODReference` share, read back as
+#: they were written (``save`` overrides a few: the format, the JSON-able dictionaries).
+_STORED_AS_IS = (
+    "format_version",
+    "method",
+    "distance_ref",
+    "entropy_ref",
+    "entropy_weight",
+    "entropy_mode",
+    "n_images",
+    "weights_sha256",
+    "kind",
+    "boundary_ref",
+    "boundary_spread",
+    "log_band_ref",
+    "log_band_spread",
+    "feature_weight",
+    "caution_level",
+    "calibration",
+    "info",
+    "verdict",
+)
+
+
 @dataclass
 class OODReference:
     """The training-domain distribution of one model's inputs and outputs.
@@ -360,41 +384,33 @@ class OODReference:
             arrays["ps_scale"] = np.asarray(self.ps_scale, dtype=np.float64)
         with atomic_path(d / OOD_ARRAYS) as tmp:
             save_file(arrays, str(tmp))
-        meta = ReferenceFile(
-            format_version=FORMAT_VERSION,
-            method=self.method,
-            distance_ref=float(self.distance_ref),
-            entropy_ref=float(self.entropy_ref),
-            entropy_weight=float(self.entropy_weight) if self.kind != "uncertainty" else 0.0,
-            entropy_mode=self.entropy_mode,
-            n_images=int(self.n_images),
-            n_features=int(self.mean.size),
-            stages=self.info.get("stages"),
-            weights_sha256=self.weights_sha256,
-            kind=self.kind,
-            boundary_ref=float(self.boundary_ref),
-            boundary_spread=float(self.boundary_spread),
-            log_band_ref=float(self.log_band_ref),
-            log_band_spread=float(self.log_band_spread),
-            feature_weight=float(self.feature_weight),
-            score=(
-                "verdict score = network + ps_weight * max(ps_distance - 1, 0) + physics; "
-                "network = max(z(b), -3) + max(z(ln w), -3) + feature_weight * "
-                "max(distance / distance_ref - 1, 0) (b: mean entropy on the predicted "
-                "boundary [nats], w: uncertain band width [px]); physics: see docs/ood_score.md"
-            ),
-            caution_level=float(self.caution_level),
-            calibration=_jsonable(self.calibration),
-            info=_jsonable(self.info),
-            imaging_domain=None
-            if self.imaging_domain is None
-            else ImagingDomain(**self.imaging_domain),
-            power_spectrum=(
-                None
-                if self.ps_mean is None
-                else {**_jsonable(self.ps_settings), "distance_ref": float(self.ps_distance_ref)}
-            ),
-            verdict=_jsonable(self.verdict),
+        meta = ReferenceFile.model_validate(
+            {
+                **{k: getattr(self, k) for k in _STORED_AS_IS},
+                "format_version": FORMAT_VERSION,
+                "entropy_weight": self.entropy_weight if self.kind != "uncertainty" else 0.0,
+                "n_features": int(self.mean.size),
+                "stages": self.info.get("stages"),
+                "score": (
+                    "verdict score = network + ps_weight * max(ps_distance - 1, 0) + physics; "
+                    "network = max(z(b), -3) + max(z(ln w), -3) + feature_weight * "
+                    "max(distance / distance_ref - 1, 0) (b: mean entropy on the predicted "
+                    "boundary [nats], w: uncertain band width [px]); physics: see "
+                    "docs/ood_score.md"
+                ),
+                "calibration": _jsonable(self.calibration),
+                "info": _jsonable(self.info),
+                "verdict": _jsonable(self.verdict),
+                "imaging_domain": self.imaging_domain,
+                "power_spectrum": (
+                    None
+                    if self.ps_mean is None
+                    else {
+                        **_jsonable(self.ps_settings),
+                        "distance_ref": float(self.ps_distance_ref),
+                    }
+                ),
+            }
         )
         text = json.dumps(_jsonable(meta.model_dump(mode="json")), indent=1)
         write_text_atomic(d / OOD_JSON, text)
@@ -447,25 +463,10 @@ class OODReference:
             )
         ps = dict(meta.power_spectrum or {})
         return cls(
-            method=meta.method,
+            **meta.model_dump(include=set(_STORED_AS_IS)),
             mean=arrays["mean"],
             scale=arrays["scale"],
-            distance_ref=meta.distance_ref,
-            entropy_ref=meta.entropy_ref,
-            entropy_weight=meta.entropy_weight,
-            entropy_mode=meta.entropy_mode,
-            n_images=meta.n_images,
-            info=dict(meta.info),
-            weights_sha256=meta.weights_sha256,
             columns=arrays.get("columns"),
-            caution_level=meta.caution_level,
-            calibration=dict(meta.calibration),
-            kind=meta.kind,
-            boundary_ref=meta.boundary_ref,
-            boundary_spread=meta.boundary_spread,
-            log_band_ref=meta.log_band_ref,
-            log_band_spread=meta.log_band_spread,
-            feature_weight=meta.feature_weight,
             imaging_domain=None
             if meta.imaging_domain is None
             else meta.imaging_domain.model_dump(),
@@ -473,8 +474,6 @@ class OODReference:
             ps_scale=arrays.get("ps_scale"),
             ps_distance_ref=float(ps.pop("distance_ref", 1.0)),
             ps_settings=ps,
-            verdict=dict(meta.verdict),
-            format_version=meta.format_version,
         )
 
 
