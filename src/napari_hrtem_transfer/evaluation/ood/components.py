@@ -305,11 +305,9 @@ def mean_std(frame: np.ndarray, rows: int = 512) -> tuple[float, float]:
 
 
 def finite_or_none(v: Any) -> float | None:
-    """A float for JSON rows: None for None/NaN/inf."""
-    if v is None:
-        return None
+    """A float for JSON rows: None for None/NaN/inf (and anything ``float`` refuses)."""
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # None raises TypeError
         return None
     return f if math.isfinite(f) else None
