@@ -52,137 +52,57 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ._lazy import lazy_exports
 from .errors import ConfigError, config_error_from_validation
 
-
 # ----------------------------------------------------------------------- lazy re-exports
-# One loader per home module, with a plain import statement (so that the import graph, and
-# import-linter, see the dependency); each runs only when one of its names is asked for.
-def _simulate() -> dict[str, Any]:
-    from .simulate.config import SimulationConfig
-
-    return {"SimulationConfig": SimulationConfig}
-
-
-def _training() -> dict[str, Any]:
-    from .training.config import TrainConfig
-
-    return {"TrainConfig": TrainConfig}
-
-
-def _models() -> dict[str, Any]:
-    from .models.config import CompactUNetConfig, ModelConfig, ResNet18UNetConfig
-
-    return {
-        "CompactUNetConfig": CompactUNetConfig,
-        "ResNet18UNetConfig": ResNet18UNetConfig,
-        "ModelConfig": ModelConfig,
-    }
-
-
-def _segmentation() -> dict[str, Any]:
-    from .segmentation import SegmentConfig
-
-    return {"SegmentConfig": SegmentConfig}
-
-
-def _ood() -> dict[str, Any]:
-    from .evaluation.ood import ImagingDomain, OODFitConfig, ReferenceFile, VerdictConfig
-
-    return {
-        "OODFitConfig": OODFitConfig,
-        "VerdictConfig": VerdictConfig,
-        "ImagingDomain": ImagingDomain,
-        "ReferenceFile": ReferenceFile,
-    }
-
-
-def _independent() -> dict[str, Any]:
-    from .evaluation.independent import IndependentConfig
-
-    return {"IndependentConfig": IndependentConfig}
-
-
-def _preprocess() -> dict[str, Any]:
-    from .models.normalization import PreprocessConfig
-
-    return {"PreprocessConfig": PreprocessConfig}
-
-
-def _bioimageio() -> dict[str, Any]:
-    from .bioimageio import BioimageioExportConfig
-
-    return {"BioimageioExportConfig": BioimageioExportConfig}
-
-
-def _sweep() -> dict[str, Any]:
-    from .sweep.config import (
-        DataSettings,
-        GridSettings,
-        RunSettings,
-        StageSettings,
-        SweepConfig,
+# The home module of every name, imported when one of its names is first asked for.  The
+# same imports stand in the TYPE_CHECKING block for type checkers and for the import graph
+# (import-linter sees the dependencies) but never run; the names are public through __all__.
+if TYPE_CHECKING:
+    from .bioimageio import BioimageioExportConfig  # noqa: F401
+    from .evaluation.independent import IndependentConfig  # noqa: F401
+    from .evaluation.ood import ImagingDomain, OODFitConfig, ReferenceFile, VerdictConfig  # noqa: F401
+    from .io.frames import ResampleConfig  # noqa: F401
+    from .models.config import (  # noqa: F401
+        CompactUNetConfig,
+        ModelConfig,
+        ResNet18UNetConfig,
     )
+    from .models.normalization import PreprocessConfig  # noqa: F401
+    from .segmentation import SegmentConfig  # noqa: F401
+    from .simulate.config import SimulationConfig  # noqa: F401
+    from .sweep.config import DataSettings, GridSettings, RunSettings, StageSettings, SweepConfig  # noqa: F401
+    from .training.checkpoint import SidecarNormalization, SidecarResume, SidecarTraining, SidecarV1  # noqa: F401
+    from .training.config import TrainConfig  # noqa: F401
 
-    return {
-        "SweepConfig": SweepConfig,
-        "DataSettings": DataSettings,
-        "GridSettings": GridSettings,
-        "StageSettings": StageSettings,
-        "RunSettings": RunSettings,
-    }
-
-
-def _frames() -> dict[str, Any]:
-    from .io.frames import ResampleConfig
-
-    return {"ResampleConfig": ResampleConfig}
-
-
-def _checkpoint() -> dict[str, Any]:
-    from .training.checkpoint import (
-        SidecarNormalization,
-        SidecarResume,
-        SidecarTraining,
-        SidecarV1,
-    )
-
-    return {
-        "SidecarV1": SidecarV1,
-        "SidecarNormalization": SidecarNormalization,
-        "SidecarTraining": SidecarTraining,
-        "SidecarResume": SidecarResume,
-    }
-
-
-_LOADERS: dict[str, Callable[[], dict[str, Any]]] = {
-    "SimulationConfig": _simulate,
-    "TrainConfig": _training,
-    "CompactUNetConfig": _models,
-    "ResNet18UNetConfig": _models,
-    "ModelConfig": _models,
-    "SegmentConfig": _segmentation,
-    "OODFitConfig": _ood,
-    "SweepConfig": _sweep,
-    "DataSettings": _sweep,
-    "GridSettings": _sweep,
-    "StageSettings": _sweep,
-    "RunSettings": _sweep,
-    "SidecarV1": _checkpoint,
-    "SidecarNormalization": _checkpoint,
-    "SidecarTraining": _checkpoint,
-    "SidecarResume": _checkpoint,
-    "ResampleConfig": _frames,
-    "VerdictConfig": _ood,
-    "ImagingDomain": _ood,
-    "ReferenceFile": _ood,
-    "BioimageioExportConfig": _bioimageio,
-    "IndependentConfig": _independent,
-    "PreprocessConfig": _preprocess,
+_HOMES: dict[str, str] = {
+    "SimulationConfig": ".simulate.config",
+    "TrainConfig": ".training.config",
+    "CompactUNetConfig": ".models.config",
+    "ResNet18UNetConfig": ".models.config",
+    "ModelConfig": ".models.config",
+    "SegmentConfig": ".segmentation",
+    "OODFitConfig": ".evaluation.ood",
+    "SweepConfig": ".sweep.config",
+    "DataSettings": ".sweep.config",
+    "GridSettings": ".sweep.config",
+    "StageSettings": ".sweep.config",
+    "RunSettings": ".sweep.config",
+    "SidecarV1": ".training.checkpoint",
+    "SidecarNormalization": ".training.checkpoint",
+    "SidecarTraining": ".training.checkpoint",
+    "SidecarResume": ".training.checkpoint",
+    "ResampleConfig": ".io.frames",
+    "VerdictConfig": ".evaluation.ood",
+    "ImagingDomain": ".evaluation.ood",
+    "ReferenceFile": ".evaluation.ood",
+    "BioimageioExportConfig": ".bioimageio",
+    "IndependentConfig": ".evaluation.independent",
+    "PreprocessConfig": ".models.normalization",
 }
 
 #: File kind -> the name of its model.  A kind names a job, not a class, so that a class can
@@ -213,21 +133,11 @@ __all__ = [
     "load_config",
     "save_config",
     "supported_versions",
-    *_LOADERS,
+    *_HOMES,
 ]
 
 
-def __getattr__(name: str) -> Any:
-    loader = _LOADERS.get(name)
-    if loader is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = loader()[name]
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LOADERS})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
 
 
 # ----------------------------------------------------------------------- kinds
@@ -298,18 +208,14 @@ def _strip_none(value: Any, path: str, nulls: list[str]) -> Any:
 
 def _put_none(fields: dict[str, Any], nulls: Any, source: str) -> None:
     if not isinstance(nulls, list) or not all(isinstance(n, str) for n in nulls):
-        raise ConfigError(
-            f"{source}: 'null' must be a list of field names (got {nulls!r})", "null"
-        )
+        raise ConfigError(f"{source}: 'null' must be a list of field names (got {nulls!r})", "null")
     for dotted in nulls:
         *parents, last = dotted.split(".")
         d = fields
         for p in parents:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
-                raise ConfigError(
-                    f"{source}: null entry {dotted!r} does not name a field", "null"
-                )
+                raise ConfigError(f"{source}: null entry {dotted!r} does not name a field", "null")
         if last in d:
             raise ConfigError(
                 f"{source}: {dotted} is both given a value and listed in 'null'; keep one",

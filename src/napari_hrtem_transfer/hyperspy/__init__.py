@@ -18,14 +18,8 @@ first access (``napari_hrtem_transfer.hyperspy.HRTEM``).
 
 from __future__ import annotations
 
-from typing import Any
+from .._lazy import lazy_exports
 
 __all__ = ["HRTEM", "HRTEMDefocusSeries", "LazyHRTEM", "LazyHRTEMDefocusSeries"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import signals
-
-        return getattr(signals, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, ".signals"))

@@ -11,8 +11,7 @@ imported on first use, so ``from napari_hrtem_transfer.models import ModelConfig
 
 from __future__ import annotations
 
-from typing import Any
-
+from .._lazy import lazy_exports
 from .config import (
     ARCHITECTURES,
     CompactUNetConfig,
@@ -38,18 +37,12 @@ __all__ = [
 ]
 
 _LAZY = {
-    "build_model": "factory",
-    "SegmentationModel": "unet",
-    "FREEZE_MODES": "unet",
-    "compact_unet": "unet",
-    "resnet18_unet": "unet",
+    "build_model": ".factory",
+    "SegmentationModel": ".unet",
+    "FREEZE_MODES": ".unet",
+    "compact_unet": ".unet",
+    "resnet18_unet": ".unet",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(mod, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

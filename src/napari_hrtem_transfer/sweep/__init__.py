@@ -13,9 +13,7 @@ Read a database with ``napari_hrtem_transfer.evaluation.ResultTable.from_sqlite(
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_exports
 from .config import RunPoint, SweepConfig, load_sweep_config
 
 __all__ = [
@@ -33,22 +31,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "run_sweep": "runner",
-    "plan_sweep": "plan",
-    "SweepPlan": "plan",
-    "SweepResult": "runner",
-    "SweepInterrupted": "runner",
-    "ResultStore": "store",
-    "SCHEMA_VERSION": "store",
-    "check_database": "store",
+    "run_sweep": ".runner",
+    "plan_sweep": ".plan",
+    "SweepPlan": ".plan",
+    "SweepResult": ".runner",
+    "SweepInterrupted": ".runner",
+    "ResultStore": ".store",
+    "SCHEMA_VERSION": ".store",
+    "check_database": ".store",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -12,9 +12,7 @@ Public API (torch is imported on first use of a function, not by importing this 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_exports
 from .config import TrainConfig
 
 __all__ = [
@@ -36,28 +34,21 @@ __all__ = [
 ]
 
 _LAZY = {
-    "train": "loop",
-    "load_checkpoint": "checkpoint",
-    "read_sidecar": "checkpoint",
-    "update_checkpoint_extra": "checkpoint",
-    "LoadedModel": "inference",
-    "Callback": "callbacks",
-    "TrainCallback": "callbacks",
-    "TrainStart": "callbacks",
-    "StepUpdate": "callbacks",
-    "EpochUpdate": "callbacks",
-    "TrainResult": "callbacks",
-    "Progress": "progress",
-    "StopRequest": "progress",
-    "stop_checker": "progress",
+    "train": ".loop",
+    "load_checkpoint": ".checkpoint",
+    "read_sidecar": ".checkpoint",
+    "update_checkpoint_extra": ".checkpoint",
+    "LoadedModel": ".inference",
+    "Callback": ".callbacks",
+    "TrainCallback": ".callbacks",
+    "TrainStart": ".callbacks",
+    "StepUpdate": ".callbacks",
+    "EpochUpdate": ".callbacks",
+    "TrainResult": ".callbacks",
+    "Progress": ".progress",
+    "StopRequest": ".progress",
+    "stop_checker": ".progress",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
