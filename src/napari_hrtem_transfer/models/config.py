@@ -10,12 +10,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo
 
 from ..errors import ConfigError
 
 #: Names accepted by :func:`parse_model_config` and the ``--arch`` CLI flag.
 ARCHITECTURES = ("compact", "resnet18")
+
+
+def _each_between(lo: int, hi: int) -> AfterValidator:
+    """Validator of a tuple field (channel counts, dilations): every element in [lo, hi]."""
+
+    def check(v: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        if any(x < lo or x > hi for x in v):
+            raise ValueError(f"{info.field_name} must be between {lo} and {hi} (got {v})")
+        return v
+
+    return AfterValidator(check)
+
+
+#: Output channels of ResNet18UNetConfig's five decoder blocks (1 to 2048 each).
+_DecoderChannels = Annotated[tuple[int, int, int, int, int], _each_between(1, 2048)]
 
 
 class CompactUNetConfig(BaseModel):
@@ -34,25 +49,11 @@ class CompactUNetConfig(BaseModel):
     architecture: Literal["compact"] = "compact"
     """Architecture name (discriminator)."""
 
-    channels: tuple[int, int, int, int] = (32, 64, 128, 192)
+    channels: Annotated[tuple[int, int, int, int], _each_between(4, 1024)] = (32, 64, 128, 192)
     """Feature channels of the four encoder stages (1/2, 1/4, 1/8, 1/16 resolution)."""
 
-    bottleneck_dilations: tuple[int, ...] = (2, 4)
+    bottleneck_dilations: Annotated[tuple[int, ...], _each_between(1, 16)] = (2, 4)
     """Dilation of each extra 3x3 convolution in the deepest stage."""
-
-    @field_validator("channels")
-    @classmethod
-    def _positive_channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(c < 4 or c > 1024 for c in v):
-            raise ValueError(f"channels must be between 4 and 1024 (got {v})")
-        return v
-
-    @field_validator("bottleneck_dilations")
-    @classmethod
-    def _positive_dilations(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d < 1 or d > 16 for d in v):
-            raise ValueError(f"bottleneck_dilations must be between 1 and 16 (got {v})")
-        return v
 
 
 class ResNet18UNetConfig(BaseModel):
@@ -70,15 +71,8 @@ class ResNet18UNetConfig(BaseModel):
     architecture: Literal["resnet18"] = "resnet18"
     """Architecture name (discriminator)."""
 
-    decoder_channels: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16)
+    decoder_channels: _DecoderChannels = (256, 128, 64, 32, 16)
     """Output channels of the five decoder blocks, deepest first."""
-
-    @field_validator("decoder_channels")
-    @classmethod
-    def _positive_channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(c < 1 or c > 2048 for c in v):
-            raise ValueError(f"decoder_channels must be between 1 and 2048 (got {v})")
-        return v
 
 
 ModelConfig = Annotated[CompactUNetConfig | ResNet18UNetConfig, Field(discriminator="architecture")]

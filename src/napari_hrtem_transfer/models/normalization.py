@@ -23,6 +23,7 @@ Records
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,13 +104,18 @@ def standardize(images: np.ndarray, eps: float = 1e-6) -> np.ndarray:
         float32 array of the same shape; each (H, W) image has mean 0 and std 1 (std
         computed with ddof=0, in float64).
     """
+    return _each_image(images, lambda img, out: _standardize_into(img, out, eps))
+
+
+def _each_image(images: np.ndarray, into: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """Apply ``into(img, out)`` to each (H, W) image of ``images`` (..., H, W); float32 out."""
     x = np.asarray(images)
     if x.ndim < 2:
         raise np.exceptions.AxisError(f"images must be (..., H, W); got shape {x.shape}")
     flat = x.reshape(-1, *x.shape[-2:])
     out = np.empty(flat.shape, dtype=np.float32)
     for i, img in enumerate(flat):
-        _standardize_into(img, out[i], eps)
+        into(img, out[i])
     return out.reshape(x.shape)
 
 
@@ -213,15 +219,12 @@ def flat_field_standardize(images: np.ndarray, sigma_px: float, eps: float = 1e-
     np.ndarray
         float32 array of the same shape, each image of mean 0 and std 1.
     """
-    x = np.asarray(images)
-    if x.ndim < 2:
-        raise np.exceptions.AxisError(f"images must be (..., H, W); got shape {x.shape}")
-    flat = x.reshape(-1, *x.shape[-2:])
-    out = np.empty(flat.shape, dtype=np.float32)
-    for i, img in enumerate(flat):
-        flat_field(img, sigma_px, out=out[i])
-        _standardize_into(out[i], out[i], eps)
-    return out.reshape(x.shape)
+
+    def into(img: np.ndarray, out: np.ndarray) -> None:
+        flat_field(img, sigma_px, out=out)
+        _standardize_into(out, out, eps)
+
+    return _each_image(images, into)
 
 
 def apply_normalization(
