@@ -144,8 +144,6 @@ def test_preprocessing_is_the_training_pipelines(shipped, monkeypatch):
 
 
 def test_one_loader_serves_cli_napari_hyperspy_and_evaluation(monkeypatch, tmp_path):
-    import hyperspy.api as hs
-
     from napari_hrtem_transfer.inference import _loader, clear_cache, pretrained_model_dir
 
     calls: list[str] = []
@@ -175,12 +173,12 @@ def test_one_loader_serves_cli_napari_hyperspy_and_evaluation(monkeypatch, tmp_p
 
     assert loads(lambda: segment_job(None, frame, "pretrained", sampling_A=0.2)) == [shipped_dir]
 
-    from napari_hrtem_transfer.hyperspy._core import segment as hs_segment
+    from napari_hrtem_transfer.hyperspy import HRTEM
 
-    s = hs.signals.Signal2D(frame)
+    s = HRTEM(frame)
     for ax in s.axes_manager.signal_axes:
         ax.scale, ax.units = 0.02, "nm"
-    assert loads(lambda: hs_segment(s)) == [shipped_dir]
+    assert loads(lambda: s.segment()) == [shipped_dir]
 
     from napari_hrtem_transfer.evaluation._model import ScoringModel
 

@@ -13,6 +13,9 @@ loaded only then) and puts the result back on the signal's own axes:
 
 Lazy signals are processed chunk by chunk with :func:`dask.array.map_blocks` (the signal
 axes of each chunk are whole frames) and the results stay lazy until computed.
+
+The methods of :mod:`.signals` hold the public signatures (the one home of the defaults) and
+docs; each function here takes the method's arguments by the same names, keyword-only.
 """
 
 from __future__ import annotations
@@ -274,18 +277,18 @@ def _grey(frames: Any) -> np.ndarray:
 
 def segment(
     s: Any,
-    model: Any = "pretrained",
-    threshold: float | None = None,
-    probabilities: bool = False,
     *,
-    sampling_A_override: float | None = None,
-    which: str = "best",
-    device: str = "auto",
-    progress: Any = None,
+    model: Any,
+    threshold: float | None,
+    probabilities: bool,
+    sampling_A: float | None,
+    which: str,
+    device: str,
+    progress: Any,
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.segment`."""
     name = signal_name(s)
-    px = _pixel_size(s, sampling_A_override)
+    px = _pixel_size(s, sampling_A)
     seg = _core()
     if s._lazy:
         loaded = _resolve_model(model, which, device)
@@ -363,17 +366,17 @@ def navigation_signal(s: Any, values: Any, *, title: str, quantity: str) -> Any:
 
 def ood_score(
     s: Any,
-    model: Any = "pretrained",
     *,
-    sampling_A_override: float | None = None,
-    which: str = "best",
-    device: str = "auto",
-    progress: Any = None,
-    components: bool = False,
+    model: Any,
+    sampling_A: float | None,
+    which: str,
+    device: str,
+    progress: Any,
+    components: bool,
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.ood_score`."""
     name = signal_name(s)
-    px = _pixel_size(s, sampling_A_override)
+    px = _pixel_size(s, sampling_A)
     seg = _core()
     if components:
         return _ood_components(s, model, px, name, which=which, device=device, progress=progress)
@@ -497,19 +500,19 @@ def _ood_components(
 def evaluate(
     s: Any,
     masks: Any,
-    model: Any = "pretrained",
-    threshold: float | None = None,
     *,
-    sampling_A_override: float | None = None,
-    which: str = "best",
-    device: str = "auto",
+    model: Any,
+    threshold: float | None,
+    sampling_A: float | None,
+    which: str,
+    device: str,
 ) -> dict[str, Any]:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.evaluate`."""
     from ..evaluation.metrics import binary_cross_entropy, dice, iou
 
     name = signal_name(s)
     target = check_same_shape(s, masks, "masks")
-    px = _pixel_size(s, sampling_A_override)
+    px = _pixel_size(s, sampling_A)
     seg = _core()
     ny, nx = s.data.shape[-2:]
 
@@ -575,19 +578,19 @@ def evaluate(
 def finetune(
     s: Any,
     labels: Any,
-    model: Any = "pretrained",
-    freeze: str | None = None,
-    epochs: int | None = None,
-    out: Any = None,
     *,
-    sampling_A_override: float | None = None,
+    model: Any,
+    freeze: str | None,
+    epochs: int | None,
+    out: Any,
+    sampling_A: float | None,
     **kwargs: Any,
 ):
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.finetune`."""
     from pathlib import Path
 
     target = check_same_shape(s, labels, "labels")
-    px = _pixel_size(s, sampling_A_override)
+    px = _pixel_size(s, sampling_A)
     if out is None:
         raise ConfigError(
             "finetune needs out=<folder> for the new checkpoint (e.g. out='models/my_scope')."

@@ -14,6 +14,9 @@ segmentation core on first use.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,31 @@ from hyperspy._signals.signal2d import Signal2D
 from . import _core
 
 __all__ = ["HRTEM", "HRTEMDefocusSeries", "LazyHRTEM", "LazyHRTEMDefocusSeries"]
+
+
+def _calls(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make a method's body ``_core.<name>(self, **its arguments)``, defaults applied.
+
+    The method's signature and docstring are the public ones (the one home of the defaults);
+    the function of :mod:`._core` takes the same names, keyword-only, and is looked up at
+    each call.
+    """
+
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            del arguments["self"]
+            extra = arguments.pop("kwargs", {})
+            return getattr(_core, name)(self, **arguments, **extra)
+
+        return call
+
+    return decorate
 
 
 class HRTEM(Signal2D):
@@ -43,6 +71,7 @@ class HRTEM(Signal2D):
         """Pixel size [Å/px] from the signal axes (the x axis), None when uncalibrated."""
         return _core.sampling_A(self, warn=False)
 
+    @_calls("segment")
     def segment(
         self,
         model: Any = "pretrained",
@@ -90,17 +119,8 @@ class HRTEM(Signal2D):
         ReaderError
             If the signal is in reciprocal units (a diffraction pattern) or not an image.
         """
-        return _core.segment(
-            self,
-            model=model,
-            threshold=threshold,
-            probabilities=probabilities,
-            sampling_A_override=sampling_A,
-            which=which,
-            device=device,
-            progress=progress,
-        )
 
+    @_calls("ood_score")
     def ood_score(
         self,
         model: Any = "pretrained",
@@ -137,16 +157,8 @@ class HRTEM(Signal2D):
         ConfigError
             If the model has no OOD reference (fit one when fine-tuning).
         """
-        return _core.ood_score(
-            self,
-            model=model,
-            sampling_A_override=sampling_A,
-            which=which,
-            device=device,
-            progress=progress,
-            components=components,
-        )
 
+    @_calls("evaluate")
     def evaluate(
         self,
         masks: Any,
@@ -180,16 +192,8 @@ class HRTEM(Signal2D):
         ConfigError
             If ``masks`` has another shape (the message names both signals).
         """
-        return _core.evaluate(
-            self,
-            masks,
-            model=model,
-            threshold=threshold,
-            sampling_A_override=sampling_A,
-            which=which,
-            device=device,
-        )
 
+    @_calls("finetune")
     def finetune(
         self,
         labels: Any,
@@ -224,16 +228,6 @@ class HRTEM(Signal2D):
         pathlib.Path
             The checkpoint folder (usable as ``model=`` in :meth:`segment`).
         """
-        return _core.finetune(
-            self,
-            labels,
-            model=model,
-            freeze=freeze,
-            epochs=epochs,
-            out=out,
-            sampling_A_override=sampling_A,
-            **kwargs,
-        )
 
 
 class LazyHRTEM(LazySignal, HRTEM):
