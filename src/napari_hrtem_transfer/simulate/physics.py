@@ -90,16 +90,23 @@ def exit_waves(atoms, config, phonon_seed: int, device: str = "cpu"):
             )
         else:
             model = atoms
-        potential = abtem.Potential(
-            model,
-            gpts=config.sim_gpts,
-            slice_thickness=config.slice_thickness_A,
-            projection="infinite",
-            device=device,
-        )
-        waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+        waves = _multislice(abtem, model, config, device)[1]
         n = config.image_size_px
         return waves.downsample(gpts=(n, n))
+
+
+def _multislice(abtem: Any, model: Any, config, device: str) -> tuple[Any, Any]:
+    """Plane-wave multislice through ``model`` (atoms or frozen phonons) on the simulation
+    grid (``config.sim_gpts``, slices of ``config.slice_thickness_A`` [Å], infinite
+    projection) at ``config.energy_eV`` [eV]: the potential and the exit waves (lazy)."""
+    potential = abtem.Potential(
+        model,
+        gpts=config.sim_gpts,
+        slice_thickness=config.slice_thickness_A,
+        projection="infinite",
+        device=device,
+    )
+    return potential, abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
 
 
 def make_ctf(
@@ -236,14 +243,7 @@ def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.
     with abtem_settings() as abtem:
         from abtem.core.energy import energy2sigma
 
-        potential = abtem.Potential(
-            atoms,
-            gpts=config.sim_gpts,
-            slice_thickness=config.slice_thickness_A,
-            projection="infinite",
-            device=device,
-        )
-        waves = abtem.PlaneWave(energy=config.energy_eV, device=device).multislice(potential)
+        potential, waves = _multislice(abtem, atoms, config, device)
         if vacuum_A > 0:  # the empty rest of the cell: free-space propagation by vacuum_A
             waves = waves.apply_ctf(abtem.CTF(energy=config.energy_eV, defocus=-vacuum_A))
         offset_A = 0.0

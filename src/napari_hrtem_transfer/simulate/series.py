@@ -168,9 +168,6 @@ def simulate_dataset(
     -------
     HRTEMDataset
     """
-    from ..io.dataset import HRTEMDataset
-    from ..io.provenance import SIMULATION_PACKAGES, package_versions
-
     _check_resources(config)
     if device == "gpu":
         try:
@@ -179,6 +176,28 @@ def simulate_dataset(
             raise ConfigError(
                 "device 'gpu' needs CuPy and a CUDA GPU; use device 'cpu'", "device"
             ) from exc
+    t0 = time.perf_counter()
+    arrays = _collect(config, _iter_results(config, workers, client, device), progress)
+    return _dataset(config, arrays, elapsed_s=time.perf_counter() - t0)
+
+
+#: The per-structure record of ``info["structures"]`` (keys of a structure's result).
+_STRUCTURE_KEYS = (
+    "n_particles",
+    "radii_nm",
+    "substrate_thickness_nm",
+    "n_atoms",
+    "stacking_faults",
+    "zero_defocus_offset_nm",
+)
+
+
+def _collect(
+    config: SimulationConfig, results, progress: bool | Callable[[int, int], None]
+) -> dict:
+    """Place the structures' results (in any order) by index: ``images`` (defocus, structure,
+    y, x), ``masks``, ``actual`` defocus [nm] (defocus, structure), the ``per_image``
+    conditions and the ``per_structure`` records, reporting progress as they arrive."""
     n, nd, size = config.n_structures, len(config.defocus_nm), config.image_size_px
     images = None
     masks = np.zeros((n, size, size), bool)
@@ -190,9 +209,8 @@ def simulate_dataset(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="simulating structures", unit="structure")
-    t0 = time.perf_counter()
     try:
-        for done, r in enumerate(_iter_results(config, workers, client, device), start=1):
+        for done, r in enumerate(results, start=1):
             i = r["index"]
             if images is None:
                 images = np.zeros((nd, n, size, size), r["images"].dtype)
@@ -203,17 +221,7 @@ def simulate_dataset(
             actual[:, i] = r["actual_defocus_nm"]
             for key, values in (r.get("per_image") or {}).items():
                 per_image.setdefault(key, np.full((nd, n), np.nan))[:, i] = values
-            per_structure[i] = {
-                k: r[k]
-                for k in (
-                    "n_particles",
-                    "radii_nm",
-                    "substrate_thickness_nm",
-                    "n_atoms",
-                    "stacking_faults",
-                    "zero_defocus_offset_nm",
-                )
-            }
+            per_structure[i] = {k: r[k] for k in _STRUCTURE_KEYS}
             if bar is not None:
                 bar.update(1)
             elif callable(progress):
@@ -227,7 +235,21 @@ def simulate_dataset(
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    return {
+        "images": images,
+        "masks": masks,
+        "actual": actual,
+        "per_image": per_image,
+        "per_structure": per_structure,
+    }
+
+
+def _dataset(config: SimulationConfig, arrays: dict, elapsed_s: float):
+    """The :class:`~..io.dataset.HRTEMDataset` of the collected arrays, with its provenance."""
+    from ..io.dataset import HRTEMDataset
+    from ..io.provenance import SIMULATION_PACKAGES, package_versions
+
+    n, per_image = config.n_structures, arrays["per_image"]
     ids = np.array([f"{config.material}-seed{config.seed}-{i:05d}" for i in range(n)])
     info_extra = {}
     if per_image:
@@ -241,13 +263,13 @@ def simulate_dataset(
     if dose is not None and config.dose_range_e_per_A2 is not None:
         dose = float(np.sqrt(np.prod(config.dose_range_e_per_A2)))
     return HRTEMDataset(
-        images=images,
+        images=arrays["images"],
         defocus_nm=np.asarray(config.defocus_nm),
         sampling_A=config.sampling_A,
-        masks=masks,
+        masks=arrays["masks"],
         structure_ids=ids,
         materials=np.array([config.material] * n),
-        actual_defocus_nm=actual,
+        actual_defocus_nm=arrays["actual"],
         dose_e_per_A2=dose,
         energy_eV=config.energy_eV,
         info={
@@ -256,9 +278,9 @@ def simulate_dataset(
             "config": config.model_dump(mode="json"),
             "seed": config.seed,
             "seeding": "structure i uses numpy SeedSequence(seed, spawn_key=(i,))",
-            "structures": per_structure,
+            "structures": arrays["per_structure"],
             **info_extra,
-            "elapsed_s": elapsed,
+            "elapsed_s": elapsed_s,
             "versions": package_versions(SIMULATION_PACKAGES),
         },
     )
