@@ -20,7 +20,7 @@ other jobs:
 ``ResampleConfig``          the limits of resampling frames to a model's pixel size
                             (:mod:`.io.frames`)
 ``SidecarV1``, ...          file schemas, read and written by their own code, not by this
-``ReferenceFile``, ...      module: the checkpoint sidecar (:mod:`.training.checkpoint`),
+``ReferenceFile``, ...      module: the checkpoint sidecar (:mod:`.training.sidecar`),
                             the OOD reference (:mod:`.evaluation.ood`, with
                             ``ImagingDomain``)
 ==========================  ===========================================================
@@ -76,8 +76,8 @@ if TYPE_CHECKING:
     from .segmentation import SegmentConfig  # noqa: F401
     from .simulate.config import SimulationConfig  # noqa: F401
     from .sweep.config import DataSettings, GridSettings, RunSettings, StageSettings, SweepConfig  # noqa: F401
-    from .training.checkpoint import SidecarNormalization, SidecarResume, SidecarTraining, SidecarV1  # noqa: F401
     from .training.config import TrainConfig  # noqa: F401
+    from .training.sidecar import SidecarNormalization, SidecarResume, SidecarTraining, SidecarV1  # noqa: F401
 
 _HOMES: dict[str, str] = {
     "SimulationConfig": ".simulate.config",
@@ -92,10 +92,10 @@ _HOMES: dict[str, str] = {
     "GridSettings": ".sweep.config",
     "StageSettings": ".sweep.config",
     "RunSettings": ".sweep.config",
-    "SidecarV1": ".training.checkpoint",
-    "SidecarNormalization": ".training.checkpoint",
-    "SidecarTraining": ".training.checkpoint",
-    "SidecarResume": ".training.checkpoint",
+    "SidecarV1": ".training.sidecar",
+    "SidecarNormalization": ".training.sidecar",
+    "SidecarTraining": ".training.sidecar",
+    "SidecarResume": ".training.sidecar",
     "ResampleConfig": ".io.frames",
     "VerdictConfig": ".evaluation.ood",
     "ImagingDomain": ".evaluation.ood",
