@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .flags import add_required_path
+
 
 def _progress(prefix: str):
     def cb(done: int, total: int, message: str) -> None:
@@ -52,20 +54,18 @@ def _add_exclude(p: argparse.ArgumentParser, note: str = "") -> None:
 # ----------------------------------------------------------------------------- evaluate
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the options of ``evaluate``."""
-    p.add_argument(
+    add_required_path(
+        p,
         "--model",
-        required=True,
-        type=Path,
-        metavar="MODEL_DIR",
-        help="checkpoint folder of the model to evaluate (after fine-tuning, if any)",
+        "MODEL_DIR",
+        "checkpoint folder of the model to evaluate (after fine-tuning, if any)",
     )
-    p.add_argument(
+    add_required_path(
+        p,
         "--data",
-        required=True,
-        type=Path,
-        metavar="D",
-        help="labelled defocus series (.hspy, from 'hrtem-transfer simulate'); without "
-        "masks only label-free scores are computed",
+        "D",
+        "labelled defocus series (.hspy, from 'hrtem-transfer simulate'); without masks only "
+        "label-free scores are computed",
     )
     p.add_argument(
         "--out",

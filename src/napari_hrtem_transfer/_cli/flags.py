@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -147,9 +148,7 @@ def add_config_flags(
     ``defaults`` maps a field to ``{starting point: value}`` for the help text.
     """
     for name, spec in flags.items():
-        parser.add_argument(
-            spec.flag, **flag_kwargs(model, name, spec, (defaults or {}).get(name))
-        )
+        parser.add_argument(spec.flag, **flag_kwargs(model, name, spec, (defaults or {}).get(name)))
 
 
 def overrides_from_args(args: argparse.Namespace, flags: dict[str, Flag]) -> dict[str, Any]:
@@ -166,3 +165,8 @@ def overrides_from_args(args: argparse.Namespace, flags: dict[str, Flag]) -> dic
                 value = value * spec.scale
         out[name] = value
     return out
+
+
+def add_required_path(p: argparse.ArgumentParser, flag: str, metavar: str, help: str) -> None:
+    """Declare a required option that names a file or folder (parsed as a :class:`Path`)."""
+    p.add_argument(flag, required=True, type=Path, metavar=metavar, help=help)

@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from .flags import add_required_path
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the options of ``sweep``."""
-    p.add_argument(
+    add_required_path(
+        p,
         "--config",
-        required=True,
-        type=Path,
-        metavar="TOML",
-        help="sweep config (datasets, grid of pretraining/target defoci, freezing, N, learning "
+        "TOML",
+        "sweep config (datasets, grid of pretraining/target defoci, freezing, N, learning "
         "rates, seeds, architecture, epochs, precision); see docs/sweeps.md and configs/",
     )
-    p.add_argument(
+    add_required_path(
+        p,
         "--db",
-        required=True,
-        type=Path,
-        metavar="SQLITE",
-        help="results database (created if missing; runs already recorded as done are "
-        "skipped, so rerunning the same command continues a sweep)",
+        "SQLITE",
+        "results database (created if missing; runs already recorded as done are skipped, so "
+        "rerunning the same command continues a sweep)",
     )
     p.add_argument(
         "--scheduler",
