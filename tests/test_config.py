@@ -66,7 +66,7 @@ def test_importing_the_config_home_is_light():
     assert set(filter(None, out.stdout.strip().split(","))) <= {
         "napari_hrtem_transfer.config",
         "napari_hrtem_transfer.errors",
-        "napari_hrtem_transfer._lazy",
+        "napari_hrtem_transfer.lazy",
     }
     code = (
         "import sys; from napari_hrtem_transfer.config import SimulationConfig;"

@@ -55,8 +55,8 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._lazy import lazy_exports
 from .errors import ConfigError, config_error_from_validation
+from .lazy import lazy_exports
 
 # ----------------------------------------------------------------------- lazy re-exports
 # The home module of every name, imported when one of its names is first asked for.  The

@@ -18,7 +18,7 @@ first access (``napari_hrtem_transfer.hyperspy.HRTEM``).
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from ..lazy import lazy_exports
 
 __all__ = ["HRTEM", "HRTEMDefocusSeries", "LazyHRTEM", "LazyHRTEMDefocusSeries"]
 

@@ -11,7 +11,7 @@ imported on first use, so ``from napari_hrtem_transfer.models import ModelConfig
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from ..lazy import lazy_exports
 from .config import (
     ARCHITECTURES,
     CompactUNetConfig,

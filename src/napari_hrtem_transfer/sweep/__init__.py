@@ -13,7 +13,7 @@ Read a database with ``napari_hrtem_transfer.evaluation.ResultTable.from_sqlite(
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from ..lazy import lazy_exports
 from .config import RunPoint, SweepConfig, load_sweep_config
 
 __all__ = [

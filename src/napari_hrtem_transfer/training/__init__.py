@@ -12,7 +12,7 @@ Public API (torch is imported on first use of a function, not by importing this 
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from ..lazy import lazy_exports
 from .config import TrainConfig
 
 __all__ = [
