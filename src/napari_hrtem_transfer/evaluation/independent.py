@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..simulate.config import STUDY_DEFOCI_NM
+
 __all__ = [
     "ATOM_RADII_A",
     "IndependentConfig",
@@ -80,7 +82,6 @@ _LATTICES: dict[str, dict] = {
 #: h² / (2π m0 e) [V·Å²]: the projected potential's Fourier transform per scattering factor.
 _V_PER_FE = 47.87801
 
-STUDY_DEFOCI_NM = [-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
 
 
 class IndependentConfig(BaseModel):

@@ -275,6 +275,49 @@ def _grey(frames: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- segment
 
 
+def _one_pass(
+    s: Any,
+    take: Any,
+    *,
+    name: str,
+    model: Any,
+    px: float | None,
+    threshold: float | None,
+    ood: bool,
+    probabilities: bool,
+    which: str,
+    device: str,
+    progress: Any,
+    dtype: Any,
+    per_frame: bool,
+) -> tuple[Any, Any, dict, Any]:
+    """One pass of the segmentation core over ``s``, kept as ``take(result)``.
+
+    Eager: ``(take(result) as dtype, result, {}, None)``.  Lazy: a dask array of
+    ``take(result)`` computed block by block on whole frames (one value per frame when
+    ``per_frame``, else one per pixel), no result, the model's provenance, the loaded model.
+    """
+    seg = _core()
+    opts = _options(threshold, ood=ood, probabilities=probabilities, which=which, device=device)
+    if not s._lazy:
+        res = seg.segment(s, model=model, sampling_A=px, progress=progress, **opts)
+        return np.asarray(take(res), dtype=dtype), res, {}, None
+    loaded = _resolve_model(model, which, device)
+    _check_lazy(s, loaded, px, name)
+    data = _whole_frames(s.data)
+    nd = data.ndim
+
+    def block(frames: np.ndarray) -> np.ndarray:
+        res = seg.segment(_grey(frames), model=loaded, sampling_A=px, **opts)
+        shape = frames.shape[:-2] if per_frame else frames.shape
+        return np.asarray(take(res), dtype=dtype).reshape(shape)
+
+    drop = {"drop_axis": [nd - 2, nd - 1]} if per_frame else {}
+    meta = np.empty((0,) * (nd - 2 if per_frame else nd), dtype)
+    values = data.map_blocks(block, dtype=dtype, meta=meta, **drop)
+    return values, None, _lazy_provenance(loaded, model, threshold, which), loaded
+
+
 def segment(
     s: Any,
     *,
@@ -289,46 +332,26 @@ def segment(
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.segment`."""
     name = signal_name(s)
     px = _pixel_size(s, sampling_A)
-    seg = _core()
-    if s._lazy:
-        loaded = _resolve_model(model, which, device)
-        _check_lazy(s, loaded, px, name)
-        dtype = np.float32 if probabilities else np.uint8
-
-        def block(frames: np.ndarray) -> np.ndarray:
-            res = seg.segment(
-                _grey(frames),
-                model=loaded,
-                sampling_A=px,
-                **_options(
-                    threshold, ood=False, probabilities=probabilities, which=which, device=device
-                ),
-            )
-            arr = res.proba if probabilities else res.labels
-            return np.asarray(arr, dtype=dtype).reshape(frames.shape)
-
-        data = _whole_frames(s.data)
-        out_data = data.map_blocks(block, dtype=dtype, meta=np.empty((0,) * data.ndim, dtype))
-        res = None
-        known = _lazy_provenance(loaded, model, threshold, which)
-    else:
-        res = seg.segment(
-            s,
-            model=model,
-            sampling_A=px,
-            progress=progress,
-            **_options(
-                threshold, ood=False, probabilities=probabilities, which=which, device=device
-            ),
+    out_data, res, known, _ = _one_pass(
+        s,
+        lambda r: r.proba if probabilities else r.labels,
+        name=name,
+        model=model,
+        px=px,
+        threshold=threshold,
+        ood=False,
+        probabilities=probabilities,
+        which=which,
+        device=device,
+        progress=progress,
+        dtype=np.float32 if probabilities else np.uint8,
+        per_frame=False,
+    )
+    if res is not None and out_data.shape != s.data.shape:  # the contract says it never differs
+        raise RuntimeError(
+            f"segmentation returned shape {out_data.shape} for signal '{name}' of shape "
+            f"{s.data.shape}; please report this."
         )
-        known = {}
-        arr = res.proba if probabilities else res.labels
-        out_data = np.asarray(arr, dtype=np.float32 if probabilities else np.uint8)
-        if out_data.shape != s.data.shape:  # the contract says it never differs
-            raise RuntimeError(
-                f"segmentation returned shape {out_data.shape} for signal '{name}' of shape "
-                f"{s.data.shape}; please report this."
-            )
     out = s._deepcopy_with_new_data(out_data)
     _strip_for_result(out)
     out.metadata.General.title = (
@@ -377,7 +400,6 @@ def ood_score(
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.ood_score`."""
     name = signal_name(s)
     px = _pixel_size(s, sampling_A)
-    seg = _core()
     if components:
         return _ood_components(s, model, px, name, which=which, device=device, progress=progress)
 
@@ -391,42 +413,25 @@ def ood_score(
             )
         return np.asarray(res.ood_score, dtype=np.float64)
 
-    caution = None
-    if s._lazy:
-        loaded = _resolve_model(model, which, device)
-        _check_lazy(s, loaded, px, name)
+    values, res, known, loaded = _one_pass(
+        s,
+        _scores,
+        name=name,
+        model=model,
+        px=px,
+        threshold=None,
+        ood=True,
+        probabilities=False,
+        which=which,
+        device=device,
+        progress=progress,
+        dtype=np.float64,
+        per_frame=True,
+    )
+    if res is None:
         caution = _caution_level(loaded, name, model)
-        data = _whole_frames(s.data)
-        nd = data.ndim
-
-        def block(frames: np.ndarray) -> np.ndarray:
-            res = seg.segment(
-                _grey(frames),
-                model=loaded,
-                sampling_A=px,
-                **_options(None, ood=True, probabilities=False, which=which, device=device),
-            )
-            return _scores(res).reshape(frames.shape[:-2])
-
-        values = data.map_blocks(
-            block,
-            drop_axis=[nd - 2, nd - 1],
-            dtype=np.float64,
-            meta=np.empty((0,) * (nd - 2), np.float64),
-        )
-        res = None
-        known = _lazy_provenance(loaded, model, None, which)
     else:
-        res = seg.segment(
-            s,
-            model=model,
-            sampling_A=px,
-            progress=progress,
-            **_options(None, ood=True, probabilities=False, which=which, device=device),
-        )
-        values = _scores(res)
         caution = getattr(res, "ood_caution", None)
-        known = {}
     out = navigation_signal(s, values, title=f"{name} – OOD score", quantity=OOD_QUANTITY)
     prov = {**known, **_provenance(res, model=model, threshold=None, which=which)}
     prov["caution_level"] = 1.0 if caution is None else float(caution)

@@ -358,24 +358,18 @@ class SimulationConfig(BaseModel):
         return cls(**values)
 
 
+#: The study's 11 defocus domains [nm], abTEM sign (positive = underfocus).
+STUDY_DEFOCI_NM: tuple[float, ...] = tuple(float(d) for d in range(-25, 26, 5))
+
 PRESETS: dict[str, dict] = {
-    "laptop": dict(
-        image_size_px=256,
-        sampling_A=0.2,
-        sim_sampling_A=0.1,
-        n_phonons=2,
-        defocus_nm=[-10.0, -5.0, 0.0, 5.0, 10.0],
-        particles_per_image=(1, 3),
-        radius_nm=(0.8, 1.4),
-        substrate_thickness_nm=(2.0, 3.0),
-        n_structures=8,
-    ),
+    # the field defaults: 256² at 0.2 Å/px, 5 defoci -10…+10 nm, 8 structures, 2 phonons
+    "laptop": dict(),
     "study": dict(
         image_size_px=512,
         sampling_A=0.2,
         sim_sampling_A=0.1,
         n_phonons=8,
-        defocus_nm=[-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+        defocus_nm=list(STUDY_DEFOCI_NM),
         defocus_jitter_nm=1.5,
         focal_spread_A=10.0,
         dose_e_per_A2=400.0,
@@ -392,7 +386,7 @@ PRESETS: dict[str, dict] = {
         sim_sampling_A=0.15,
         reference_cell="particles",
         n_phonons=2,
-        defocus_nm=[-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+        defocus_nm=list(STUDY_DEFOCI_NM),
         defocus_jitter_nm=1.5,
         particles_per_image=(1, 6),
         radius_nm=(1.0, 6.0),
