@@ -252,13 +252,15 @@ def renoise(
 ) -> np.ndarray:
     """The frame ``raw`` as recorded at the lower dose ``target_e_per_A2`` [e/Å²].
 
-    Noise-free intensities (``dose_e_per_A2`` None, vacuum = 1) are Poisson-sampled with
+    ``dose_e_per_A2`` is the dose ``raw`` itself was recorded at (for a dataset whose images
+    each have their own dose, the image's: :meth:`TrainingData.recorded_dose`).  Noise-free
+    intensities (``dose_e_per_A2`` None, NaN or infinite; vacuum = 1) are Poisson-sampled with
     ``intensity * target * sampling_A**2`` expected counts per pixel.  Integer counts at dose
     D are binomially thinned with p = target / D, which gives exactly Poisson counts at the
     target dose; non-integer counts are Poisson-sampled with mean ``counts * p`` (slightly more
     noise than thinning).  A target at or above D returns ``raw`` unchanged.
     """
-    if dose_e_per_A2 is None:
+    if dose_e_per_A2 is None or not np.isfinite(float(dose_e_per_A2)):
         lam = np.clip(raw, 0, None).astype(np.float64) * (target_e_per_A2 * sampling_A**2)
         return rng.poisson(lam).astype(np.float32)
     p = float(target_e_per_A2) / float(dose_e_per_A2)
@@ -267,6 +269,14 @@ def renoise(
     if np.issubdtype(raw.dtype, np.integer):
         return rng.binomial(np.clip(raw, 0, None).astype(np.int64), p).astype(np.float32)
     return rng.poisson(np.clip(raw, 0, None).astype(np.float64) * p).astype(np.float32)
+
+
+def _recorded(value: Any, default: float | None) -> float | None:
+    """A recorded dose entry as a float; ``default`` where it is missing (None or NaN)."""
+    if value is None:
+        return default
+    value = float(value)
+    return default if np.isnan(value) else value
 
 
 @dataclass
@@ -441,6 +451,53 @@ class TrainingData:
             return self._cache[key]
         return self.normalize(self.raw_image(*key))
 
+    def recorded_dose(self, d: int, i: int) -> float | None:
+        """The dose [e/Å²] the frame of domain ``d``, structure index ``i`` was recorded at.
+
+        The image's own dose where the dataset records one, as the simulator does for a
+        per-image dose range (``info["per_image"]["dose_e_per_A2"][d][i]``, shape (n_defocus,
+        n_images) like ``actual_defocus_nm``) or the independent test sets do per structure
+        (``info["structures"][i]["dose_e_per_A2"]``); else the file's ``dose_e_per_A2``, which
+        for a dose-range simulation is only the range's geometric mean.  None: noise-free
+        (a None/NaN entry of the tables counts as not recorded; an infinite one as noise-free).
+
+        Raises
+        ------
+        DatasetError
+            If the recorded dose is not positive.
+        """
+        d, i = int(d), int(i)
+        ds = self.dataset
+        info = ds.info or {}
+        dose = ds.dose_e_per_A2
+        meta = info.get("structures")
+        if isinstance(meta, (list, tuple)) and i < len(meta) and isinstance(meta[i], dict):
+            dose = _recorded(meta[i].get("dose_e_per_A2"), dose)
+        table = (info.get("per_image") or {}).get("dose_e_per_A2")
+        if table is not None and d < len(table) and i < len(table[d]):
+            dose = _recorded(table[d][i], dose)
+        if dose is None or not np.isfinite(dose):
+            return None
+        if not dose > 0:
+            raise DatasetError(
+                f"{_name(ds)}: image {i} at defocus {ds.defocus_nm[d]:g} nm has a recorded dose "
+                f"of {dose:g} e/Å²; a dose must be positive."
+            )
+        return float(dose)
+
+    def renoised_image(
+        self, d: int, i: int, target_e_per_A2: float, rng: np.random.Generator
+    ) -> np.ndarray:
+        """The raw frame ``(d, i)`` re-noised to ``target_e_per_A2`` [e/Å²] (:func:`renoise`)
+        from the dose it was recorded at (:meth:`recorded_dose`), in counts per pixel."""
+        return renoise(
+            self.raw_image(d, i),
+            self.recorded_dose(d, i),
+            target_e_per_A2,
+            self.dataset.sampling_A,
+            rng,
+        )
+
     def mask(self, i: int) -> np.ndarray:
         """Ground-truth mask (ny, nx) float32 of image ``i``."""
         return self.dataset.masks[int(i)].astype(np.float32)
@@ -553,9 +610,7 @@ class TrainingData:
         factor, dose, seed = (row[4] / 1e6, row[5] / 1e3, row[6]) if len(row) > 4 else (1, 0, 0)
         if dose > 0:
             rng = np.random.default_rng([int(seed), 0xD05E])
-            ds = self.dataset
-            raw = renoise(self.raw_image(d, i), ds.dose_e_per_A2, dose, ds.sampling_A, rng)
-            full = self.normalize(raw)
+            full = self.normalize(self.renoised_image(d, i, dose, rng))
         else:
             full = self.image(d, i)
         if factor == 1:
