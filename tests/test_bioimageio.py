@@ -271,6 +271,67 @@ def test_bioimageio_prediction_equals_ours_on_another_frame(finetuned, finetuned
     np.testing.assert_allclose(got[0, 0], ours[0], atol=2e-5)
 
 
+@pytest.fixture(scope="module")
+def flat_field_model(finetuned, tmp_path_factory):
+    """The fine-tuned checkpoint with a flat-field record (sigma 4 Å = 20 px at its 0.2 Å/px,
+    small enough to change a 64 px frame)."""
+    import shutil
+
+    ft, _ = finetuned
+    folder = tmp_path_factory.mktemp("ff") / "ff"
+    shutil.copytree(ft, folder)
+    side_path = folder / "best.json"
+    side = json.loads(side_path.read_text())
+    side["normalization"] = {
+        "method": "flat_field_standardize",
+        "eps": 1e-6,
+        "flat_field_sigma_A": 4.0,
+        "sampling_A": 0.2,
+    }
+    side_path.write_text(json.dumps(side, indent=1))
+    return folder
+
+
+def test_flat_field_record_takes_effect(finetuned, flat_field_model):
+    """The edited checkpoint really flat-field corrects (so the refusal below is about a
+    pipeline that differs from the package's standardisation)."""
+    from napari_hrtem_transfer.models.normalization import flat_field_standardize, standardize
+    from napari_hrtem_transfer.training import load_checkpoint
+
+    frame = np.asarray(finetuned[1].images[1, 0], np.float32)
+    yy = np.mgrid[: frame.shape[0], : frame.shape[1]][1]
+    frame = frame * (1.0 + 0.5 * yy / frame.shape[1])  # uneven illumination
+    lm = load_checkpoint(flat_field_model, device="cpu")
+    got = lm.standardize(frame[None])
+    np.testing.assert_allclose(got, flat_field_standardize(frame[None], 4.0 / 0.2), atol=1e-6)
+    assert np.abs(got - standardize(frame[None])).max() > 1e-2
+
+
+@pytest.mark.parametrize("test", [False, True])
+def test_flat_field_model_is_refused(flat_field_model, tmp_path, test):
+    """bioimage.io preprocessing has no spatial filter: the export refuses, writes nothing
+    (with or without the package test), and says what to export instead."""
+    out = tmp_path / "ff.zip"
+    with pytest.raises(ConfigError, match="flat-field corrects its input") as err:
+        export_bioimageio(flat_field_model, out, test=test, torchscript=True)
+    msg = str(err.value)
+    assert "sigma 4 Å, 20 px at 0.2 Å/px" in msg
+    assert "bioimage.io preprocessing cannot express" in msg
+    assert "PreprocessConfig without flat_field_sigma_A" in msg
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_export_of_a_flat_field_model_exits_2(flat_field_model, tmp_path, capsys):
+    from napari_hrtem_transfer.cli import main
+
+    out = tmp_path / "ff.zip"
+    assert main(["export", "--model", str(flat_field_model), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hrtem-transfer export: error: the model ")
+    assert "flat-field" in err and "standardisation only" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- import
 
 

@@ -12,7 +12,9 @@ consumers) run without this package's own code paths:
 * **preprocessing** -- ``zero_mean_unit_variance`` per sample over (channel, y, x) with the
   checkpoint's ``eps``: exactly the models' per-image standardisation
   (:mod:`napari_hrtem_transfer.models.normalization`; the input is raw counts, the whole
-  image is standardised before any tiling);
+  image is standardised before any tiling). A model that flat-field corrects its input
+  (``flat_field_standardize`` record) is refused with a ConfigError: no bioimage.io step is
+  a spatial filter, so the package could not reproduce its input pipeline;
 * **postprocessing** -- ``sigmoid`` (the models output logits), so the output tensor is the
   particle probability; threshold it at 0.5 (``SegmentConfig.threshold``) for the mask;
 * **pixel size** -- the ``y``/``x`` axes' ``scale`` in ``angstrom``;

@@ -119,8 +119,50 @@ def _crop_to_stride(a: np.ndarray, stride: int) -> np.ndarray:
     return a[..., oy : oy + cy, ox : ox + cx]
 
 
+def _require_expressible_preprocessing(side: dict[str, Any], folder: Path) -> None:
+    """Refuse a model whose input pipeline bioimage.io preprocessing cannot express.
+
+    A package declares its preprocessing as bioimage.io steps, which are pointwise maps or
+    whole-tensor statistics (``zero_mean_unit_variance``, ``scale_range``, ``scale_linear``,
+    ``clip``, ...); none is a spatial filter. The flat-field correction
+    (``flat_field_standardize``: divide by a Gaussian-blurred copy of the frame, then
+    standardise) therefore has no faithful declaration, and the architecture comes from the
+    installed library (no source file in the package) with optional *traced* TorchScript
+    weights, whose shapes and branches are frozen at the trace; so folding the correction into
+    the network is not exact either. Such a package would feed the network standardised frames
+    only and disagree with the model's own segmentation: a ConfigError instead.
+    """
+    record = side.get("normalization") or {}
+    method = record.get("method", "per_image_standardize")
+    if method == "per_image_standardize":
+        return
+    if method == "flat_field_standardize":
+        sigma = float(record["flat_field_sigma_A"])
+        px = float(record["sampling_A"])
+        raise ConfigError(
+            f"the model {folder} flat-field corrects its input (each frame is divided by a "
+            f"copy blurred with a Gaussian of sigma {sigma:g} Å, {sigma / px:.4g} px at "
+            f"{px:g} Å/px, then standardised), which bioimage.io preprocessing cannot express "
+            "(its steps are pointwise or whole-image statistics such as "
+            "zero_mean_unit_variance and scale_range; no spatial filter): the package would "
+            "feed the network standardised frames only and give other probabilities than "
+            "this model. Export a model trained with standardisation only (PreprocessConfig "
+            "without flat_field_sigma_A), or share the checkpoint folder itself "
+            "(hrtem-transfer segment --model FOLDER).",
+            "model",
+        )
+    raise ConfigError(
+        f"the model {folder} uses the input normalisation {method!r}, which this version "
+        "cannot declare in a bioimage.io package; export a model trained with "
+        "standardisation only.",
+        "model",
+    )
+
+
 def _reference_probability(lm: Any, frame: np.ndarray) -> np.ndarray:
-    """What the bioimage.io pipeline computes: standardise, the plain model in fp32, sigmoid."""
+    """What the bioimage.io pipeline computes: standardise, the plain model in fp32, sigmoid
+    (``lm.standardize`` is exactly that once :func:`_require_expressible_preprocessing`
+    passed)."""
     import torch
 
     x = lm.standardize(frame[None])  # (1, H, W) float32
@@ -394,7 +436,9 @@ def export_bioimageio(
     ------
     ConfigError
         ``bioimageio.spec`` missing, ``out`` not a writable ``.zip`` (or exists without
-        ``overwrite``), bad options.
+        ``overwrite``), bad options, or the model flat-field corrects its input (its
+        ``flat_field_standardize`` record has no bioimage.io preprocessing equivalent;
+        nothing is written).
     CheckpointError
         The model cannot be loaded, or the written package does not pass
         ``bioimageio.core.test_model`` (with ``test=True``).
@@ -411,6 +455,7 @@ def export_bioimageio(
     lm = load_checkpoint(folder, cfg.which, device="cpu")
     side_path = Path(lm.info["_path"])
     side = {k: v for k, v in lm.info.items() if k != "_path"}
+    _require_expressible_preprocessing(side, folder)
     sampling = lm.sampling_A
     ood, caution, why = _ood_files(folder, side["weights_sha256"])
     notes = [f"no OOD reference in the package: {why}"] if why else []
