@@ -620,6 +620,7 @@ class _Job:
                 native_sampling_A=self.inp.sampling_A,
                 model_sampling_A=self.scorer.sampling_A,
                 zoom=self.factor,
+                conditions=self.inp.metadata,
             )
         except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
             self.notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")

@@ -211,3 +211,57 @@ def test_a_real_frame_at_its_true_coarser_pixel_size_is_out_of_domain_not_implau
     assert row["caution"] is True
     assert "coarser pixels than the model's domain: 0.555 Å/px" in text, text
     assert "implausible" not in text
+
+
+def test_the_rings_are_fitted_with_the_cs_recorded_with_the_frame():
+    """A frame taken at Cs 0.5 mm, 30 nm underfocus, scored by a model trained at Cs 5 µm:
+    with the recorded Cs the defocus comes out right and signed; with the model's Cs it does
+    not (and the components say which values were used)."""
+    from tests.evaluation.test_ctf import weak_phase_frame
+
+    img = weak_phase_frame(30.0, n=512, Cs_mm=0.5, seed=31)
+    domain = {"energy_eV": 300e3, "Cs_mm": 0.005, "defocus_nm": [-25.0, 0.0, 25.0]}
+    recorded = comp.physics_components(
+        img, 0.2, domain, conditions={"energy_eV": 300e3, "Cs_A": 0.5e7}
+    )
+    assumed = comp.physics_components(img, 0.2, domain)
+    assert recorded["defocus_sign_determined"]
+    assert recorded["estimated_defocus_nm"] == pytest.approx(30.0, abs=1.5)
+    assert "Cs recorded with the frame" in recorded["ctf_conditions"]
+    assert "Cs: the model's training value" in assumed["ctf_conditions"]
+    est = assumed["estimated_defocus_nm"]
+    assert est is None or abs(est - 30.0) > 3.0
+    # a nonsense recording (0, NaN) falls back to the model's values
+    for bad in (0.0, float("nan")):
+        fb = comp.physics_components(img, 0.2, domain, conditions={"Cs_A": bad})
+        assert fb["estimated_defocus_nm"] == assumed["estimated_defocus_nm"]
+
+
+def test_segment_passes_the_recorded_cs_to_the_verdict(monkeypatch):
+    """The user path: the beam energy and Cs the reader recorded reach the Thon-ring fit."""
+    from napari_hrtem_transfer.io.frames import Frames
+    from napari_hrtem_transfer.segmentation import segment
+
+    seen = []
+    orig = comp.physics_components
+
+    def spy(*a, conditions=None, **kw):
+        seen.append(dict(conditions or {}))
+        return orig(*a, conditions=conditions, **kw)
+
+    monkeypatch.setattr(comp, "physics_components", spy)
+    axes = [
+        {"name": "frame", "size": 1, "scale": 1.0, "offset": 0.0, "units": None},
+        {"name": "y", "size": 256, "scale": 0.02, "offset": 0.0, "units": "nm"},
+        {"name": "x", "size": 256, "scale": 0.02, "offset": 0.0, "units": "nm"},
+    ]
+    frames = Frames(
+        _phase_contrast_frame(size=256, seed=3)[None],
+        0.2,
+        axes,
+        metadata={"format": "test", "energy_eV": 200e3, "Cs_A": 1.2e7, "reader_notes": []},
+    )
+    res = segment(frames, model="pretrained", ood=True)
+    assert seen and seen[-1]["Cs_A"] == 1.2e7 and seen[-1]["energy_eV"] == 200e3
+    row = res.frame_table()[0]
+    assert "Cs recorded with the frame" in row["ood_components"]["ctf_conditions"]

@@ -416,6 +416,10 @@ def test_simulated_dataset_is_one_defocus_by_image_stack(tmp_path):
     np.testing.assert_array_equal(im.frames(), images)
     assert im.sampling_A == pytest.approx(0.2)
     assert im.metadata["simulated"] is True
+    assert "Cs_A" not in im.metadata  # no simulation configuration, no Cs
+    ds.info["config"] = {"Cs_A": 2e5}  # as simulate records it: Cs 20 µm [Å]
+    (im,) = read_images(save_dataset(ds, tmp_path / "sim_cs.hspy"))
+    assert im.metadata["Cs_A"] == 2e5
 
 
 def test_wrong_extension_is_refused(tmp_path):

@@ -21,6 +21,7 @@ underfocus), pixel size [Å/px].
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -158,8 +159,13 @@ def physics_components(
     defocus_margin_nm: float = 10.0,
     min_overlap: float = 0.0,
     lattice_peak_fraction: float = 0.92,
+    conditions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The CTF estimate of one frame (at the model's pixel size) against the imaging domain.
+
+    The rings are fitted with the beam energy [eV] and Cs recorded with the frame
+    (``conditions``: the reader's metadata keys ``energy_eV`` and ``Cs_A`` [Å]) where known,
+    else with the model's training values; ``ctf_conditions`` says which.
 
     Returns a dict with ``estimated_defocus_nm`` (signed when the sign is determined, else the
     magnitude; None without Thon rings), ``defocus_sign_determined``, ``ctf_fit_quality``,
@@ -171,8 +177,7 @@ def physics_components(
     from ..ctf import estimate_ctf
 
     dom = domain or {}
-    energy = float(dom.get("energy_eV") or 300e3)
-    cs = float(dom.get("Cs_mm") if dom.get("Cs_mm") is not None else 0.005)
+    energy, cs, source = frame_conditions(dom, conditions)
     h, w = np.shape(frame)
     c = min(crop_px, h, w)
     y0, x0 = (h - c) // 2, (w - c) // 2
@@ -187,6 +192,7 @@ def physics_components(
         "periodic": None,
         "blank": None,
         "defocus_excess_nm": 0.0,
+        "ctf_conditions": source,
         "physics_reasons": [],
     }
     if c < 64:
@@ -224,6 +230,33 @@ def physics_components(
             "spectrum's excess power in sharp peaks)"
         )
     return out
+
+
+def frame_conditions(
+    domain: Mapping[str, Any], recorded: Mapping[str, Any] | None
+) -> tuple[float, float, str]:
+    """Beam energy [eV] and Cs [mm] to fit a frame's Thon rings with, and where they came from.
+
+    A value recorded with the frame (``energy_eV`` [eV] > 0, ``Cs_A`` [Å] > 0, finite) wins
+    over the model's training value (``domain``'s ``energy_eV``, ``Cs_mm``; else 300 kV and
+    5 µm).
+    """
+    energy = float(domain.get("energy_eV") or 300e3)
+    cs = float(domain.get("Cs_mm") if domain.get("Cs_mm") is not None else 0.005)
+    md = recorded or {}
+    parts = []
+    e, c = md.get("energy_eV"), md.get("Cs_A")
+    if isinstance(e, (int, float)) and math.isfinite(e) and e > 0:
+        energy = float(e)
+        parts.append("energy recorded with the frame")
+    else:
+        parts.append("energy: the model's training value")
+    if isinstance(c, (int, float)) and math.isfinite(c) and c > 0:
+        cs = float(c) / 1e7
+        parts.append("Cs recorded with the frame")
+    else:
+        parts.append("Cs: the model's training value")
+    return energy, cs, "; ".join(parts)
 
 
 def _periodic_in_every_quarter(x: np.ndarray, sampling_A: float, **kw) -> bool:

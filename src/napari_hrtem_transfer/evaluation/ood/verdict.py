@@ -181,11 +181,13 @@ def frame_components(
     domain: dict | None = None,
     config: VerdictConfig | None = None,
     ps_settings: dict | None = None,
+    conditions: dict | None = None,
 ) -> list[dict[str, Any]]:
     """The network-free components of frames (one dict per frame): input checks on the
-    native frames, the CTF physics against ``domain``, and the power-spectrum profile of the
-    work frames (``_profile``, at the model's pixel size).  No reference needed (the fit
-    computes them for its sample before the reference exists)."""
+    native frames, the CTF physics against ``domain`` (rings fitted with the beam energy and
+    Cs recorded with the frames, ``conditions``, where known), and the power-spectrum profile
+    of the work frames (``_profile``, at the model's pixel size).  No reference needed (the
+    fit computes them for its sample before the reference exists)."""
     cfg = config or VerdictConfig()
     x = np.asarray(work_frames)
     x = x[None] if x.ndim == 2 else x
@@ -215,6 +217,7 @@ def frame_components(
             defocus_margin_nm=cfg.defocus_margin_nm,
             min_overlap=cfg.min_ctf_overlap,
             lattice_peak_fraction=cfg.lattice_peak_fraction,
+            conditions=conditions,
         )
         c["_physics_reasons"] = list(pc.pop("physics_reasons"))
         c["_blank_reasons"] = blank_reasons
@@ -297,7 +300,7 @@ def combine(
         reasons_all.append(reasons)
         comps_all.append(
             {
-                k: v if isinstance(v, bool) or v is None else comp.finite_or_none(v)
+                k: v if isinstance(v, bool | str) or v is None else comp.finite_or_none(v)
                 for k, v in c.items()
             }
         )
@@ -362,6 +365,7 @@ def verdict(
     zoom: float | None = None,
     config: VerdictConfig | None = None,
     caution_level: float | None = None,
+    conditions: dict | None = None,
 ) -> OODScores:
     """The verdict on frames from one pass of the network (:class:`~.._model.FrameStats`).
 
@@ -385,6 +389,9 @@ def verdict(
         :class:`VerdictConfig` (default: the one the reference was calibrated with).
     caution_level
         Override the reference's level.
+    conditions
+        What was recorded with the frames (the reader's metadata): ``energy_eV`` [eV] and
+        ``Cs_A`` [Å] fit the Thon rings where given, else the model's training values.
     """
     cfg = config or VerdictConfig(**(ref.verdict or {}))
     comps = frame_components(
@@ -395,6 +402,7 @@ def verdict(
         domain=ref.domain,
         config=cfg,
         ps_settings=ref.ps_settings,
+        conditions=conditions,
     )
     return combine(
         ref,
@@ -461,6 +469,7 @@ def ood_scores(
     native_sampling_A: float | None = None,
     zoom: float | None = None,
     precision: str = "fp32",
+    conditions: dict | None = None,
 ) -> OODScores:
     """The verdict on frames (N, H, W) (raw counts) against the model's training domain.
 
@@ -489,6 +498,9 @@ def ood_scores(
     precision
         Precision of the encoder pass (``segment`` passes its own: bf16 where the hardware
         has it; the scores then differ from fp32 by rounding only).
+    conditions
+        Beam energy ``energy_eV`` [eV] and ``Cs_A`` [Å] recorded with the frames, for the
+        Thon-ring fit (default: the model's training values).
 
     Raises
     ------
@@ -520,4 +532,5 @@ def ood_scores(
         native_sampling_A=native_sampling_A,
         model_sampling_A=sm.sampling_A,
         zoom=zoom,
+        conditions=conditions,
     )
