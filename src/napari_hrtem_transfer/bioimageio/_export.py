@@ -401,6 +401,18 @@ def _save_zip(spec: Any, descr: Any, out: Path) -> None:
             part.unlink()
 
 
+def _loaded(model: Any, which: str) -> tuple[Path, Any, Path, dict]:
+    """Folder, loaded checkpoint, sidecar path and sidecar of ``model``; refused early (a
+    :class:`ConfigError`) when its preprocessing has no bioimage.io equivalent."""
+    from ..training.checkpoint import load_checkpoint
+
+    folder = _model_folder(model)
+    lm = load_checkpoint(folder, which, device="cpu")
+    side = {k: v for k, v in lm.info.items() if k != "_path"}
+    _require_expressible_preprocessing(side, folder)
+    return folder, lm, Path(lm.info["_path"]), side
+
+
 def export_bioimageio(
     model: Any = "pretrained",
     out: str | os.PathLike = "model.zip",
@@ -447,15 +459,10 @@ def export_bioimageio(
     step = (lambda i, msg: progress(i, 5, msg)) if progress else (lambda i, msg: None)
     spec = need_spec()
     from ..segmentation import PRETRAINED, SegmentConfig
-    from ..training.checkpoint import load_checkpoint
 
     out = _check_out(out, cfg.overwrite)
-    folder = _model_folder(model)
     is_pretrained = str(model) == PRETRAINED
-    lm = load_checkpoint(folder, cfg.which, device="cpu")
-    side_path = Path(lm.info["_path"])
-    side = {k: v for k, v in lm.info.items() if k != "_path"}
-    _require_expressible_preprocessing(side, folder)
+    folder, lm, side_path, side = _loaded(model, cfg.which)
     sampling = lm.sampling_A
     ood, caution, why = _ood_files(folder, side["weights_sha256"])
     notes = [f"no OOD reference in the package: {why}"] if why else []

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from .atomic import atomic_path
+from .geometry import PixelGrid
 from .provenance import SIMULATION_PACKAGES, package_versions
 
 FORMAT_VERSION = "1"
@@ -39,7 +40,7 @@ DEFOCUS_CONVENTION = (
 
 
 @dataclass
-class HRTEMDataset:
+class HRTEMDataset(PixelGrid):
     """A labelled defocus series of simulated (or labelled experimental) HRTEM images.
 
     Attributes
@@ -69,6 +70,8 @@ class HRTEMDataset:
     path
         File the dataset was read from, if any.
     """
+
+    _PIXELS = "images"  # image_shape (PixelGrid): the last two axes of images
 
     images: Any
     defocus_nm: np.ndarray
@@ -121,11 +124,6 @@ class HRTEMDataset:
     def n_images(self) -> int:
         """Number of structures (images per defocus)."""
         return int(self.images.shape[1])
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """(ny, nx) in pixels."""
-        return (int(self.images.shape[2]), int(self.images.shape[3]))
 
     def defocus_index(self, defocus_nm: float, tol_nm: float = 0.05) -> int:
         """Index of the domain whose nominal defocus is ``defocus_nm`` [nm].

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import ConfigError, ReaderError
 from .geometry import (
     NotAnImage,
+    PixelGrid,
     ReaderWarning,
     axis_dict,
     axis_from_values,
@@ -239,7 +240,7 @@ def _is_lazy(data: Any) -> bool:
 
 
 @dataclass
-class Frames:
+class Frames(PixelGrid):
     """Grey-level frames with every axis and their calibration (what readers return).
 
     Attributes
@@ -355,11 +356,6 @@ class Frames:
     def n_frames(self) -> int:
         """Number of frames."""
         return int(self.data.shape[0])
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        """(ny, nx) in pixels."""
-        return (int(self.data.shape[1]), int(self.data.shape[2]))
 
     @property
     def sampling_nm(self) -> float | None:

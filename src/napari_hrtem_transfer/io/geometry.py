@@ -20,6 +20,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "NotAnImage",
+    "PixelGrid",
     "ReaderWarning",
     "axis_dict",
     "axis_from_values",
@@ -178,6 +179,19 @@ def default_axes(shape: tuple[int, ...], sampling_A: float | None) -> list[dict[
     for a in sig:
         a["navigate"] = False
     return nav + sig
+
+
+class PixelGrid:
+    """Mixin of an image container whose array ``_PIXELS`` (an attribute name) holds the
+    pixels in its last two axes (any leading axes: frames, defocus, images)."""
+
+    _PIXELS = "data"
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(ny, nx) in pixels."""
+        ny, nx = getattr(self, self._PIXELS).shape[-2:]
+        return int(ny), int(nx)
 
 
 def sampling_from_axes(axes: list[dict[str, Any]]) -> float | None:

@@ -195,16 +195,17 @@ class LoadedModel:
         *,
         tile_size: int = 2048,
         overlap: int | None = None,
-        batch_size: int = 1,
         precision: str = "auto",
-        **want: Any,
+        **options: Any,
     ):
         """The one tiled pass (:func:`..inference.run_pass`) over raw images (N, H, W).
 
         Each image is standardised as a whole by the checkpoint's record
         (:func:`~..models.normalization.apply_normalization`, exactly as in training).
-        ``want`` holds ``want_proba``, ``want_logits``, ``want_features``,
-        ``want_uncertainty``, ``max_tiles``.
+        ``tile_size``, ``overlap`` and ``precision`` as in :meth:`predict_logits`;
+        ``options`` are the keywords of :func:`..inference.run_pass` (``batch_size``: tiles
+        per forward pass, ``want_proba``, ``want_logits``, ``want_features``,
+        ``want_uncertainty``, ``max_tiles``).
         """
         from ..inference import run_pass
 
@@ -218,8 +219,7 @@ class LoadedModel:
             n,
             (h, w),
             plan,
-            batch_size=batch_size,
-            **want,
+            **options,
         )
 
     def predict_logits(

@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -196,11 +197,9 @@ def fit_ood_reference_for_checkpoint(
     device: str | None = None,
     refit: bool = False,
     *,
-    max_samples: int | None = None,
-    batch_size: int | None = None,
     progress: ProgressCallback | None = None,
-    seed: int | None = None,
     config: OODFitConfig | None = None,
+    **overrides: Any,
 ) -> str:
     """Fit and store a checkpoint's OOD reference from its own training images.
 
@@ -221,10 +220,13 @@ def fit_ood_reference_for_checkpoint(
         Torch device (``None`` = where the checkpoint loads).
     refit
         Fit again even if a reference for these exact weights exists.
-    max_samples, batch_size, seed
-        Override the fields of ``config`` (:class:`OODFitConfig`).
     progress
         Called as ``progress(done, total, message)`` after each batch.
+    config
+        How the reference is fitted (default: :class:`OODFitConfig`'s defaults).
+    **overrides
+        Fields of ``config`` to override (``max_samples``, ``batch_size``, ``seed``, ...;
+        None keeps the config's value).
 
     Returns
     -------
@@ -237,7 +239,7 @@ def fit_ood_reference_for_checkpoint(
         Whatever the fit raises (use :func:`fit_ood_after_training` for a call that never
         raises).
     """
-    cfg = _config(config, max_samples=max_samples, batch_size=batch_size, seed=seed)
+    cfg = _config(config, **overrides)
     return _fit_for_checkpoint(model_dir, dataset, which, device, refit, cfg, progress).message
 
 

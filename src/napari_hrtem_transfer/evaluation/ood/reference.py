@@ -93,7 +93,37 @@ class ImagingDomain(BaseModel):
     source: str = ""
 
 
-class ReferenceFile(BaseModel):
+@dataclass(kw_only=True)
+class UncertaintyConstants:
+    """The constants of the "uncertainty" network term, with their defaults (one home).
+
+    Shared, field for field, by the stored file (:class:`ReferenceFile`: pydantic takes the
+    annotated fields of a stdlib dataclass base as its own) and the in-memory
+    :class:`OODReference` (keyword-only there).
+
+    Attributes
+    ----------
+    kind
+        What the network term scores (:data:`SCORE_KINDS`).
+    boundary_ref, boundary_spread
+        Median and robust spread (1.4826 x MAD) of the training images' mean predictive
+        entropy on the predicted particle boundary [nats].
+    log_band_ref, log_band_spread
+        The same for ``ln`` of the width [px] of the uncertain band around the predicted
+        edges.
+    feature_weight
+        Weight of ``max(distance / distance_ref - 1, 0)`` in the network term.
+    """
+
+    kind: str = "features+entropy"
+    boundary_ref: float = 0.0
+    boundary_spread: float = 1.0
+    log_band_ref: float = 0.0
+    log_band_spread: float = 1.0
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT
+
+
+class ReferenceFile(BaseModel, UncertaintyConstants):
     """Schema of ``ood_reference.json`` (formats 2, 3 and 4).
 
     Unknown keys are ignored (a newer minor version may add some); wrong types are a
@@ -112,12 +142,6 @@ class ReferenceFile(BaseModel):
     n_features: int | None = None
     stages: list[int] | None = None
     weights_sha256: str | None = None
-    kind: str = "features+entropy"
-    boundary_ref: float = 0.0
-    boundary_spread: float = 1.0
-    log_band_ref: float = 0.0
-    log_band_spread: float = 1.0
-    feature_weight: float = DEFAULT_FEATURE_WEIGHT
     score: str | None = None
     caution_level: float | None = None
     calibration: dict[str, Any] = Field(default_factory=dict)
@@ -153,7 +177,7 @@ _STORED_AS_IS = (
 
 
 @dataclass
-class OODReference:
+class OODReference(UncertaintyConstants):
     """The training-domain distribution of one model's inputs and outputs.
 
     Attributes
@@ -177,15 +201,9 @@ class OODReference:
         frames (see :func:`~.fit.calibrate_caution_level`); None only for old files.
     calibration
         How the caution level was found (method, quantile, frames used, false-alarm rate).
-    kind
-        What the network term scores (:data:`SCORE_KINDS`).
-    boundary_ref, boundary_spread
-        Median and robust spread (1.4826 x MAD) of the training images' mean predictive
-        entropy on the predicted particle boundary [nats].
-    log_band_ref, log_band_spread
-        The same for ``ln`` of the width of the uncertain band around the predicted edges.
-    feature_weight
-        Weight of ``max(distance / distance_ref - 1, 0)`` in the network term.
+    kind, boundary_ref, boundary_spread, log_band_ref, log_band_spread, feature_weight
+        The constants of the "uncertainty" network term (:class:`UncertaintyConstants`,
+        keyword-only).
     imaging_domain
         The model's :class:`ImagingDomain` (None: unknown, old file without training defoci).
     ps_mean, ps_scale
@@ -216,12 +234,6 @@ class OODReference:
     entropy_mode: str = DEFAULT_ENTROPY_MODE
     caution_level: float | None = None
     calibration: dict = field(default_factory=dict)
-    kind: str = "features+entropy"
-    boundary_ref: float = 0.0
-    boundary_spread: float = 1.0
-    log_band_ref: float = 0.0
-    log_band_spread: float = 1.0
-    feature_weight: float = DEFAULT_FEATURE_WEIGHT
     imaging_domain: dict | None = None
     ps_mean: np.ndarray | None = None
     ps_scale: np.ndarray | None = None
@@ -293,18 +305,25 @@ class OODReference:
         z = (p - self.ps_mean) / self.ps_scale
         return np.sqrt(np.mean(z * z, axis=1)) / max(self.ps_distance_ref, 1e-12)
 
-    def score(
+    def score(self, features: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+        """The network term (N,): ~0 for training-like frames, growing with uncertainty.
+
+        ``max(z(b), -3) + max(z(ln w), -3) + feature_weight * max(d / d_ref - 1, 0)`` for
+        "uncertainty" references (format 2: ``d / d_ref - 1 + entropy term``); the verdict
+        (:func:`~.verdict.ood_scores`) adds the input and physics terms.  Takes the
+        arguments of :meth:`network_terms`.
+        """
+        return self.network_terms(features, *args, **kwargs)["network"]
+
+    def network_terms(
         self,
         features: np.ndarray,
         entropy: np.ndarray | None = None,
         boundary_entropy: np.ndarray | None = None,
         band_width_px: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """The network term (N,): ~0 for training-like frames, growing with uncertainty.
-
-        ``max(z(b), -3) + max(z(ln w), -3) + feature_weight * max(d / d_ref - 1, 0)`` for
-        "uncertainty" references (format 2: ``d / d_ref - 1 + entropy term``); the verdict
-        (:func:`~.verdict.ood_scores`) adds the input and physics terms.
+    ) -> dict[str, np.ndarray]:
+        """The network term and its parts (N,) each: ``boundary_entropy_z``,
+        ``band_width_z``, ``feature_distance`` (``d / d_ref - 1``) and ``network``.
 
         Parameters
         ----------
@@ -316,17 +335,6 @@ class OODReference:
             Boundary statistics per frame [nats], [px] ("uncertainty" references); NaN
             (no predicted boundary) adds nothing.
         """
-        return self.network_terms(features, entropy, boundary_entropy, band_width_px)["network"]
-
-    def network_terms(
-        self,
-        features: np.ndarray,
-        entropy: np.ndarray | None = None,
-        boundary_entropy: np.ndarray | None = None,
-        band_width_px: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """The network term and its parts (N,) each: ``boundary_entropy_z``,
-        ``band_width_z``, ``feature_distance`` (``d / d_ref - 1``) and ``network``."""
         d = self.distance(features)
         f = d / self.distance_ref - 1.0
         if self.kind == "uncertainty":

@@ -16,21 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...errors import ConfigError
 from ...training.progress import Progress
 from . import components as comp
+from . import reference
 from .calibrate import OODFitStopped, _calibrate_in_sample
 from .domain import _domain_from_info
-from .reference import (
-    DEFAULT_ENTROPY_MODE,
-    DEFAULT_ENTROPY_WEIGHT,
-    DEFAULT_FEATURE_WEIGHT,
-    DEFAULT_METHOD,
-    DEFAULT_STAGES,
-    ENTROPY_MODES,
-    METHODS,
-    OOD_ARRAYS,
-    OOD_JSON,
-    OODReference,
-    _median_spread,
-)
+from .reference import OODReference, _median_spread
 from .verdict import VerdictConfig, frame_components
 
 ProgressCallback = Progress
@@ -70,15 +59,15 @@ class OODFitConfig(BaseModel):
 def fit_reference_from_features(
     features: np.ndarray,
     entropy: np.ndarray | None = None,
-    method: str = DEFAULT_METHOD,
-    entropy_weight: float = DEFAULT_ENTROPY_WEIGHT,
+    method: str = reference.DEFAULT_METHOD,
+    entropy_weight: float = reference.DEFAULT_ENTROPY_WEIGHT,
     info: dict | None = None,
     columns: np.ndarray | None = None,
-    entropy_mode: str = DEFAULT_ENTROPY_MODE,
+    entropy_mode: str = reference.DEFAULT_ENTROPY_MODE,
     *,
     boundary_entropy: np.ndarray | None = None,
     band_width_px: np.ndarray | None = None,
-    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
+    feature_weight: float = reference.DEFAULT_FEATURE_WEIGHT,
 ) -> OODReference:
     """Fit an :class:`OODReference` to pooled training features (N, D) (pure numpy).
 
@@ -109,9 +98,11 @@ def fit_reference_from_features(
     feature_weight
         Weight of the feature distance in the "uncertainty" score.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown OOD method {method!r}; choose one of {', '.join(METHODS)}.")
-    if entropy_mode not in ENTROPY_MODES:
+    if method not in reference.METHODS:
+        raise ConfigError(
+            f"unknown OOD method {method!r}; choose one of {', '.join(reference.METHODS)}."
+        )
+    if entropy_mode not in reference.ENTROPY_MODES:
         raise ConfigError(f"entropy_mode must be 'excess' or 'signed'; got {entropy_mode!r}.")
     if not 0 <= entropy_weight <= 10:
         raise ConfigError(
@@ -198,7 +189,7 @@ def sample_transforms(
 
 def _resolve_columns(sizes: list[int], stages) -> tuple[tuple[int, ...], np.ndarray]:
     if stages == "default":
-        stages = DEFAULT_STAGES
+        stages = reference.DEFAULT_STAGES
     if stages == "all":
         stages = tuple(range(len(sizes)))
     elif stages == "all-but-deepest":
@@ -404,18 +395,15 @@ def fit_ood_reference(
     model: Any,
     images,
     *,
-    method: str = DEFAULT_METHOD,
-    feature_weight: float = DEFAULT_FEATURE_WEIGHT,
+    method: str = reference.DEFAULT_METHOD,
+    feature_weight: float = reference.DEFAULT_FEATURE_WEIGHT,
     stages: str | tuple[int, ...] = "default",
-    augment: bool | None = None,
     save: bool | str | os.PathLike = True,
-    batch_size: int | None = None,
     info: dict | None = None,
-    max_samples: int | None = None,
-    seed: int | None = None,
     progress: ProgressCallback | None = None,
     config: OODFitConfig | None = None,
     domain: dict | None = None,
+    **overrides: Any,
 ) -> OODReference:
     """Fit the training-domain distribution of a model and store it with the model.
 
@@ -434,9 +422,7 @@ def fit_ood_reference(
     stages
         Encoder stages whose pooled features enter the distance, 0 = first (highest
         resolution): a tuple of indices, ``"all"``, ``"all-but-deepest"`` or ``"default"``
-        (:data:`DEFAULT_STAGES`).
-    augment, batch_size, max_samples, seed
-        Override the fields of ``config`` (:class:`OODFitConfig`).
+        (:data:`~.reference.DEFAULT_STAGES`).
     save
         True: write into the model folder (when the model came from one); a path: write there;
         False: do not write.
@@ -447,6 +433,11 @@ def fit_ood_reference(
     domain
         The model's :class:`~.reference.ImagingDomain` as a dict (default: from
         ``info["train_defocus_nm"]`` and the simulator's defaults, or None).
+    config
+        How the reference is fitted (default: :class:`OODFitConfig`'s defaults).
+    **overrides
+        Fields of ``config`` to override (``augment``, ``batch_size``, ``max_samples``,
+        ``seed``, ...; None keeps the config's value).
 
     Returns
     -------
@@ -456,9 +447,7 @@ def fit_ood_reference(
     """
     from .._model import ScoringModel
 
-    cfg = _config(
-        config, augment=augment, batch_size=batch_size, max_samples=max_samples, seed=seed
-    )
+    cfg = _config(config, **overrides)
     sm = model if isinstance(model, ScoringModel) else ScoringModel(model)
     x = images
     if np.ndim(x) == 2:
@@ -479,8 +468,16 @@ def fit_ood_reference(
     return ref
 
 
-def _config(config: OODFitConfig | None, **overrides) -> OODFitConfig:
+def _config(config: OODFitConfig | None, **overrides: Any) -> OODFitConfig:
+    """``config`` (default: the defaults) with the fields in ``overrides`` replaced (None:
+    kept); a name that is not a field of :class:`OODFitConfig` is a TypeError."""
     cfg = config or OODFitConfig()
+    unknown = sorted(set(overrides) - set(OODFitConfig.model_fields))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {', '.join(unknown)}: not fields of OODFitConfig "
+            f"({', '.join(OODFitConfig.model_fields)})"
+        )
     over = {k: v for k, v in overrides.items() if v is not None}
     return cfg.model_copy(update=over) if over else cfg
 
@@ -509,7 +506,7 @@ def _register_in_sidecar(sm, ref: OODReference) -> None:
         sm.model_dir,
         "ood_reference",
         {
-            "files": [OOD_ARRAYS, OOD_JSON],
+            "files": [reference.OOD_ARRAYS, reference.OOD_JSON],
             "method": ref.method,
             "n_images": ref.n_images,
             "distance_ref": ref.distance_ref,
