@@ -141,6 +141,7 @@ def main() -> None:
     import warnings
 
     from napari_hrtem_transfer.io.dataset import load_dataset
+    from napari_hrtem_transfer.io.readers import read_images
     from napari_hrtem_transfer.segmentation import segment
 
     warnings.simplefilter("ignore")
@@ -151,9 +152,9 @@ def main() -> None:
 
     # in-domain frames never used by the fit or the calibration: the sample series
     repo = Path(__file__).resolve().parents[1]
-    sample = load_dataset(repo / "sample_data" / "defocus_series_small.hspy", lazy=False)
-    xs = np.asarray(sample.images).reshape(-1, *sample.images.shape[-2:])
-    rs = segment(xs, sampling_A=sample.sampling_A)
+    # through the reader, as `hrtem-transfer segment FILE` does: the recorded energy and Cs
+    (sample_frames,) = read_images(repo / "sample_data" / "defocus_series_small.hspy")
+    rs = segment(sample_frames)
     in_scores = np.asarray(rs.ood_score)
     p95 = float(np.quantile(in_scores, 0.95))
     out["sample_series"] = {
@@ -170,10 +171,11 @@ def main() -> None:
     nd, ni = w.n_defocus, w.n_images
     xw = np.asarray(w.images).reshape(-1, *w.images.shape[-2:])
     t0 = time.perf_counter()
-    res = segment(xw, sampling_A=w.sampling_A)
+    (wide_frames,) = read_images(a.wide)  # the user path: the file's Cs (20 µm) is recorded
+    res = segment(wide_frames)
     t_wide = time.perf_counter() - t0
     loss = _bce(
-        res.proba,
+        np.asarray(res.proba).reshape(xw.shape),
         np.broadcast_to(np.asarray(w.masks)[None], (nd, ni, *xw.shape[-2:])).reshape(xw.shape),
     ).reshape(nd, ni)
     score = np.asarray(res.ood_score).reshape(nd, ni)
@@ -227,8 +229,6 @@ def main() -> None:
     print("wide:", json.dumps({k: v for k, v in out["wide"].items() if k != "frames"}, indent=1))
 
     # special frames
-    from napari_hrtem_transfer.io.readers import read_images
-
     rng = np.random.default_rng(0)
     special = {}
     sto = read_images("/work/shared/data/dm3/scifi_DMReader_Image_SI-Survey.dm3")[0]

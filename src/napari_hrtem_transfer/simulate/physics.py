@@ -224,8 +224,9 @@ def particle_reference(particle_atoms, config, device: str = "cpu") -> tuple[np.
     ``config.mask_phase_threshold_rad``, smoothed with a Gaussian of
     ``config.mask_smoothing_A`` [Å], resampled to the output grid, binarised at
     ``config.mask_binarize_level``, joined with every output pixel that contains
-    above-threshold phase, and hole-filled.  A low level makes the mask cover every
-    particle atom, including isolated surface atoms, while staying within ~2 sigma of them.
+    above-threshold phase, and hole-filled.  The pixels with above-threshold phase keep
+    every particle atom, including isolated surface atoms, inside the mask; the default
+    level (0.1) puts the edge where the atoms' projected radii end.
 
     The zero-defocus offset [Å] is the minimum-contrast focus of the same exit wave relative
     to the exit plane of the cell under the defocus propagator alone
