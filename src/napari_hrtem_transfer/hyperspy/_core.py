@@ -275,35 +275,35 @@ def _grey(frames: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- segment
 
 
-def _one_pass(
-    s: Any,
-    take: Any,
-    *,
-    name: str,
-    model: Any,
-    px: float | None,
-    threshold: float | None,
-    ood: bool,
-    probabilities: bool,
-    which: str,
-    device: str,
-    progress: Any,
-    dtype: Any,
-    per_frame: bool,
-) -> tuple[Any, Any, dict, Any]:
-    """One pass of the segmentation core over ``s``, kept as ``take(result)``.
+#: The passes of the segmentation core: kind -> (OOD verdict, probabilities, dtype, one value
+#: per frame rather than per pixel).
+_PASSES: dict[str, tuple[bool, bool, Any, bool]] = {
+    "mask": (False, False, np.uint8, False),
+    "probability": (False, True, np.float32, False),
+    "ood": (True, False, np.float64, True),
+}
+
+
+def _one_pass(s: Any, take: Any, kind: str, call: dict[str, Any]) -> tuple[Any, Any, dict, Any]:
+    """One pass of the segmentation core over ``s`` (a :data:`_PASSES` kind), kept as
+    ``take(result)``; ``call`` holds ``name``, ``model``, ``px``, ``threshold``, ``which``,
+    ``device`` and ``progress``.
 
     Eager: ``(take(result) as dtype, result, {}, None)``.  Lazy: a dask array of
-    ``take(result)`` computed block by block on whole frames (one value per frame when
-    ``per_frame``, else one per pixel), no result, the model's provenance, the loaded model.
+    ``take(result)`` computed block by block on whole frames, no result, the model's
+    provenance, the loaded model.
     """
+    ood, probabilities, dtype, per_frame = _PASSES[kind]
     seg = _core()
-    opts = _options(threshold, ood=ood, probabilities=probabilities, which=which, device=device)
+    model, px, which = call["model"], call["px"], call["which"]
+    opts = _options(
+        call["threshold"], ood=ood, probabilities=probabilities, which=which, device=call["device"]
+    )
     if not s._lazy:
-        res = seg.segment(s, model=model, sampling_A=px, progress=progress, **opts)
+        res = seg.segment(s, model=model, sampling_A=px, progress=call["progress"], **opts)
         return np.asarray(take(res), dtype=dtype), res, {}, None
-    loaded = _resolve_model(model, which, device)
-    _check_lazy(s, loaded, px, name)
+    loaded = _resolve_model(model, which, call["device"])
+    _check_lazy(s, loaded, px, call["name"])
     data = _whole_frames(s.data)
     nd = data.ndim
 
@@ -315,7 +315,7 @@ def _one_pass(
     drop = {"drop_axis": [nd - 2, nd - 1]} if per_frame else {}
     meta = np.empty((0,) * (nd - 2 if per_frame else nd), dtype)
     values = data.map_blocks(block, dtype=dtype, meta=meta, **drop)
-    return values, None, _lazy_provenance(loaded, model, threshold, which), loaded
+    return values, None, _lazy_provenance(loaded, model, call["threshold"], which), loaded
 
 
 def segment(
@@ -332,21 +332,10 @@ def segment(
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.segment`."""
     name = signal_name(s)
     px = _pixel_size(s, sampling_A)
-    out_data, res, known, _ = _one_pass(
-        s,
-        lambda r: r.proba if probabilities else r.labels,
-        name=name,
-        model=model,
-        px=px,
-        threshold=threshold,
-        ood=False,
-        probabilities=probabilities,
-        which=which,
-        device=device,
-        progress=progress,
-        dtype=np.float32 if probabilities else np.uint8,
-        per_frame=False,
-    )
+    call = dict(name=name, model=model, px=px, threshold=threshold, which=which, device=device)
+    kind = "probability" if probabilities else "mask"
+    take = (lambda r: r.proba) if probabilities else (lambda r: r.labels)
+    out_data, res, known, _ = _one_pass(s, take, kind, {**call, "progress": progress})
     if res is not None and out_data.shape != s.data.shape:  # the contract says it never differs
         raise RuntimeError(
             f"segmentation returned shape {out_data.shape} for signal '{name}' of shape "
@@ -413,21 +402,8 @@ def ood_score(
             )
         return np.asarray(res.ood_score, dtype=np.float64)
 
-    values, res, known, loaded = _one_pass(
-        s,
-        _scores,
-        name=name,
-        model=model,
-        px=px,
-        threshold=None,
-        ood=True,
-        probabilities=False,
-        which=which,
-        device=device,
-        progress=progress,
-        dtype=np.float64,
-        per_frame=True,
-    )
+    call = dict(name=name, model=model, px=px, threshold=None, which=which, device=device)
+    values, res, known, loaded = _one_pass(s, _scores, "ood", {**call, "progress": progress})
     if res is None:
         caution = _caution_level(loaded, name, model)
     else:

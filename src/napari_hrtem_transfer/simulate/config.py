@@ -135,15 +135,10 @@ class SimulationConfig(BaseModel):
     mask_smoothing_A: float = Field(
         1.3, ge=0, le=10, description="Gaussian sigma smoothing the mask [Å]."
     )
+    #: 0.1 puts the edge at the atoms' projected metallic/covalent radii (+0.08 ± 0.28 Å,
+    #: benchmarks/bench_mask_edge.py; 0.02, the level before, put it 1.2 Å outside).
     mask_binarize_level: float = Field(
-        0.1,
-        gt=0,
-        lt=1,
-        description=(
-            "Level at which the smoothed thresholded phase is binarised; 0.1 puts the edge at "
-            "the atoms' projected metallic/covalent radii (benchmarks/bench_mask_edge.py: "
-            "+0.08 ± 0.28 Å; 0.02, the level before, 1.2 Å outside)."
-        ),
+        0.1, gt=0, lt=1, description="Level at which the smoothed thresholded phase is binarised."
     )
     dose_range_e_per_A2: tuple[float, float] | None = Field(
         None,
