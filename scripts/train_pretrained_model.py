@@ -82,14 +82,20 @@ RECIPES: dict[str, dict] = {
             radius_nm=(0.8, 1.8),
             particles_per_image=(1, 3),
             dose_e_per_A2=400.0,
+            # the masks the shipped model was trained on (the package default is now 0.1,
+            # the atoms' projected radii; --mask-binarize-level 0.1 trains on those)
+            mask_binarize_level=0.02,
         ),
         train=dict(),
     ),
 }
 
 
-def simulation_config(recipe: str, material: str, n_structures: int, seed: int):
-    """The simulation config of one material of ``recipe`` (see :data:`RECIPES`)."""
+def simulation_config(
+    recipe: str, material: str, n_structures: int, seed: int, **overrides
+):
+    """The simulation config of one material of ``recipe`` (see :data:`RECIPES`);
+    ``overrides`` replace the recipe's fields (e.g. ``mask_binarize_level``)."""
     from napari_hrtem_transfer.simulate import SimulationConfig
 
     r = RECIPES[recipe]
@@ -99,7 +105,7 @@ def simulation_config(recipe: str, material: str, n_structures: int, seed: int):
         n_structures=n_structures,
         defocus_nm=DEFOCI_NM,
         seed=seed,
-        **r["overrides"],
+        **{**r["overrides"], **overrides},
     )
 
 
@@ -157,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--stage", choices=("simulate", "train", "all"), default="all")
     p.add_argument("--no-install", action="store_true", help="do not copy into the package")
+    p.add_argument(
+        "--mask-binarize-level",
+        type=float,
+        default=None,
+        help="SimulationConfig.mask_binarize_level of the training masks (default: the recipe's)",
+    )
     args = p.parse_args(argv)
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -176,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             path = work / f"{material}.hspy"
             if not path.exists():
                 log(f"simulating {args.n_structures} {material} structures x 11 defoci")
-                cfg = simulation_config(args.recipe, material, args.n_structures, args.seed + i)
+                extra = {}
+                if args.mask_binarize_level is not None:
+                    extra["mask_binarize_level"] = args.mask_binarize_level
+                cfg = simulation_config(
+                    args.recipe, material, args.n_structures, args.seed + i, **extra
+                )
                 simulate_to_file(cfg, path, workers=args.workers, progress=True)
             parts.append(load_dataset(path, lazy=False))
         save_dataset(merge(parts, materials), merged)

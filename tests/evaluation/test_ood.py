@@ -427,3 +427,17 @@ def test_format_2_references_are_still_read_and_scored_as_before(tmp_path):
     (tmp_path / OOD_JSON).write_text(json.dumps(meta))
     with pytest.raises(Exception, match="fit it again"):
         OODReference.load(tmp_path)
+
+
+def test_fit_option_overrides_are_validated_and_misspellings_refused():
+    """The fit entry points take OODFitConfig fields as keywords: validated like the config
+    (a ConfigError naming the field), and a name that is no field is a TypeError."""
+    from napari_hrtem_transfer.errors import ConfigError
+    from napari_hrtem_transfer.evaluation.ood.sample import OODFitConfig, _config
+
+    assert _config(None, max_samples=7, seed=None).max_samples == 7
+    assert _config(OODFitConfig(batch_size=3)).batch_size == 3
+    with pytest.raises(ConfigError, match="batch_size"):
+        _config(None, batch_size=0)
+    with pytest.raises(TypeError, match="max_sample"):
+        _config(None, max_sample=7)

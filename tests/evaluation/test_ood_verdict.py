@@ -231,8 +231,8 @@ def test_the_rings_are_fitted_with_the_cs_recorded_with_the_frame():
     assert "Cs: the model's training value" in assumed["ctf_conditions"]
     est = assumed["estimated_defocus_nm"]
     assert est is None or abs(est - 30.0) > 3.0
-    # a nonsense recording (0, NaN) falls back to the model's values
-    for bad in (0.0, float("nan")):
+    # a nonsense recording (NaN, a bool, a string) falls back to the model's values
+    for bad in (float("nan"), True, "5e6"):
         fb = comp.physics_components(img, 0.2, domain, conditions={"Cs_A": bad})
         assert fb["estimated_defocus_nm"] == assumed["estimated_defocus_nm"]
 

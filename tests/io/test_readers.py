@@ -420,6 +420,9 @@ def test_simulated_dataset_is_one_defocus_by_image_stack(tmp_path):
     ds.info["config"] = {"Cs_A": 2e5}  # as simulate records it: Cs 20 µm [Å]
     (im,) = read_images(save_dataset(ds, tmp_path / "sim_cs.hspy"))
     assert im.metadata["Cs_A"] == 2e5
+    ds.info["config"] = {"Cs_A": 5e4, "Cs_range_A": [-2e5, 2e5]}  # a Cs drawn per image
+    (im,) = read_images(save_dataset(ds, tmp_path / "sim_cs_range.hspy"))
+    assert "Cs_A" not in im.metadata  # no single Cs to claim for every frame
 
 
 def test_wrong_extension_is_refused(tmp_path):

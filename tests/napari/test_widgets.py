@@ -60,7 +60,8 @@ def test_simulate_widget_adds_images_and_masks(make_napari_viewer, qtbot, fake_s
     assert w.dose.value == SimulationConfig.model_fields["dose_e_per_A2"].default
     w.preset.value = "study"
     assert w.defocus_nm.value.startswith("-25, -20") and w.defocus_nm.value.endswith("20, 25")
-    w.preset.value = "laptop"
+    w.preset.value = "laptop"  # back to the laptop preset's defoci (the field default)
+    assert w.defocus_nm.value == "-10, -5, 0, 5, 10"
     w.material.value = "Au"
     w.n_structures.value = 2
     w.defocus_nm.value = "-5, 5"

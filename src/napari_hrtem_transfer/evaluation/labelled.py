@@ -307,7 +307,9 @@ def _frame_scores(p: _Pass, di: int) -> dict[str, Any]:
     out["ood_score"] = ref.score_stats(st) if ref is not None else nan  # the network's term
     out["ood_distance"] = ref.distance(st.features) if ref is not None else nan
     if ref is not None:  # and the verdict segment gives (network + physics + spectrum)
-        v = verdict(ref, st, imgs, model_sampling_A=p.sm.sampling_A)
+        v = verdict(
+            ref, st, imgs, model_sampling_A=p.sm.sampling_A, conditions=p.ds.recorded_conditions()
+        )
         overlap = [c.get("ctf_overlap") for c in v.components]
         out["verdict_score"] = np.asarray(v.score, float)
         out["ood_caution"] = np.asarray(v.caution, bool)

@@ -125,6 +125,17 @@ class HRTEMDataset(PixelGrid):
         """Number of structures (images per defocus)."""
         return int(self.images.shape[1])
 
+    def recorded_conditions(self) -> dict[str, float]:
+        """What the microscope was set to, for the verdict's Thon-ring fit: ``energy_eV`` [eV]
+        and, when one Cs served every image, ``Cs_A`` [Å] (from the simulation config; no
+        ``Cs_A`` when the config drew a Cs per image, ``Cs_range_A``)."""
+        out = {"energy_eV": float(self.energy_eV)}
+        cfg = self.info.get("config") or {}
+        cs = cfg.get("Cs_A")
+        if cfg.get("Cs_range_A") is None and isinstance(cs, int | float) and np.isfinite(cs):
+            out["Cs_A"] = float(cs)
+        return out
+
     def defocus_index(self, defocus_nm: float, tol_nm: float = 0.05) -> int:
         """Index of the domain whose nominal defocus is ``defocus_nm`` [nm].
 

@@ -493,12 +493,6 @@ def _extract_metadata(signal: Any) -> dict[str, Any]:
     return out
 
 
-def _simulated_cs(info: dict) -> dict[str, float]:
-    """``{"Cs_A": ...}`` [Å] from a simulated dataset's configuration, or nothing."""
-    cs = (info.get("config") or {}).get("Cs_A")
-    return {"Cs_A": float(cs)} if isinstance(cs, (int, float)) and math.isfinite(cs) else {}
-
-
 def _find_microscope_info(om: dict) -> dict | None:
     """DigitalMicrograph's ``Microscope Info`` group, wherever the image tags put it."""
     stack: list[Any] = [om]
@@ -596,9 +590,8 @@ def _read_simulated_dataset(path: Path) -> list[ExperimentalImage] | None:
         "hyperspy": {},
         "simulated": True,
         "defocus_nm": defocus,
-        "energy_eV": float(ds.energy_eV),
         "dose_e_per_A2": ds.dose_e_per_A2,
-        **_simulated_cs(ds.info),
+        **ds.recorded_conditions(),
         "sampling_A_y": float(ds.sampling_A),
         "sampling_A_x": float(ds.sampling_A),
         "structure_ids": ds.structure_ids.tolist(),

@@ -81,9 +81,12 @@ class SimulateWidget(JobDock):
 
     def _apply_preset(self, name: str) -> None:
         """Show the preset's defoci in the form (the user may edit them afterwards)."""
-        defoci = self._presets.get(name, {}).get("defocus_nm")
-        if defoci:
-            self.defocus_nm.value = ", ".join(f"{d:g}" for d in defoci)
+        if name not in self._presets:
+            return
+        from ...simulate import SimulationConfig
+
+        defoci = SimulationConfig.from_preset(name).defocus_nm  # the preset's, else the default
+        self.defocus_nm.value = ", ".join(f"{d:g}" for d in defoci)
 
     def config(self) -> Any:
         """The :class:`~napari_hrtem_transfer.simulate.SimulationConfig` of the form.

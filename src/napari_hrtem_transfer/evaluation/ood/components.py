@@ -21,6 +21,7 @@ underfocus), pixel size [Å/px].
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -232,26 +233,31 @@ def physics_components(
     return out
 
 
+def _real(v: Any) -> bool:
+    """A finite real number (numpy scalars too), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def frame_conditions(
     domain: Mapping[str, Any], recorded: Mapping[str, Any] | None
 ) -> tuple[float, float, str]:
     """Beam energy [eV] and Cs [mm] to fit a frame's Thon rings with, and where they came from.
 
-    A value recorded with the frame (``energy_eV`` [eV] > 0, ``Cs_A`` [Å] > 0, finite) wins
-    over the model's training value (``domain``'s ``energy_eV``, ``Cs_mm``; else 300 kV and
-    5 µm).
+    A value recorded with the frame (``energy_eV`` [eV] > 0; ``Cs_A`` [Å] of either sign,
+    0 for a corrected microscope; finite real numbers, numpy scalars included) wins over the
+    model's training value (``domain``'s ``energy_eV``, ``Cs_mm``; else 300 kV and 5 µm).
     """
     energy = float(domain.get("energy_eV") or 300e3)
     cs = float(domain.get("Cs_mm") if domain.get("Cs_mm") is not None else 0.005)
     md = recorded or {}
     parts = []
     e, c = md.get("energy_eV"), md.get("Cs_A")
-    if isinstance(e, (int, float)) and math.isfinite(e) and e > 0:
+    if _real(e) and e > 0:
         energy = float(e)
         parts.append("energy recorded with the frame")
     else:
         parts.append("energy: the model's training value")
-    if isinstance(c, (int, float)) and math.isfinite(c) and c > 0:
+    if _real(c):
         cs = float(c) / 1e7
         parts.append("Cs recorded with the frame")
     else:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...errors import ConfigError
+from ...errors import ConfigError, config_error_from_validation
 from ...training.progress import Progress
 from . import components as comp
 from . import reference
@@ -479,7 +479,14 @@ def _config(config: OODFitConfig | None, **overrides: Any) -> OODFitConfig:
             f"({', '.join(OODFitConfig.model_fields)})"
         )
     over = {k: v for k, v in overrides.items() if v is not None}
-    return cfg.model_copy(update=over) if over else cfg
+    if not over:
+        return cfg
+    from pydantic import ValidationError
+
+    try:  # validated like the config itself (model_copy would not check the limits)
+        return OODFitConfig.model_validate({**cfg.model_dump(), **over})
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, source="OOD fit options") from None
 
 
 def _save(sm, ref: OODReference, save) -> Path | None:
