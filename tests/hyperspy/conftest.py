@@ -59,6 +59,8 @@ def fake_core(monkeypatch):
             from napari_hrtem_transfer.io.readers import images_from_signals
 
             arr = images_from_signals(data, allow_reciprocal=True)[0].frames()
+        elif hasattr(data, "nav_axes"):  # a lazy signal's chunk (io.frames.Frames)
+            arr = data.frames()
         else:
             arr = np.asarray(data)
         calls.append(

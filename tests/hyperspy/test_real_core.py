@@ -263,3 +263,37 @@ def test_ood_score_components_on_the_series_axes(registered, tiny_model):
     lazy, _ = _series(lazy=True)
     lparts = lazy.ood_score(tiny_model, device="cpu", components=True)
     np.testing.assert_allclose(lparts["score"].data, parts["score"].data, rtol=1e-5)
+
+
+def test_a_lazy_signal_is_verdicted_with_its_recorded_beam_energy(registered, monkeypatch):
+    """Each chunk of a lazy signal reaches the core with the conditions recorded on the
+    signal (here 200 kV), as the eager signal does, not with the model's training values."""
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer.evaluation.ood import components as comp
+    from napari_hrtem_transfer.segmentation import resolve_model
+
+    seen: list[dict] = []
+    orig = comp.physics_components
+
+    def spy(*a, conditions=None, **kw):
+        seen.append(dict(conditions or {}))
+        return orig(*a, conditions=conditions, **kw)
+
+    monkeypatch.setattr(comp, "physics_components", spy)
+    loaded = resolve_model("pretrained", device="cpu")
+    frames, _ = _discs(2, size=64, seed=4)
+    s = hs.signals.Signal2D(frames)
+    for ax in s.axes_manager.signal_axes:
+        ax.scale, ax.units = loaded.sampling_A / 10.0, "nm"
+    s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", 200.0)
+    s.set_signal_type("HRTEM")
+    eager = s.ood_score(device="cpu")
+    assert seen and all(c.get("energy_eV") == 200e3 for c in seen)
+    seen.clear()
+    lazy = s.as_lazy()
+    lazy.data = lazy.data.rechunk((1, 64, 64))
+    o_lazy = lazy.ood_score(device="cpu")
+    o_lazy.compute()
+    assert len(seen) == 2 and all(c.get("energy_eV") == 200e3 for c in seen)
+    np.testing.assert_allclose(o_lazy.data, eager.data, rtol=1e-5)

@@ -110,6 +110,28 @@ def test_dataset_goes_through_dataset_writer():
     assert s.metadata.has_item("HRTEM_transfer.masks")
 
 
+@pytest.mark.parametrize(
+    ("config", "cs"),
+    [({"Cs_A": 2.5e5}, 2.5e5), ({"Cs_A": 2.5e5, "Cs_range_A": [1e4, 5e5]}, None), ({}, None)],
+)
+def test_a_simulated_signal_carries_its_cs_to_the_reader(config, cs):
+    """A dataset signal (as hs.load gives it) records the one Cs of its simulation, which the
+    OOD verdict fits the Thon rings with; none when Cs was drawn per image."""
+    from napari_hrtem_transfer.io import HRTEMDataset
+
+    ds = HRTEMDataset(
+        images=np.ones((2, 1, 8, 8)),
+        defocus_nm=[-5, 5],
+        sampling_A=0.2,
+        masks=np.zeros((1, 8, 8), bool),
+        info={"config": config},
+    )
+    assert ds.recorded_conditions().get("Cs_A") == cs
+    md = from_signal(to_signal(ds), compute=False).metadata
+    assert md.get("Cs_A") == cs
+    assert md["energy_eV"] == pytest.approx(ds.energy_eV)
+
+
 # ----------------------------------------------------------------------------- axes kept exactly
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,6 +115,31 @@ def plot_matrix(
     return savefig_atomic(fig, path)
 
 
+def _paired_bars(
+    ax: Any,
+    x: np.ndarray,
+    before: Sequence[float],
+    after: Sequence[float] | None,
+    labels: tuple[str, str],
+    errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+) -> None:
+    """Bars of ``before`` (blue) and, side by side, ``after`` (orange; None: before alone),
+    each with optional (2, n) lower/upper confidence bounds."""
+
+    def _err(e, v):
+        if e is None:
+            return None
+        e = np.asarray(e, float)
+        return np.abs(np.vstack([np.asarray(v) - e[0], e[1] - np.asarray(v)]))
+
+    w = 0.4 if after is not None else 0.7
+    pairs = [(before, labels[0], "tab:blue", errors[0], -w / 2 if after is not None else 0.0)]
+    if after is not None:
+        pairs.append((after, labels[1], "tab:orange", errors[1], w / 2))
+    for values, label, color, err, dx in pairs:
+        ax.bar(x + dx, values, w, label=label, color=color, yerr=_err(err, values), capsize=2)
+
+
 def plot_domain_bars(
     domains_nm: Sequence[float],
     before: Sequence[float],
@@ -145,33 +171,7 @@ def plot_domain_bars(
     d = np.asarray(domains_nm, float)
     x = np.arange(d.size)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * d.size + 2), 3.4))
-    w = 0.4 if after is not None else 0.7
-
-    def _err(e, v):
-        if e is None:
-            return None
-        e = np.asarray(e, float)
-        return np.abs(np.vstack([np.asarray(v) - e[0], e[1] - np.asarray(v)]))
-
-    ax.bar(
-        x - (w / 2 if after is not None else 0),
-        before,
-        w,
-        label=labels[0],
-        color="tab:blue",
-        yerr=_err(err_before, before),
-        capsize=2,
-    )
-    if after is not None:
-        ax.bar(
-            x + w / 2,
-            after,
-            w,
-            label=labels[1],
-            color="tab:orange",
-            yerr=_err(err_after, after),
-            capsize=2,
-        )
+    _paired_bars(ax, x, before, after, labels, (err_before, err_after))
     for (name, v), c in zip((marks or {}).items(), ("tab:blue", "tab:orange", "k"), strict=False):
         hit = np.flatnonzero(np.abs(d - v) < 1e-6)
         if hit.size:
@@ -197,16 +197,8 @@ def plot_generalization(
     plt = _plt()
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 2), 3.2))
-    w = 0.4 if after is not None else 0.7
-    ax.bar(
-        x - (w / 2 if after is not None else 0),
-        before,
-        w,
-        label="after pretraining",
-        color="tab:blue",
-    )
+    _paired_bars(ax, x, before, after, ("after pretraining", "after transfer"))
     if after is not None:
-        ax.bar(x + w / 2, after, w, label="after transfer", color="tab:orange")
         for i, (b, a) in enumerate(zip(before, after, strict=True)):
             if np.isfinite(a) and np.isfinite(b):
                 s = a - b

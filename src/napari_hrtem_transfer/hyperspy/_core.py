@@ -131,12 +131,18 @@ def _resolve_model(model: Any, which: str, device: str) -> Any:
     return resolve_model(model, which=which, device=device)
 
 
-def _check_lazy(s: Any, loaded: Any, px: float | None, name: str) -> None:
+#: What a chunk of a lazy signal carries to the core from the signal's metadata: the
+#: imaging conditions the OOD verdict fits the Thon rings with (beam energy [eV], Cs [Å]).
+_CHUNK_METADATA = ("energy_eV", "Cs_A")
+
+
+def _check_lazy(s: Any, loaded: Any, px: float | None, name: str) -> dict[str, Any]:
     """What the core checks on the whole input, done at call time for a lazy signal.
 
     A lazy signal reaches the core chunk by chunk when it is computed; its pixel size is
     checked against the model here (a refusal names the signal, not "data"), and the
-    input warnings (STEM, a label mask) are given now, once.
+    input warnings (STEM, a label mask) are given now, once.  Returns the recorded
+    conditions (:data:`_CHUNK_METADATA`) each chunk is segmented with.
     """
     from ..io.frames import check_zoom, input_warnings
     from ..io.hyperspy_integration import from_signal
@@ -161,6 +167,26 @@ def _check_lazy(s: Any, loaded: Any, px: float | None, name: str) -> None:
     frames.name = f"signal '{name}'"
     for text in input_warnings(frames):
         warnings.warn(text, category, stacklevel=4)
+    return {k: frames.metadata[k] for k in _CHUNK_METADATA if k in frames.metadata}
+
+
+def _chunk(frames: np.ndarray, px: float | None, recorded: dict[str, Any], name: str) -> Any:
+    """A chunk of whole frames as the core's input, with the signal's recorded conditions."""
+    from ..io.frames import Frames
+
+    grey = _grey(frames)
+    nav = [
+        {"name": f"axis {i}", "size": int(n), "scale": 1.0, "offset": 0.0, "units": None}
+        for i, n in enumerate(grey.shape[:-2])
+    ]
+    return Frames(
+        grey.reshape(-1, *grey.shape[-2:]),
+        px,
+        [],
+        metadata={**recorded, "reader_notes": []},
+        name=name,
+        nav_axes=nav,
+    )
 
 
 def _caution_level(loaded: Any, name: str, model: Any) -> float:
@@ -284,6 +310,28 @@ _PASSES: dict[str, tuple[bool, bool, Any, bool]] = {
 }
 
 
+def _call(
+    s: Any,
+    model: Any,
+    sampling_A: float | None,
+    threshold: float | None,
+    which: str,
+    device: str,
+    progress: Any,
+) -> dict[str, Any]:
+    """The call bundle of :func:`_one_pass`: the signal's name and pixel size (checked to be
+    a real-space image) with the method's arguments."""
+    return dict(
+        name=signal_name(s),
+        model=model,
+        px=_pixel_size(s, sampling_A),
+        threshold=threshold,
+        which=which,
+        device=device,
+        progress=progress,
+    )
+
+
 def _one_pass(s: Any, take: Any, kind: str, call: dict[str, Any]) -> tuple[Any, Any, dict, Any]:
     """One pass of the segmentation core over ``s`` (a :data:`_PASSES` kind), kept as
     ``take(result)``; ``call`` holds ``name``, ``model``, ``px``, ``threshold``, ``which``,
@@ -303,12 +351,13 @@ def _one_pass(s: Any, take: Any, kind: str, call: dict[str, Any]) -> tuple[Any, 
         res = seg.segment(s, model=model, sampling_A=px, progress=call["progress"], **opts)
         return np.asarray(take(res), dtype=dtype), res, {}, None
     loaded = _resolve_model(model, which, call["device"])
-    _check_lazy(s, loaded, px, call["name"])
+    recorded = _check_lazy(s, loaded, px, call["name"])
     data = _whole_frames(s.data)
     nd = data.ndim
 
     def block(frames: np.ndarray) -> np.ndarray:
-        res = seg.segment(_grey(frames), model=loaded, sampling_A=px, **opts)
+        chunk = _chunk(frames, px, recorded, call["name"])
+        res = seg.segment(chunk, model=loaded, sampling_A=px, **opts)
         shape = frames.shape[:-2] if per_frame else frames.shape
         return np.asarray(take(res), dtype=dtype).reshape(shape)
 
@@ -330,12 +379,11 @@ def segment(
     progress: Any,
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.segment`."""
-    name = signal_name(s)
-    px = _pixel_size(s, sampling_A)
-    call = dict(name=name, model=model, px=px, threshold=threshold, which=which, device=device)
+    call = _call(s, model, sampling_A, threshold, which, device, progress)
+    name, px = call["name"], call["px"]
     kind = "probability" if probabilities else "mask"
     take = (lambda r: r.proba) if probabilities else (lambda r: r.labels)
-    out_data, res, known, _ = _one_pass(s, take, kind, {**call, "progress": progress})
+    out_data, res, known, _ = _one_pass(s, take, kind, call)
     if res is not None and out_data.shape != s.data.shape:  # the contract says it never differs
         raise RuntimeError(
             f"segmentation returned shape {out_data.shape} for signal '{name}' of shape "
@@ -387,8 +435,8 @@ def ood_score(
     components: bool,
 ) -> Any:
     """See :meth:`napari_hrtem_transfer.hyperspy.signals.HRTEM.ood_score`."""
-    name = signal_name(s)
-    px = _pixel_size(s, sampling_A)
+    call = _call(s, model, sampling_A, None, which, device, progress)
+    name, px = call["name"], call["px"]
     if components:
         return _ood_components(s, model, px, name, which=which, device=device, progress=progress)
 
@@ -402,8 +450,7 @@ def ood_score(
             )
         return np.asarray(res.ood_score, dtype=np.float64)
 
-    call = dict(name=name, model=model, px=px, threshold=None, which=which, device=device)
-    values, res, known, loaded = _one_pass(s, _scores, "ood", {**call, "progress": progress})
+    values, res, known, loaded = _one_pass(s, _scores, "ood", call)
     if res is None:
         caution = _caution_level(loaded, name, model)
     else:

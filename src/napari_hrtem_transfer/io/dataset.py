@@ -39,6 +39,16 @@ DEFOCUS_CONVENTION = (
 )
 
 
+def recorded_cs_A(config: dict[str, Any] | None) -> float | None:
+    """The Cs [Å] a simulation config set for every image, or None (no config, no Cs, or a
+    Cs drawn per image: ``Cs_range_A``)."""
+    cfg = config or {}
+    cs = cfg.get("Cs_A")
+    if cfg.get("Cs_range_A") is None and isinstance(cs, int | float) and np.isfinite(cs):
+        return float(cs)
+    return None
+
+
 @dataclass
 class HRTEMDataset(PixelGrid):
     """A labelled defocus series of simulated (or labelled experimental) HRTEM images.
@@ -130,10 +140,9 @@ class HRTEMDataset(PixelGrid):
         and, when one Cs served every image, ``Cs_A`` [Å] (from the simulation config; no
         ``Cs_A`` when the config drew a Cs per image, ``Cs_range_A``)."""
         out = {"energy_eV": float(self.energy_eV)}
-        cfg = self.info.get("config") or {}
-        cs = cfg.get("Cs_A")
-        if cfg.get("Cs_range_A") is None and isinstance(cs, int | float) and np.isfinite(cs):
-            out["Cs_A"] = float(cs)
+        cs = recorded_cs_A(self.info.get("config"))
+        if cs is not None:
+            out["Cs_A"] = cs
         return out
 
     def defocus_index(self, defocus_nm: float, tol_nm: float = 0.05) -> int:

@@ -490,7 +490,27 @@ def _extract_metadata(signal: Any) -> dict[str, Any]:
         volts = _as_float(mic.get("Voltage")) if mic else None
         if volts:
             out["energy_eV"] = volts
+    if "Cs_A" not in out:
+        cs = _simulated_cs_A(md)
+        if cs is not None:
+            out["Cs_A"] = cs
     return out
+
+
+def _simulated_cs_A(md: dict[str, Any]) -> float | None:
+    """The Cs [Å] of a signal this package simulated (its dataset record), or None."""
+    import json
+
+    from .dataset import recorded_cs_A
+
+    info = _get(md, "HRTEM_transfer.info_json")
+    if not isinstance(info, str):
+        return None
+    try:
+        config = (json.loads(info) or {}).get("config")
+    except (ValueError, AttributeError):
+        return None
+    return recorded_cs_A(config if isinstance(config, dict) else None)
 
 
 def _find_microscope_info(om: dict) -> dict | None:
