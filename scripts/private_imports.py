@@ -2,8 +2,10 @@
 
 A use is "private across packages" when a module imports a dotted path with a private part
 (``io._atomic.write_text_atomic``, ``training.loop._stop_fn``) and that path lies in another
-subpackage (or top-level module: ``segmentation``, ``annotations``) than the importing module.
-Relative and absolute imports are both resolved; imports inside functions count.
+subpackage (or top-level module: ``segmentation``, ``annotations``) than the importing module,
+or reads a private attribute off such a module (``readers._calibration`` after ``from ..io
+import readers``).  Relative and absolute imports are both resolved; imports inside functions
+count.
 
 Usage::
 
@@ -83,6 +85,42 @@ def private_uses(src: Path, only: list[Path] | None = None) -> list[tuple[str, i
                 private = _private_prefix(dotted)
                 if private and _crosses(module, private):
                     found.append((str(path.relative_to(src.parent)), node.lineno, dotted))
+        found.extend(_private_attributes(tree, module, is_package, path, src))
+    return found
+
+
+def _module_bindings(tree: ast.AST, module: str, is_package: bool) -> dict[str, str]:
+    """Local names bound to the package's modules by imports (``from ..io import readers``,
+    ``import napari_hrtem_transfer.io.readers as r``), anywhere in the file."""
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _resolve(node, module, is_package)
+            if base.startswith(PACKAGE):
+                for alias in node.names:
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith(PACKAGE) and alias.asname:
+                    bound[alias.asname] = alias.name
+    return bound
+
+
+def _private_attributes(tree, module, is_package, path, src) -> list[tuple[str, int, str]]:
+    """Private attributes read off another subpackage's module (``readers._calibration``)."""
+    bound = _module_bindings(tree, module, is_package)
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            dotted = f"{bound[node.value.id]}.{node.attr}"
+            if _crosses(module, dotted):
+                found.append((str(path.relative_to(src.parent)), node.lineno, dotted))
     return found
 
 
@@ -123,7 +161,7 @@ def main() -> None:
     for file, line, dotted in uses:
         print(f"{file}:{line}  {dotted}")
     statements = len({(file, line) for file, line, _ in uses})
-    print(f"private cross-package imports: {len(uses)} names in {statements} import statements")
+    print(f"private cross-package uses: {len(uses)} names at {statements} places")
     if args.sizes:
         functions = long_functions(args.src, args.only)
         for file, line, name, length in functions:

@@ -57,7 +57,7 @@ def sampling_A(s: Any, *, warn: bool = True) -> float | None:
         If the signal is not an image (signal dimension != 2) or its axes are in reciprocal
         units or angles (a diffraction pattern).
     """
-    from ..io import readers
+    from ..io import geometry
 
     name = signal_name(s)
     am = s.axes_manager
@@ -67,14 +67,14 @@ def sampling_A(s: Any, *, warn: bool = True) -> float | None:
             "an image (two signal axes), not a spectrum. Use s.as_signal2D(...) or pick an "
             "image signal."
         )
-    y, x = (readers._axis_dict(a) for a in am.signal_axes[::-1])
+    y, x = (geometry.axis_dict(a) for a in am.signal_axes[::-1])
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
             if not warn:
                 warnings.simplefilter("ignore")
-            value = readers._calibration(y, x, f"signal '{name}'", notes, allow_reciprocal=False)
-    except readers._NotAnImage as exc:
+            value = geometry.calibration(y, x, f"signal '{name}'", notes, allow_reciprocal=False)
+    except geometry.NotAnImage as exc:
         raise ReaderError(
             f"signal '{name}': {exc}. Segment the real-space image, not its diffraction "
             "pattern or FFT."
@@ -84,7 +84,7 @@ def sampling_A(s: Any, *, warn: bool = True) -> float | None:
             f"signal '{name}' has no real-space calibration (signal axes without length "
             "units); the model's own pixel size is assumed. Calibrate the axes "
             "(s.axes_manager.signal_axes[i].scale/units) or pass sampling_A=... [Å/px].",
-            readers.ReaderWarning,
+            geometry.ReaderWarning,
             stacklevel=4,
         )
     return value
