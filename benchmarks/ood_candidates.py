@@ -549,8 +549,8 @@ def candidates(run: Run, cap: int | None = 192) -> dict[str, tuple[np.ndarray, s
 def _robust_z(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """(v - median(ref)) / (1.4826 MAD(ref)), as the library scores (finite values of
     ``ref`` only; NaN in ``v``, no predicted boundary, gives 0)."""
-    from napari_hrtem_transfer.evaluation.ood import _median_spread
-    from napari_hrtem_transfer.evaluation.ood import _robust_z as library_z
+    from napari_hrtem_transfer.evaluation.ood.reference import _median_spread
+    from napari_hrtem_transfer.evaluation.ood.reference import _robust_z as library_z
 
     return library_z(v, *_median_spread(ref))
 

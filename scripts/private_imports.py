@@ -1,7 +1,7 @@
 """List private names used across subpackages, and functions/modules over the size limits.
 
 A use is "private across packages" when a module imports a dotted path with a private part
-(``io._atomic.write_text_atomic``, ``training.loop._stop_fn``) and that path lies in another
+(``io.readers._calibration``, ``segmentation._zoom``) and that path lies in another
 subpackage (or top-level module: ``segmentation``, ``annotations``) than the importing module,
 or reads a private attribute off such a module (``readers._calibration`` after ``from ..io
 import readers``).  Relative and absolute imports are both resolved; imports inside functions

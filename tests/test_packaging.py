@@ -24,7 +24,10 @@ def test_manifest_entry_point_and_installed_resources():
     eps = [ep for ep in entry_points(group="napari.manifest") if ep.name == "napari-hrtem-transfer"]
     assert len(eps) == 1 and eps[0].value == "napari_hrtem_transfer:napari.yaml"
     pkg = files("napari_hrtem_transfer")
-    assert (pkg / "napari.yaml").read_bytes() == (PKG / "napari.yaml").read_bytes()
+    # the entry point's target exists in the installed package (an editable install's package
+    # is the source folder; that a wheel ships the source manifest byte for byte is checked
+    # by test_wheel_contains_package_data_and_compare_reference_runs_from_it)
+    assert (pkg / "napari.yaml").is_file()
     assert (pkg / "sample_data" / "defocus_series_small.hspy").is_file()
 
 

@@ -355,7 +355,8 @@ def _with_sampling(domain: dict | None, model_s: float | None) -> dict | None:
     return out
 
 
-def _ood_reference(lm: Any, notes: list[str]) -> Any:
+def ood_reference(lm: Any, notes: list[str]) -> Any:
+    """The loaded model's OOD reference tied to its weights, or None (why: in ``notes``)."""
     from .evaluation.ood import load_ood_reference
 
     sha = lm.info.get("weights_sha256")
@@ -459,7 +460,7 @@ def segment(
         warnings.warn(warn, SegmentationWarning, stacklevel=2)
     lm = resolve_model(model, cfg.which, cfg.device)
     factor = _resampling(inp, lm.sampling_A, cfg, notes)
-    job = _Job(inp, lm, cfg, factor, notes, _ood_reference(lm, notes) if cfg.ood else None)
+    job = _Job(inp, lm, cfg, factor, notes, ood_reference(lm, notes) if cfg.ood else None)
     n = job.n
     for g0 in range(0, n, job.per_group):
         if stopped():

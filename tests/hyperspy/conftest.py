@@ -90,7 +90,7 @@ def fake_core(monkeypatch):
     def _ood_reference(loaded, notes):
         return SimpleNamespace(caution_level=FAKE_CAUTION)
 
-    module = SimpleNamespace(segment=segment, _ood_reference=_ood_reference)
+    module = SimpleNamespace(segment=segment, ood_reference=_ood_reference)
     monkeypatch.setattr(_core, "_core", lambda: module)
     module.calls = calls
     return module

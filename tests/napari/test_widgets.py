@@ -568,11 +568,31 @@ def test_every_panel_and_the_canvas_text_follow_the_theme(make_napari_viewer):
 
 
 def test_widget_contributions_build_from_the_manifest(make_napari_viewer):
+    """Each manifest widget name builds its own dock class, docked in the viewer and shown."""
+    from napari_hrtem_transfer._napari._widgets import (
+        EvaluateWidget,
+        OODView,
+        SegmentWidget,
+        SimulateWidget,
+        TrainWidget,
+    )
+
     viewer = make_napari_viewer()
-    for name in ("Simulate defocus series", "Train / fine-tune", "Segment", "OOD per frame",
-                 "Evaluate / explore"):
+    expected = {
+        "Simulate defocus series": SimulateWidget,
+        "Train / fine-tune": TrainWidget,
+        "Segment": SegmentWidget,
+        "OOD per frame": OODView,
+        "Evaluate / explore": EvaluateWidget,
+    }
+    for name, cls in expected.items():
         dock, widget = viewer.window.add_plugin_dock_widget("napari-hrtem-transfer", name)
-        assert widget is not None
+        assert type(widget) is cls, (name, type(widget))
+        assert dock.inner_widget() is widget
+        assert viewer.window.dock_widgets[dock.name] is widget
+        # visible within the main window (the window itself is not shown in tests)
+        assert dock.isVisibleTo(viewer.window._qt_window), name
+    assert len(viewer.window.dock_widgets) == len(expected)
 
 
 def test_reader_opens_files_in_the_viewer(make_napari_viewer, tmp_path, tiny_dataset):

@@ -1,4 +1,4 @@
-"""The shared atomic writers (io._atomic) used by checkpoints: all or nothing, no leftovers."""
+"""The shared atomic writers (io.atomic) used by checkpoints: all or nothing, no leftovers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from napari_hrtem_transfer.io import _atomic
-from napari_hrtem_transfer.io._atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from napari_hrtem_transfer.io import atomic
+from napari_hrtem_transfer.io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def test_writes_replace_the_file_and_leave_no_temporary(tmp_path):
@@ -31,7 +31,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
 def test_fsync_flushes_file_then_folder(tmp_path, monkeypatch):
     calls = []
     real = os.fsync
-    monkeypatch.setattr(_atomic.os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append(fd) or real(fd))
     write_bytes_atomic(tmp_path / "a", b"x")
     assert len(calls) == (2 if os.name == "posix" else 1)  # the file, then its folder
     calls.clear()

@@ -371,7 +371,7 @@ def test_finetune_on_annotated_frames_from_files(models, tmp_path, capsys):
     labels = np.zeros((4, 96, 96), np.uint8)
     labels[[1, 3]] = 255 * masks[[1, 3]]  # two frames annotated, exported as 0/255
     np.save(tmp_path / "frames.npy", frames)
-    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
     argv = [
         "finetune",
         "--model",
@@ -403,7 +403,7 @@ def test_finetune_on_annotated_frames_from_files(models, tmp_path, capsys):
     assert side["sampling_A"] == pytest.approx(0.2)
     assert (tmp_path / "ft" / "ood_reference.json").exists()
     # labels of another shape: exit 2, nothing written
-    tifffile.imwrite(tmp_path / "bad.tif", labels[:, :50])
+    tifffile.imwrite(tmp_path / "bad.tif", labels[:, :50], photometric="minisblack")
     bad = [*argv[:-1], str(tmp_path / "ft2")]
     bad[bad.index(str(tmp_path / "labels.tif"))] = str(tmp_path / "bad.tif")
     assert main(bad) == 2

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from napari_hrtem_transfer.errors import ConfigError  # noqa: E402
+from napari_hrtem_transfer.inference import tile_starts  # noqa: E402
 from napari_hrtem_transfer.models import NORMALIZATION, build_model, standardize  # noqa: E402
 from napari_hrtem_transfer.training import load_checkpoint  # noqa: E402
 from napari_hrtem_transfer.training.checkpoint import save_checkpoint  # noqa: E402
-from napari_hrtem_transfer.training.inference import tile_starts  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -180,9 +180,12 @@ def _write_torchscript(model: Any, frame: np.ndarray, path: Path) -> None:
 
     x = torch.zeros((1, 1, *frame.shape), dtype=torch.float32)
     with warnings.catch_warnings(), torch.no_grad():
-        # tracing warns that the input-shape check becomes a constant and that
-        # torch.jit.trace is deprecated; the traced program is checked by the package test
-        warnings.simplefilter("ignore")
+        # tracing warns that the input-shape check becomes a constant (TracerWarning) and
+        # that torch.jit.trace is deprecated; the traced program is checked by the package
+        # test, and bioimage.io's torchscript weights are made with it
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        deprecated = r"`torch\.jit\.trace.*` is deprecated"
+        warnings.filterwarnings("ignore", deprecated, DeprecationWarning)
         traced = torch.jit.trace(model.to("cpu").eval(), x, check_trace=False)
         traced.save(str(path))
 

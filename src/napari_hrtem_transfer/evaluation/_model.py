@@ -267,9 +267,9 @@ class ScoringModel:
             self._engine_forward = lm.forward_fn(prec)
         else:
             self._engine_forward = make_forward(self.net, self.device, prec)
-        return lambda x, decode: self._forward(None, None, x, decode)
+        return self._forward
 
-    def _forward(self, net, encoder, x: np.ndarray, decode: bool):
+    def _forward(self, x: np.ndarray, decode: bool):
         """Run one batch (B, h, w) of standardised tiles through the engine's forward:
         logits (B, h, w) (a float32 tensor) or None, and the encoder stage maps."""
         return self._engine_forward(x, decode)
@@ -366,16 +366,3 @@ class ScoringModel:
             frac = res.foreground / float(h * w)
         return FrameStats(feats.astype(np.float64), ent, out_p, out_z, bnd, band, frac)
 
-
-def _starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
-    """Start offsets of tiles (the one tiler: :func:`..inference.tile_starts`)."""
-    from ..inference import tile_starts
-
-    return tile_starts(size, tile, overlap, stride)
-
-
-def _bounds(starts: list[int], tile: int, size: int, stride: int) -> list[tuple[int, int]]:
-    """The part of the axis each tile owns (the one tiler: :func:`..inference.tile_bounds`)."""
-    from ..inference import tile_bounds
-
-    return tile_bounds(starts, tile, size, stride)

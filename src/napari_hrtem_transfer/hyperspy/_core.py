@@ -72,7 +72,7 @@ def sampling_A(s: Any, *, warn: bool = True) -> float | None:
     try:
         with warnings.catch_warnings():
             if not warn:
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore", geometry.ReaderWarning)
             value = geometry.calibration(y, x, f"signal '{name}'", notes, allow_reciprocal=False)
     except geometry.NotAnImage as exc:
         raise ReaderError(
@@ -199,8 +199,7 @@ def _caution_level(loaded: Any, name: str, model: Any) -> float:
     """
     seg = _core()
     notes: list[str] = []
-    find = getattr(seg, "_ood_reference", None)
-    ref = find(loaded, notes) if find is not None else None
+    ref = seg.ood_reference(loaded, notes)
     if ref is None:
         why = "; ".join(notes) or "no OOD reference"
         raise ConfigError(
@@ -290,10 +289,11 @@ def _grey(frames: Any) -> np.ndarray:
     """A chunk as real numbers: RGB exports become grey by the reader's rule."""
     frames = np.asarray(frames)
     if frames.dtype.names:
+        from ..io.frames import ReaderWarning
         from ..io.frames import to_grey as _to_grey
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # given once per signal by the input checks
+            warnings.simplefilter("ignore", ReaderWarning)
             frames = _to_grey(frames, "chunk", [])
     return frames
 

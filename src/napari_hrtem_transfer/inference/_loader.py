@@ -146,7 +146,7 @@ def load_model(spec: Any = PRETRAINED, which: str = "best", device: str = "auto"
             return _CACHE[key]
     configure_threads()
     loaded = _load(path, which, device)
-    prepare = getattr(loaded, "_inference_model", None)
+    prepare = getattr(loaded, "inference_model", None)
     if callable(prepare):
         prepare()  # fold BatchNorm once, at load
     with _LOCK:

@@ -164,11 +164,6 @@ class HRTEMDataset(PixelGrid):
         return i
 
 
-def _versions() -> dict[str, str]:
-    """Deprecated alias: use ``io.provenance.package_versions(SIMULATION_PACKAGES)``."""
-    return package_versions(SIMULATION_PACKAGES)
-
-
 def _axis(name: str, values: np.ndarray, units: str | None) -> dict:
     values = np.asarray(values, dtype=float)
     if values.size > 1:

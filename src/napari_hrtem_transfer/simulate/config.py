@@ -16,10 +16,6 @@ MATERIALS: tuple[str, ...] = (
     "CdSe", "ZnS", "Au", "Cu", "Ag", "Pt", "Pd", "C", "Si", "Fe3O4", "Co3O4", "Fe"
 )
 
-#: Detector models (see :mod:`.detector`).
-DETECTORS: tuple[str, ...] = ("none", "counting", "scintillator")
-
-
 #: Relativistic electron wavelength [Å] for an energy [eV].
 def wavelength_A(energy_eV: float) -> float:
     """Relativistic electron wavelength [Å] at kinetic energy ``energy_eV`` [eV]."""

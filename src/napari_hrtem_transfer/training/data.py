@@ -166,7 +166,7 @@ def d4_transform(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def d4(image: np.ndarray, code: int) -> np.ndarray:
-    """Alias of :func:`d4_transform` (kept for existing callers)."""
+    """Short name of :func:`d4_transform`."""
     return d4_transform(image, code)
 
 

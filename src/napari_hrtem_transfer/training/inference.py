@@ -14,20 +14,6 @@ from ..models.normalization import apply_normalization
 from .device import autocast, resolve_precision
 
 
-def tile_starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
-    """Start offsets of overlapping tiles along one axis (:func:`..inference.tile_starts`)."""
-    from ..inference import tile_starts as starts
-
-    return starts(size, tile, overlap, stride)
-
-
-def _cuts(starts: list[int], tile: int, size: int, stride: int = 1) -> list[tuple[int, int]]:
-    """Region of the output each tile is responsible for (:func:`..inference.tile_bounds`)."""
-    from ..inference import tile_bounds
-
-    return tile_bounds(starts, tile, size, stride)
-
-
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` (eval mode) with every Conv2d -> BatchNorm2d pair folded into one conv.
 
@@ -131,7 +117,7 @@ class LoadedModel:
         """Apply the checkpoint's input normalisation to raw images (N, H, W) or (H, W)."""
         return apply_normalization(self._as_stack(images), self.info["normalization"])
 
-    def _inference_model(self, precision: str = "fp32") -> torch.nn.Module:
+    def inference_model(self, precision: str = "fp32") -> torch.nn.Module:
         """The model with BatchNorm folded into the convolutions, channels_last.
 
         With ``precision="bf16"`` on a CPU, a copy with bf16 weights (no autocast: its
@@ -161,7 +147,7 @@ class LoadedModel:
         from ..inference import make_forward
 
         prec = resolve_precision(precision, self.device)
-        net = self._inference_model(prec)
+        net = self.inference_model(prec)
         bf16_weights = prec == "bf16" and self.device.type == "cpu"
         return make_forward(
             net, self.device, prec, weights_dtype=torch.bfloat16 if bf16_weights else None

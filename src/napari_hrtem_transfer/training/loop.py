@@ -48,10 +48,6 @@ from .progress import StopRequest, stop_checker
 #: Config fields that may change when resuming (they do not change the result on a CPU).
 RESUMABLE_CHANGES = ("epochs", "num_threads", "cache_bytes", "device")
 
-#: Deprecated alias of :func:`.progress.stop_checker`.
-_stop_fn = stop_checker
-
-
 def segmentation_loss(
     logits: torch.Tensor, target: torch.Tensor, kind: str = "bce", dice_weight: float = 1.0
 ) -> torch.Tensor:

@@ -29,16 +29,12 @@ from .calibrate import (
     MIN_CALIBRATION_FRAMES,
     OODFitStopped,
     _calibrate_for_checkpoint,
-    _calibrate_in_sample,
     _calibration_plan,
     calibrate_caution_level,
 )
 from .domain import (
-    MAX_DOMAIN_ESTIMATES,
-    _domain_from_info,
     _has_domain,
     _parent_reference,
-    _simulation_configs,
     imaging_domain_for,
 )
 from .reference import (
@@ -48,17 +44,10 @@ from .reference import (
     load_ood_reference,
 )
 from .sample import (
-    FEW_IMAGES,
     OODFitConfig,
     ProgressCallback,
-    _adopt_parent,
     _config,
-    _fit_power_spectrum,
     _fit_stream,
-    _floor_spreads,
-    _register_in_sidecar,
-    _resolve_columns,
-    _Sample,
     _save,
     fit_ood_reference,
     fit_reference_from_features,
@@ -325,8 +314,6 @@ def fit_ood_after_training(
 
 
 __all__ = [
-    "FEW_IMAGES",
-    "MAX_DOMAIN_ESTIMATES",
     "MIN_CALIBRATION_FRAMES",
     "OODFitConfig",
     "OODFitResult",
@@ -340,15 +327,3 @@ __all__ = [
     "imaging_domain_for",
     "sample_transforms",
 ]
-# the private helpers of the former single module stay reachable as ``fit._name``
-_REEXPORTED = (
-    _adopt_parent,
-    _calibrate_in_sample,
-    _domain_from_info,
-    _fit_power_spectrum,
-    _floor_spreads,
-    _register_in_sidecar,
-    _resolve_columns,
-    _Sample,
-    _simulation_configs,
-)

@@ -8,9 +8,9 @@ A reference is two files beside the checkpoint (no pickle):
   the score's constants, the calibrated caution level and how it was found, and (format 4)
   the model's :class:`ImagingDomain`.
 
-Formats 2 (``distance / median - 1 + w * entropy excess``) and 3 (the uncertainty score,
-the shipped model until format 4) are still read and scored as they were; format 3 files
-without an imaging domain get one from their training defoci and the simulator's defaults.
+Formats 2 (``distance / median - 1 + w * entropy excess``) and 3 (the uncertainty score
+without an imaging domain) are read and scored with their own formula; format 3 files get an
+imaging domain from their training defoci and the simulator's defaults.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ Z_FLOOR = 3.0
 SPREAD_FLOOR = 1e-4
 FORMAT_VERSION = "4"
 READABLE_FORMATS = ("2", "3", "4")
-#: Legacy "treat with caution" level, used only when reading an old reference without a
-#: calibrated one (every reference written by this version has a finite, calibrated level).
+#: "Treat with caution" level of scores without a calibrated one: a format 2 reference
+#: without a level, and the default of :class:`~.verdict.OODScores` (every reference this
+#: version writes has a finite, calibrated level).
 LEGACY_CAUTION_LEVEL = 1.0
 
 

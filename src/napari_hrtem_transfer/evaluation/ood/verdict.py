@@ -90,7 +90,7 @@ class VerdictConfig(BaseModel):
 
 @dataclass
 class OODScores:
-    """The verdict on frames (N,) (also the label-free scores of earlier versions).
+    """The verdict on frames (N,), or the network term alone (format 2 and 3 references).
 
     Attributes
     ----------
@@ -140,10 +140,6 @@ class OODScores:
         if self.physics_flag is not None:
             over = over | np.asarray(self.physics_flag, bool)
         return over
-
-
-#: The verdict's name for it.
-OODVerdict = OODScores
 
 
 def _input_checks(frame: np.ndarray, cfg: VerdictConfig) -> tuple[dict[str, Any], list[str]]:
