@@ -47,8 +47,9 @@ class VerdictConfig(BaseModel):
 
     ps_weight: float = Field(1.0, ge=0)
     """Weight of ``max(ps_distance - 1, 0)`` in the score (wide series: 0 / 1 / 2 rank the
-    domains by loss with a Spearman of 0.79 / 0.76 / 0.66; 1 keeps the input shift in the
-    score)."""
+    domains by loss with a Spearman of 0.79 / 0.76 / 0.66; but at 0 the calibrated level
+    falls so far that 40 % of the wide series' in-range frames are flagged, against 2 % at 1:
+    docs/ood_score.md, "A candidate measured and not adopted")."""
     physics_weight: float = Field(5.0, ge=0)
     """Score added per physics reason other than the defocus (blank, lattice, pixel size,
     confident particles without support)."""
