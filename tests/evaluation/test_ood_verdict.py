@@ -265,3 +265,17 @@ def test_segment_passes_the_recorded_cs_to_the_verdict(monkeypatch):
     assert seen and seen[-1]["Cs_A"] == 1.2e7 and seen[-1]["energy_eV"] == 200e3
     row = res.frame_table()[0]
     assert "Cs recorded with the frame" in row["ood_components"]["ctf_conditions"]
+
+
+def test_rows_report_the_networks_mean_entropy_of_the_frame():
+    """``mean_entropy_nats``: the mean binary entropy of the probability map the user gets
+    (the network's own estimate of its per-pixel loss), reported beside the score."""
+    from napari_hrtem_transfer.segmentation import segment
+
+    frames = np.stack([_phase_contrast_frame(size=256, seed=s) for s in (1, 2)])
+    res = segment(frames, "pretrained", sampling_A=0.2, ood=True, probabilities=True)
+    p = np.clip(np.asarray(res.proba, np.float64), 1e-7, 1 - 1e-7)
+    h = (-(p * np.log(p) + (1 - p) * np.log1p(-p))).mean(axis=(-2, -1))
+    got = [row["ood_components"]["mean_entropy_nats"] for row in res.frame_table()]
+    np.testing.assert_allclose(got, h, rtol=1e-4)
+    assert got[0] != got[1]

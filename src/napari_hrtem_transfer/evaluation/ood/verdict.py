@@ -252,9 +252,13 @@ def combine(
     phys_flag = np.zeros(n, bool)
     defoci: list[float | None] = []
     signs: list[bool] = []
+    ent = None if stats.entropy is None else np.asarray(stats.entropy, float).reshape(-1)
     for i in range(n):
         src = comps[i]
         c: dict[str, Any] = {k: float(v[i]) for k, v in terms.items()}
+        # the network's own estimate of its per-pixel loss (reported, not scored):
+        # docs/ood_score.md, "A candidate measured and not adopted"
+        c["mean_entropy_nats"] = None if ent is None else float(ent[i])
         c.update({k: v for k, v in src.items() if not k.startswith("_")})
         prof = src.get("_profile")
         ps_d = hf = None
