@@ -107,10 +107,8 @@ def study(folder: Path, data: Path, alphas) -> list[str]:
 
     ds = load_dataset(data, lazy=False)
     doms = [float(x) for x in ds.defocus_nm]
-    lines = [
-        "| model | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |",
-        "|---" * (len(alphas) + 1) + "|",
-    ]
+    head = " | ".join(f"alpha {a:g}" for a in alphas)
+    lines = [f"| model | {head} | H alone |", "|---" * (len(alphas) + 2) + "|"]
     for mdir in sorted(folder.glob("pre_*nm_s*")):
         rows = list(csv.DictReader((folder / f"eval_{mdir.name}" / "frames.csv").open()))
         keys = sorted({(float(r["domain_defocus_nm"]), int(float(r["image_index"]))) for r in rows})
@@ -129,6 +127,7 @@ def study(folder: Path, data: Path, alphas) -> list[str]:
         lnh = _median_spread(np.log(tt["H"]))
         d = np.array([k[0] for k in keys])
         cells = ["{:.2f} / {:.2f}".format(*_ranks(t, d, score(t, lnh, a, 1.0))) for a in alphas]
+        cells.append("{:.2f} / {:.2f}".format(*_ranks(t, d, t["H"])))
         lines.append(f"| {mdir.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -185,6 +184,7 @@ def main() -> None:
                 f"| {100 * fw[in_range].mean():.0f} % | {100 * fw[beyond].mean():.0f} % "
                 f"| {sd:.2f} / {sf:.2f} |"
             )
+    print("wide series, H alone: {:.2f} / {:.2f}".format(*_ranks(wide, wd, wide["H"])))
     print()
     for name, t in (
         ("calibration frames", cal),
