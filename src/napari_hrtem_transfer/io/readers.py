@@ -244,8 +244,9 @@ def _quiet_rsciio() -> Any:
         lg.disabled = True
     try:
         with warnings.catch_warnings():
-            # rosettasciio warns about vendor quirks that are not the user's business
-            warnings.simplefilter("ignore", UserWarning)
+            # rosettasciio and HyperSpy warn about vendor quirks that are not the user's
+            # business; the package's own warnings (ReaderWarning) still show
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"(rsciio|hyperspy)\b")
             yield
     finally:
         for lg, was in zip(loggers, before, strict=True):
