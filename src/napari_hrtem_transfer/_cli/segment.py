@@ -124,6 +124,7 @@ def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:
     from ..errors import ReaderError
     from ..io.readers import read_images
     from ..io.sessions import read_session
+    from .messages import print_warnings
 
     paths = [Path(p).expanduser() for p in inputs]
     session = len(paths) > 1 or paths[0].is_dir()
@@ -143,10 +144,7 @@ def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:
                 raise ReaderError(text) from None
         else:
             images = read_images(paths[0])
-    for w in caught:
-        if issubclass(w.category, ResourceWarning | DeprecationWarning):
-            continue
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    print_warnings(caught, PROG)
     return images
 
 
@@ -237,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.atomic import AtomicGroup, check_writable, deferred_interrupt
     from ..io.writers import RESULT_SUFFIXES, write_result
     from ..segmentation import SegmentationWarning, segment
+    from .messages import print_warnings
 
     cfg = _config(args)
     out = Path(args.out).expanduser()
@@ -257,12 +256,9 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SegmentationWarning)
             res = segment(image, args.model, sampling_A=args.sampling, config=cfg)
-        for w in caught:
-            if issubclass(w.category, ResourceWarning | DeprecationWarning):
-                continue
-            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        printed = print_warnings(caught, PROG)
         for note in res.notes:
-            if not any(str(w.message) == note for w in caught):
+            if note not in printed:
                 print(f"{PROG}: note: {note}", file=sys.stderr)
         results.append(res)
     # every output is written under a temporary name and renamed at the end, all together;

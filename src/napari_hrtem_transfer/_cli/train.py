@@ -437,12 +437,12 @@ def _read_frames(path: str, what: str) -> Any:
     import warnings
 
     from ..io.readers import read_images
+    from .messages import print_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         images = read_images(Path(path).expanduser())
-    for w in caught:
-        print(f"hrtem-transfer finetune: warning: {what}: {w.message}", file=sys.stderr)
+    print_warnings(caught, "hrtem-transfer finetune", what)
     if len(images) > 1:
         print(
             f"hrtem-transfer finetune: note: {path} holds {len(images)} image signals; using "
