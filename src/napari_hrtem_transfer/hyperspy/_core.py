@@ -408,7 +408,7 @@ def segment(
 def navigation_signal(s: Any, values: Any, *, title: str, quantity: str) -> Any:
     """A signal over ``s``'s navigation axes holding ``values`` (numpy or dask)."""
     am = s.axes_manager
-    shape = tuple(am._navigation_shape_in_array) if am.navigation_dimension else (1,)
+    shape = tuple(am.navigation_shape[::-1]) if am.navigation_dimension else (1,)
     lazy = hasattr(values, "dask")
     values = values.reshape(shape)
     placeholder = np.zeros(shape, dtype=float)
