@@ -1,5 +1,5 @@
-"""The codebase's own rules (docs/ARCHITECTURE.md), checked by scripts/private_imports.py:
-no private name used across subpackages, no function over 100 lines, no module over 700."""
+"""The codebase's own rules, checked by scripts/private_imports.py (its docstring): no
+private name used across subpackages, no function over 100 lines, no module over 700."""
 
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ __all__ = [
     "SegmentationResult",
     "SegmentationStopped",
     "SegmentationWarning",
+    "ood_reference",
     "pretrained_model_dir",
     "resolve_model",
     "segment",

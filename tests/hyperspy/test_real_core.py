@@ -267,7 +267,8 @@ def test_ood_score_components_on_the_series_axes(registered, tiny_model):
 
 def test_a_lazy_signal_is_verdicted_with_its_recorded_beam_energy(registered, monkeypatch):
     """Each chunk of a lazy signal reaches the core with the conditions recorded on the
-    signal (here 200 kV), as the eager signal does, not with the model's training values."""
+    signal (here 200 kV and, as a simulated signal records it, Cs 0.02 mm), as the eager
+    signal does, not with the model's training values."""
     import hyperspy.api as hs
 
     from napari_hrtem_transfer.evaluation.ood import components as comp
@@ -287,13 +288,15 @@ def test_a_lazy_signal_is_verdicted_with_its_recorded_beam_energy(registered, mo
     for ax in s.axes_manager.signal_axes:
         ax.scale, ax.units = loaded.sampling_A / 10.0, "nm"
     s.metadata.set_item("Acquisition_instrument.TEM.beam_energy", 200.0)
+    s.metadata.set_item("HRTEM_transfer.info_json", json.dumps({"config": {"Cs_A": 2e5}}))
     s.set_signal_type("HRTEM")
     eager = s.ood_score(device="cpu")
-    assert seen and all(c.get("energy_eV") == 200e3 for c in seen)
+    assert seen and all(c.get("energy_eV") == 200e3 and c.get("Cs_A") == 2e5 for c in seen)
     seen.clear()
     lazy = s.as_lazy()
     lazy.data = lazy.data.rechunk((1, 64, 64))
     o_lazy = lazy.ood_score(device="cpu")
     o_lazy.compute()
-    assert len(seen) == 2 and all(c.get("energy_eV") == 200e3 for c in seen)
+    assert len(seen) == 2
+    assert all(c.get("energy_eV") == 200e3 and c.get("Cs_A") == 2e5 for c in seen)
     np.testing.assert_allclose(o_lazy.data, eager.data, rtol=1e-5)

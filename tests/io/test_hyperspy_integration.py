@@ -114,10 +114,12 @@ def test_dataset_goes_through_dataset_writer():
     ("config", "cs"),
     [({"Cs_A": 2.5e5}, 2.5e5), ({"Cs_A": 2.5e5, "Cs_range_A": [1e4, 5e5]}, None), ({}, None)],
 )
-def test_a_simulated_signal_carries_its_cs_to_the_reader(config, cs):
-    """A dataset signal (as hs.load gives it) records the one Cs of its simulation, which the
-    OOD verdict fits the Thon rings with; none when Cs was drawn per image."""
-    from napari_hrtem_transfer.io import HRTEMDataset
+def test_a_simulated_signal_carries_its_cs_to_the_reader(config, cs, tmp_path):
+    """A dataset saved and loaded with hs.load records the one Cs of its simulation, which
+    the OOD verdict fits the Thon rings with; none when Cs was drawn per image."""
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer.io import HRTEMDataset, save_dataset
 
     ds = HRTEMDataset(
         images=np.ones((2, 1, 8, 8)),
@@ -127,7 +129,8 @@ def test_a_simulated_signal_carries_its_cs_to_the_reader(config, cs):
         info={"config": config},
     )
     assert ds.recorded_conditions().get("Cs_A") == cs
-    md = from_signal(to_signal(ds), compute=False).metadata
+    save_dataset(ds, tmp_path / "series.hspy")
+    md = from_signal(hs.load(tmp_path / "series.hspy"), compute=False).metadata
     assert md.get("Cs_A") == cs
     assert md["energy_eV"] == pytest.approx(ds.energy_eV)
 

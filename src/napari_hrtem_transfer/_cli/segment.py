@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +123,13 @@ def _read(inputs: list[str], args: argparse.Namespace) -> list[Any]:
     from ..errors import ReaderError
     from ..io.readers import read_images
     from ..io.sessions import read_session
-    from .messages import print_warnings
+    from .messages import captured_warnings, print_warnings
 
     paths = [Path(p).expanduser() for p in inputs]
     session = len(paths) > 1 or paths[0].is_dir()
     if args.defocus is not None and not session:
         raise ConfigError("--defocus is for sessions (a folder or several files).", "--defocus")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with captured_warnings() as caught:
         if session:
             src = paths if len(paths) > 1 else paths[0]
             try:
@@ -234,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
     """Segment INPUT; see the module docstring."""
     from ..io.atomic import AtomicGroup, check_writable, deferred_interrupt
     from ..io.writers import RESULT_SUFFIXES, write_result
-    from ..segmentation import SegmentationWarning, segment
-    from .messages import print_warnings
+    from ..segmentation import segment
+    from .messages import captured_warnings, print_warnings
 
     cfg = _config(args)
     out = Path(args.out).expanduser()
@@ -253,8 +251,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{p} exists; use --overwrite to replace it.", "--overwrite")
     results = []
     for image in images:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SegmentationWarning)
+        with captured_warnings() as caught:
             res = segment(image, args.model, sampling_A=args.sampling, config=cfg)
         printed = print_warnings(caught, PROG)
         for note in res.notes:

@@ -434,13 +434,11 @@ def _run_training(args: argparse.Namespace, finetune: bool) -> int:
 
 def _read_frames(path: str, what: str) -> Any:
     """One image signal of a file as ExperimentalImage (the first if there are several)."""
-    import warnings
 
     from ..io.readers import read_images
-    from .messages import print_warnings
+    from .messages import captured_warnings, print_warnings
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with captured_warnings() as caught:
         images = read_images(Path(path).expanduser())
     print_warnings(caught, "hrtem-transfer finetune", what)
     if len(images) > 1:

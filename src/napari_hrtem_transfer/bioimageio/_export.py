@@ -184,8 +184,8 @@ def _write_torchscript(model: Any, frame: np.ndarray, path: Path) -> None:
         # that torch.jit.trace is deprecated; the traced program is checked by the package
         # test, and bioimage.io's torchscript weights are made with it
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        deprecated = r"`torch\.jit\.trace.*` is deprecated"
-        warnings.filterwarnings("ignore", deprecated, DeprecationWarning)
+        # (Python 3.14+: "... is not supported")
+        warnings.filterwarnings("ignore", r"`torch\.jit\.trace.*` is (deprecated|not supported)")
         traced = torch.jit.trace(model.to("cpu").eval(), x, check_trace=False)
         traced.save(str(path))
 

@@ -356,7 +356,7 @@ def _one_pass(s: Any, take: Any, kind: str, call: dict[str, Any]) -> tuple[Any, 
     nd = data.ndim
 
     def block(frames: np.ndarray) -> np.ndarray:
-        chunk = _chunk(frames, px, recorded, call["name"])
+        chunk = _chunk(frames, px, recorded, f"signal '{call['name']}'")
         res = seg.segment(chunk, model=loaded, sampling_A=px, **opts)
         shape = frames.shape[:-2] if per_frame else frames.shape
         return np.asarray(take(res), dtype=dtype).reshape(shape)

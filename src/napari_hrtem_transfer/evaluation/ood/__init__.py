@@ -15,11 +15,10 @@ package has one job per module:
   calibration when they are too few);
 * :mod:`.domain` — the model's imaging domain from the dataset's metadata or the annotated
   frames' estimated defoci;
-* :mod:`.fit` — the entry points (end of training, after fine-tuning, on demand), with the
-  public names of the three modules above.
+* :mod:`.fit` — the entry points (end of training, after fine-tuning, on demand).
 
-``docs/ood_score.md`` describes the verdict and its measured behaviour; every public name of
-the modules is importable from here.
+``docs/ood_score.md`` describes the verdict and its measured behaviour; the names in
+``__all__`` are importable from here.
 
 The network term (format 3)
 ===========================

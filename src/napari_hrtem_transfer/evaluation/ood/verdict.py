@@ -46,10 +46,11 @@ class VerdictConfig(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     ps_weight: float = Field(1.0, ge=0)
-    """Weight of ``max(ps_distance - 1, 0)`` in the score (wide series: 0 / 1 / 2 rank the
-    domains by loss with a Spearman of 0.79 / 0.76 / 0.66; but at 0 the calibrated level
-    falls so far that 40 % of the wide series' in-range frames are flagged, against 2 % at 1:
-    docs/ood_score.md, "A candidate measured and not adopted")."""
+    """Weight of ``max(ps_distance - 1, 0)`` in the score.  1 by measurement
+    (``benchmarks/bench_ood_entropy.py``, wide series, level recalibrated each time): weight
+    0 ranks the domains by loss a little better (Spearman 0.81 against 0.74), but its level
+    falls so far that 40 % of the in-range frames are flagged, against 2 % at weight 1
+    (docs/ood_score.md, "A candidate measured and not adopted")."""
     physics_weight: float = Field(5.0, ge=0)
     """Score added per physics reason other than the defocus (blank, lattice, pixel size,
     confident particles without support)."""
@@ -91,7 +92,7 @@ class VerdictConfig(BaseModel):
 
 @dataclass
 class OODScores:
-    """The verdict on frames (N,), or the network term alone (format 2 and 3 references).
+    """The verdict on frames (N,) (also for format 2/3 references: no power-spectrum term).
 
     Attributes
     ----------
