@@ -358,12 +358,10 @@ def _with_sampling(domain: dict | None, model_s: float | None) -> dict | None:
 
 def ood_reference(lm: Any, notes: list[str]) -> Any:
     """The loaded model's OOD reference tied to its weights, or None (why: in ``notes``)."""
-    from .evaluation.ood import load_ood_reference
+    from .evaluation.ood import OOD_ARRAYS, load_ood_reference
 
-    sha = lm.info.get("weights_sha256")
-    ref = load_ood_reference(lm.path, sha)
+    ref = load_ood_reference(lm.path, lm.info.get("weights_sha256"))
     if ref is None:
-        from .evaluation.ood import OOD_ARRAYS
 
         pkg = ((lm.info.get("extra") or {}).get("bioimageio")) or {}
         if pkg.get("foreign"):
