@@ -309,6 +309,38 @@ def test_mrc_leaves_no_file_open():
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
+def test_the_mrc_reader_patch_is_one_read_at_a_time_and_restored():
+    """The patch of RosettaSciIO's module-global ``open`` is held by one read at a time (napari
+    reads in worker threads; interleaved patches could leave a stale one behind)."""
+    import importlib
+    import threading
+
+    from napari_hrtem_transfer.io import readers
+
+    module = importlib.import_module("rsciio.mrc._api")
+    inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with readers._closing_files("rsciio.mrc._api"):
+            inside.set()
+            release.wait(5)
+
+    def second():
+        inside.wait(5)
+        with readers._closing_files("rsciio.mrc._api"):
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    assert inside.wait(5)
+    assert not second_in.wait(0.3)  # the second read waits for the first
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert second_in.is_set() and "open" not in vars(module)
+
+
 def test_spectrum_is_refused(tmp_path):
     import hyperspy.api as hs
 

@@ -61,6 +61,7 @@ import logging
 import math
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -303,11 +304,16 @@ def _hs_load(path: Path, *, lazy: bool = False) -> Any:
         ) from exc
 
 
+#: One patched read at a time: the patch replaces a module global, and napari reads files
+#: in worker threads.
+_PATCH_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _closing_files(module_name: str) -> Any:
     """Close the files a reader module opens and leaves open (RosettaSciIO's MRC reader
     opens the header with ``open()`` and never closes it: "ResourceWarning: unclosed
-    file")."""
+    file").  Reads through it are serialised (:data:`_PATCH_LOCK`)."""
     import builtins
     import importlib
 
@@ -323,19 +329,20 @@ def _closing_files(module_name: str) -> Any:
         opened.append(f)
         return f
 
-    had = "open" in vars(module)
-    previous = vars(module).get("open")
-    module.open = _open
-    try:
-        yield
-    finally:
-        if had:
-            module.open = previous
-        else:
-            del module.open
-        for f in opened:
-            with contextlib.suppress(Exception):
-                f.close()
+    with _PATCH_LOCK:
+        had = "open" in vars(module)
+        previous = vars(module).get("open")
+        module.open = _open
+        try:
+            yield
+        finally:
+            if had:
+                module.open = previous
+            else:
+                del module.open
+            for f in opened:
+                with contextlib.suppress(Exception):
+                    f.close()
 
 
 def _in_memory(signals: Any) -> Any:
