@@ -152,7 +152,8 @@ def merge(datasets, materials):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The script's command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("pretrained_work"))
     p.add_argument("--recipe", choices=tuple(RECIPES), default="real_sessions")
@@ -169,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="SimulationConfig.mask_binarize_level of the training masks (default: the recipe's)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     work = args.work.expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -286,6 +291,36 @@ def _jsonable(obj):  # noqa: D103
     return obj
 
 
+def machine() -> str:
+    """The CPU the script ran on, in words (model name from /proc/cpuinfo, cores, load)."""
+    import os
+
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{os.cpu_count()} cores of an {name}{load}"
+
+
+def command(args) -> str:
+    """The command line that reproduces this run."""
+    mask = (
+        f" --mask-binarize-level {args.mask_binarize_level:g}"
+        if args.mask_binarize_level is not None
+        else ""
+    )
+    return (
+        f"python scripts/train_pretrained_model.py --recipe {args.recipe} --n-structures "
+        f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "
+        f"{args.samples_per_epoch} --seed {args.seed}{mask}"
+    )
+
+
 def write_card(
     config, data: Path, model_dir: Path, records, args, seconds: float, card: Path = CARD
 ) -> None:
@@ -314,10 +349,10 @@ def write_card(
     table = "\n".join(
         [
             marker,
-            f"Measured by `python scripts/train_pretrained_model.py --n-structures "
-            f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "
-            f"{args.samples_per_epoch} --seed {args.seed}` (training {train_min:.0f} min on a "
-            f"shared, heavily loaded 2-core CPU machine; this call {seconds / 60:.0f} min). "
+            f"Measured by `{command(args)}` (training {train_min:.0f} min on "
+            f"{sidecar.get('training', {}).get('device', 'cpu')}, "
+            f"{sidecar.get('training', {}).get('precision', '')}, {machine()}; this call "
+            f"{seconds / 60:.0f} min). "
             f"Best epoch {int(sidecar.get('best_epoch', 0)) + 1} of {len(hist)}, validation "
             f"loss (BCE, all defoci) {float(sidecar.get('best_val_loss', float('nan'))):.4f}. "
             f"OOD reference: {ood.get('n_images') or ood.get('info', {}).get('n_samples')} "

@@ -55,3 +55,23 @@ def test_pretrained_model_segments_held_out_structures():
     print(dice)
     assert min(dice.values()) > 0.7, dice
     assert np.mean(list(dice.values())) > 0.8, dice
+
+
+def test_the_model_card_names_the_command_that_reproduces_the_model():
+    """The card's "Measured by" command parses back to the run's own settings (recipe and
+    mask level included), so following it retrains the same model."""
+    import shlex
+
+    spec = importlib.util.spec_from_file_location(
+        "train_pretrained_model", REPO / "scripts" / "train_pretrained_model.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--recipe", "legacy", "--n-structures", "40", "--epochs", "12"]
+    argv += ["--samples-per-epoch", "384", "--seed", "2026", "--mask-binarize-level", "0.1"]
+    args = script.parser().parse_args(argv)
+    back = script.parser().parse_args(shlex.split(script.command(args))[2:])
+    for key in ("recipe", "n_structures", "epochs", "samples_per_epoch", "seed"):
+        assert getattr(back, key) == getattr(args, key), key
+    assert back.mask_binarize_level == 0.1
+    assert "cores of" in script.machine()
