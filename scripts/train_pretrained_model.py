@@ -170,6 +170,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="SimulationConfig.mask_binarize_level of the training masks (default: the recipe's)",
     )
+    p.add_argument(
+        "--resolution-augment",
+        type=float,
+        default=None,
+        help="TrainConfig.resolution_augment (default: the recipe's)",
+    )
     return p
 
 
@@ -218,7 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         split_seed=0,
         patch_size=256,
         lr=1e-3,
-        **RECIPES[args.recipe]["train"],
+        **{
+            **RECIPES[args.recipe]["train"],
+            **(
+                {}
+                if args.resolution_augment is None
+                else {"resolution_augment": args.resolution_augment}
+            ),
+        },
     )
     if (
         not (model_dir / "best.json").exists()
@@ -314,10 +327,12 @@ def command(args) -> str:
         if args.mask_binarize_level is not None
         else ""
     )
+    res = getattr(args, "resolution_augment", None)
+    res = f" --resolution-augment {res:g}" if res is not None else ""
     return (
         f"python scripts/train_pretrained_model.py --recipe {args.recipe} --n-structures "
         f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "
-        f"{args.samples_per_epoch} --seed {args.seed}{mask}"
+        f"{args.samples_per_epoch} --seed {args.seed}{mask}{res}"
     )
 
 

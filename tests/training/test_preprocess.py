@@ -131,6 +131,56 @@ def test_pixel_size_augmentation_is_seeded_and_varies_the_scale():
         np.testing.assert_array_equal(img, d4_transform(ex_img, row[1]))
 
 
+def test_coarser_detail_removes_what_a_coarser_frame_cannot_hold_and_keeps_the_rest():
+    """A frame recorded at g times the pixel size and upsampled holds no detail above 1/g of
+    the Nyquist frequency: the augmentation removes that band and keeps the large scales."""
+    from napari_hrtem_transfer.training.data import coarser_detail
+
+    rng = np.random.default_rng(0)
+    n = 128
+    yy, xx = np.mgrid[:n, :n]
+    big = 10.0 * np.exp(-((yy - 64.0) ** 2 + (xx - 64.0) ** 2) / (2 * 15.0**2))
+    img = (big + rng.normal(0, 1, (n, n))).astype(np.float32)
+    out = coarser_detail(img, 3.0)
+    assert out.shape == img.shape and out.dtype == np.float32
+
+    def band_power(x, lo, hi):
+        f = np.abs(np.fft.fftshift(np.fft.fft2(x - x.mean()))) ** 2
+        q = np.hypot(*np.meshgrid(*(np.fft.fftshift(np.fft.fftfreq(n)) * 2,) * 2))  # Nyquist 1
+        return f[(q >= lo) & (q < hi)].mean()
+
+    assert band_power(out, 0.5, 1.0) < 0.02 * band_power(img, 0.5, 1.0)
+    assert band_power(out, 0.0, 0.05) > 0.8 * band_power(img, 0.0, 0.05)
+    assert abs(out.mean() - img.mean()) < 0.01 * abs(img.mean()) + 1e-3
+
+
+def test_resolution_augmentation_coarsens_half_the_crops_and_leaves_the_masks():
+    from napari_hrtem_transfer.training.data import coarser_detail, d4_transform
+
+    ds = make_dataset(n_images=12, size=64)
+    cfg = TrainConfig(patch_size=32, resolution_augment=3.0, samples_per_epoch=200)
+    td = TrainingData.prepare(cfg, ds)
+    plan = td.epoch_plan(0)
+    assert plan.shape == (200, 8) and np.array_equal(
+        plan, TrainingData.prepare(cfg, ds).epoch_plan(0)
+    )
+    g = plan[:, 7] / 1e6
+    assert g.min() >= 1.0 and g.max() <= 3.0 and 0.35 < np.mean(g > 1) < 0.65
+    plain = TrainingData.prepare(cfg.model_copy(update={"resolution_augment": 1.0}), ds)
+    assert np.array_equal(plain.epoch_plan(0), plan[:, :4])  # the other columns unchanged
+    for row in plan[:20].tolist():
+        img, msk = td.sample(row)
+        base_img, base_msk = plain.sample(row[:4])
+        np.testing.assert_array_equal(msk, base_msk)
+        if row[7] > 1_000_000:
+            d, i = (int(v) for v in td.train_items[row[0]])
+            crop = td.image(d, i)[row[2] : row[2] + 32, row[3] : row[3] + 32]
+            expect = d4_transform(coarser_detail(crop, row[7] / 1e6), row[1])
+            np.testing.assert_allclose(img, expect, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(img, base_img)
+
+
 def test_dose_thinning_is_poisson_at_the_lower_dose():
     rng = np.random.default_rng(0)
     lam = 40.0

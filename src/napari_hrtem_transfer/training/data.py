@@ -209,6 +209,18 @@ def training_crop(
     return side, side
 
 
+def coarser_detail(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` with the detail of a frame ``factor`` times coarser, upsampled back to its
+    grid as ``segment`` resamples a coarse frame (a Gaussian of 0.4 x ``factor`` px against
+    aliasing, linear down-sampling, linear up-sampling to the same shape)."""
+    from scipy import ndimage
+
+    from ..io.frames import zoom
+
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), 0.4 * factor, mode="mirror")
+    return zoom(zoom(smooth, 1.0 / factor), 1.0, shape=image.shape)
+
+
 def rescale_crop(
     image: np.ndarray,
     mask: np.ndarray,
@@ -522,7 +534,8 @@ class TrainingData:
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """The epoch's samples as an (n, 4) int array: item index, D4 code, crop y, crop x.
 
-        With pixel-size or dose augmentation, (n, 7): see :meth:`_extra_columns`.
+        With pixel-size or dose augmentation, (n, 7); with resolution augmentation, (n, 8):
+        see :meth:`_extra_columns`.
 
         A function of ``(config.seed, epoch)`` only.
         """
@@ -546,7 +559,11 @@ class TrainingData:
             ys = rng.integers(0, ny - cy + 1, size=n)
             xs = rng.integers(0, nx - cx + 1, size=n)
         plan = np.stack([order, codes, ys, xs], axis=1).astype(np.int64)
-        if cfg.pixel_size_augment > 1.0 or cfg.dose_augment_e_per_A2 is not None:
+        if (
+            cfg.pixel_size_augment > 1.0
+            or cfg.dose_augment_e_per_A2 is not None
+            or cfg.resolution_augment > 1.0
+        ):
             plan = self._extra_columns(plan, epoch)
         return plan
 
@@ -582,7 +599,12 @@ class TrainingData:
             on = rng.uniform(size=n) < cfg.dose_augment_probability
             dose = np.where(on, np.maximum(np.round(target * 1e3), 1), 0).astype(np.int64)
         seeds = rng.integers(0, 2**31 - 1, size=n)
-        return np.column_stack([plan, scale, dose, seeds]).astype(np.int64)
+        cols = [plan, scale, dose, seeds]
+        if cfg.resolution_augment > 1.0:  # column 7: coarsening factor x 1e6, own stream
+            r = np.random.default_rng([int(cfg.seed), int(epoch), 0x8E50])
+            g = np.exp(r.uniform(0.0, np.log(cfg.resolution_augment), size=n))
+            cols.append(np.round(np.where(r.uniform(size=n) < 0.5, g, 1.0) * 1e6))
+        return np.column_stack(cols).astype(np.int64)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's plan cut into batches of ``config.batch_size``."""
@@ -618,6 +640,8 @@ class TrainingData:
             msk = self.mask(i)[y0 : y0 + cy, x0 : x0 + cx]
         else:
             img, msk = rescale_crop(full, self.mask(i), (y0, x0), (cy, cx), factor)
+        if len(row) > 7 and row[7] > 1_000_000:
+            img = coarser_detail(img, row[7] / 1e6)
         return d4_transform(img, code), d4_transform(msk, code)
 
     def val_batches(self, d: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
