@@ -323,12 +323,12 @@ def machine() -> str:
 def command(args) -> str:
     """The command line that reproduces this run."""
     mask = (
-        f" --mask-binarize-level {args.mask_binarize_level:g}"
+        f" --mask-binarize-level {args.mask_binarize_level!r}"
         if args.mask_binarize_level is not None
         else ""
     )
     res = getattr(args, "resolution_augment", None)
-    res = f" --resolution-augment {res:g}" if res is not None else ""
+    res = f" --resolution-augment {res!r}" if res is not None else ""
     return (
         f"python scripts/train_pretrained_model.py --recipe {args.recipe} --n-structures "
         f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "

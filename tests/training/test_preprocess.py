@@ -155,15 +155,16 @@ def test_coarser_detail_removes_what_a_coarser_frame_cannot_hold_and_keeps_the_r
 
 
 def test_resolution_augmentation_coarsens_half_the_crops_and_leaves_the_masks():
+    """Half the samples come from the raw frame coarsened and then preprocessed (segment's
+    order, so a coarsened sample is standardised like any other); masks are unchanged."""
     from napari_hrtem_transfer.training.data import coarser_detail, d4_transform
 
     ds = make_dataset(n_images=12, size=64)
-    cfg = TrainConfig(patch_size=32, resolution_augment=3.0, samples_per_epoch=200)
+    cfg = TrainConfig(patch_size=64, resolution_augment=3.0, samples_per_epoch=200)
     td = TrainingData.prepare(cfg, ds)
     plan = td.epoch_plan(0)
-    assert plan.shape == (200, 8) and np.array_equal(
-        plan, TrainingData.prepare(cfg, ds).epoch_plan(0)
-    )
+    again = TrainingData.prepare(cfg, ds).epoch_plan(0)
+    assert plan.shape == (200, 8) and np.array_equal(plan, again)
     g = plan[:, 7] / 1e6
     assert g.min() >= 1.0 and g.max() <= 3.0 and 0.35 < np.mean(g > 1) < 0.65
     plain = TrainingData.prepare(cfg.model_copy(update={"resolution_augment": 1.0}), ds)
@@ -172,13 +173,22 @@ def test_resolution_augmentation_coarsens_half_the_crops_and_leaves_the_masks():
         img, msk = td.sample(row)
         base_img, base_msk = plain.sample(row[:4])
         np.testing.assert_array_equal(msk, base_msk)
+        assert abs(float(img.std()) - 1.0) < 0.05  # whole frames: standardised as in segment
         if row[7] > 1_000_000:
             d, i = (int(v) for v in td.train_items[row[0]])
-            crop = td.image(d, i)[row[2] : row[2] + 32, row[3] : row[3] + 32]
-            expect = d4_transform(coarser_detail(crop, row[7] / 1e6), row[1])
-            np.testing.assert_allclose(img, expect, rtol=1e-6)
+            raw = td.raw_image(d, i)
+            expect = d4_transform(td.normalize(coarser_detail(raw, row[7] / 1e6)), row[1])
+            np.testing.assert_allclose(img, expect, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(img, base_img)
         else:
             np.testing.assert_array_equal(img, base_img)
+    # with dose augmentation too: columns 0-6 are those of the dose-only plan
+    both = cfg.model_copy(update={"dose_augment_e_per_A2": (50.0, 400.0)})
+    dose_only = both.model_copy(update={"resolution_augment": 1.0})
+    p_both = TrainingData.prepare(both, ds).epoch_plan(0)
+    assert np.array_equal(p_both[:, :7], TrainingData.prepare(dose_only, ds).epoch_plan(0))
+    img, _ = TrainingData.prepare(both, ds).sample(p_both[int(np.argmax(p_both[:, 7]))].tolist())
+    assert img.shape == (64, 64) and abs(float(img.std()) - 1.0) < 0.05
 
 
 def test_dose_thinning_is_poisson_at_the_lower_dose():

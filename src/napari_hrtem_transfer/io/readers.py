@@ -236,22 +236,26 @@ def _quiet_rsciio() -> Any:
 
     On a file it cannot parse, HyperSpy logs "please report this error to the RosettaSciIO
     developers" (in red) before raising; our own :class:`ReaderError` says what is wrong
-    and what to do, so theirs is dropped.
+    and what to do, so theirs is dropped.  The loggers' flags are process-wide, so reads
+    through here are serialised (:data:`_PATCH_LOCK`; napari reads in worker threads).
     """
     names = ("hyperspy.io", "hyperspy.io_plugins", "rsciio")
     loggers = [logging.getLogger(n) for n in names]
-    before = [lg.disabled for lg in loggers]
-    for lg in loggers:
-        lg.disabled = True
-    try:
-        with warnings.catch_warnings():
-            # rosettasciio and HyperSpy warn about vendor quirks that are not the user's
-            # business; the package's own warnings (ReaderWarning) still show
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"(rsciio|hyperspy)\b")
-            yield
-    finally:
-        for lg, was in zip(loggers, before, strict=True):
-            lg.disabled = was
+    with _PATCH_LOCK:
+        before = [lg.disabled for lg in loggers]
+        for lg in loggers:
+            lg.disabled = True
+        try:
+            with warnings.catch_warnings():
+                # rosettasciio and HyperSpy warn about vendor quirks that are not the user's
+                # business; the package's own warnings (ReaderWarning) still show
+                warnings.filterwarnings(
+                    "ignore", category=UserWarning, module=r"(rsciio|hyperspy)\b"
+                )
+                yield
+        finally:
+            for lg, was in zip(loggers, before, strict=True):
+                lg.disabled = was
 
 
 def _tia_companion(path: Path) -> tuple[Path, int] | None:
@@ -304,9 +308,10 @@ def _hs_load(path: Path, *, lazy: bool = False) -> Any:
         ) from exc
 
 
-#: One patched read at a time: the patch replaces a module global, and napari reads files
-#: in worker threads.
-_PATCH_LOCK = threading.Lock()
+#: One patched read at a time: the patches replace process-wide state (a module global, the
+#: loggers' flags), and napari reads files in worker threads.  Re-entrant: the MRC patch is
+#: taken inside the quiet read.
+_PATCH_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager

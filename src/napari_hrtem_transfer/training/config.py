@@ -117,10 +117,11 @@ class TrainConfig(BaseModel):
     beyond the frame are mirrored).  1: off."""
 
     resolution_augment: float = Field(default=1.0, ge=1.0, le=4.0)
-    """Resolution augmentation c: half of the training crops get the detail of a frame
-    recorded at a pixel size up to c times coarser and upsampled to the model's, as
-    ``segment`` resamples such a frame (a Gaussian of 0.4 g px, linear down-sampling by g,
-    linear up-sampling back; g log-uniform in [1, c]); the mask is unchanged.  1: off."""
+    """Resolution augmentation c: half of the training samples are drawn from the frame
+    with the detail of one recorded at a pixel size up to c times coarser and upsampled to
+    the model's, in ``segment``'s order: the raw frame is resampled (a Gaussian of 0.4 g px,
+    linear down-sampling by g, linear up-sampling back; g log-uniform in [1, c]), then
+    preprocessed; the mask is unchanged.  1: off."""
 
     dose_augment_e_per_A2: tuple[float, float] | None = None
     """Dose (noise) augmentation: a range [low, high] [e/Å²]; each re-noised training frame

@@ -630,9 +630,14 @@ class TrainingData:
         item, code, y0, x0 = row[:4]
         d, i = self.train_items[item]
         factor, dose, seed = (row[4] / 1e6, row[5] / 1e3, row[6]) if len(row) > 4 else (1, 0, 0)
-        if dose > 0:
-            rng = np.random.default_rng([int(seed), 0xD05E])
-            full = self.normalize(self.renoised_image(d, i, dose, rng))
+        coarse = row[7] / 1e6 if len(row) > 7 else 1.0
+        if dose > 0 or coarse > 1:
+            # as segment does it: the raw frame (re-noised) is resampled, then preprocessed
+            if dose > 0:
+                raw = self.renoised_image(d, i, dose, np.random.default_rng([int(seed), 0xD05E]))
+            else:
+                raw = self.raw_image(d, i)
+            full = self.normalize(coarser_detail(raw, coarse) if coarse > 1 else raw)
         else:
             full = self.image(d, i)
         if factor == 1:
@@ -640,8 +645,6 @@ class TrainingData:
             msk = self.mask(i)[y0 : y0 + cy, x0 : x0 + cx]
         else:
             img, msk = rescale_crop(full, self.mask(i), (y0, x0), (cy, cx), factor)
-        if len(row) > 7 and row[7] > 1_000_000:
-            img = coarser_detail(img, row[7] / 1e6)
         return d4_transform(img, code), d4_transform(msk, code)
 
     def val_batches(self, d: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
