@@ -115,6 +115,29 @@ def test_several_paths_at_once():
     assert layers[1][1]["scale"] == pytest.approx((1.4208, 1.4208), rel=1e-4)
 
 
+def test_the_image_axes_offsets_become_the_layers_translate(tmp_path):
+    """A defocus x image series with a non-uniform defocus axis and offset y/x axes (in Å
+    here): the layer is placed where the file says, in nm, and the axes round-trip."""
+    import hyperspy.api as hs
+
+    s = hs.signals.Signal2D(
+        np.random.default_rng(0).poisson(100, (3, 2, 40, 50)).astype(np.float32),
+        axes=[
+            {"name": "defocus", "axis": np.array([-10.0, -2.5, 7.0]), "units": "nm"},
+            {"name": "image", "size": 2, "scale": 1.0, "offset": 0.0},
+            {"name": "y", "size": 40, "scale": 0.2, "offset": 15.0, "units": "Å"},
+            {"name": "x", "size": 50, "scale": 0.2, "offset": -20.0, "units": "Å"},
+        ],
+    )
+    path = tmp_path / "offset.hspy"
+    s.save(path)
+    ((data, kw, kind),) = _read(path)
+    assert kind == "image" and data.shape == (3, 2, 40, 50)
+    assert kw["scale"] == pytest.approx((1.0, 1.0, 0.02, 0.02))
+    assert kw["translate"] == pytest.approx((0.0, 0.0, 1.5, -2.0))
+    assert kw["metadata"]["defocus_nm"] == [-10.0, -2.5, 7.0]
+
+
 def test_reader_error_names_the_file(tmp_path):
     bad = tmp_path / "broken.emd"
     bad.write_bytes(b"not hdf5")

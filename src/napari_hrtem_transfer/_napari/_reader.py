@@ -113,23 +113,34 @@ def _robust_limits(frames: np.ndarray) -> tuple[float, float]:
 def image_to_layer_data(image: ExperimentalImage) -> LayerData:
     """One :class:`ExperimentalImage` as an image ``LayerData`` with scale in nm.
 
-    A single frame becomes a 2-D layer, a stack a 3-D layer (frame, y, x).
+    A single frame becomes a 2-D layer, a stack a 3-D layer (frame, y, x).  The y and x
+    offsets of the file's axes become the layer's translate (in nm, like the scale).
     """
+    from ..io.geometry import length_unit_to_A
+
     y_ax, x_ax = image.axes[1], image.axes[2]
+
+    def offset_nm(ax: dict) -> float:
+        to_A = length_unit_to_A(ax.get("units"))
+        return float(ax.get("offset") or 0.0) * to_A / 10.0 if to_A else 0.0
+
     meta = _json_friendly(image.metadata)
     if image.sampling_A is not None:
         sy_A = meta.get("sampling_A_y") or image.sampling_A
         sx_A = meta.get("sampling_A_x") or image.sampling_A
         yx_scale = (float(sy_A) / 10.0, float(sx_A) / 10.0)
         yx_units = ("nm", "nm")
+        yx_offset = (offset_nm(y_ax), offset_nm(x_ax))
     elif image.metadata.get("reciprocal_sampling"):
         yx_scale = (float(y_ax["scale"]), float(x_ax["scale"]))
         yx_units = (_pint_units(y_ax["units"]), _pint_units(x_ax["units"]))
+        yx_offset = (float(y_ax.get("offset") or 0.0), float(x_ax.get("offset") or 0.0))
     else:
         yx_scale, yx_units = (1.0, 1.0), ("pixel", "pixel")
+        yx_offset = (0.0, 0.0)
     frame_name = image.axes[0].get("name") or "frame"
     nav = _navigation_axes(image)
-    translate: tuple[float, ...] | None = None
+    translate: tuple[float, ...] | None = yx_offset if any(yx_offset) else None
     if image.n_frames == 1:
         data = image.data[0]
         scale, units, labels = yx_scale, yx_units, ("y", "x")
@@ -137,7 +148,7 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
         axes = [_layer_axis(a, k) for k, a in enumerate(nav)]
         data = image.data.reshape(*(int(a["size"]) for a in nav), *image.data.shape[-2:])
         scale = (*(a["scale"] for a in axes), *yx_scale)
-        translate = (*(a["translate"] for a in axes), 0.0, 0.0)
+        translate = (*(a["translate"] for a in axes), *yx_offset)
         units = (*(a["units"] for a in axes), *yx_units)
         labels = (*(a["label"] for a in axes), "y", "x")
         for a in axes:
@@ -151,8 +162,8 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
         data = image.data
         scale, units = (single["scale"], *yx_scale), (single["units"], *yx_units)
         labels = (single["label"] if single["defocus_nm"] is not None else frame_name, "y", "x")
-        if single["translate"]:
-            translate = (single["translate"], 0.0, 0.0)
+        if single["translate"] or any(yx_offset):
+            translate = (single["translate"], *yx_offset)
         if single["defocus_nm"] is not None:
             meta["defocus_nm"] = single["defocus_nm"]
     meta.update(
