@@ -40,9 +40,9 @@ CARD = REPO / "docs" / "pretrained_model.md"
 
 DEFOCI_NM = [-25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0]
 
-#: The recipes: ``real_sessions`` (the shipped model: six materials, the imaging and structure
-#: distribution of real sessions, native 0.3 Å/px) and ``legacy`` (the first shipped model:
-#: CdSe and Au at 0.2 Å/px, Cs 5 µm, 400 e/Å², no detector).
+#: The recipes: ``real_sessions`` (the candidate for real microscopes: six materials, the
+#: imaging and structure distribution of real sessions, native 0.3 Å/px) and ``legacy`` (the
+#: shipped model: CdSe and Au at 0.2 Å/px, Cs 5 µm, 400 e/Å², no detector).
 #: The recipe of the model installed in the package today.
 SHIPPED_RECIPE = "legacy"
 
@@ -91,9 +91,7 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def simulation_config(
-    recipe: str, material: str, n_structures: int, seed: int, **overrides
-):
+def simulation_config(recipe: str, material: str, n_structures: int, seed: int, **overrides):
     """The simulation config of one material of ``recipe`` (see :data:`RECIPES`);
     ``overrides`` replace the recipe's fields (e.g. ``mask_binarize_level``)."""
     from napari_hrtem_transfer.simulate import SimulationConfig
@@ -131,9 +129,7 @@ def merge(datasets, materials):
     if all(per_image):
         keys = set.intersection(*(set(p) for p in per_image))
         info["per_image"] = {
-            k: np.concatenate(
-                [np.asarray(p[k], dtype=float) for p in per_image], axis=1
-            ).tolist()
+            k: np.concatenate([np.asarray(p[k], dtype=float) for p in per_image], axis=1).tolist()
             for k in sorted(keys)
         }
         info["per_image_units"] = datasets[0].info.get("per_image_units", {})
@@ -179,44 +175,66 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    work = args.work.expanduser().resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+#: The arguments that change what the stages compute (``--epochs`` may grow: that resumes).
+RUN_KEYS = (
+    "recipe",
+    "n_structures",
+    "seed",
+    "samples_per_epoch",
+    "mask_binarize_level",
+    "resolution_augment",
+)
 
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
 
-    from napari_hrtem_transfer.io import load_dataset, save_dataset
-    from napari_hrtem_transfer.simulate import simulate_to_file
+def run_settings(args) -> dict:
+    """The result-affecting arguments of this call (:data:`RUN_KEYS`), JSON-able."""
+    return {k: getattr(args, k) for k in RUN_KEYS}
 
-    merged = work / "mixture.hspy"
-    if not merged.exists():
-        parts = []
-        materials = RECIPES[args.recipe]["materials"]
-        for i, material in enumerate(materials):
-            path = work / f"{material}.hspy"
-            if not path.exists():
-                log(f"simulating {args.n_structures} {material} structures x 11 defoci")
-                extra = {}
-                if args.mask_binarize_level is not None:
-                    extra["mask_binarize_level"] = args.mask_binarize_level
-                cfg = simulation_config(
-                    args.recipe, material, args.n_structures, args.seed + i, **extra
-                )
-                simulate_to_file(cfg, path, workers=args.workers, progress=True)
-            parts.append(load_dataset(path, lazy=False))
-        save_dataset(merge(parts, materials), merged)
-        log(f"merged dataset: {merged}")
-    if args.stage == "simulate":
-        return 0
 
-    from napari_hrtem_transfer.evaluation import evaluate_model
-    from napari_hrtem_transfer.training import TrainConfig, train
+def check_run_record(work: Path, args) -> str | None:
+    """Why ``args`` cannot reuse the cached stages in ``work``, or None.
 
-    model_dir = work / "model"
-    config = TrainConfig.pretrain(
+    ``work/run.json`` holds the settings of the call that wrote the cached stages; a call with
+    other settings would mix its data or model with theirs (an old simulation trained with
+    new flags), so it is refused with the flags that differ and the fix.
+    """
+    record = work / "run.json"
+    if not record.exists():
+        return None
+    try:
+        before = json.loads(record.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record} is not a run record of this script; remove it or use a new --work"
+    now = run_settings(args)
+    differ = [k for k in RUN_KEYS if before.get(k) != now[k]]
+    if not differ:
+        return None
+    flags = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} (now {now[k]!r})" for k in differ)
+    return (
+        f"{work} holds a run with other settings: {flags}. Rerun with those settings to "
+        "resume it, or give a new --work for the new settings"
+    )
+
+
+def write_run_record(work: Path, args, **extra) -> None:
+    """Write (or update) ``work/run.json``: the settings, and ``extra`` (e.g. the machine)."""
+    from napari_hrtem_transfer.io.atomic import write_text_atomic
+
+    record = work / "run.json"
+    data = json.loads(record.read_text()) if record.exists() else {}
+    data["settings"] = run_settings(args)
+    data.update(extra)
+    write_text_atomic(record, json.dumps(data, indent=1))
+
+
+def train_config(args):
+    """The :class:`TrainConfig` of this call (the recipe's settings, then the flags)."""
+    from napari_hrtem_transfer.training import TrainConfig
+
+    extra = {}
+    if args.resolution_augment is not None:
+        extra["resolution_augment"] = args.resolution_augment
+    return TrainConfig.pretrain(
         "all",
         epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch,
@@ -224,15 +242,66 @@ def main(argv: list[str] | None = None) -> int:
         split_seed=0,
         patch_size=256,
         lr=1e-3,
-        **{
-            **RECIPES[args.recipe]["train"],
-            **(
-                {}
-                if args.resolution_augment is None
-                else {"resolution_augment": args.resolution_augment}
-            ),
-        },
+        **{**RECIPES[args.recipe]["train"], **extra},
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stages; bad flags or a work folder of another run: a message and exit 2."""
+    from pydantic import ValidationError
+
+    from napari_hrtem_transfer.errors import HrtemTransferError, config_error_from_validation
+
+    args = parser().parse_args(argv)
+    work = args.work.expanduser().resolve()
+    names = {k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, "epochs")}
+    try:
+        # every flag is checked before the first (long) stage starts
+        config = train_config(args)
+        for i, material in enumerate(RECIPES[args.recipe]["materials"]):
+            simulation_config(
+                args.recipe,
+                material,
+                args.n_structures,
+                args.seed + i,
+                **(
+                    {}
+                    if args.mask_binarize_level is None
+                    else {"mask_binarize_level": args.mask_binarize_level}
+                ),
+            )
+    except ValidationError as exc:
+        print(f"error: {config_error_from_validation(exc, names)}", file=sys.stderr)
+        return 2
+    except HrtemTransferError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = check_run_record(work, args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if (work / "mixture.hspy").exists() and not (work / "run.json").exists():
+        print(
+            f"warning: {work} has cached stages but no run.json; they are reused as they are "
+            "(their settings cannot be checked against these flags)",
+            file=sys.stderr,
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    write_run_record(work, args)
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
+
+    merged = simulate_stage(work, args, log)
+    if args.stage == "simulate":
+        return 0
+
+    from napari_hrtem_transfer.evaluation import evaluate_model
+    from napari_hrtem_transfer.io import load_dataset
+    from napari_hrtem_transfer.training import train
+
+    model_dir = work / "model"
     if (
         not (model_dir / "best.json").exists()
         or (model_dir / "last.json").exists()
@@ -245,31 +314,70 @@ def main(argv: list[str] | None = None) -> int:
         t_train = time.perf_counter()
         result = train(config, merged, model_dir, resume=(model_dir / "last.json").exists())
         log(f"trained in {time.perf_counter() - t_train:.0f} s on {result.device}")
+        # the card names the machine that trained the model, also when a later call
+        # (on another machine) only re-evaluates it
+        write_run_record(work, args, trained_on=machine())
     fit_ood(model_dir, merged, log)
     log("evaluating on held-out structures")
     evaluation = evaluate_model(model_dir, load_dataset(merged, lazy=True))
     records = evaluation.domains.records()
-    (work / "evaluation.json").write_text(json.dumps(_jsonable(records), indent=1))
+    from napari_hrtem_transfer.io.atomic import write_text_atomic
+
+    write_text_atomic(work / "evaluation.json", json.dumps(_jsonable(records), indent=1))
     if not args.no_install:
         install(model_dir)
     # a candidate (--no-install) gets its card beside the model, the package's card stays
     card = work / "model_card.md" if args.no_install else CARD
-    write_card(config, merged, model_dir, records, args, time.perf_counter() - t0, card)
+    trained_on = json.loads((work / "run.json").read_text()).get("trained_on", machine())
+    write_card(
+        config,
+        merged,
+        model_dir,
+        records,
+        args,
+        time.perf_counter() - t0,
+        card,
+        trained_on=trained_on,
+    )
     log(f"model card: {card}")
     return 0
 
 
+def simulate_stage(work: Path, args, log) -> Path:
+    """Stage 1: each material's series (skipped when cached), merged into ``mixture.hspy``."""
+    from napari_hrtem_transfer.io import load_dataset, save_dataset
+    from napari_hrtem_transfer.simulate import simulate_to_file
+
+    merged = work / "mixture.hspy"
+    if merged.exists():
+        return merged
+    parts = []
+    materials = RECIPES[args.recipe]["materials"]
+    for i, material in enumerate(materials):
+        path = work / f"{material}.hspy"
+        if not path.exists():
+            log(f"simulating {args.n_structures} {material} structures x 11 defoci")
+            extra = {}
+            if args.mask_binarize_level is not None:
+                extra["mask_binarize_level"] = args.mask_binarize_level
+            cfg = simulation_config(
+                args.recipe, material, args.n_structures, args.seed + i, **extra
+            )
+            simulate_to_file(cfg, path, workers=args.workers, progress=True)
+        parts.append(load_dataset(path, lazy=False))
+    save_dataset(merge(parts, materials), merged)
+    log(f"merged dataset: {merged}")
+    return merged
+
+
 def fit_ood(model_dir: Path, data: Path, log) -> None:
+    """Stage 3: the label-free OOD reference and its caution level (the training stage's)."""
     from napari_hrtem_transfer.evaluation import ood
 
     log("fitting the OOD reference")
-    fit = getattr(ood, "fit_ood_after_training", None)
-    if fit is not None:
-        res = fit(model_dir, data)
-        if not res.ok:
-            raise SystemExit(f"OOD fit failed: {res.error}")
-    else:
-        ood.fit_ood_reference_for_checkpoint(model_dir, data)
+    res = ood.fit_ood_after_training(model_dir, data)
+    if not res.ok:
+        raise SystemExit(f"OOD fit failed: {res.error}")
 
 
 def install(model_dir: Path) -> None:
@@ -337,9 +445,20 @@ def command(args) -> str:
 
 
 def write_card(
-    config, data: Path, model_dir: Path, records, args, seconds: float, card: Path = CARD
+    config,
+    data: Path,
+    model_dir: Path,
+    records,
+    args,
+    seconds: float,
+    card: Path = CARD,
+    *,
+    trained_on: str | None = None,
 ) -> None:
-    """Write the measured per-defocus table into the model card (between the markers)."""
+    """Write the measured per-defocus table into the model card (between the markers).
+
+    ``trained_on``: the machine that trained the model (default: this one).
+    """
     sidecar = json.loads((model_dir / "best.json").read_text())
     ood = json.loads((model_dir / "ood_reference.json").read_text())
     by_domain: dict[float, dict[str, dict]] = {}
@@ -366,7 +485,8 @@ def write_card(
             marker,
             f"Measured by `{command(args)}` (training {train_min:.0f} min on "
             f"{sidecar.get('training', {}).get('device', 'cpu')}, "
-            f"{sidecar.get('training', {}).get('precision', '')}, {machine()}; this call "
+            f"{sidecar.get('training', {}).get('precision', '')}, {trained_on or machine()}; "
+            "this call "
             f"{seconds / 60:.0f} min). "
             f"Best epoch {int(sidecar.get('best_epoch', 0)) + 1} of {len(hist)}, validation "
             f"loss (BCE, all defoci) {float(sidecar.get('best_val_loss', float('nan'))):.4f}. "
@@ -387,8 +507,10 @@ def write_card(
         text = head + table + tail
     else:
         text = text + "\n" + table + "\n"
+    from napari_hrtem_transfer.io.atomic import write_text_atomic
+
     card.parent.mkdir(parents=True, exist_ok=True)
-    card.write_text(text)
+    write_text_atomic(card, text)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,94 @@ def test_the_model_card_names_the_command_that_reproduces_the_model():
     for key in ("recipe", "n_structures", "epochs", "samples_per_epoch", "seed"):
         assert getattr(back, key) == getattr(args, key), key
     assert back.mask_binarize_level == 0.1 and back.resolution_augment == 3.0
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "train_pretrained_model", REPO / "scripts" / "train_pretrained_model.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.fixture
+def no_simulation(monkeypatch):
+    """The training script's simulation stage must not start."""
+    import napari_hrtem_transfer.simulate as simulate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the simulation stage started")
+
+    monkeypatch.setattr(simulate, "simulate_to_file", refuse)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--resolution-augment", "0.5"], "--resolution-augment"),
+        (["--recipe", "legacy", "--n-structures", "0"], "--n-structures"),
+        (["--recipe", "legacy", "--mask-binarize-level", "-1"], "--mask-binarize-level"),
+    ],
+)
+def test_the_train_script_checks_every_flag_before_the_first_stage(
+    tmp_path, capsys, no_simulation, flags, named
+):
+    script = _script()
+    work = tmp_path / "work"
+    assert script.main(["--work", str(work), *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not work.exists()
+
+
+def test_the_train_script_refuses_cached_stages_of_other_settings(tmp_path, capsys, no_simulation):
+    """A second call with another seed would train the first call's simulation: refused, with
+    the differing flag and the fix; more epochs with the same settings resume."""
+    script = _script()
+    work = tmp_path / "work"
+    work.mkdir()
+    first = script.parser().parse_args(["--work", str(work), "--recipe", "legacy"])
+    script.write_run_record(work, first, trained_on="2 cores of a test CPU")
+    (work / "mixture.hspy").write_bytes(b"cached")
+    assert script.main(["--work", str(work), "--recipe", "legacy", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed 2026 (now 7)" in err and "new --work" in err
+    more = script.parser().parse_args(["--work", str(work), "--recipe", "legacy", "--epochs", "20"])
+    assert script.check_run_record(work, more) is None
+    # the record keeps the training machine when the settings are written again
+    script.write_run_record(work, more)
+    assert json.loads((work / "run.json").read_text())["trained_on"] == "2 cores of a test CPU"
+    (work / "run.json").write_text("not json")
+    assert "not a run record" in script.check_run_record(work, more)
+
+
+def test_the_model_card_names_the_machine_that_trained_the_model(tmp_path):
+    script = _script()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "best.json").write_text(
+        json.dumps({"training": {"device": "cpu", "precision": "fp32"}, "best_epoch": 2})
+    )
+    (model / "last.json").write_text(json.dumps({"history": [{"time_s": 60.0}] * 3}))
+    (model / "ood_reference.json").write_text(json.dumps({"n_images": 10, "caution_level": 4.2}))
+    records = [
+        dict(
+            domain_defocus_nm=d,
+            material=m,
+            dice=0.9,
+            dice_ci_low=0.8,
+            dice_ci_high=0.95,
+            loss=0.1,
+            n_images=2,
+        )
+        for d in (-5.0, 5.0)
+        for m in ("Au", "all")
+    ]
+    args = script.parser().parse_args(["--recipe", "legacy"])
+    card = tmp_path / "card.md"
+    card.write_text("# card\n")
+    script.write_card(None, tmp_path, model, records, args, 120.0, card, trained_on="THE-CPU")
+    text = card.read_text()
+    assert "THE-CPU" in text and "caution level 4.2" in text
+    assert "| -5 | 0.900 [0.80, 0.95] | 0.900 [0.80, 0.95] | 0.1000 | 2 |" in text
