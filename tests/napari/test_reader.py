@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pint
 import pytest
 
 from napari_hrtem_transfer._napari._reader import (
@@ -138,6 +139,34 @@ def test_the_image_axes_offsets_become_the_layers_translate(tmp_path):
     assert kw["metadata"]["defocus_nm"] == [-10.0, -2.5, 7.0]
 
 
+def test_other_navigation_axes_keep_their_scale_offset_and_unit(tmp_path):
+    """A tilt (non-uniform, degrees) x time (uniform, 0.5 s from 10 s) series: the time slider
+    is calibrated in s, the tilt values and unit survive napari into the core's axes."""
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer._napari._jobs import axes_from_layer
+
+    s = hs.signals.Signal2D(
+        np.ones((3, 4, 16, 16), np.float32),
+        axes=[
+            {"name": "tilt", "axis": np.array([-20.0, 0.0, 35.0]), "units": "degree"},
+            {"name": "time", "size": 4, "scale": 0.5, "offset": 10.0, "units": "s"},
+            {"name": "y", "size": 16, "scale": 0.02, "units": "nm"},
+            {"name": "x", "size": 16, "scale": 0.02, "units": "nm"},
+        ],
+    )
+    s.save(tmp_path / "tilt_time.hspy")
+    ((data, kw, kind),) = _read(tmp_path / "tilt_time.hspy")
+    assert kw["axis_labels"] == ("tilt", "time", "y", "x")
+    assert kw["scale"][:2] == pytest.approx((1.0, 0.5))
+    assert kw["translate"][:2] == pytest.approx((0.0, 10.0))
+    assert kw["units"][:2] == ("pixel", "s")
+    layer = _make_layer((data, kw, kind))
+    tilt, time, _, _ = axes_from_layer(layer)
+    assert tilt["axis"] == [-20.0, 0.0, 35.0] and tilt["units"] == "degree"
+    assert (time["scale"], time["offset"], time["units"]) == (0.5, 10.0, "s")
+
+
 def test_reader_error_names_the_file(tmp_path):
     bad = tmp_path / "broken.emd"
     bad.write_bytes(b"not hdf5")
@@ -214,7 +243,11 @@ def test_every_real_file_becomes_valid_napari_layers(rel):
     for layer_data in layers:
         data, kwargs, _ = layer_data
         assert len(kwargs["scale"]) == len(kwargs["units"]) == data.ndim
-        assert all(u in ("nm", "pixel", "1/nm") for u in kwargs["units"]), kwargs["units"]
+        # image axes in nm (1/nm for diffraction) or pixels; a navigation axis keeps its own
+        # unit when napari (pint) knows it (a z-stack in um), else it is an index
+        assert all(u in ("nm", "pixel", "1/nm") for u in kwargs["units"][-2:]), kwargs["units"]
+        for u in kwargs["units"][:-2]:
+            pint.get_application_registry().Unit(u)
         layer = _make_layer(layer_data)
         assert layer.data.shape == data.shape
 

@@ -475,7 +475,9 @@ def axes_from_layer(layer: Any) -> list[dict[str, Any]]:
     Names come from ``axis_labels`` (napari's default numeric labels become ``frame``),
     units from ``units`` (``pixel`` -> None), scale and offset from ``scale`` and
     ``translate``. A defocus axis whose values the layer's metadata lists (``defocus_nm``,
-    set by this plugin's reader) gets them as non-uniform ``axis`` values [nm].
+    set by this plugin's reader) gets them as non-uniform ``axis`` values [nm]; another
+    navigation axis listed in ``axis_values`` (a non-uniform axis of the file) gets its values
+    and the unit of ``axis_units``.
     """
     shape = tuple(np.shape(layer.data))
     meta = getattr(layer, "metadata", {}) or {}
@@ -494,6 +496,10 @@ def axes_from_layer(layer: Any) -> list[dict[str, Any]]:
         values = meta.get("defocus_nm")
         if nav and name == "defocus" and values is not None and len(values) == n:
             ax.update(axis=[float(v) for v in values], units="nm")
+        other = (meta.get("axis_values") or {}).get(name)
+        if nav and name != "defocus" and other is not None and len(other) == n:
+            unit = (meta.get("axis_units") or {}).get(name)
+            ax.update(axis=[float(v) for v in other], units=_UNIT_ABBREV.get(unit, unit))
         axes.append(ax)
     return axes
 

@@ -157,6 +157,7 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
                 meta["defocus_convention"] = "abTEM: defocus = -C10, positive = underfocus"
             elif a["values"] is not None:
                 meta.setdefault("axis_values", {})[a["label"]] = a["values"]
+                meta.setdefault("axis_units", {})[a["label"]] = a["values_units"]
     else:
         single = _layer_axis(image.axes[0], 0)
         data = image.data
@@ -212,7 +213,9 @@ def _layer_axis(ax: dict[str, Any], k: int) -> dict[str, Any]:
     spaced and increasing (the slider shows the defocus); otherwise (a non-uniform defocus
     axis cannot be a layer scale) the layer axis is the index and the values [nm] go into
     ``defocus_nm`` (the layer's metadata; the Segment dock gives each frame its defocus from
-    them). Other axes are frame indices (their non-uniform values kept in ``values``).
+    them). Other axes keep their scale, offset and unit when they are uniform (a time axis in
+    s: the slider shows the time); a non-uniform one is the index, its values and unit kept in
+    ``values`` and ``values_units`` (the layer's ``axis_values`` / ``axis_units`` metadata).
     """
     name = str(ax.get("name") or ("frame" if k == 0 else f"axis{k}"))
     size = int(ax.get("size", 1))
@@ -234,6 +237,11 @@ def _layer_axis(ax: dict[str, Any], k: int) -> dict[str, Any]:
             out.update(translate=float(nm[0]), units="nm")
     elif ax.get("axis") is not None:
         out["values"] = [float(v) for v in values]
+        out["values_units"] = _pint_units(ax.get("units"))
+    else:
+        step, start = float(ax.get("scale", 1.0)), float(ax.get("offset", 0.0))
+        if np.isfinite(step) and step > 0 and np.isfinite(start):  # napari needs scale > 0
+            out.update(scale=step, translate=start, units=_pint_units(ax.get("units")))
     return out
 
 
