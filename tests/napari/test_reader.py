@@ -248,8 +248,26 @@ def test_every_real_file_becomes_valid_napari_layers(rel):
         assert all(u in ("nm", "pixel", "1/nm") for u in kwargs["units"][-2:]), kwargs["units"]
         for u in kwargs["units"][:-2]:
             pint.get_application_registry().Unit(u)
+        # ``defocus_nm`` of a layer lists its frames' defocus, one value per defocus-axis frame
+        frames_defocus = kwargs["metadata"].get("defocus_nm")
+        if frames_defocus is not None:
+            a = kwargs["axis_labels"].index("defocus")
+            assert len(frames_defocus) == data.shape[a]
         layer = _make_layer(layer_data)
         assert layer.data.shape == data.shape
+
+
+@needs_data
+def test_a_vendor_defocus_is_the_files_not_a_frame_list():
+    """A Velox time stack reports one defocus (Optics.Defocus +30.2 nm, negative = underfocus):
+    the layer keeps it in abTEM's sign as ``file_defocus_nm``, and the Time axis in s."""
+    ((data, kw, _),) = _read(DATA / "emd_velox" / "rsciio_fei_example_tem_stack.emd")
+    meta = kw["metadata"]
+    assert "defocus_nm" not in meta
+    assert meta["file_defocus_nm"] == pytest.approx(-30.2317, abs=1e-3)
+    assert meta["vendor_defocus_nm"] == pytest.approx(30.2317, abs=1e-3)
+    assert kw["axis_labels"][0] == "Time" and kw["units"][0] == "s"
+    assert kw["scale"][0] == pytest.approx(0.8)
 
 
 def _defocus_series_hspy(path, defocus_nm, uniform):

@@ -745,6 +745,31 @@ def test_a_plain_hspy_defocus_series_is_segmented_with_its_defocus(make_napari_v
         assert any(note == m for _, m in notifications), (note, notifications)
 
 
+def test_a_real_velox_time_stack_is_segmented_in_the_dock(make_napari_viewer, qtbot,
+                                                          notifications):
+    """The Velox Ceta time stack of ../shared (2 frames, vendor defocus in its metadata): the
+    Segment dock adds a labels layer on the time axis (it failed with "'float' object is not
+    iterable" when the file's one defocus value was taken for a list of frame values)."""
+    from napari_hrtem_transfer._napari._widgets import SegmentWidget
+
+    from .test_reader import DATA
+
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(DATA / "emd_velox" / "rsciio_fei_example_tem_stack.emd",
+                           plugin="napari-hrtem-transfer")
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image.value = layer
+    w.run_button.click()
+    _wait_idle(qtbot, w)
+    assert not [m for kind, m in notifications if kind == "error"], notifications
+    (labels,) = w.added_layers
+    assert labels.data.shape == layer.data.shape
+    assert tuple(labels.axis_labels) == tuple(layer.axis_labels)
+    np.testing.assert_allclose(labels.scale, layer.scale)
+    assert "defocus_nm" not in labels.metadata
+
+
 def test_every_core_warning_is_a_notification_every_time(make_napari_viewer, qtbot,
                                                          notifications):
     """Two uncalibrated images: the 'pixel size is unknown' warning of the core is shown

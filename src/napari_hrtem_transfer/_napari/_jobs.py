@@ -494,7 +494,7 @@ def axes_from_layer(layer: Any) -> list[dict[str, Any]]:
                               "scale": float(layer.scale[i]), "offset": float(layer.translate[i]),
                               "navigate": nav}
         values = meta.get("defocus_nm")
-        if nav and name == "defocus" and values is not None and len(values) == n:
+        if nav and name == "defocus" and np.ndim(values) == 1 and len(values) == n:
             ax.update(axis=[float(v) for v in values], units="nm")
         other = (meta.get("axis_values") or {}).get(name)
         if nav and name != "defocus" and other is not None and len(other) == n:

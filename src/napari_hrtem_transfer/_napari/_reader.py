@@ -125,6 +125,10 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
         return float(ax.get("offset") or 0.0) * to_A / 10.0 if to_A else 0.0
 
     meta = _json_friendly(image.metadata)
+    # a layer's ``defocus_nm`` lists the frames' defocus [nm] (a defocus axis); the one value a
+    # vendor file reports for all its frames (abTEM sign) becomes ``file_defocus_nm``
+    if meta.get("defocus_nm") is not None and np.ndim(meta["defocus_nm"]) == 0:
+        meta["file_defocus_nm"] = float(meta.pop("defocus_nm"))
     if image.sampling_A is not None:
         sy_A = meta.get("sampling_A_y") or image.sampling_A
         sx_A = meta.get("sampling_A_x") or image.sampling_A

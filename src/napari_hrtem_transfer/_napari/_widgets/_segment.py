@@ -232,8 +232,8 @@ class SegmentWidget(JobDock):
                     "notes": [n for n in getattr(result, "notes", []) if "OOD" in n],
                     "imaging_domain": _imaging_domain(result)},
         }
-        if src.metadata.get("defocus_nm") is not None:  # a non-uniform defocus axis' values
-            meta["defocus_nm"] = list(src.metadata["defocus_nm"])
+        if np.ndim(src.metadata.get("defocus_nm")) == 1:  # a non-uniform defocus axis' values
+            meta["defocus_nm"] = [float(v) for v in src.metadata["defocus_nm"]]
         layer = self._viewer.add_labels(frame_labels(labels), name=f"{src.name} segmentation",
                                         metadata=meta, opacity=0.5, features=features,
                                         **common)
