@@ -279,3 +279,18 @@ def test_rows_report_the_networks_mean_entropy_of_the_frame():
     got = [row["ood_components"]["mean_entropy_nats"] for row in res.frame_table()]
     np.testing.assert_allclose(got, h, rtol=1e-4)
     assert got[0] != got[1]
+
+
+def test_a_frame_too_small_to_judge_is_flagged_with_its_reason():
+    """A 24 px frame at 0.4 Å/px is 48 px at the model's 0.2 Å/px: judged; a 40 px frame at
+    0.1 Å/px is 20 px there: too small for the spectrum and ring checks, flagged."""
+    from napari_hrtem_transfer.segmentation import segment
+
+    frame = _phase_contrast_frame(size=256, seed=7, dose=400.0)
+    coarse = segment(frame[:24, :24], sampling_A=0.4).frame_table()[0]
+    assert not any("too small" in r for r in coarse["reasons"]), coarse["reasons"]
+    fine = segment(frame[:40, :40], sampling_A=0.1)
+    row = fine.frame_table()[0]
+    assert row["caution"] is True
+    (reason,) = [r for r in row["reasons"] if r.startswith("frame too small to judge")]
+    assert "40x40 px (20x20 px at the model's 0.2 Å/px), under 32 px" in reason

@@ -86,6 +86,10 @@ class VerdictConfig(BaseModel):
     """CTF overlap with the training defoci below which the frame is flagged (0 = off)."""
     ctf_crop_px: int = Field(1024, ge=64)
     """Side of the central crop the CTF is estimated on [px] (bounds the cost)."""
+    min_frame_px: int = Field(32, ge=1)
+    """Frames with a side under this at the model's pixel size [px] are flagged: too small for
+    the spectrum and Thon-ring checks, and the network sees little context (the segmentation
+    reflect-pads them to ``SegmentConfig.min_frame_px``)."""
     false_alarm_rate: float = Field(0.05, gt=0, lt=1)
     """Fraction of held-out training-domain frames the caution level lets through flagged."""
 
@@ -170,6 +174,17 @@ def _input_checks(frame: np.ndarray, cfg: VerdictConfig) -> tuple[dict[str, Any]
     return out, reasons
 
 
+def _small_frame_reason(shape: tuple[int, ...], zoom: float, model_sampling_A: float,
+                        min_px: int) -> str | None:
+    """The reason for a frame too small to judge (None when it is large enough)."""
+    ny, nx = (max(1, round(n * zoom)) for n in shape[-2:])
+    if min(ny, nx) >= min_px:
+        return None
+    at = "" if abs(zoom - 1) < 1e-6 else f" ({ny}x{nx} px at the model's {model_sampling_A:g} Å/px)"
+    return (f"frame too small to judge: {shape[-2]}x{shape[-1]} px{at}, under {min_px} px: "
+            "no power spectrum or Thon rings to check, and the model sees little context")
+
+
 def frame_components(
     work_frames: np.ndarray,
     *,
@@ -218,6 +233,10 @@ def frame_components(
             conditions=conditions,
         )
         c["_physics_reasons"] = list(pc.pop("physics_reasons"))
+        small = _small_frame_reason(nat[i].shape, float(s_nat) / float(s_model), float(s_model),
+                                    cfg.min_frame_px)
+        if small:
+            c["_physics_reasons"].insert(0, small)
         c["_blank_reasons"] = blank_reasons
         c["_profile"] = None if prof is None else prof[i]
         c.update(pc)
