@@ -216,6 +216,22 @@ def check_run_record(work: Path, args) -> str | None:
     )
 
 
+def check_epochs(work: Path, args) -> str | None:
+    """Why ``--epochs`` cannot continue the cached model (fewer than it was trained), or None."""
+    last = work / "model" / "last.json"
+    try:
+        done = int(json.loads(last.read_text()).get("epochs_completed", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # no model yet (an unreadable one fails where it is loaded)
+    if done <= args.epochs:
+        return None
+    return (
+        f"the model in {work / 'model'} was trained for {done} epochs, more than --epochs "
+        f"{args.epochs}: give --epochs {done} or more (more resumes the training), or a new "
+        "--work"
+    )
+
+
 def write_run_record(work: Path, args, **extra) -> None:
     """Write (or update) ``work/run.json``: the settings, and ``extra`` (e.g. the machine)."""
     from napari_hrtem_transfer.io.atomic import write_text_atomic
@@ -276,18 +292,23 @@ def main(argv: list[str] | None = None) -> int:
     except HrtemTransferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    problem = check_run_record(work, args)
+    problem = check_run_record(work, args) or check_epochs(work, args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if (work / "mixture.hspy").exists() and not (work / "run.json").exists():
+    record = work / "run.json"
+    unverified = (work / "mixture.hspy").exists() and (
+        not record.exists() or json.loads(record.read_text()).get("settings_verified") is False
+    )
+    if unverified:
         print(
-            f"warning: {work} has cached stages but no run.json; they are reused as they are "
-            "(their settings cannot be checked against these flags)",
+            f"warning: {work} has cached stages that no run record vouches for; they are reused "
+            "as they are (their settings cannot be checked against these flags)",
             file=sys.stderr,
         )
     work.mkdir(parents=True, exist_ok=True)
-    write_run_record(work, args)
+    # the record of stages this script did not write says so: later calls warn again
+    write_run_record(work, args, **({"settings_verified": False} if unverified else {}))
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -328,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         install(model_dir)
     # a candidate (--no-install) gets its card beside the model, the package's card stays
     card = work / "model_card.md" if args.no_install else CARD
-    trained_on = json.loads((work / "run.json").read_text()).get("trained_on", machine())
+    # a model trained before the record kept the machine: not this machine's name
+    trained_on = json.loads((work / "run.json").read_text()).get("trained_on", "unknown")
     write_card(
         config,
         merged,

@@ -599,7 +599,7 @@ class _Job:
                 work, want_proba=True, tile_px=self.tile, batch_size=bs, max_tiles=ENCODER_MAX_TILES
             )
             p = st.proba
-            self._verdict(idx, st, work, chunk)
+            self._verdict(idx, st, work, chunk, (wy, wx))
         for k, i in enumerate(idx):
             pk = p[k, :wy, :wx]
             if self.factor is not None:
@@ -608,7 +608,7 @@ class _Job:
             if self.proba is not None:
                 self.proba[i] = pk
 
-    def _verdict(self, idx: range, st, work: np.ndarray, chunk: np.ndarray) -> None:
+    def _verdict(self, idx: range, st, work: np.ndarray, chunk: np.ndarray, hw: tuple) -> None:
         from .evaluation.ood import verdict
 
         try:
@@ -616,11 +616,11 @@ class _Job:
                 self.ref,
                 st,
                 work,
-                native_frames=chunk if self.factor is not None else None,
+                native_frames=chunk,  # unpadded: the input checks see the frame itself
                 native_sampling_A=self.inp.sampling_A,
                 model_sampling_A=self.scorer.sampling_A,
                 zoom=self.factor,
-                conditions=self.inp.metadata,
+                conditions=self.inp.metadata, work_size_px=hw,  # hw: before padding
             )
         except Exception as exc:  # noqa: BLE001 - a missing score must not lose the masks
             self.notes.append(f"no OOD score for frames {idx.start}-{idx.stop - 1}: {exc}")

@@ -283,7 +283,8 @@ def test_rows_report_the_networks_mean_entropy_of_the_frame():
 
 def test_a_frame_too_small_to_judge_is_flagged_with_its_reason():
     """A 24 px frame at 0.4 Å/px is 48 px at the model's 0.2 Å/px: judged; a 40 px frame at
-    0.1 Å/px is 20 px there: too small for the spectrum and ring checks, flagged."""
+    0.1 Å/px is 20 px there, and a 20 px frame at 0.2 Å/px (or of unknown pixel size) is
+    20 px: too small for the spectrum and ring checks, flagged (before padding)."""
     from napari_hrtem_transfer.segmentation import segment
 
     frame = _phase_contrast_frame(size=256, seed=7, dose=400.0)
@@ -294,3 +295,10 @@ def test_a_frame_too_small_to_judge_is_flagged_with_its_reason():
     assert row["caution"] is True
     (reason,) = [r for r in row["reasons"] if r.startswith("frame too small to judge")]
     assert "40x40 px (20x20 px at the model's 0.2 Å/px), under 32 px" in reason
+    assert row["ood_components"].get("power_spectrum_distance") is None  # not the padding's
+    # not resampled (at the model's pixel size, or unknown): the size before padding counts
+    for sampling in (0.2, None):
+        row = segment(frame[:20, :24], sampling_A=sampling).frame_table()[0]
+        assert row["caution"] is True
+        assert any(r.startswith("frame too small to judge: 20x24 px, under 32 px")
+                   for r in row["reasons"]), (sampling, row["reasons"])

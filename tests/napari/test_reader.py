@@ -167,6 +167,53 @@ def test_other_navigation_axes_keep_their_scale_offset_and_unit(tmp_path):
     assert (time["scale"], time["offset"], time["units"]) == (0.5, 10.0, "s")
 
 
+@pytest.mark.parametrize(
+    "tilt",
+    [
+        {"axis": np.array([-20.0, 0.0, 35.0])},  # non-uniform
+        {"size": 3, "scale": -10.0, "offset": 30.0},  # uniform but decreasing: no layer scale
+    ],
+)
+def test_a_single_navigation_axis_keeps_its_values(tmp_path, tilt):
+    """A tilt series (one navigation axis, degrees) whose values cannot be a layer scale: the
+    slider is the index, the values and unit survive napari into the core's axes."""
+    import hyperspy.api as hs
+
+    from napari_hrtem_transfer._napari._jobs import axes_from_layer
+
+    s = hs.signals.Signal2D(
+        np.ones((3, 16, 16), np.float32),
+        axes=[
+            {"name": "tilt", "units": "degree", **tilt},
+            {"name": "y", "size": 16, "scale": 0.02, "units": "nm"},
+            {"name": "x", "size": 16, "scale": 0.02, "units": "nm"},
+        ],
+    )
+    s.save(tmp_path / "tilt.hspy")
+    ((data, kw, kind),) = _read(tmp_path / "tilt.hspy")
+    assert kw["axis_labels"][0] == "tilt" and kw["scale"][0] == 1.0
+    expected = [float(v) for v in s.axes_manager["tilt"].axis]
+    assert kw["metadata"]["axis_values"] == {"tilt": expected}
+    tilt_axis = axes_from_layer(_make_layer((data, kw, kind)))[0]
+    assert tilt_axis["axis"] == expected and tilt_axis["units"] == "degree"
+
+
+def test_layer_metadata_of_another_shape_is_ignored_not_a_crash():
+    """Metadata set by hand or by another plugin (a scalar where a list belongs, a list where a
+    dict belongs): the axes are the layer's own, no TypeError."""
+    from napari.layers import Image
+
+    from napari_hrtem_transfer._napari._jobs import axes_from_layer
+
+    layer = Image(np.zeros((2, 8, 8)), axis_labels=("defocus", "y", "x"),
+                  metadata={"defocus_nm": 5.0, "axis_values": [1, 2], "axis_units": "s"})
+    first = axes_from_layer(layer)[0]
+    assert first["name"] == "defocus" and "axis" not in first
+    layer = Image(np.zeros((2, 8, 8)), axis_labels=("tilt", "y", "x"),
+                  metadata={"axis_values": {"tilt": 3.0}, "axis_units": None})
+    assert "axis" not in axes_from_layer(layer)[0]
+
+
 def test_reader_error_names_the_file(tmp_path):
     bad = tmp_path / "broken.emd"
     bad.write_bytes(b"not hdf5")

@@ -7,6 +7,8 @@ import pytest
 
 from napari_hrtem_transfer._napari._widgets._ood import canvas_text
 
+from .test_reader import needs_data
+
 pytestmark = pytest.mark.gui
 
 TIMEOUT_MS = 120_000
@@ -745,6 +747,7 @@ def test_a_plain_hspy_defocus_series_is_segmented_with_its_defocus(make_napari_v
         assert any(note == m for _, m in notifications), (note, notifications)
 
 
+@needs_data
 def test_a_real_velox_time_stack_is_segmented_in_the_dock(make_napari_viewer, qtbot,
                                                           notifications):
     """The Velox Ceta time stack of ../shared (2 frames, vendor defocus in its metadata): the

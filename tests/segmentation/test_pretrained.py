@@ -137,6 +137,43 @@ def test_the_train_script_refuses_cached_stages_of_other_settings(tmp_path, caps
     assert "not a run record" in script.check_run_record(work, more)
 
 
+def test_the_train_script_keeps_warning_about_stages_it_did_not_record(
+    tmp_path, capsys, no_simulation
+):
+    """Cached stages without a run record are reused with a warning, and the record written
+    then says they are unverified, so the next call warns again (it does not adopt them)."""
+    script = _script()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mixture.hspy").write_bytes(b"cached, origin unknown")
+    flags = ["--work", str(work), "--recipe", "legacy", "--stage", "simulate"]
+    for _ in range(2):
+        assert script.main(flags) == 0
+        assert "no run record vouches for" in capsys.readouterr().err
+    assert json.loads((work / "run.json").read_text())["settings_verified"] is False
+    # a record this script wrote for its own stages: no warning
+    (work / "run.json").unlink()
+    script.write_run_record(work, script.parser().parse_args(flags))
+    assert script.main(flags) == 0
+    assert "vouches" not in capsys.readouterr().err
+
+
+def test_the_train_script_refuses_fewer_epochs_than_the_cached_model(tmp_path, capsys,
+                                                                     no_simulation):
+    """Fewer --epochs than the cached model has would skip training and put the smaller
+    number into the card's reproduce command: refused, nothing changed."""
+    script = _script()
+    work = tmp_path / "work"
+    (work / "model").mkdir(parents=True)
+    (work / "model" / "last.json").write_text(json.dumps({"epochs_completed": 12}))
+    assert script.main(["--work", str(work), "--recipe", "legacy", "--epochs", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "trained for 12 epochs" in err and "--epochs 12 or more" in err
+    assert not (work / "run.json").exists()
+    more = script.parser().parse_args(["--work", str(work), "--epochs", "12"])
+    assert script.check_epochs(work, more) is None
+
+
 def test_the_model_card_names_the_machine_that_trained_the_model(tmp_path):
     script = _script()
     model = tmp_path / "model"

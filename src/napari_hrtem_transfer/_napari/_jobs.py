@@ -496,9 +496,10 @@ def axes_from_layer(layer: Any) -> list[dict[str, Any]]:
         values = meta.get("defocus_nm")
         if nav and name == "defocus" and np.ndim(values) == 1 and len(values) == n:
             ax.update(axis=[float(v) for v in values], units="nm")
-        other = (meta.get("axis_values") or {}).get(name)
-        if nav and name != "defocus" and other is not None and len(other) == n:
-            unit = (meta.get("axis_units") or {}).get(name)
+        listed, unit_of = meta.get("axis_values"), meta.get("axis_units")
+        other = listed.get(name) if isinstance(listed, dict) else None
+        if nav and name != "defocus" and np.ndim(other) == 1 and len(other) == n:
+            unit = unit_of.get(name) if isinstance(unit_of, dict) else None
             ax.update(axis=[float(v) for v in other], units=_UNIT_ABBREV.get(unit, unit))
         axes.append(ax)
     return axes

@@ -171,6 +171,9 @@ def image_to_layer_data(image: ExperimentalImage) -> LayerData:
             translate = (single["translate"], *yx_offset)
         if single["defocus_nm"] is not None:
             meta["defocus_nm"] = single["defocus_nm"]
+        elif single["values"] is not None:
+            meta["axis_values"] = {labels[0]: single["values"]}
+            meta["axis_units"] = {labels[0]: single["values_units"]}
     meta.update(
         {
             "sampling_A": image.sampling_A,
@@ -217,9 +220,10 @@ def _layer_axis(ax: dict[str, Any], k: int) -> dict[str, Any]:
     spaced and increasing (the slider shows the defocus); otherwise (a non-uniform defocus
     axis cannot be a layer scale) the layer axis is the index and the values [nm] go into
     ``defocus_nm`` (the layer's metadata; the Segment dock gives each frame its defocus from
-    them). Other axes keep their scale, offset and unit when they are uniform (a time axis in
-    s: the slider shows the time); a non-uniform one is the index, its values and unit kept in
-    ``values`` and ``values_units`` (the layer's ``axis_values`` / ``axis_units`` metadata).
+    them). Other axes keep their scale, offset and unit when they are uniform and increasing (a
+    time axis in s: the slider shows the time); a non-uniform or decreasing one is the index,
+    its values and unit kept in ``values`` and ``values_units`` (the layer's ``axis_values`` /
+    ``axis_units`` metadata, which the jobs give back to the core as the axis' values).
     """
     name = str(ax.get("name") or ("frame" if k == 0 else f"axis{k}"))
     size = int(ax.get("size", 1))
@@ -246,6 +250,9 @@ def _layer_axis(ax: dict[str, Any], k: int) -> dict[str, Any]:
         step, start = float(ax.get("scale", 1.0)), float(ax.get("offset", 0.0))
         if np.isfinite(step) and step > 0 and np.isfinite(start):  # napari needs scale > 0
             out.update(scale=step, translate=start, units=_pint_units(ax.get("units")))
+        elif np.isfinite(values).all():  # a decreasing axis: the index, its values kept
+            out["values"] = [float(v) for v in values]
+            out["values_units"] = _pint_units(ax.get("units"))
     return out
 
 

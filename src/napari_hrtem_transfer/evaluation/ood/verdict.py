@@ -174,14 +174,15 @@ def _input_checks(frame: np.ndarray, cfg: VerdictConfig) -> tuple[dict[str, Any]
     return out, reasons
 
 
-def _small_frame_reason(shape: tuple[int, ...], zoom: float, model_sampling_A: float,
-                        min_px: int) -> str | None:
-    """The reason for a frame too small to judge (None when it is large enough)."""
-    ny, nx = (max(1, round(n * zoom)) for n in shape[-2:])
-    if min(ny, nx) >= min_px:
+def _small_frame_reason(native_hw: tuple[int, int], work_hw: tuple[int, int],
+                        model_sampling_A: float, min_px: int) -> str | None:
+    """The reason for a frame too small to judge: ``work_hw`` [px], its size at the model's
+    pixel size before any padding, under ``min_px`` (None when it is large enough)."""
+    if min(work_hw) >= min_px:
         return None
-    at = "" if abs(zoom - 1) < 1e-6 else f" ({ny}x{nx} px at the model's {model_sampling_A:g} Å/px)"
-    return (f"frame too small to judge: {shape[-2]}x{shape[-1]} px{at}, under {min_px} px: "
+    (ny, nx), (wy, wx) = native_hw, work_hw
+    at = "" if (ny, nx) == (wy, wx) else f" ({wy}x{wx} px at the model's {model_sampling_A:g} Å/px)"
+    return (f"frame too small to judge: {ny}x{nx} px{at}, under {min_px} px: "
             "no power spectrum or Thon rings to check, and the model sees little context")
 
 
@@ -195,12 +196,16 @@ def frame_components(
     config: VerdictConfig | None = None,
     ps_settings: dict | None = None,
     conditions: dict | None = None,
+    work_size_px: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """The network-free components of frames (one dict per frame): input checks on the
     native frames, the CTF physics against ``domain`` (rings fitted with the beam energy and
     Cs recorded with the frames, ``conditions``, where known), and the power-spectrum profile
     of the work frames (``_profile``, at the model's pixel size).  No reference needed (the
-    fit computes them for its sample before the reference exists)."""
+    fit computes them for its sample before the reference exists).  ``work_size_px``: the
+    work frames' size before padding (default: their shape); frames under
+    ``config.min_frame_px`` there get the reason "frame too small to judge" and no spectrum
+    profile (it would be the padding's)."""
     cfg = config or VerdictConfig()
     x = np.asarray(work_frames)
     x = x[None] if x.ndim == 2 else x
@@ -211,6 +216,7 @@ def frame_components(
     s_model = model_sampling_A or (domain or {}).get("sampling_A") or 0.2
     s_nat = native_sampling_A or s_model
     st = ps_settings or {}
+    work_hw = tuple(int(n) for n in (work_size_px or x.shape[1:]))
     prof = None
     if min(x.shape[1:]) >= 32:
         prof = comp.power_spectrum_profiles(
@@ -233,12 +239,11 @@ def frame_components(
             conditions=conditions,
         )
         c["_physics_reasons"] = list(pc.pop("physics_reasons"))
-        small = _small_frame_reason(nat[i].shape, float(s_nat) / float(s_model), float(s_model),
-                                    cfg.min_frame_px)
+        small = _small_frame_reason(nat[i].shape[-2:], work_hw, float(s_model), cfg.min_frame_px)
         if small:
             c["_physics_reasons"].insert(0, small)
         c["_blank_reasons"] = blank_reasons
-        c["_profile"] = None if prof is None else prof[i]
+        c["_profile"] = None if prof is None or small else prof[i]
         c.update(pc)
         out.append(c)
     return out
@@ -387,6 +392,7 @@ def verdict(
     config: VerdictConfig | None = None,
     caution_level: float | None = None,
     conditions: dict | None = None,
+    work_size_px: tuple[int, int] | None = None,
 ) -> OODScores:
     """The verdict on frames from one pass of the network (:class:`~.._model.FrameStats`).
 
@@ -413,6 +419,9 @@ def verdict(
     conditions
         What was recorded with the frames (the reader's metadata): ``energy_eV`` [eV] and
         ``Cs_A`` [Å] fit the Thon rings where given, else the model's training values.
+    work_size_px
+        The work frames' size before they were padded for the network [px] (default: their
+        shape): smaller than ``VerdictConfig.min_frame_px``, a frame is too small to judge.
     """
     cfg = config or VerdictConfig(**(ref.verdict or {}))
     comps = frame_components(
@@ -424,6 +433,7 @@ def verdict(
         config=cfg,
         ps_settings=ref.ps_settings,
         conditions=conditions,
+        work_size_px=work_size_px,
     )
     return combine(
         ref,
