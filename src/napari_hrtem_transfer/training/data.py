@@ -25,6 +25,13 @@ import numpy as np
 from ..errors import ConfigError, DatasetError
 from ..io.dataset import HRTEMDataset, load_dataset
 from ..models.normalization import apply_normalization
+from .augment import (  # noqa: F401  (public names of the augmentations, kept here too)
+    coarser_detail,
+    d4,
+    d4_transform,
+    renoise,
+    rescale_frame,
+)
 from .config import TrainConfig
 
 
@@ -128,48 +135,6 @@ def dataset_fingerprint(ds: HRTEMDataset) -> str:
     return h.hexdigest()
 
 
-def d4_transform(x: np.ndarray, k: int) -> np.ndarray:
-    """Apply the dihedral (D4) transform ``k`` (0-7) to the last two axes of ``x``.
-
-    ``k % 4`` counter-clockwise quarter turns (``np.rot90``), then a left-right flip of the
-    last axis if ``k >= 4``; ``k = 0`` is the identity.  The eight codes are the eight
-    symmetries of the square, so a set of images augmented with all eight is closed under
-    rotation and reflection.  Leading axes (batch, channel) are carried along unchanged.
-
-    Parameters
-    ----------
-    x
-        Array of at least two dimensions, e.g. (ny, nx) or (n, ny, nx).
-    k
-        Transform code, 0 <= k < 8.
-
-    Returns
-    -------
-    np.ndarray
-        A view of ``x`` (not a copy); wrap it in ``np.ascontiguousarray`` where a contiguous
-        array is needed.  Quarter turns swap the last two sizes.
-
-    Raises
-    ------
-    ValueError
-        If ``k`` is not in 0..7 or ``x`` has fewer than two dimensions.
-    """
-    k = int(k)
-    if not 0 <= k < 8:
-        raise ValueError(f"D4 transform code must be in 0..7 (got {k})")
-    if np.ndim(x) < 2:
-        raise ValueError(f"D4 transforms act on the last two axes; got a {np.ndim(x)}-d array")
-    out = np.rot90(x, k % 4, axes=(-2, -1))
-    if k >= 4:
-        out = out[..., ::-1]
-    return out
-
-
-def d4(image: np.ndarray, code: int) -> np.ndarray:
-    """Short name of :func:`d4_transform`."""
-    return d4_transform(image, code)
-
-
 def training_crop(
     image_shape: tuple[int, int], patch_size: int | None, stride: int = 32
 ) -> tuple[int, int]:
@@ -207,80 +172,6 @@ def training_crop(
         return ny // stride * stride, nx // stride * stride
     side = min(int(patch_size), min(ny, nx) // stride * stride)
     return side, side
-
-
-def coarser_detail(image: np.ndarray, factor: float) -> np.ndarray:
-    """``image`` with the detail of a frame ``factor`` times coarser, upsampled back to its
-    grid as ``segment`` resamples a coarse frame (a Gaussian of 0.4 x ``factor`` px against
-    aliasing, linear down-sampling, linear up-sampling to the same shape)."""
-    from scipy import ndimage
-
-    from ..io.frames import zoom
-
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), 0.4 * factor, mode="mirror")
-    return zoom(zoom(smooth, 1.0 / factor), 1.0, shape=image.shape)
-
-
-def rescale_crop(
-    image: np.ndarray,
-    mask: np.ndarray,
-    origin: tuple[float, float],
-    crop: tuple[int, int],
-    factor: float,
-    order: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A crop of ``crop`` px magnified by ``factor`` from the region at ``origin`` [px].
-
-    The crop shows the source region of ``crop / factor`` px whose top-left pixel is at
-    ``origin`` (may be negative or beyond the frame: mirrored there), so features appear
-    ``factor`` times larger, as at a pixel size ``factor`` times smaller.  Pixel centres map
-    as in :func:`napari_hrtem_transfer.io.frames.zoom` (``grid_mode``), the resampling of
-    inference.
-
-    Returns
-    -------
-    image, mask
-        float32 (cy, cx); the image interpolated with spline ``order``, the mask linearly,
-        then thresholded at 0.5 (values 0/1).
-    """
-    from scipy import ndimage
-
-    inv = 1.0 / float(factor)
-    offset = [o + 0.5 * inv - 0.5 for o in origin]
-    kw = {"matrix": [inv, inv], "offset": offset, "output_shape": tuple(crop), "mode": "mirror"}
-    img = ndimage.affine_transform(
-        np.asarray(image, np.float32), order=order, prefilter=order > 1, **kw
-    )
-    msk = ndimage.affine_transform(np.asarray(mask, np.float32), order=1, **kw) >= 0.5
-    return img.astype(np.float32, copy=False), msk.astype(np.float32)
-
-
-def renoise(
-    raw: np.ndarray,
-    dose_e_per_A2: float | None,
-    target_e_per_A2: float,
-    sampling_A: float,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """The frame ``raw`` as recorded at the lower dose ``target_e_per_A2`` [e/Å²].
-
-    ``dose_e_per_A2`` is the dose ``raw`` itself was recorded at (for a dataset whose images
-    each have their own dose, the image's: :meth:`TrainingData.recorded_dose`).  Noise-free
-    intensities (``dose_e_per_A2`` None, NaN or infinite; vacuum = 1) are Poisson-sampled with
-    ``intensity * target * sampling_A**2`` expected counts per pixel.  Integer counts at dose
-    D are binomially thinned with p = target / D, which gives exactly Poisson counts at the
-    target dose; non-integer counts are Poisson-sampled with mean ``counts * p`` (slightly more
-    noise than thinning).  A target at or above D returns ``raw`` unchanged.
-    """
-    if dose_e_per_A2 is None or not np.isfinite(float(dose_e_per_A2)):
-        lam = np.clip(raw, 0, None).astype(np.float64) * (target_e_per_A2 * sampling_A**2)
-        return rng.poisson(lam).astype(np.float32)
-    p = float(target_e_per_A2) / float(dose_e_per_A2)
-    if p >= 1.0:
-        return raw
-    if np.issubdtype(raw.dtype, np.integer):
-        return rng.binomial(np.clip(raw, 0, None).astype(np.int64), p).astype(np.float32)
-    return rng.poisson(np.clip(raw, 0, None).astype(np.float64) * p).astype(np.float32)
 
 
 def _recorded(value: Any, default: float | None) -> float | None:
@@ -625,27 +516,48 @@ class TrainingData:
         )
 
     def sample(self, row: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Image and mask (cy, cx) of one plan row (:meth:`epoch_plan`), augmented."""
+        """Image and mask (cy, cx) of one plan row (:meth:`epoch_plan`), augmented.
+
+        As ``segment`` treats a frame: the raw frame (re-noised to the row's dose, rescaled
+        to the row's pixel size with the noise of that pixel size, coarsened) is
+        preprocessed whole, then cropped.
+        """
         cy, cx = self.crop_size
         item, code, y0, x0 = row[:4]
         d, i = self.train_items[item]
         factor, dose, seed = (row[4] / 1e6, row[5] / 1e3, row[6]) if len(row) > 4 else (1, 0, 0)
         coarse = row[7] / 1e6 if len(row) > 7 else 1.0
-        if dose > 0 or coarse > 1:
-            # as segment does it: the raw frame (re-noised) is resampled, then preprocessed
+        if dose == 0 and coarse == 1 and factor == 1:
+            full, msk = self.image(d, i), self.mask(i)
+        else:
             if dose > 0:
                 raw = self.renoised_image(d, i, dose, np.random.default_rng([int(seed), 0xD05E]))
             else:
                 raw = self.raw_image(d, i)
+            msk = self.mask(i)
+            if factor != 1:
+                raw, msk, (y0, x0) = self._rescaled(raw, msk, d, i, factor, (y0, x0), seed, dose)
             full = self.normalize(coarser_detail(raw, coarse) if coarse > 1 else raw)
-        else:
-            full = self.image(d, i)
-        if factor == 1:
-            img = full[y0 : y0 + cy, x0 : x0 + cx]
-            msk = self.mask(i)[y0 : y0 + cy, x0 : x0 + cx]
-        else:
-            img, msk = rescale_crop(full, self.mask(i), (y0, x0), (cy, cx), factor)
+        img = full[y0 : y0 + cy, x0 : x0 + cx]
+        msk = msk[y0 : y0 + cy, x0 : x0 + cx]
         return d4_transform(img, code), d4_transform(msk, code)
+
+    def _rescaled(self, raw, mask, d, i, factor, origin, seed, dose):
+        """The whole frame at ``factor`` times smaller pixels (:func:`rescale_frame`, with
+        the noise of the new pixel size where the frame has counts), and the crop's origin
+        in it: the plan's source origin ``origin`` [px] times ``factor``."""
+        cy, cx = self.crop_size
+        shape, start, crop_at = [], [], []
+        for n, c, o in zip(raw.shape, (cy, cx), origin, strict=True):
+            m = max(c, round(n * factor))
+            s = 0.0 if round(n * factor) >= c else (n - m / factor) / 2  # centred, mirrored
+            shape.append(m)
+            start.append(s)
+            crop_at.append(int(np.clip(round((o - s) * factor), 0, m - c)))
+        noisy = dose > 0 or self.recorded_dose(d, i) is not None
+        rng = np.random.default_rng([int(seed), 0x5CA1E]) if noisy else None
+        img, msk = rescale_frame(raw, mask, factor, tuple(shape), tuple(start), rng)
+        return img, msk, tuple(crop_at)
 
     def val_batches(self, d: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Validation images of domain ``d`` (whole, cropped to a multiple of the stride)."""
