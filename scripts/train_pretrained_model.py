@@ -172,6 +172,20 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="TrainConfig.resolution_augment (default: the recipe's)",
     )
+    p.add_argument(
+        "--pixel-size-augment",
+        type=float,
+        default=None,
+        help="TrainConfig.pixel_size_augment (default: the recipe's)",
+    )
+    p.add_argument(
+        "--dose-augment",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="TrainConfig.dose_augment_e_per_A2 [e/Å²] (default: the recipe's)",
+    )
     return p
 
 
@@ -183,6 +197,8 @@ RUN_KEYS = (
     "samples_per_epoch",
     "mask_binarize_level",
     "resolution_augment",
+    "pixel_size_augment",
+    "dose_augment",
 )
 
 
@@ -250,6 +266,10 @@ def train_config(args):
     extra = {}
     if args.resolution_augment is not None:
         extra["resolution_augment"] = args.resolution_augment
+    if args.pixel_size_augment is not None:
+        extra["pixel_size_augment"] = args.pixel_size_augment
+    if args.dose_augment is not None:
+        extra["dose_augment_e_per_A2"] = tuple(args.dose_augment)
     return TrainConfig.pretrain(
         "all",
         epochs=args.epochs,
@@ -271,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     work = args.work.expanduser().resolve()
     names = {k: f"--{k.replace('_', '-')}" for k in (*RUN_KEYS, "epochs")}
+    names["dose_augment_e_per_A2"] = "--dose-augment"
     try:
         # every flag is checked before the first (long) stage starts
         config = train_config(args)
@@ -459,6 +480,10 @@ def command(args) -> str:
     )
     res = getattr(args, "resolution_augment", None)
     res = f" --resolution-augment {res!r}" if res is not None else ""
+    pix = getattr(args, "pixel_size_augment", None)
+    res += f" --pixel-size-augment {pix!r}" if pix is not None else ""
+    dose = getattr(args, "dose_augment", None)
+    res += f" --dose-augment {dose[0]!r} {dose[1]!r}" if dose is not None else ""
     return (
         f"python scripts/train_pretrained_model.py --recipe {args.recipe} --n-structures "
         f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "

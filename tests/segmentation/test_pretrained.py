@@ -69,12 +69,14 @@ def test_the_model_card_names_the_command_that_reproduces_the_model():
     spec.loader.exec_module(script)
     argv = ["--recipe", "legacy", "--n-structures", "40", "--epochs", "12"]
     argv += ["--samples-per-epoch", "384", "--seed", "2026", "--mask-binarize-level", "0.1"]
-    argv += ["--resolution-augment", "3"]
+    argv += ["--resolution-augment", "3", "--pixel-size-augment", "1.25"]
+    argv += ["--dose-augment", "50", "1000"]
     args = script.parser().parse_args(argv)
     back = script.parser().parse_args(shlex.split(script.command(args))[2:])
     for key in ("recipe", "n_structures", "epochs", "samples_per_epoch", "seed"):
         assert getattr(back, key) == getattr(args, key), key
     assert back.mask_binarize_level == 0.1 and back.resolution_augment == 3.0
+    assert back.pixel_size_augment == 1.25 and back.dose_augment == [50.0, 1000.0]
 
 
 def _script():
@@ -103,6 +105,8 @@ def no_simulation(monkeypatch):
         (["--resolution-augment", "0.5"], "--resolution-augment"),
         (["--recipe", "legacy", "--n-structures", "0"], "--n-structures"),
         (["--recipe", "legacy", "--mask-binarize-level", "-1"], "--mask-binarize-level"),
+        (["--recipe", "legacy", "--pixel-size-augment", "0.8"], "--pixel-size-augment"),
+        (["--recipe", "legacy", "--dose-augment", "1000", "50"], "--dose-augment"),
     ],
 )
 def test_the_train_script_checks_every_flag_before_the_first_stage(
