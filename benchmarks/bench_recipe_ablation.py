@@ -56,7 +56,11 @@ PRESET_FIELDS = {
     "Cs+focal spread": ("Cs_range_A", "focal_spread_range_A"),
     "detector": ("detector", "detector_mtf_width_nyquist", "detector_mtf_floor", "detector_dqe0"),
     "drift": ("drift_length_A",),
-    "illumination": ("illumination_amplitude", "illumination_cutoff_cycles"),
+    "illumination": (
+        "illumination_amplitude",
+        "illumination_cutoff_cycles",
+        "illumination_period_nm",
+    ),
 }
 
 
@@ -82,7 +86,7 @@ def pieces(sim_fields: set[str], train_fields: set[str], preset: dict, fov_A: fl
     for name, fields in PRESET_FIELDS.items():
         missing = [f for f in fields if f not in sim_fields or f not in preset]
         piece = {"name": name, "sim": {f: preset.get(f) for f in fields}, "train": {}}
-        if name == "illumination" and not missing:
+        if name == "illumination" and not missing and preset.get("illumination_period_nm") is None:
             preset_fov = preset.get("field_of_view_A") or (
                 preset["image_size_px"] * preset["sampling_A"]
             )

@@ -443,6 +443,11 @@ def install(model_dir: Path) -> None:
     tmp.rename(PACKAGE_MODEL)
 
 
+def _level(value) -> str:
+    """A caution level for the card: two decimals, or 'none' (no calibrated level)."""
+    return "none" if value is None else f"{float(value):.2f}"
+
+
 def _jsonable(obj):  # noqa: D103
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -538,7 +543,7 @@ def write_card(
             f"Best epoch {int(sidecar.get('best_epoch', 0)) + 1} of {len(hist)}, validation "
             f"loss (BCE, all defoci) {float(sidecar.get('best_val_loss', float('nan'))):.4f}. "
             f"OOD reference: {ood.get('n_images') or ood.get('info', {}).get('n_samples')} "
-            f"image-transforms, caution level {ood.get('caution_level')}.",
+            f"image-transforms, caution level {_level(ood.get('caution_level'))}.",
             "",
             "| defocus [nm] | "
             + " | ".join(f"Dice {m} [95 % CI]" for m in mats)

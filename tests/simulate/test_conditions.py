@@ -191,7 +191,8 @@ def test_new_flags_set_their_fields():
         "--out", "x.hspy", "--preset", "real_sessions", "--material", "pd",
         "--dose-range", "80", "900", "--cs-range", "-0.01", "0.03",
         "--focal-spread-range", "3", "9", "--drift", "1", "2", "--illumination", "0.1",
-        "--illumination-cutoff", "3", "--detector", "counting", "--mtf-width", "0.25", "0.4",
+        "--illumination-cutoff", "3", "--illumination-period", "80",
+        "--detector", "counting", "--mtf-width", "0.25", "0.4",
         "--mtf-floor", "0.05", "--dqe0", "0.7", "--min-separation", "-0.5",
         "--substrate", "Si3N4",
     ])
@@ -200,6 +201,7 @@ def test_new_flags_set_their_fields():
     assert cfg.Cs_range_A == pytest.approx((-1e5, 3e5))  # mm -> Å
     assert cfg.focal_spread_range_A == (3, 9) and cfg.drift_length_A == (1, 2)
     assert cfg.illumination_amplitude == (0.1, 0.1) and cfg.illumination_cutoff_cycles == 3
+    assert cfg.illumination_period_nm == 80
     assert cfg.detector == "counting" and cfg.detector_mtf_width_nyquist == (0.25, 0.4)
     assert cfg.detector_mtf_floor == 0.05 and cfg.detector_dqe0 == 0.7
     assert cfg.min_separation_nm == -0.5 and cfg.substrate_material == "Si3N4"

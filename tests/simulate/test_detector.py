@@ -135,3 +135,36 @@ def test_illumination_field_is_smooth_mean_one_and_within_its_amplitude():
         assert power[kr > cutoff].sum() < 1e-20 * power.sum()
         assert power[(kr > 0) & (kr <= cutoff)].sum() > 0
     assert np.all(illumination_field(n, 0.0, cutoff, np.random.default_rng(0)) == 1)
+
+
+def _plane_residual(field: np.ndarray) -> float:
+    """Largest deviation of ``field`` from its least-squares plane."""
+    n = field.shape[0]
+    yy, xx = np.mgrid[:n, :n]
+    a = np.column_stack([np.ones(n * n), yy.ravel(), xx.ravel()])
+    coef, *_ = np.linalg.lstsq(a, field.ravel(), rcond=None)
+    return float(np.abs(field.ravel() - a @ coef).max())
+
+
+def test_an_illumination_period_in_pixels_keeps_its_scale_whatever_the_frame_size():
+    """A frame much smaller than the illumination's period sees an offset and a gentle
+    gradient (as a tile of a large real frame does); the per-field-of-view rule puts a
+    full variation of +-amplitude on the frame, however small it is."""
+    n, amp = 128, 0.3
+    for seed in range(5):
+        big = illumination_field(n, amp, 2.0, np.random.default_rng(seed), period_px=2000.0)
+        assert np.all(np.abs(big - 1) <= amp + 1e-12)
+        assert _plane_residual(big - 1) < 0.05 * amp
+        old = illumination_field(n, amp, 2.0, np.random.default_rng(seed))
+        assert _plane_residual(old - 1) > 0.3 * amp
+        again = illumination_field(n, amp, 2.0, np.random.default_rng(seed), period_px=2000.0)
+        np.testing.assert_array_equal(big, again)
+    # a frame larger than the period: variations down to the period and none shorter
+    field = illumination_field(256, amp, 2.0, np.random.default_rng(0), period_px=64.0)
+    assert np.abs(field - 1).max() == pytest.approx(amp, rel=0.05)
+    power = np.abs(np.fft.fft2(field - field.mean())) ** 2
+    k = np.fft.fftfreq(256, 1 / 256)
+    kr = np.hypot(k[:, None], k[None, :])
+    assert power[kr > 4 + 1e-9].sum() < 1e-8 * power.sum()  # 256 px / 64 px = 4 cycles
+    assert power[(kr > 2) & (kr <= 4)].sum() > 0.05 * power.sum()
+    assert np.all(illumination_field(n, 0.0, 2.0, np.random.default_rng(0), 2000.0) == 1)

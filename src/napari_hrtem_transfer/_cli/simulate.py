@@ -82,6 +82,7 @@ FLAGS: dict[str, Flag] = {
     "drift_length_A": Flag("--drift", metavar="A"),
     "illumination_amplitude": Flag("--illumination", metavar="A"),
     "illumination_cutoff_cycles": Flag("--illumination-cutoff"),
+    "illumination_period_nm": Flag("--illumination-period", metavar="NM"),
     "detector": Flag("--detector"),
     "detector_mtf_width_nyquist": Flag("--mtf-width", metavar="NU0"),
     "detector_mtf_floor": Flag("--mtf-floor"),

@@ -108,7 +108,14 @@ def form_images(
         amp = conditions["illumination_amplitude"][j]
         if config.illumination_amplitude[1] > 0:
             # drawn for every image (even at amplitude 0) so the stream stays aligned
-            im = im * illumination_field(n, amp, config.illumination_cutoff_cycles, rng_field)
+            period = config.illumination_period_nm
+            im = im * illumination_field(
+                n,
+                amp,
+                config.illumination_cutoff_cycles,
+                rng_field,
+                None if period is None else 10.0 * period / s,
+            )
         dose = conditions["dose_e_per_A2"][j]
         images.append(
             detect(

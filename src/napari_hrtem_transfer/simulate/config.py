@@ -170,7 +170,18 @@ class SimulationConfig(BaseModel):
         gt=0,
         le=16,
         description=(
-            "Highest spatial frequency of the illumination field [cycles per field of view]."
+            "Highest spatial frequency of the illumination field [cycles per field of view] "
+            "(used when illumination_period_nm is not set)."
+        ),
+    )
+    illumination_period_nm: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Shortest period of the illumination field [nm], whatever the frame's size: the "
+            "frame is a window of a field that varies on this scale, so a frame smaller than "
+            "it sees a gentle gradient (a beam's brightness varies over ~100 nm); None: "
+            "illumination_cutoff_cycles per field of view."
         ),
     )
     detector: Literal["none", "counting", "scintillator"] = Field(
@@ -400,6 +411,7 @@ PRESETS: dict[str, dict] = {
         drift_length_A=(0.0, 3.0),
         illumination_amplitude=(0.0, 0.3),
         illumination_cutoff_cycles=2.0,
+        illumination_period_nm=100.0,
         detector="scintillator",
         detector_mtf_width_nyquist=(0.2, 0.5),
         detector_mtf_floor=0.1,

@@ -67,28 +67,60 @@ def drift_transfer(n: int, sampling_A: float, length_A: float, angle_rad: float)
 
 
 def illumination_field(
-    n: int, amplitude: float, cutoff_cycles: float, rng: np.random.Generator
+    n: int,
+    amplitude: float,
+    cutoff_cycles: float,
+    rng: np.random.Generator,
+    period_px: float | None = None,
 ) -> np.ndarray:
-    """A smooth multiplicative illumination field (n, n): mean 1, within ``1 ± amplitude``.
+    """A smooth multiplicative illumination field (n, n) within ``1 ± amplitude``.
 
-    Random complex Gaussian coefficients on the Fourier modes with ``0 < |k| <= cutoff_cycles``
-    cycles per field of view (Hermitian, so the field is real); none above the cutoff.
+    ``period_px`` None: random complex Gaussian coefficients on the Fourier modes with
+    ``0 < |k| <= cutoff_cycles`` cycles per field of view (Hermitian, so the field is real),
+    none above the cutoff; mean 1 over the frame.
+
+    ``period_px`` [px]: the field's shortest period in pixels, whatever the frame's size.
+    The frame is a window, at a random place, of a periodic field of side
+    ``max(n, 2 * period_px)`` whose modes reach that period; the field is scaled to
+    ``1 ± amplitude`` over its whole side.  So a frame much smaller than the period (a
+    simulated 5-10 nm frame under a beam whose brightness varies over ~100 nm, like a tile
+    of a large real frame) sees an offset and a gentle gradient, not a variation on the
+    particles' scale.  The window's own mean is then near 1, not exactly 1.
     """
-    k = np.fft.fftfreq(n, 1.0 / n)  # cycles per field of view
-    kr = np.hypot(k[:, None], k[None, :])
-    keep = (kr > 0) & (kr <= cutoff_cycles)
-    coeffs = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))) * keep
-    g = np.fft.ifft2(coeffs).real  # the real part is the Hermitian-symmetric half
-    peak = np.abs(g).max()
-    if amplitude <= 0 or peak == 0:
+    if period_px is None:
+        k = np.fft.fftfreq(n, 1.0 / n)  # cycles per field of view
+        kr = np.hypot(k[:, None], k[None, :])
+        keep = (kr > 0) & (kr <= cutoff_cycles)
+        coeffs = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))) * keep
+        g = np.fft.ifft2(coeffs).real  # the real part is the Hermitian-symmetric half
+        peak = np.abs(g).max()
+        if amplitude <= 0 or peak == 0:
+            return np.ones((n, n))
+        g -= g.mean()  # exactly zero mean (rounding)
+        return 1.0 + amplitude * g / np.abs(g).max()
+    side = max(float(n), 2.0 * float(period_px))
+    c = int(np.floor(side / float(period_px) + 1e-9))
+    ky, kx = np.mgrid[-c : c + 1, -c : c + 1]
+    keep = (np.hypot(ky, kx) > 0) & (np.hypot(ky, kx) <= side / float(period_px) + 1e-9)
+    ky, kx = ky[keep], kx[keep]
+    coeffs = rng.standard_normal(ky.size) + 1j * rng.standard_normal(ky.size)
+    origin = rng.uniform(0.0, side, size=2)
+
+    def evaluate(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        ey = np.exp(2j * np.pi * np.outer(y, ky) / side)  # (ny, modes)
+        ex = np.exp(2j * np.pi * np.outer(x, kx) / side)  # (nx, modes)
+        return ((ey * coeffs) @ ex.T).real
+
+    if amplitude <= 0 or ky.size == 0:
         return np.ones((n, n))
-    g -= g.mean()  # exactly zero mean (rounding)
-    return 1.0 + amplitude * g / np.abs(g).max()
+    grid = np.arange(0.0, side, side / max(64, 16 * c))
+    peak = np.abs(evaluate(grid, grid)).max()  # the whole periodic field (zero mean)
+    px = np.arange(n, dtype=np.float64)
+    g = evaluate(origin[0] + px, origin[1] + px) / peak
+    return 1.0 + amplitude * np.clip(g, -1.0, 1.0)
 
 
-def mtf_scintillator(
-    n: int, sampling_A: float, nu0: float, floor: float
-) -> np.ndarray:
+def mtf_scintillator(n: int, sampling_A: float, nu0: float, floor: float) -> np.ndarray:
     """The scintillator MTF on an ``n`` x ``n`` grid (see the module docstring).
 
     ``nu0``: Lorentzian half width in units of the Nyquist frequency; ``floor``: the constant
