@@ -8,7 +8,7 @@
         --radius 0.8 1.8 --particles 1 3 --dose 400 --cs 0.02 --substrate-thickness 4 6 \\
         --seed 903
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_ood_verdict.py \\
-        --train T1.hspy T2.hspy --wide WIDE.hspy [--refit-shipped] [--timing]
+        --train T1.hspy T2.hspy --wide WIDE.hspy [--refit-shipped] [--timing] [--model DIR]
 
 ``--refit-shipped``: the shipped model's reference (format 4) is refitted on structures 0-5
 of the training-like series (the training settings of ``scripts/train_pretrained_model.py``,
@@ -49,7 +49,10 @@ def _spearman(a, b) -> float:
 
 
 def refit_shipped(
-    train_paths: list[str], calib_paths: list[str] | None = None, n_fit: int = 6
+    train_paths: list[str],
+    calib_paths: list[str] | None = None,
+    n_fit: int = 6,
+    model_dir: str | Path | None = None,
 ) -> dict:
     from napari_hrtem_transfer.evaluation._model import ScoringModel
     from napari_hrtem_transfer.evaluation.metrics import binary_cross_entropy
@@ -73,7 +76,7 @@ def refit_shipped(
     fit_idx = [k * n_per + i for k in range(len(dss)) for i in range(n_fit)]
     cal_idx = [k * n_per + i for k in range(len(dss)) for i in range(n_fit, n_per)]
     items = np.array([(di, i) for di in range(len(doms)) for i in fit_idx], dtype=int)
-    model_dir = pretrained_model_dir()
+    model_dir = Path(model_dir) if model_dir is not None else pretrained_model_dir()
     sm = ScoringModel(model_dir, device="cpu")
     domain = imaging_domain_for(dss[0], doms, sm)
     cfg = OODFitConfig()
@@ -139,6 +142,12 @@ def main() -> None:
     ap.add_argument("--refit-shipped", action="store_true")
     ap.add_argument("--calib", nargs="*", default=[], help="more held-out training-like series")
     ap.add_argument("--fit-structures", type=int, default=6, help="structures per material fitted")
+    ap.add_argument(
+        "--model",
+        default="pretrained",
+        help="model folder to measure (default: the shipped model); --refit-shipped "
+        "rewrites its OOD reference",
+    )
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     a = ap.parse_args()
@@ -151,14 +160,16 @@ def main() -> None:
     warnings.simplefilter("ignore")
     out: dict = {}
     if a.refit_shipped:
-        out["refit"] = refit_shipped(a.train, a.calib, a.fit_structures)
+        out["refit"] = refit_shipped(
+            a.train, a.calib, a.fit_structures, None if a.model == "pretrained" else a.model
+        )
         print("refit:", json.dumps(out["refit"], indent=1, default=str))
 
     # in-domain frames never used by the fit or the calibration: the sample series
     repo = Path(__file__).resolve().parents[1]
     # through the reader, as `hrtem-transfer segment FILE` does: the recorded energy and Cs
     (sample_frames,) = read_images(repo / "sample_data" / "defocus_series_small.hspy")
-    rs = segment(sample_frames)
+    rs = segment(sample_frames, a.model)
     in_scores = np.asarray(rs.ood_score)
     p95 = float(np.quantile(in_scores, 0.95))
     out["sample_series"] = {
@@ -176,7 +187,7 @@ def main() -> None:
     xw = np.asarray(w.images).reshape(-1, *w.images.shape[-2:])
     t0 = time.perf_counter()
     (wide_frames,) = read_images(a.wide)  # the user path: the file's Cs (20 µm) is recorded
-    res = segment(wide_frames)
+    res = segment(wide_frames, a.model)
     t_wide = time.perf_counter() - t0
     loss = _bce(
         np.asarray(res.proba).reshape(xw.shape),
@@ -256,7 +267,7 @@ def main() -> None:
     )
     out["special"] = {}
     for name, (fr, s_A) in special.items():
-        r = segment(fr, sampling_A=s_A)
+        r = segment(fr, a.model, sampling_A=s_A)
         sc = float(np.asarray(r.ood_score).reshape(-1)[0])
         out["special"][name] = {
             "score": sc,
@@ -270,13 +281,13 @@ def main() -> None:
 
     if a.timing:  # warm (a 1024 px call first), best of 2 each
         big = np.tile(np.asarray(cdse.images[3, 9], np.float32), (16, 16))
-        segment(big[:1024, :1024], sampling_A=0.2)
-        segment(big[:1024, :1024], sampling_A=0.2, ood=False)
+        segment(big[:1024, :1024], a.model, sampling_A=0.2)
+        segment(big[:1024, :1024], a.model, sampling_A=0.2, ood=False)
         runs: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(2):
             for ood in (False, True):
                 t0 = time.perf_counter()
-                segment(big, sampling_A=0.2, ood=ood)
+                segment(big, a.model, sampling_A=0.2, ood=ood)
                 runs[ood].append(time.perf_counter() - t0)
         t_seg, t_all = min(runs[False]), min(runs[True])
         out["timing_4096"] = {
