@@ -54,84 +54,26 @@ def refit_shipped(
     n_fit: int = 6,
     model_dir: str | Path | None = None,
 ) -> dict:
-    from napari_hrtem_transfer.evaluation._model import ScoringModel
-    from napari_hrtem_transfer.evaluation.metrics import binary_cross_entropy
-    from napari_hrtem_transfer.evaluation.ood.fit import (
-        DEFAULT_FEATURE_WEIGHT,
-        DEFAULT_METHOD,
-        OODFitConfig,
-        _fit_stream,
-        calibrate_caution_level,
-        imaging_domain_for,
-    )
-    from napari_hrtem_transfer.evaluation.ood.verdict import VerdictConfig, verdict
-    from napari_hrtem_transfer.io.dataset import load_dataset
+    """Refit the reference of ``model_dir`` (default: the shipped model) on held-out series."""
+    from napari_hrtem_transfer.evaluation.ood import fit_ood_on_held_out, load_ood_reference
     from napari_hrtem_transfer.segmentation import pretrained_model_dir
 
-    dss = [load_dataset(p, lazy=False) for p in train_paths]
-    doms = [float(d) for d in dss[0].defocus_nm]
-    imgs = np.concatenate([np.asarray(d.images) for d in dss], axis=1)  # (11, 20, ny, nx)
-    masks = np.concatenate([np.asarray(d.masks) for d in dss], axis=0)
-    n_per = dss[0].n_images
-    fit_idx = [k * n_per + i for k in range(len(dss)) for i in range(n_fit)]
-    cal_idx = [k * n_per + i for k in range(len(dss)) for i in range(n_fit, n_per)]
-    items = np.array([(di, i) for di in range(len(doms)) for i in fit_idx], dtype=int)
     model_dir = Path(model_dir) if model_dir is not None else pretrained_model_dir()
-    sm = ScoringModel(model_dir, device="cpu")
-    domain = imaging_domain_for(dss[0], doms, sm)
-    cfg = OODFitConfig()
-    t0 = time.perf_counter()
-    ref, _ = _fit_stream(
-        sm,
-        lambda k: imgs[items[k, 0], items[k, 1]],
-        items[:, 0],
-        cfg,
-        method=DEFAULT_METHOD,
-        feature_weight=DEFAULT_FEATURE_WEIGHT,
-        stages="default",
-        info={
-            "train_defocus_nm": doms,
-            "dataset": "training-like series (scripts/train_pretrained_model.py settings, "
-            f"seeds 901/902), structures 0-{n_fit - 1} of each material; calibration: the "
-            "rest and the --calib series",
-            "refit_by": "benchmarks/bench_ood_verdict.py --refit-shipped",
-        },
-        progress=None,
-        domain=domain,
+    res = fit_ood_on_held_out(
+        model_dir,
+        train_paths,
+        calib_paths or [],
+        n_fit_images=n_fit,
+        description="training-like series (scripts/train_pretrained_model.py settings, "
+        f"new seeds: {', '.join(map(str, train_paths))}), structures 0-{n_fit - 1} of each; "
+        "calibration: the rest and the --calib series; refit by "
+        "benchmarks/bench_ood_verdict.py --refit-shipped",
     )
-    vcfg = VerdictConfig(**ref.verdict)
-    scores, phys, losses = [], [], []
-    for di in range(len(doms)):
-        x = imgs[di][cal_idx]
-        st = sm.frame_stats(x, want_logits=True, batch_size=8)
-        v = verdict(ref, st, x, model_sampling_A=sm.sampling_A, config=vcfg, caution_level=np.inf)
-        scores.append(v.score)
-        phys.append(v.physics_flag)
-        losses.append(binary_cross_entropy(st.logits, masks[cal_idx]))
-    for path in calib_paths or []:  # more held-out training-like frames, never fitted on
-        cds = load_dataset(path, lazy=False)
-        for di in range(len(doms)):
-            x = np.asarray(cds.images[di])
-            st = sm.frame_stats(x, want_logits=True, batch_size=8)
-            v = verdict(
-                ref, st, x, model_sampling_A=sm.sampling_A, config=vcfg, caution_level=np.inf
-            )
-            scores.append(v.score)
-            phys.append(v.physics_flag)
-            losses.append(binary_cross_entropy(st.logits, np.asarray(cds.masks)))
-    s = np.concatenate(scores)
-    level, rec = calibrate_caution_level(
-        s, np.concatenate(losses), np.ones(s.size, bool), 0.95, physics_flag=np.concatenate(phys)
-    )
-    rec.update(frames_per_domain=s.size // len(doms), domains_nm=doms)
-    ref.caution_level = level
-    ref.calibration = rec
-    ref.save(model_dir)
+    ref = load_ood_reference(model_dir)
     return {
-        "caution_level": level,
-        "calibration": rec,
-        "fit_s": time.perf_counter() - t0,
-        "held_out_scores_p95": float(np.quantile(s, 0.95)),
+        "caution_level": res.caution_level,
+        "calibration": ref.calibration,
+        "fit_s": res.seconds,
     }
 
 

@@ -18,7 +18,11 @@ resumes; a larger ``--epochs`` resumes the training):
 1. simulate each material's defocus series (abTEM, the study's 11 defoci -25 ... +25 nm) and
    merge them into one dataset (per-image imaging conditions kept);
 2. pretrain the compact U-Net on the mixture of all defoci (the study's "mixture" baseline);
-3. fit the label-free OOD reference on the training images;
+3. fit the label-free OOD reference and calibrate its caution level on held-out series
+   (per material, a fit and a calibration series of ``--ood-structures`` structures with
+   the recipe's settings, new seeds from ``--ood-seed``, each image at a dose drawn from the
+   ``--dose-augment`` range when it is set: the inputs the model was trained on, never its
+   own training frames; cached);
 4. evaluate loss/Dice/IoU per defocus on the held-out structures (split by structure);
 5. copy the best checkpoint + OOD reference into the package and write the model card.
 """
@@ -186,6 +190,20 @@ def parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="TrainConfig.dose_augment_e_per_A2 [e/Å²] (default: the recipe's)",
     )
+    p.add_argument(
+        "--ood-seed",
+        type=int,
+        default=911,
+        help="first seed of the held-out series the OOD reference is fitted and calibrated on "
+        "(fit series: OOD_SEED + i, calibration series: OOD_SEED + n_materials + i)",
+    )
+    p.add_argument(
+        "--ood-structures",
+        type=int,
+        default=10,
+        help="structures per held-out series (the first 6 of each fit series are fitted on, "
+        "the rest and the calibration series calibrate the level)",
+    )
     return p
 
 
@@ -313,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     except HrtemTransferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.ood_structures < 1:
+        print(
+            f"error: --ood-structures must be at least 1 (got {args.ood_structures}): the "
+            "held-out series the OOD reference is fitted on need structures",
+            file=sys.stderr,
+        )
+        return 2
     problem = check_run_record(work, args) or check_epochs(work, args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -359,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         # the card names the machine that trained the model, also when a later call
         # (on another machine) only re-evaluates it
         write_run_record(work, args, trained_on=machine())
-    fit_ood(model_dir, merged, log)
+    fit_ood(model_dir, ood_series(work, args, log), log)
     log("evaluating on held-out structures")
     evaluation = evaluate_model(model_dir, load_dataset(merged, lazy=True))
     records = evaluation.domains.records()
@@ -413,14 +438,59 @@ def simulate_stage(work: Path, args, log) -> Path:
     return merged
 
 
-def fit_ood(model_dir: Path, data: Path, log) -> None:
-    """Stage 3: the label-free OOD reference and its caution level (the training stage's)."""
-    from napari_hrtem_transfer.evaluation import ood
+def ood_series(work: Path, args, log) -> tuple[list[Path], list[Path]]:
+    """The held-out fit and calibration series of stage 3 (simulated once, then cached).
 
-    log("fitting the OOD reference")
-    res = ood.fit_ood_after_training(model_dir, data)
-    if not res.ok:
-        raise SystemExit(f"OOD fit failed: {res.error}")
+    The recipe's settings with new seeds (``--ood-seed``); with ``--dose-augment`` every image
+    at its own dose drawn log-uniformly from that range (what the augmented model was trained
+    on: a level calibrated at the training set's one dose flags most in-range frames at other
+    doses, docs/independent_check.md).
+    """
+    from napari_hrtem_transfer.simulate import simulate_to_file
+
+    materials = RECIPES[args.recipe]["materials"]
+    extra: dict = {}
+    if args.mask_binarize_level is not None:
+        extra["mask_binarize_level"] = args.mask_binarize_level
+    if args.dose_augment is not None:
+        extra["dose_range_e_per_A2"] = tuple(args.dose_augment)
+    out: tuple[list[Path], list[Path]] = ([], [])
+    for j, kind in enumerate(("fit", "calibration")):
+        for i, material in enumerate(materials):
+            seed = args.ood_seed + j * len(materials) + i
+            path = work / f"ood_{kind}_{material}_seed{seed}_n{args.ood_structures}.hspy"
+            if not path.exists():
+                log(f"simulating the held-out OOD {kind} series: {material}, seed {seed}")
+                cfg = simulation_config(
+                    args.recipe, material, args.ood_structures, seed, **extra
+                )
+                simulate_to_file(cfg, path, workers=args.workers, progress=True)
+            out[j].append(path)
+    return out
+
+
+#: Images of each held-out fit series fitted on (the rest calibrate the level).
+OOD_FIT_IMAGES = 6
+
+
+def fit_ood(model_dir: Path, series: tuple[list[Path], list[Path]], log) -> None:
+    """Stage 3: the label-free OOD reference and its caution level, on held-out series."""
+    from napari_hrtem_transfer.evaluation.ood import fit_ood_on_held_out
+
+    log("fitting the OOD reference on the held-out series")
+    fit, calibration = series
+    res = fit_ood_on_held_out(
+        model_dir,
+        fit,
+        calibration,
+        n_fit_images=OOD_FIT_IMAGES,
+        description="held-out series of the training settings (scripts/"
+        f"train_pretrained_model.py stage 3): fit on images 0-{OOD_FIT_IMAGES - 1} of "
+        + ", ".join(p.name for p in fit)
+        + "; calibration: the rest and "
+        + ", ".join(p.name for p in calibration),
+    )
+    log(res.message)
 
 
 def install(model_dir: Path) -> None:
@@ -489,6 +559,10 @@ def command(args) -> str:
     res += f" --pixel-size-augment {pix!r}" if pix is not None else ""
     dose = getattr(args, "dose_augment", None)
     res += f" --dose-augment {dose[0]!r} {dose[1]!r}" if dose is not None else ""
+    ood_seed = getattr(args, "ood_seed", 911)
+    res += f" --ood-seed {ood_seed}" if ood_seed != 911 else ""
+    ood_n = getattr(args, "ood_structures", 10)
+    res += f" --ood-structures {ood_n}" if ood_n != 10 else ""
     return (
         f"python scripts/train_pretrained_model.py --recipe {args.recipe} --n-structures "
         f"{args.n_structures} --epochs {args.epochs} --samples-per-epoch "

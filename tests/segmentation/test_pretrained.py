@@ -70,13 +70,14 @@ def test_the_model_card_names_the_command_that_reproduces_the_model():
     argv = ["--recipe", "legacy", "--n-structures", "40", "--epochs", "12"]
     argv += ["--samples-per-epoch", "384", "--seed", "2026", "--mask-binarize-level", "0.1"]
     argv += ["--resolution-augment", "3", "--pixel-size-augment", "1.25"]
-    argv += ["--dose-augment", "50", "1000"]
+    argv += ["--dose-augment", "50", "1000", "--ood-seed", "5", "--ood-structures", "12"]
     args = script.parser().parse_args(argv)
     back = script.parser().parse_args(shlex.split(script.command(args))[2:])
     for key in ("recipe", "n_structures", "epochs", "samples_per_epoch", "seed"):
         assert getattr(back, key) == getattr(args, key), key
     assert back.mask_binarize_level == 0.1 and back.resolution_augment == 3.0
     assert back.pixel_size_augment == 1.25 and back.dose_augment == [50.0, 1000.0]
+    assert back.ood_seed == 5 and back.ood_structures == 12
 
 
 def _script():
@@ -107,6 +108,7 @@ def no_simulation(monkeypatch):
         (["--recipe", "legacy", "--mask-binarize-level", "-1"], "--mask-binarize-level"),
         (["--recipe", "legacy", "--pixel-size-augment", "0.8"], "--pixel-size-augment"),
         (["--recipe", "legacy", "--dose-augment", "1000", "50"], "--dose-augment"),
+        (["--recipe", "legacy", "--ood-structures", "0"], "--ood-structures"),
     ],
 )
 def test_the_train_script_checks_every_flag_before_the_first_stage(

@@ -75,6 +75,7 @@ from .fit import (
     imaging_domain_for,
     sample_transforms,
 )
+from .held_out import fit_ood_on_held_out
 from .reference import (
     DEFAULT_ENTROPY_MODE,
     DEFAULT_ENTROPY_WEIGHT,
@@ -115,6 +116,7 @@ __all__ = [
     "DEFAULT_STAGES",
     "ENTROPY_MODES",
     "fit_ood_after_training",
+    "fit_ood_on_held_out",
     "fit_ood_reference",
     "fit_ood_reference_for_checkpoint",
     "fit_reference_from_features",
