@@ -71,49 +71,22 @@ def fit_ood_on_held_out(
     """
     from ...io.dataset import HRTEMDataset, load_dataset
     from .._model import ScoringModel
-    from ..metrics import binary_cross_entropy
     from .fit import OODFitResult
-    from .verdict import VerdictConfig, verdict
 
     t0 = time.perf_counter()
     cfg = config or OODFitConfig()
 
-    def loaded(d):
-        return d if isinstance(d, HRTEMDataset) else load_dataset(d, lazy=False)
-
-    fits = [loaded(d) for d in fit_data]
-    cals = [loaded(d) for d in calibration_data]
+    fits = [d if isinstance(d, HRTEMDataset) else load_dataset(d, lazy=False) for d in fit_data]
+    cals = [
+        d if isinstance(d, HRTEMDataset) else load_dataset(d, lazy=False) for d in calibration_data
+    ]
     if not fits:
         raise ValueError("fit_ood_on_held_out needs at least one fit dataset")
     sm = ScoringModel(model_dir, which=which, device=device)
     doms = [float(d) for d in (sm.info.get("data") or {}).get("train_defocus_nm") or []]
     doms = doms or [float(d) for d in fits[0].defocus_nm]
-    for ds in (*fits, *cals):
-        missing = [d for d in doms if not np.any(np.isclose(ds.defocus_nm, d, atol=0.05))]
-        if missing or ds.masks is None:
-            why = f"lacks the training defoci {missing} nm" if missing else "has no masks"
-            raise ValueError(
-                f"{getattr(ds, 'path', 'a dataset')} {why}: held-out series need every "
-                "training defocus and ground-truth masks (simulate them with the training "
-                "settings and new seeds)"
-            )
-    # (dataset, defocus index, image index) of the frames fitted on and held out
-    # (domain-major, as the training sample's plan: the seeded sample then repeats)
-    fit_rows, cal_rows = [], []
-    for dj, d in enumerate(doms):
-        for k, ds in enumerate(fits):
-            n = ds.n_images if n_fit_images is None else min(int(n_fit_images), ds.n_images)
-            di = ds.defocus_index(d)
-            fit_rows += [(k, di, i, dj) for i in range(n)]
-            cal_rows += [(k, di, i) for i in range(n, ds.n_images)]
-    cal_sets = [(fits[k], di, i) for k, di, i in cal_rows]
-    for ds in cals:
-        cal_sets += [(ds, ds.defocus_index(d), i) for d in doms for i in range(ds.n_images)]
-    if not cal_sets:
-        raise ValueError(
-            "no calibration frames: pass calibration_data or n_fit_images below the fit "
-            "series' number of images"
-        )
+    _check_series((*fits, *cals), doms)
+    fit_rows, cal_sets = _split(fits, cals, doms, n_fit_images)
     rows = np.asarray(fit_rows, dtype=int)
     domain = imaging_domain_for(fits[0], doms, sm)
     ref, _ = _fit_stream(
@@ -134,32 +107,10 @@ def fit_ood_on_held_out(
         progress=None,
         domain=domain,
     )
-    vcfg = VerdictConfig(**ref.verdict)
-    scores, phys, losses = [], [], []
-    # one batch per (dataset, defocus): the frames of one domain
-    groups: dict[tuple[int, int], list[int]] = {}
-    for ds, di, i in cal_sets:
-        groups.setdefault((id(ds), di), []).append(i)
-    by_id = {id(ds): ds for ds, _, _ in cal_sets}
-    for (key, di), idx in groups.items():
-        ds = by_id[key]
-        x = np.asarray(ds.images[di])[idx]
-        st = sm.frame_stats(x, want_logits=True, batch_size=8)
-        v = verdict(ref, st, x, model_sampling_A=sm.sampling_A, config=vcfg, caution_level=np.inf)
-        scores.append(v.score)
-        phys.append(v.physics_flag)
-        losses.append(binary_cross_entropy(st.logits, np.asarray(ds.masks)[idx]))
-    s = np.concatenate(scores)
-    level, rec = calibrate_caution_level(
-        s, np.concatenate(losses), np.ones(s.size, bool), 0.95, physics_flag=np.concatenate(phys)
-    )
-    rec.update(
-        frames_per_domain=s.size // len(doms),
-        domains_nm=doms,
-        source="held-out series (fit_ood_on_held_out)",
-    )
-    ref.caution_level = level
-    ref.calibration = rec
+    s, phys, losses = _calibration_terms(sm, ref, cal_sets)
+    level, rec = calibrate_caution_level(s, losses, np.ones(s.size, bool), 0.95, physics_flag=phys)
+    rec.update(frames_per_domain=s.size // len(doms), domains_nm=doms, source="held-out series")
+    ref.caution_level, ref.calibration = level, rec
     _save(sm, ref, True)
     secs = time.perf_counter() - t0
     return OODFitResult(
@@ -171,3 +122,62 @@ def fit_ood_on_held_out(
         secs,
         level,
     )
+
+
+def _check_series(datasets, doms) -> None:
+    """Every held-out series holds the training defoci [nm] and masks, else a ValueError."""
+    for ds in datasets:
+        missing = [d for d in doms if not np.any(np.isclose(ds.defocus_nm, d, atol=0.05))]
+        if missing or ds.masks is None:
+            why = f"lacks the training defoci {missing} nm" if missing else "has no masks"
+            raise ValueError(
+                f"{getattr(ds, 'path', 'a dataset')} {why}: held-out series need every "
+                "training defocus and ground-truth masks (simulate them with the training "
+                "settings and new seeds)"
+            )
+
+
+def _split(fits, cals, doms, n_fit_images):
+    """(dataset, defocus index, image index, domain index) of the frames fitted on, domain
+    first (as the training sample's plan: the seeded sample then repeats), and (dataset,
+    defocus index, image index) of the held-out calibration frames."""
+    fit_rows, cal_rows = [], []
+    for dj, d in enumerate(doms):
+        for k, ds in enumerate(fits):
+            n = ds.n_images if n_fit_images is None else min(int(n_fit_images), ds.n_images)
+            di = ds.defocus_index(d)
+            fit_rows += [(k, di, i, dj) for i in range(n)]
+            cal_rows += [(k, di, i) for i in range(n, ds.n_images)]
+    cal_sets = [(fits[k], di, i) for k, di, i in cal_rows]
+    for ds in cals:
+        cal_sets += [(ds, ds.defocus_index(d), i) for d in doms for i in range(ds.n_images)]
+    if not cal_sets:
+        raise ValueError(
+            "no calibration frames: pass calibration_data or n_fit_images below the fit "
+            "series' number of images"
+        )
+    return fit_rows, cal_sets
+
+
+def _calibration_terms(sm, ref, cal_sets):
+    """Verdict scores, physics flags and losses (BCE against the masks) of the calibration
+    frames, one batch per (dataset, defocus)."""
+    from ..metrics import binary_cross_entropy
+    from .verdict import VerdictConfig, verdict
+
+    vcfg = VerdictConfig(**ref.verdict)
+    groups: dict[tuple[int, int], list[int]] = {}
+    by_id = {}
+    for ds, di, i in cal_sets:
+        groups.setdefault((id(ds), di), []).append(i)
+        by_id[id(ds)] = ds
+    scores, phys, losses = [], [], []
+    for (key, di), idx in groups.items():
+        ds = by_id[key]
+        x = np.asarray(ds.images[di])[idx]
+        st = sm.frame_stats(x, want_logits=True, batch_size=8)
+        v = verdict(ref, st, x, model_sampling_A=sm.sampling_A, config=vcfg, caution_level=np.inf)
+        scores.append(v.score)
+        phys.append(v.physics_flag)
+        losses.append(binary_cross_entropy(st.logits, np.asarray(ds.masks)[idx]))
+    return np.concatenate(scores), np.concatenate(phys), np.concatenate(losses)

@@ -47,6 +47,10 @@ SCORE_KINDS = ("uncertainty", "features+entropy")
 #: Weight of the (positive part of the) relative feature distance ``d / d_ref - 1`` in the
 #: "uncertainty" score.
 DEFAULT_FEATURE_WEIGHT = 2.0
+#: Weight of ``max(z(ln H), -3)`` (H: the frame's mean predictive entropy [nats]) in the
+#: "uncertainty" score of new fits: one training spread counts as much as one of the
+#: boundary terms.  Measured in docs/ood_score.md ("The frame's mean entropy").
+DEFAULT_LOG_ENTROPY_WEIGHT = 1.0
 #: Lower clip of the two uncertainty terms of the score (in units of the training spread).
 Z_FLOOR = 3.0
 #: Floor of the robust spreads of the boundary statistics [nats] and [px].
@@ -114,6 +118,12 @@ class UncertaintyConstants:
         edges.
     feature_weight
         Weight of ``max(distance / distance_ref - 1, 0)`` in the network term.
+    log_entropy_ref, log_entropy_spread
+        Median and robust spread of ``ln`` of the training images' mean predictive entropy
+        over the whole frame [ln nats]: the network's own estimate of its per-pixel loss.
+    log_entropy_weight
+        Weight of ``max(z(ln H), -3)`` in the network term (0 in references written
+        before it existed, which then score as they did).
     """
 
     kind: str = "features+entropy"
@@ -122,6 +132,9 @@ class UncertaintyConstants:
     log_band_ref: float = 0.0
     log_band_spread: float = 1.0
     feature_weight: float = DEFAULT_FEATURE_WEIGHT
+    log_entropy_ref: float = 0.0
+    log_entropy_spread: float = 1.0
+    log_entropy_weight: float = 0.0
 
 
 class ReferenceFile(BaseModel, UncertaintyConstants):
@@ -170,6 +183,9 @@ _STORED_AS_IS = (
     "log_band_ref",
     "log_band_spread",
     "feature_weight",
+    "log_entropy_ref",
+    "log_entropy_spread",
+    "log_entropy_weight",
     "caution_level",
     "calibration",
     "info",
@@ -349,12 +365,19 @@ class OODReference(UncertaintyConstants):
             lw = np.log(np.maximum(np.asarray(band_width_px, dtype=np.float64), 1e-12))
             zw = np.maximum(_robust_z(lw, self.log_band_ref, self.log_band_spread), -Z_FLOOR)
             net = zb + zw + self.feature_weight * np.maximum(f, 0.0)
-            return {
-                "boundary_entropy_z": zb,
-                "band_width_z": zw,
-                "feature_distance": f,
-                "network": net,
-            }
+            out = {"boundary_entropy_z": zb, "band_width_z": zw, "feature_distance": f}
+            if self.log_entropy_weight > 0:
+                if entropy is None:
+                    raise ConfigError(
+                        "this OOD reference scores the frame's mean predictive entropy; "
+                        "pass entropy (see FrameStats)."
+                    )
+                lh = np.log(np.maximum(np.asarray(entropy, dtype=np.float64), 1e-12))
+                zh = _robust_z(lh, self.log_entropy_ref, self.log_entropy_spread)
+                zh = np.maximum(zh, -Z_FLOOR)
+                net = net + self.log_entropy_weight * zh
+                out["mean_entropy_z"] = zh
+            return {**out, "network": net}
         w = float(self.entropy_weight)
         net = f
         if w > 0:
@@ -403,9 +426,10 @@ class OODReference(UncertaintyConstants):
                 "score": (
                     "verdict score = network + ps_weight * max(ps_distance - 1, 0) + physics; "
                     "network = max(z(b), -3) + max(z(ln w), -3) + feature_weight * "
-                    "max(distance / distance_ref - 1, 0) (b: mean entropy on the predicted "
-                    "boundary [nats], w: uncertain band width [px]); physics: see "
-                    "docs/ood_score.md"
+                    "max(distance / distance_ref - 1, 0) + log_entropy_weight * "
+                    "max(z(ln H), -3) (b: mean entropy on the predicted boundary [nats], "
+                    "w: uncertain band width [px], H: mean predictive entropy of the frame "
+                    "[nats]); physics: see docs/ood_score.md"
                 ),
                 "calibration": _jsonable(self.calibration),
                 "info": _jsonable(self.info),

@@ -68,6 +68,7 @@ def fit_reference_from_features(
     boundary_entropy: np.ndarray | None = None,
     band_width_px: np.ndarray | None = None,
     feature_weight: float = reference.DEFAULT_FEATURE_WEIGHT,
+    log_entropy_weight: float = reference.DEFAULT_LOG_ENTROPY_WEIGHT,
 ) -> OODReference:
     """Fit an :class:`OODReference` to pooled training features (N, D) (pure numpy).
 
@@ -97,6 +98,9 @@ def fit_reference_from_features(
         Boundary statistics of the training images, (N,) [nats], [px].
     feature_weight
         Weight of the feature distance in the "uncertainty" score.
+    log_entropy_weight
+        Weight of ``max(z(ln H), -3)`` in the "uncertainty" score (needs ``entropy``;
+        without it, or at 0, the term is off).
     """
     if method not in reference.METHODS:
         raise ConfigError(
@@ -144,6 +148,10 @@ def fit_reference_from_features(
         ref.boundary_ref, ref.boundary_spread = _median_spread(boundary_entropy)
         w = np.asarray(band_width_px, dtype=np.float64)
         ref.log_band_ref, ref.log_band_spread = _median_spread(np.log(np.maximum(w, 1e-12)))
+        if entropy is not None and log_entropy_weight > 0:
+            h = np.maximum(np.asarray(entropy, dtype=np.float64), 1e-12)
+            ref.log_entropy_ref, ref.log_entropy_spread = _median_spread(np.log(h))
+            ref.log_entropy_weight = float(log_entropy_weight)
     return ref
 
 
@@ -340,6 +348,9 @@ def _adopt_parent(ref: OODReference, parent: OODReference, features, profiles, n
         "log_band_ref",
         "log_band_spread",
         "feature_weight",
+        "log_entropy_ref",
+        "log_entropy_spread",
+        "log_entropy_weight",
     ):
         setattr(ref, k, getattr(parent, k))
     if parent.ps_mean is not None:
@@ -359,6 +370,7 @@ def _floor_spreads(
     if parent.kind == "uncertainty":
         ref.boundary_spread = max(ref.boundary_spread, parent.boundary_spread)
         ref.log_band_spread = max(ref.log_band_spread, parent.log_band_spread)
+        ref.log_entropy_spread = max(ref.log_entropy_spread, parent.log_entropy_spread)
     if parent.scale.shape == ref.scale.shape:
         ref.scale = np.maximum(ref.scale, parent.scale)
         d = ref.distance(features)

@@ -281,8 +281,8 @@ def combine(
     for i in range(n):
         src = comps[i]
         c: dict[str, Any] = {k: float(v[i]) for k, v in terms.items()}
-        # the network's own estimate of its per-pixel loss (reported, not scored):
-        # docs/ood_score.md, "A candidate measured and not adopted"
+        # the network's own estimate of its per-pixel loss (scored through
+        # ``mean_entropy_z`` where the reference has a log_entropy_weight)
         c["mean_entropy_nats"] = None if ent is None else float(ent[i])
         c.update({k: v for k, v in src.items() if not k.startswith("_")})
         prof = src.get("_profile")
@@ -462,6 +462,15 @@ def _score_reasons(c: dict[str, Any], score: float, level: float) -> list[str]:
     if zw is not None and zw > 2:
         parts.append(
             (zw, f"wide uncertain band around the predicted edges (+{zw:.1f} training spreads)")
+        )
+    zh = c.get("mean_entropy_z")
+    if zh is not None and zh > 2:
+        parts.append(
+            (
+                zh,
+                f"the network is unsure of the whole frame (mean predictive entropy "
+                f"+{zh:.1f} training spreads)",
+            )
         )
     fd = c.get("feature_distance")
     if fd is not None and fd > 0.5:
