@@ -191,6 +191,13 @@ def parser() -> argparse.ArgumentParser:
         help="TrainConfig.dose_augment_e_per_A2 [e/Å²] (default: the recipe's)",
     )
     p.add_argument(
+        "--validation-dose",
+        choices=("recorded", "augmented"),
+        default="recorded",
+        help="TrainConfig.validation_dose: the dose of the validation frames that select "
+        "the best epoch (augmented: re-noised over the --dose-augment range)",
+    )
+    p.add_argument(
         "--ood-seed",
         type=int,
         default=911,
@@ -217,7 +224,11 @@ RUN_KEYS = (
     "resolution_augment",
     "pixel_size_augment",
     "dose_augment",
+    "validation_dose",
 )
+
+#: The value of a key that records written before it existed imply.
+RUN_KEY_DEFAULTS = {"validation_dose": "recorded"}
 
 
 def run_settings(args) -> dict:
@@ -240,10 +251,13 @@ def check_run_record(work: Path, args) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{record} is not a run record of this script; remove it or use a new --work"
     now = run_settings(args)
-    differ = [k for k in RUN_KEYS if before.get(k) != now[k]]
+    differ = [k for k in RUN_KEYS if before.get(k, RUN_KEY_DEFAULTS.get(k)) != now[k]]
     if not differ:
         return None
-    flags = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} (now {now[k]!r})" for k in differ)
+    flags = ", ".join(
+        f"--{k.replace('_', '-')} {before.get(k, RUN_KEY_DEFAULTS.get(k))!r} (now {now[k]!r})"
+        for k in differ
+    )
     return (
         f"{work} holds a run with other settings: {flags}. Rerun with those settings to "
         "resume it, or give a new --work for the new settings"
@@ -288,6 +302,8 @@ def train_config(args):
         extra["pixel_size_augment"] = args.pixel_size_augment
     if args.dose_augment is not None:
         extra["dose_augment_e_per_A2"] = tuple(args.dose_augment)
+    if getattr(args, "validation_dose", "recorded") != "recorded":
+        extra["validation_dose"] = args.validation_dose
     return TrainConfig.pretrain(
         "all",
         epochs=args.epochs,
@@ -559,6 +575,8 @@ def command(args) -> str:
     res += f" --pixel-size-augment {pix!r}" if pix is not None else ""
     dose = getattr(args, "dose_augment", None)
     res += f" --dose-augment {dose[0]!r} {dose[1]!r}" if dose is not None else ""
+    vdose = getattr(args, "validation_dose", "recorded")
+    res += f" --validation-dose {vdose}" if vdose != "recorded" else ""
     ood_seed = getattr(args, "ood_seed", 911)
     res += f" --ood-seed {ood_seed}" if ood_seed != 911 else ""
     ood_n = getattr(args, "ood_structures", 10)

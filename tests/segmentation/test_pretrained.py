@@ -71,6 +71,7 @@ def test_the_model_card_names_the_command_that_reproduces_the_model():
     argv += ["--samples-per-epoch", "384", "--seed", "2026", "--mask-binarize-level", "0.1"]
     argv += ["--resolution-augment", "3", "--pixel-size-augment", "1.25"]
     argv += ["--dose-augment", "50", "1000", "--ood-seed", "5", "--ood-structures", "12"]
+    argv += ["--validation-dose", "augmented"]
     args = script.parser().parse_args(argv)
     back = script.parser().parse_args(shlex.split(script.command(args))[2:])
     for key in ("recipe", "n_structures", "epochs", "samples_per_epoch", "seed"):
@@ -78,6 +79,8 @@ def test_the_model_card_names_the_command_that_reproduces_the_model():
     assert back.mask_binarize_level == 0.1 and back.resolution_augment == 3.0
     assert back.pixel_size_augment == 1.25 and back.dose_augment == [50.0, 1000.0]
     assert back.ood_seed == 5 and back.ood_structures == 12
+    assert back.validation_dose == "augmented"
+    assert script.train_config(back).validation_dose == "augmented"
 
 
 def _script():
@@ -209,3 +212,18 @@ def test_the_model_card_names_the_machine_that_trained_the_model(tmp_path):
     text = card.read_text()
     assert "THE-CPU" in text and "caution level 4.2" in text
     assert "| -5 | 0.900 [0.80, 0.95] | 0.900 [0.80, 0.95] | 0.1000 | 2 |" in text
+
+
+def test_a_run_record_written_before_validation_dose_means_recorded(tmp_path):
+    script = _script()
+    work = tmp_path / "work"
+    work.mkdir()
+    args = script.parser().parse_args(["--work", str(work), "--recipe", "legacy"])
+    settings = script.run_settings(args)
+    del settings["validation_dose"]
+    (work / "run.json").write_text(json.dumps({"settings": settings}))
+    assert script.check_run_record(work, args) is None
+    other = script.parser().parse_args(
+        ["--work", str(work), "--recipe", "legacy", "--validation-dose", "augmented"]
+    )
+    assert "--validation-dose 'recorded' (now 'augmented')" in script.check_run_record(work, other)

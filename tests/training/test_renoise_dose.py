@@ -236,3 +236,23 @@ def test_noise_free_images_are_sampled_at_the_target_dose():
     for dose in (None, float("inf"), float("nan")):
         out = renoise(clean, dose, TARGET, SAMPLING_A, np.random.default_rng(1))
         assert abs(out.var() - mu) < 4 * _se_var(mu)
+
+
+def test_augmented_validation_frames_are_renoised_once_over_the_range():
+    """validation_dose="augmented": each validation frame carries a dose from the
+    augmentation range (10-100 e/Å² here; recorded 80 and 600), the same draw every epoch;
+    "recorded" keeps the simulated dose."""
+    ds = _simulated()
+    td = _td(ds)
+    aug = TrainingData.prepare(td.config.model_copy(update={"validation_dose": "augmented"}), ds)
+    for t in (td, aug):
+        t.normalize = lambda raw: np.asarray(raw, np.float32)  # counts, to read the dose
+    for d in range(2):
+        for i in aug.val_images.tolist():
+            recorded = td.val_image(d, i).mean() / SAMPLING_A**2
+            assert recorded == pytest.approx(DOSES[d, i], rel=0.05)
+            dose = aug.val_image(d, i).mean() / SAMPLING_A**2
+            assert 10 * 0.85 < dose < 100 * 1.15, (d, i, dose)
+            assert np.array_equal(aug.val_image(d, i), aug.val_image(d, i))
+    x, _ = aug.val_batches(0, 4)[0]  # structure 1 at -5 nm: recorded at 600 e/Å²
+    assert aug.val_images.tolist() == [1] and x.mean() / SAMPLING_A**2 < 115

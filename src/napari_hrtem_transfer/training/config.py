@@ -132,6 +132,13 @@ class TrainConfig(BaseModel):
     dose_augment_probability: float = Field(default=1.0, ge=0.0, le=1.0)
     """Fraction of training samples re-noised when ``dose_augment_e_per_A2`` is set."""
 
+    validation_dose: Literal["recorded", "augmented"] = "recorded"
+    """The dose of the validation frames (which select the ``best`` checkpoint):
+    ``recorded``: as simulated; ``augmented``: with ``dose_augment_e_per_A2`` set, each
+    validation frame re-noised once to its own dose drawn from that range (seeded by
+    ``seed`` and the frame, the same every epoch), so the best epoch is the best over the
+    doses the model is trained for."""
+
     loss: Literal["bce", "bce_dice"] = "bce"
     """Training loss on logits: binary cross-entropy, optionally plus soft Dice.  Validation
     losses are always the binary cross-entropy."""

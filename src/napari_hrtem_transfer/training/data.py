@@ -568,10 +568,24 @@ class TrainingData:
         idx = self.val_images.tolist()
         for k in range(0, len(idx), batch_size):
             chunk = idx[k : k + batch_size]
-            x = np.stack([self.image(d, i)[oy : oy + cy, ox : ox + cx] for i in chunk])
+            x = np.stack([self.val_image(d, i)[oy : oy + cy, ox : ox + cx] for i in chunk])
             y = np.stack([self.mask(i)[oy : oy + cy, ox : ox + cx] for i in chunk])
             out.append((x[:, None], y[:, None]))
         return out
+
+    def val_image(self, d: int, i: int) -> np.ndarray:
+        """A preprocessed validation image (ny, nx): at its recorded dose, or with
+        ``validation_dose="augmented"`` re-noised to its own dose from the augmentation range
+        (the same draw every epoch)."""
+        cfg = self.config
+        if cfg.validation_dose != "augmented" or cfg.dose_augment_e_per_A2 is None:
+            return self.image(d, i)
+        rng = np.random.default_rng([int(cfg.seed), int(d), int(i), 0x7A11D])
+        lo, hi = np.log(cfg.dose_augment_e_per_A2)
+        target = float(np.exp(rng.uniform(lo, hi)))
+        if rng.uniform() >= cfg.dose_augment_probability:
+            return self.image(d, i)
+        return self.normalize(self.renoised_image(d, i, target, rng))
 
     def describe(self) -> dict[str, Any]:
         """JSON record of the data used (stored in the checkpoint sidecar)."""
