@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,6 +166,9 @@ class ReferenceFile(BaseModel, UncertaintyConstants):
     verdict: dict[str, Any] = Field(default_factory=dict)
 
 
+#: The fields of :class:`UncertaintyConstants` ("kind" and the network term's constants).
+UNCERTAINTY_FIELDS = tuple(f.name for f in fields(UncertaintyConstants))
+
 #: The fields that :class:`ReferenceFile` and :class:`OODReference` share, read back as
 #: they were written (``save`` overrides a few: the format, the JSON-able dictionaries).
 _STORED_AS_IS = (
@@ -177,15 +180,7 @@ _STORED_AS_IS = (
     "entropy_mode",
     "n_images",
     "weights_sha256",
-    "kind",
-    "boundary_ref",
-    "boundary_spread",
-    "log_band_ref",
-    "log_band_spread",
-    "feature_weight",
-    "log_entropy_ref",
-    "log_entropy_spread",
-    "log_entropy_weight",
+    *UNCERTAINTY_FIELDS,
     "caution_level",
     "calibration",
     "info",

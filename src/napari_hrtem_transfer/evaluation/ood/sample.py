@@ -339,19 +339,8 @@ def _adopt_parent(ref: OODReference, parent: OODReference, features, profiles, n
             f"{n} distinct training image(s) < {FEW_IMAGES}: spreads floored at the parent "
             "reference's (other architecture)"
         )
-    for k in (
-        "mean",
-        "scale",
-        "distance_ref",
-        "boundary_ref",
-        "boundary_spread",
-        "log_band_ref",
-        "log_band_spread",
-        "feature_weight",
-        "log_entropy_ref",
-        "log_entropy_spread",
-        "log_entropy_weight",
-    ):
+    constants = [k for k in reference.UNCERTAINTY_FIELDS if k != "kind"]
+    for k in ("mean", "scale", "distance_ref", *constants):
         setattr(ref, k, getattr(parent, k))
     if parent.ps_mean is not None:
         ref.ps_mean, ref.ps_scale = parent.ps_mean, parent.ps_scale

@@ -446,32 +446,29 @@ def verdict(
     )
 
 
+#: The network's z terms that name a reason above 2 training spreads, with their words.
+_Z_REASONS = (
+    (
+        "boundary_entropy_z",
+        "the network is unsure of the particle edges (boundary entropy +{z:.1f} training "
+        "spreads)",
+    ),
+    ("band_width_z", "wide uncertain band around the predicted edges (+{z:.1f} training spreads)"),
+    (
+        "mean_entropy_z",
+        "the network is unsure of the whole frame (mean predictive entropy +{z:.1f} training "
+        "spreads)",
+    ),
+)
+
+
 def _score_reasons(c: dict[str, Any], score: float, level: float) -> list[str]:
     """The largest contributions of a frame flagged by its score alone, in words."""
     parts = []
-    zb = c.get("boundary_entropy_z")
-    if zb is not None and zb > 2:
-        parts.append(
-            (
-                zb,
-                f"the network is unsure of the particle edges (boundary entropy "
-                f"+{zb:.1f} training spreads)",
-            )
-        )
-    zw = c.get("band_width_z")
-    if zw is not None and zw > 2:
-        parts.append(
-            (zw, f"wide uncertain band around the predicted edges (+{zw:.1f} training spreads)")
-        )
-    zh = c.get("mean_entropy_z")
-    if zh is not None and zh > 2:
-        parts.append(
-            (
-                zh,
-                f"the network is unsure of the whole frame (mean predictive entropy "
-                f"+{zh:.1f} training spreads)",
-            )
-        )
+    for key, text in _Z_REASONS:
+        z = c.get(key)
+        if z is not None and z > 2:
+            parts.append((z, text.format(z=z)))
     fd = c.get("feature_distance")
     if fd is not None and fd > 0.5:
         parts.append(
