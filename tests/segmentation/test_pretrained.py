@@ -31,6 +31,34 @@ def test_pretrained_model_loads_by_name_with_its_ood_reference():
     assert not list(path.glob("*.pt")) and not list(path.glob("*.pkl"))
 
 
+def test_the_shipped_reference_is_fitted_with_the_package_defaults():
+    """A default changed without refitting the shipped reference (stage 3 of the train script)
+    would leave the wheel scoring with the old weights and a level calibrated for them."""
+    from napari_hrtem_transfer.evaluation.ood.reference import DEFAULT_LOG_ENTROPY_WEIGHT
+
+    path = pretrained_model_dir()
+    ood = json.loads((path / "ood_reference.json").read_text())
+    side = json.loads((path / "best.json").read_text())
+    assert ood["log_entropy_weight"] == DEFAULT_LOG_ENTROPY_WEIGHT
+    level = float(ood["caution_level"])
+    assert np.isfinite(level) and level > 1.0
+    # the checkpoint's sidecar carries the same level (segment reads either)
+    found = [v for k, v in _walk(side) if k == "caution_level"]
+    assert found and all(v == pytest.approx(level) for v in found), found
+    cal = ood["calibration"]
+    assert cal["source"] == "held-out series" and 0.0 < cal["false_alarm_rate"] <= 0.06
+
+
+def _walk(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+
+
 @pytest.mark.slow
 def test_pretrained_model_segments_held_out_structures():
     spec = importlib.util.spec_from_file_location(
