@@ -7,6 +7,10 @@
         --defocus -60 -50 -40 -30 -20 -10 0 10 20 30 40 50 60 --defocus-jitter 1 \\
         --radius 0.8 1.8 --particles 1 3 --dose 400 --cs 0.02 --substrate-thickness 4 6 \\
         --seed 903
+    more wide series (docs/ood_score.md, "The shipped verdict with entropy weight 3"): the
+    WIDE command with --material Pt --dose 250 --cs 0.01 --substrate-thickness 3 5 --seed 907
+    (WIDE2); Cu 150 0.03 5 8 908 (WIDE3); Ag 600 0.015 2 4 909 (WIDE4); CdSe 80 0.04 4 7 910
+    (WIDE5)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_ood_verdict.py \\
         --train T1.hspy T2.hspy --wide WIDE.hspy [--refit-shipped] [--timing] [--model DIR]
 
