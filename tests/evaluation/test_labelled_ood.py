@@ -39,11 +39,8 @@ def test_score_is_higher_far_from_training_domain(series, trained, reference):
     # trained at -10 nm; the in-focus domain (no phase contrast) is far from it and much worse
     assert loss[0.0] > 2 * loss[-10.0]
     assert score[0.0] > score[-10.0] + 0.1
-    # held-out frames of the training domain score lowest, near the fitted frames' 0 (each
-    # term is in training spreads; the mean-entropy term, weight 3, puts held-out structures a
-    # little above the model's own training images) and far below the in-focus domain
-    assert score[-10.0] == min(score.values())
-    assert -1.0 < score[-10.0] < 0.25 * score[0.0]
+    # training-like frames score about 0 (scale: distance / median training distance - 1)
+    assert abs(score[-10.0]) < 0.5
 
 
 def test_evaluate_records_and_bootstrap(series, trained, reference):

@@ -9,7 +9,12 @@ from napari_hrtem_transfer.evaluation.ood import (
     OODReference,
     calibrate_caution_level,
     fit_ood_on_held_out,
+    fit_ood_reference,
     ood_scores,
+)
+from napari_hrtem_transfer.evaluation.ood.reference import (
+    DEFAULT_LOG_ENTROPY_WEIGHT,
+    HELD_OUT_LOG_ENTROPY_WEIGHT,
 )
 
 from .conftest import weak_phase_series
@@ -28,6 +33,11 @@ def test_the_level_is_calibrated_on_the_held_out_frames_only(checkpoint, series)
     assert ref.n_images == 8 * 8  # 8 images at the one training defocus x 8 D4 transforms
     assert ref.info["train_defocus_nm"] == [-10.0]
     assert ref.calibration["n_frames"] == 20
+    # held-out frames: ln H's statistics are those of new frames, so the entropy term gets
+    # the held-out weight; a fit on the model's own training frames keeps the default
+    assert ref.log_entropy_weight == HELD_OUT_LOG_ENTROPY_WEIGHT != DEFAULT_LOG_ENTROPY_WEIGHT
+    own = fit_ood_reference(checkpoint, np.asarray(fit.images[0][:8]), save=False)
+    assert own.log_entropy_weight == DEFAULT_LOG_ENTROPY_WEIGHT
     frames = np.concatenate([np.asarray(fit.images[0][8:]), np.asarray(calib.images[0])])
     v = ood_scores(checkpoint, frames)
     level, _ = calibrate_caution_level(

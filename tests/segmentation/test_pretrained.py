@@ -34,12 +34,12 @@ def test_pretrained_model_loads_by_name_with_its_ood_reference():
 def test_the_shipped_reference_is_fitted_with_the_package_defaults():
     """A default changed without refitting the shipped reference (stage 3 of the train script)
     would leave the wheel scoring with the old weights and a level calibrated for them."""
-    from napari_hrtem_transfer.evaluation.ood.reference import DEFAULT_LOG_ENTROPY_WEIGHT
+    from napari_hrtem_transfer.evaluation.ood.reference import HELD_OUT_LOG_ENTROPY_WEIGHT
 
     path = pretrained_model_dir()
     ood = json.loads((path / "ood_reference.json").read_text())
     side = json.loads((path / "best.json").read_text())
-    assert ood["log_entropy_weight"] == DEFAULT_LOG_ENTROPY_WEIGHT
+    assert ood["log_entropy_weight"] == HELD_OUT_LOG_ENTROPY_WEIGHT
     level = float(ood["caution_level"])
     assert np.isfinite(level) and level > 1.0
     # the checkpoint's sidecar carries the same level (segment reads either)

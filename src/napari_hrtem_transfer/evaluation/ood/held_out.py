@@ -21,7 +21,12 @@ import numpy as np
 
 from .calibrate import calibrate_caution_level
 from .domain import imaging_domain_for
-from .reference import DEFAULT_FEATURE_WEIGHT, DEFAULT_METHOD, OOD_JSON
+from .reference import (
+    DEFAULT_FEATURE_WEIGHT,
+    DEFAULT_METHOD,
+    HELD_OUT_LOG_ENTROPY_WEIGHT,
+    OOD_JSON,
+)
 from .sample import OODFitConfig, _fit_stream, _save
 
 
@@ -106,6 +111,7 @@ def fit_ood_on_held_out(
         },
         progress=None,
         domain=domain,
+        log_entropy_weight=HELD_OUT_LOG_ENTROPY_WEIGHT,
     )
     s, phys, losses = _calibration_terms(sm, ref, cal_sets)
     level, rec = calibrate_caution_level(s, losses, np.ones(s.size, bool), 0.95, physics_flag=phys)

@@ -239,6 +239,7 @@ def _fit_stream(
     stop: Callable[[], bool] | None = None,
     domain: dict | None = None,
     parent: OODReference | None = None,
+    log_entropy_weight: float = reference.DEFAULT_LOG_ENTROPY_WEIGHT,
 ) -> tuple[OODReference, _Sample]:
     """Fit on a seeded sample of (item, transform) pairs, one batch in memory at a time.
 
@@ -247,6 +248,8 @@ def _fit_stream(
     fewer than :data:`FEW_IMAGES` distinct training images and a ``parent`` reference
     (fine-tuning on a few annotated frames), the spreads are floored at the parent's (the
     D4 transforms of one frame have almost no spread: every other frame would look far).
+    ``log_entropy_weight``: :data:`~.reference.DEFAULT_LOG_ENTROPY_WEIGHT` for a model's own
+    training frames, :data:`~.reference.HELD_OUT_LOG_ENTROPY_WEIGHT` for held-out ones.
     """
     from ...training.data import d4
     from .._model import FrameStats
@@ -297,6 +300,7 @@ def _fit_stream(
         boundary_entropy=np.concatenate(bnds),
         band_width_px=np.concatenate(bands),
         feature_weight=feature_weight,
+        log_entropy_weight=log_entropy_weight,
     )
     ref.weights_sha256 = sm.info.get("weights_sha256")
     ref.imaging_domain = domain
